@@ -1,0 +1,226 @@
+"""The wire contract every room shares: events on ``recsys.events`` and samples on ``recsys.samples``.
+
+JSON on the wire, one object per Kafka record, versioned by ``schema_version``. Unknown
+fields are kept (``extra="allow"``) so newer clients do not lose data through older
+workers. Types are strict: ``"3"`` is not a position, ``42`` is not a user id.
+
+``parse_event`` is the one entry point for raw bytes: it either returns an event model or
+raises ``InvalidEvent`` with a machine-readable reason (for dead-lettering and metrics)
+and a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+
+EVENT_TYPES = ("impression", "click", "user_profile", "item_profile")
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class RejectReason(StrEnum):
+    NOT_UTF8 = "not_utf8"
+    OVERSIZED = "oversized"
+    BAD_JSON = "bad_json"
+    NOT_AN_OBJECT = "not_an_object"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    BAD_VALUE = "bad_value"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    STALE_TIMESTAMP = "stale_timestamp"
+
+
+class InvalidEvent(ValueError):
+    """A raw record that breaks the contract; ``reason`` is one of RejectReason."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class FeatureValues(BaseModel):
+    """Encoded features as the model sees them: ids per sparse table, values per dense feature."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    sparse: dict[str, list[Annotated[int, Field(ge=0, lt=1 << 63)]]]
+    dense: dict[str, float]
+
+    @field_validator("dense")
+    @classmethod
+    def _finite(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, number in value.items():
+            if not math.isfinite(number):
+                raise ValueError(f"dense feature {name!r} is not finite")
+        return value
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    timestamp: Annotated[float, Field(gt=0, description="event time, seconds since the Unix epoch (UTC)")]
+
+    @field_validator("timestamp")
+    @classmethod
+    def _finite_time(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("timestamp must be finite")
+        return value
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    def kafka_key(self) -> bytes:
+        """Records are keyed by user id (item profiles by item id) so one user's events stay ordered."""
+        owner = getattr(self, "user_id", None) or getattr(self, "item_id")
+        return owner.encode()
+
+
+class Impression(_Event):
+    event_type: Literal["impression"] = "impression"
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    position: Annotated[int, Field(ge=0, le=10_000)]
+    model_version: str | None = None
+    features: FeatureValues | None = Field(None, description="feature values serving used (feature logging)")
+
+
+class Click(_Event):
+    event_type: Literal["click"] = "click"
+    request_id: Id
+    user_id: Id
+    item_id: Id
+
+
+class UserProfile(_Event):
+    event_type: Literal["user_profile"] = "user_profile"
+    user_id: Id
+    gender: str | None = None
+    age: Annotated[int, Field(ge=0, le=150)] | None = None
+    occupation: str | None = None
+    zip_code: Annotated[str, Field(max_length=32)] | None = None
+
+
+class ItemProfile(_Event):
+    event_type: Literal["item_profile"] = "item_profile"
+    item_id: Id
+    category: str | None = None
+    genres: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = Field(default_factory=list)
+    year: Annotated[int, Field(ge=1800, le=2200)] | None = None
+    title: Annotated[str, Field(max_length=1024)] | None = None
+
+
+Event = Annotated[Union[Impression, Click, UserProfile, ItemProfile], Field(discriminator="event_type")]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_CLASSES: dict[str, type[_Event]] = {
+    "impression": Impression, "click": Click, "user_profile": UserProfile, "item_profile": ItemProfile,
+}
+
+
+class Sample(BaseModel):
+    """One labelled training example: one impression and whether it was clicked."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    sample_id: Id
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    label: Literal[0, 1]
+    event_time: float
+    position: int = 0
+    model_version: str | None = None
+    sparse: dict[str, list[int]]
+    dense: dict[str, float]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Sample:
+        return cls.model_validate_json(raw)
+
+
+def sample_id(request_id: str, item_id: str) -> str:
+    """Deterministic id of the sample of one impression: the same impression always yields the same id."""
+    return hashlib.blake2b(f"{request_id}\x1f{item_id}".encode(), digest_size=16).hexdigest()
+
+
+_TYPE_ERRORS = ("_type", "literal_error", "model_type", "dict_type", "list_type", "is_instance_of", "none_required")
+
+
+def _classify(error: ValidationError) -> tuple[RejectReason, str]:
+    first = error.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(root)"
+    kind = first["type"]
+    if kind == "missing":
+        return RejectReason.MISSING_FIELD, f"missing field {where!r}"
+    if kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS:
+        got = type(first.get("input")).__name__
+        return RejectReason.WRONG_TYPE, f"field {where!r}: {first['msg']} (got {got})"
+    return RejectReason.BAD_VALUE, f"field {where!r}: {first['msg']}"
+
+
+def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024, max_future_skew_s: float = 300.0,
+                max_age_s: float = 30 * 24 * 3600.0, now: float | None = None) -> Event:
+    """Validate one raw Kafka record against the contract.
+
+    Raises InvalidEvent with the first problem found, checked in this order: size, UTF-8,
+    JSON syntax, object shape, event type, schema version, fields, timestamp window.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidEvent(RejectReason.OVERSIZED, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(RejectReason.NOT_UTF8, f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(RejectReason.BAD_JSON, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(data).__name__}")
+    event_type = data.get("event_type")
+    if event_type is None:
+        raise InvalidEvent(RejectReason.MISSING_FIELD, "missing field 'event_type'")
+    if event_type not in EVENT_CLASSES:
+        raise InvalidEvent(RejectReason.UNKNOWN_EVENT_TYPE,
+                           f"unknown event_type {str(event_type)[:64]!r}; expected one of {', '.join(EVENT_TYPES)}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise InvalidEvent(RejectReason.UNSUPPORTED_VERSION,
+                           f"schema_version {str(version)[:16]!r} is not supported (this worker reads {SCHEMA_VERSION})")
+    try:
+        event = EVENT_CLASSES[event_type].model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(*_classify(exc)) from None
+    current = time.time() if now is None else now
+    if event.timestamp > current + max_future_skew_s:
+        raise InvalidEvent(RejectReason.FUTURE_TIMESTAMP,
+                           f"timestamp {event.timestamp:.3f} is {event.timestamp - current:.0f}s in the future "
+                           f"(limit {max_future_skew_s:.0f}s)")
+    if event.timestamp < current - max_age_s:
+        raise InvalidEvent(RejectReason.STALE_TIMESTAMP,
+                           f"timestamp {event.timestamp:.3f} is older than {max_age_s:.0f}s")
+    return event
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Build an event from a trusted dict (no timestamp window check); raises pydantic errors."""
+    return EVENT_ADAPTER.validate_python(data)

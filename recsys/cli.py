@@ -1,0 +1,269 @@
+"""`recsys`: the one command-line entry point of every room.
+
+Heavy libraries (torch, feast, faust) are imported inside commands, never at start-up,
+so `recsys --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recsys.settings import Settings, get_settings
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="recsys",
+    help="A deep-learning recommender loop: Kafka -> Faust -> Feast -> TorchRec/parameter service -> FastAPI.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+services_app = typer.Typer(help="Start, stop and inspect the local Kafka and Redis.", no_args_is_help=True)
+events_app = typer.Typer(help="Inspect the event topics.", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(events_app, name="events")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic ValidationError: a bad RECSYS_* variable
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _all_topics(settings: Settings) -> dict[str, int]:
+    return {name: settings.topic_partitions for name in
+            (settings.topic_events, settings.topic_samples, settings.topic_deadletter, settings.topic_late)}
+
+
+# --------------------------------------------------------------------------- services
+
+
+@services_app.command("up")
+def services_up(
+    kafka: Annotated[bool, typer.Option(help="start Kafka")] = True,
+    redis: Annotated[bool, typer.Option(help="start Redis")] = True,
+) -> None:
+    """Start Kafka (KRaft) and Redis on 127.0.0.1; harmless when they already run."""
+    from recsys import services
+    from recsys.kafka import ensure_topics
+
+    s = _settings()
+    try:
+        if kafka:
+            console.print(f"kafka {s.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.kafka_port} ...")
+            services.start_kafka(s.run_dir, s.cache_dir, s.kafka_version, s.kafka_port, s.kafka_controller_port,
+                                 partitions=s.topic_partitions, timeout=s.service_start_timeout_s)
+            created = asyncio.run(ensure_topics(s.kafka_bootstrap, _all_topics(s)))
+            if created:
+                console.print(f"created topics: {', '.join(created)}")
+        if redis:
+            services.start_redis(s.run_dir, s.redis_port, timeout=s.service_start_timeout_s)
+    except services.ServiceError as exc:
+        _fail(str(exc))
+    _print_status(s)
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop every service this project started under the run directory."""
+    from recsys import services
+
+    s = _settings()
+    for entry in services.status(s.run_dir):
+        stopped = services.stop(s.run_dir, entry.name)
+        console.print(f"{entry.name}: {'stopped' if stopped else 'was not running'}")
+
+
+@services_app.command("status")
+def services_status() -> None:
+    """Show the services started from this run directory and whether they run."""
+    _print_status(_settings())
+
+
+def _print_status(s: Settings) -> None:
+    from recsys import services
+
+    table = Table("service", "address", "pid", "state", "log")
+    entries = services.status(s.run_dir)
+    for entry in entries:
+        table.add_row(entry.name, entry.address, str(entry.pid), "[green]running[/green]" if entry.running
+                      else "[red]stopped[/red]", str(entry.log_file))
+    if not entries:
+        table.add_row("-", "-", "-", "nothing started", str(s.run_dir))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- topics and events
+
+
+@app.command("topics")
+def topics() -> None:
+    """Create the project's topics (events, samples, dead letters, late clicks) if missing."""
+    from recsys.kafka import KafkaUnavailable, ensure_topics
+
+    s = _settings()
+    try:
+        created = asyncio.run(ensure_topics(s.kafka_bootstrap, _all_topics(s)))
+    except KafkaUnavailable as exc:
+        _fail(str(exc))
+    out.print(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+@events_app.command("summary")
+def events_summary(
+    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the events topic)")] = None,
+) -> None:
+    """Read a topic from the beginning to its current end and count records by event type and reject reason."""
+    from feature_repo.contract import InvalidEvent, parse_event
+    from recsys.kafka import KafkaUnavailable, read_topic
+
+    s = _settings()
+    name = topic or s.topic_events
+    counts: Counter[str] = Counter()
+
+    async def run() -> None:
+        async for record in read_topic(s.kafka_bootstrap, name):
+            try:
+                event = parse_event(record.value or b"", max_bytes=s.max_event_bytes,
+                                    max_future_skew_s=s.max_future_skew_s, max_age_s=s.max_event_age_s)
+                counts[event.event_type] += 1
+            except InvalidEvent as exc:
+                counts[f"invalid:{exc.reason.value}"] += 1
+
+    try:
+        asyncio.run(run())
+    except KafkaUnavailable as exc:
+        _fail(str(exc))
+    table = Table("kind", "records", title=f"{name}: {sum(counts.values())} records")
+    for kind, count in sorted(counts.items()):
+        table.add_row(kind, str(count))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+@app.command()
+def simulate(
+    users: Annotated[int, typer.Option(min=1, help="simulated users")] = 1000,
+    items: Annotated[int, typer.Option(min=1, help="simulated items")] = 500,
+    requests: Annotated[int, typer.Option(min=1, help="recommendation requests (each shows a slate)")] = 2000,
+    slate_size: Annotated[int, typer.Option(min=1, help="impressions per request")] = 10,
+    seed: Annotated[int, typer.Option(help="world and traffic seed; same seed + start => same bytes")] = 0,
+    start_time: Annotated[Optional[float], typer.Option(help="event time of the first event (epoch s; default now)")] = None,
+    requests_per_second: Annotated[float, typer.Option(min=0.001, help="event-time density of requests")] = 200.0,
+    rate: Annotated[float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")] = 0.0,
+    bad_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="share of injected malformed records")] = 0.0,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="write JSONL for `recsys replay` instead of Kafka")] = None,
+    truth_file: Annotated[Optional[Path], typer.Option("--truth", help="also write per-impression ground truth JSONL")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="topic to publish to (default: the events topic)")] = None,
+) -> None:
+    """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL."""
+    import orjson
+
+    from recsys.kafka import KafkaUnavailable
+    from recsys.publish import publish, write_jsonl
+    from recsys.simulator import SimConfig, Simulation
+
+    s = _settings()
+    try:
+        config = SimConfig(users=users, items=items, requests=requests, slate_size=slate_size, seed=seed,
+                           start_time=start_time, requests_per_second=requests_per_second, bad_fraction=bad_fraction)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    sim = Simulation(config)
+    estimated = users + items + requests * slate_size
+    started = time.perf_counter()
+    if out_file is not None:
+        written = write_jsonl(sim.records(), out_file)
+        console.print(f"wrote {written} records to {out_file}")
+    else:
+        try:
+            result = asyncio.run(publish(sim.records(), s.kafka_bootstrap, topic or s.topic_events, rate=rate,
+                                         total=estimated, show_progress=sys.stderr.isatty()))
+        except KafkaUnavailable as exc:
+            _fail(str(exc))
+        console.print(f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s)")
+    if truth_file is not None:
+        with open(truth_file, "wb") as handle:
+            for truth in sim.truth:
+                handle.write(orjson.dumps(truth.__dict__) + b"\n")
+    out.print_json(data={
+        "records": sim.stats.total, "events": sim.stats.events, "bad": sim.stats.bad,
+        "impressions": len(sim.truth), "ctr": round(sim.click_through_rate(), 4),
+        "oracle_auc": round(sim.oracle_auc(), 4), "seconds": round(time.perf_counter() - started, 2),
+    })
+
+
+@app.command()
+def replay(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="JSONL from `simulate --out`")],
+    rate: Annotated[float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")] = 0.0,
+    rebase_time: Annotated[bool, typer.Option("--rebase/--no-rebase", help="shift event times to start now")] = True,
+    topic: Annotated[Optional[str], typer.Option(help="topic to publish to (default: the events topic)")] = None,
+) -> None:
+    """Publish a recorded JSONL file to Kafka (malformed lines are reported and skipped)."""
+    from recsys.kafka import KafkaUnavailable
+    from recsys.publish import publish, read_jsonl, rebase
+
+    s = _settings()
+    errors: list[str] = []
+    records = read_jsonl(file, errors)
+    if rebase_time:
+        records = rebase(records, time.time())
+    try:
+        result = asyncio.run(publish(records, s.kafka_bootstrap, topic or s.topic_events, rate=rate,
+                                     show_progress=sys.stderr.isatty()))
+    except KafkaUnavailable as exc:
+        _fail(str(exc))
+    for error in errors[:20]:
+        console.print(f"[yellow]skipped[/yellow] {error}")
+    if len(errors) > 20:
+        console.print(f"[yellow]... and {len(errors) - 20} more malformed lines[/yellow]")
+    console.print(f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s); "
+                  f"{len(errors)} malformed lines skipped")
+    if errors:
+        raise typer.Exit(3)
+
+
+# --------------------------------------------------------------------------- rooms that arrive with later issues
+
+
+def _register_room(name: str, module: str, help_text: str) -> None:
+    """Mount a room's own Typer app (``<room>/cli.py``: ``app``) under ``recsys <name>``."""
+    import importlib
+
+    room = importlib.import_module(module)
+    app.add_typer(room.app, name=name, help=help_text)
+
+
+_register_room("stream", "streaming.cli", "The Faust stream worker: validation, features, samples.")
+_register_room("ps", "paramserver.cli", "The parameter service: shards, replicas, status.")
+_register_room("train", "training.cli", "Train the model against the parameter service.")
+_register_room("serve", "serving.cli", "The recommendation API.")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,142 @@
+"""Kafka plumbing shared by every room: topic creation, producers, bounded reads.
+
+Leaf module (imports nothing of ours but settings types), so streaming, training and
+serving can all use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+
+class KafkaUnavailable(RuntimeError):
+    """The broker could not be reached; the message says how to fix it."""
+
+
+def unreachable(bootstrap: str, exc: BaseException) -> KafkaUnavailable:
+    return KafkaUnavailable(
+        f"Kafka at {bootstrap} is unreachable ({type(exc).__name__}: {exc}). "
+        "Start the local broker with `recsys services up` or point RECSYS_KAFKA_BOOTSTRAP at a running one."
+    )
+
+
+async def ensure_topics(bootstrap: str, topics: dict[str, int], replication: int = 1) -> list[str]:
+    """Create the topics that do not exist yet (name -> partitions); returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    try:
+        await admin.start()
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        await admin.close()
+        raise unreachable(bootstrap, exc) from exc
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [NewTopic(name, partitions, replication) for name, partitions in topics.items() if name not in existing]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(wanted)
+        except TopicAlreadyExistsError:
+            pass  # a concurrent creator won; the topic is there, which is all we need
+        return [topic.name for topic in wanted]
+    finally:
+        await admin.close()
+
+
+async def start_producer(bootstrap: str, **options) -> AIOKafkaProducer:
+    """A started producer tuned for throughput (batching with a short linger)."""
+    config = {"linger_ms": 5, "max_batch_size": 256 * 1024, "request_timeout_ms": 30000, **options}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **config)
+    try:
+        await producer.start()
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        await producer.stop()
+        raise unreachable(bootstrap, exc) from exc
+    return producer
+
+
+@dataclass(frozen=True)
+class TopicRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Current end offset of each partition of ``topic``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        await consumer.start()
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise unreachable(bootstrap, exc) from exc
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, start: dict[int, int] | None = None,
+                     stop: dict[int, int] | None = None, batch_timeout_ms: int = 500) -> AsyncIterator[TopicRecord]:
+    """Read ``topic`` from ``start`` (default: the beginning) up to ``stop`` (default: the end offsets now).
+
+    A bounded read: it ends once every partition reached its stop offset, so callers
+    (training windows, the read-back of the demo, tests) never wait on an idle topic.
+    """
+    stop = stop if stop is not None else await end_offsets(bootstrap, topic)
+    start = start or {}
+    remaining = {p: end for p, end in stop.items() if end > start.get(p, 0)}
+    if not remaining:
+        return
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
+                                fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
+    try:
+        await consumer.start()
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        await consumer.stop()
+        raise unreachable(bootstrap, exc) from exc
+    try:
+        tps = {p: TopicPartition(topic, p) for p in remaining}
+        consumer.assign(list(tps.values()))
+        for p, tp in tps.items():
+            consumer.seek(tp, start.get(p, 0))
+        while remaining:
+            batches = await consumer.getmany(*[tps[p] for p in remaining], timeout_ms=batch_timeout_ms)
+            for tp, records in batches.items():
+                end = remaining.get(tp.partition)
+                if end is None:
+                    continue
+                for record in records:
+                    if record.offset >= end:
+                        break
+                    yield TopicRecord(tp.partition, record.offset, record.key, record.value, record.timestamp)
+            # positions, not the last record's offset: transaction markers occupy offsets too
+            for p in list(remaining):
+                if await consumer.position(tps[p]) >= remaining[p]:
+                    remaining.pop(p)
+    finally:
+        await consumer.stop()
+
+
+async def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """Send (key, value) pairs and wait for every acknowledgement; returns the count sent."""
+    producer = await start_producer(bootstrap)
+    try:
+        futures = [await producer.send(topic, value=value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()

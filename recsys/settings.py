@@ -1,0 +1,84 @@
+"""The one typed settings object of the project.
+
+Every component reads its configuration from here; values come from environment
+variables with the ``RECSYS_`` prefix (``RECSYS_KAFKA_BOOTSTRAP=host:9092``). Lists
+are given as JSON (``RECSYS_PS_SHARDS='["redis://127.0.0.1:6380/0"]'``).
+
+This module is a leaf: it imports nothing of ours, so every room may use it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+
+    # --- Kafka -------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    topic_events: str = "recsys.events"
+    topic_samples: str = "recsys.samples"
+    topic_deadletter: str = "recsys.events.deadletter"
+    topic_late: str = "recsys.events.late"
+    topic_partitions: int = Field(4, ge=1, le=1024)
+
+    # --- Redis / parameter service --------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the local services (tests, demo)")
+    ps_shards: list[str] = Field(
+        default_factory=lambda: ["redis://127.0.0.1:6379/0"],
+        description="Redis URLs of the training copy of the parameter service, one per shard",
+    )
+    ps_replicas: list[str] = Field(
+        default_factory=list,
+        description="Redis URLs of inference replicas, nearest first",
+    )
+
+    # --- MLflow / Feast -----------------------------------------------------------------
+    mlflow_tracking_uri: str = Field(
+        default_factory=lambda: f"sqlite:///{PROJECT_ROOT / '.run' / 'mlflow.db'}",
+        description="MLflow tracking URI (a server URL or a sqlite:/// path)",
+    )
+    feast_repo_path: Path = Field(PROJECT_ROOT / "feature_repo", description="Feast repository folder")
+
+    # --- local services ---------------------------------------------------------------------
+    run_dir: Path = Field(PROJECT_ROOT / ".run", description="logs, PID files and data of local services")
+    cache_dir: Path = Field(PROJECT_ROOT / ".cache", description="downloaded artifacts (Kafka jars, datasets)")
+    kafka_version: str = "4.1.1"
+    kafka_port: int = Field(9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    redis_port: int = Field(6379, ge=1, le=65535)
+    service_start_timeout_s: float = Field(90.0, gt=0)
+
+    # --- event validation -----------------------------------------------------------------
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="larger raw events are rejected as oversized")
+    max_future_skew_s: float = Field(300.0, ge=0, description="events further in the future are rejected")
+    max_event_age_s: float = Field(30 * 24 * 3600.0, gt=0, description="older events are rejected")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("ps_shards")
+    @classmethod
+    def _at_least_one_shard(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("the parameter service needs at least one shard")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

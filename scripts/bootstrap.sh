@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a fresh machine of this kind; safe to re-run.
+#   - uv (from PyPI) and the locked Python environment (.venv)
+#   - redis-server (Debian package)
+#   - Java 17+ and Maven are expected on the machine (Kafka's jars are fetched from Maven
+#     Central on first start by `recsys services up` or the test fixtures)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  log "installing uv"
+  python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9" 2>&1 | grep -v "Running pip as the 'root'" || true
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing redis-server"
+  if [ "$(id -u)" -ne 0 ]; then echo "redis-server missing and not root: apt-get install -y redis-server" >&2; exit 1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
+
+for tool in java mvn; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "$tool is required (Kafka runs on the JVM; its jars come via Maven)" >&2; exit 1; }
+done
+
+log "syncing the Python environment (uv.lock)"
+uv sync --frozen --quiet
