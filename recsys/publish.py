@@ -30,10 +30,12 @@ class PublishResult:
 
 async def publish(records: Iterable[SimRecord], bootstrap: str, topic: str, rate: float = 0.0,
                   total: int | None = None, show_progress: bool = True) -> PublishResult:
-    """Send every record (key, value, event timestamp) and wait for all acknowledgements.
+    """Send every record (key, value) and wait for all acknowledgements.
 
-    ``rate`` > 0 paces sends to that many records per second of wall time; 0 sends as fast
-    as the producer takes them.
+    The Kafka record timestamp is the send time (the broker rejects record timestamps
+    far from its clock, and retention runs on them); event time travels in the payload.
+    ``rate`` > 0 paces sends to that many records per second of wall time; 0 sends as
+    fast as the producer takes them.
     """
     producer = await start_producer(bootstrap)
     progress = Progress(TextColumn("publishing to {task.fields[topic]}"), BarColumn(), MofNCompleteColumn(),
@@ -46,8 +48,7 @@ async def publish(records: Iterable[SimRecord], bootstrap: str, topic: str, rate
             task = progress.add_task("publish", total=total, topic=topic, rate=0.0)
             window = []
             for record in records:
-                window.append(await producer.send(topic, value=record.value, key=record.key,
-                                                  timestamp_ms=int(record.timestamp * 1000)))
+                window.append(await producer.send(topic, value=record.value, key=record.key))
                 sent += 1
                 if rate > 0 and sent % 100 == 0:
                     ahead = sent / rate - (time.perf_counter() - started)

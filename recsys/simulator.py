@@ -40,7 +40,7 @@ class SimConfig:
     slate_size: int = 10
     dim: int = 8
     seed: int = 0
-    start_time: float | None = None  # event time of the first event; None: now
+    start_time: float | None = None  # event time of the first event; None: so that the period ends now
     requests_per_second: float = 200.0  # event-time density of requests
     affinity_scale: float = 2.0
     position_bias: float = 0.35
@@ -168,11 +168,15 @@ class Simulation:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.world = World(config)
-        self.start_time = config.start_time if config.start_time is not None else time.time()
+        self.start_time = config.start_time if config.start_time is not None else time.time() - self.duration()
         self.tag = hashlib.blake2b(f"{config.seed}:{self.start_time:.6f}".encode(), digest_size=4).hexdigest()
         self.truth: list[Truth] = []
         self.stats = SimStats()
         self._counter = 0
+
+    def duration(self) -> float:
+        """Event-time span of the simulated period, last clicks included."""
+        return self.config.requests / self.config.requests_per_second + self.config.click_delay_max_s
 
     def _event_id(self) -> str:
         self._counter += 1

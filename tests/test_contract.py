@@ -1,0 +1,127 @@
+"""The event contract: every event type validates, every malformed kind is rejected with its own reason."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from feature_repo.contract import (
+    Click,
+    FeatureValues,
+    Impression,
+    InvalidEvent,
+    ItemProfile,
+    RejectReason,
+    Sample,
+    UserProfile,
+    parse_event,
+    sample_id,
+)
+
+NOW = 1_800_000_000.0
+
+
+def base(event_type: str, **fields) -> dict:
+    return {"schema_version": 1, "event_type": event_type, "event_id": "e-1", "timestamp": NOW - 10, **fields}
+
+
+VALID = {
+    "impression": base("impression", request_id="r1", user_id="u1", item_id="i1", position=3, model_version="7",
+                       features={"sparse": {"user_id": [5], "genres": [1, 2]}, "dense": {"user_age": 0.5}}),
+    "click": base("click", request_id="r1", user_id="u1", item_id="i1"),
+    "user_profile": base("user_profile", user_id="u1", gender="F", age=31, occupation="writer", zip_code="94110"),
+    "item_profile": base("item_profile", item_id="i1", category="drama", genres=["drama", "war"], year=1999,
+                         title="A film"),
+}
+CLASSES = {"impression": Impression, "click": Click, "user_profile": UserProfile, "item_profile": ItemProfile}
+
+
+def parse(data: dict | bytes, **limits) -> object:
+    raw = data if isinstance(data, bytes) else orjson.dumps(data)
+    return parse_event(raw, now=NOW, **limits)
+
+
+@pytest.mark.parametrize("event_type", sorted(VALID))
+def test_every_event_type_validates_and_round_trips(event_type: str) -> None:
+    event = parse(VALID[event_type])
+    assert isinstance(event, CLASSES[event_type])
+    assert event.event_type == event_type
+    again = parse(event.to_json())
+    assert again == event
+
+
+def test_unknown_fields_are_kept() -> None:
+    event = parse({**VALID["click"], "client": {"app": "ios", "build": 42}})
+    assert event.model_extra == {"client": {"app": "ios", "build": 42}}
+    assert orjson.loads(event.to_json())["client"] == {"app": "ios", "build": 42}
+
+
+def test_optional_profile_attributes_may_be_missing() -> None:
+    event = parse(base("user_profile", user_id="u2"))
+    assert (event.gender, event.age, event.occupation, event.zip_code) == (None, None, None, None)
+
+
+def test_kafka_key_is_the_user_or_the_item() -> None:
+    assert parse(VALID["click"]).kafka_key() == b"u1"
+    assert parse(VALID["item_profile"]).kafka_key() == b"i1"
+
+
+MALFORMED = [
+    (b"\xff\xfe{}", RejectReason.NOT_UTF8, "UTF-8"),
+    (b'{"event_type": "click", ', RejectReason.BAD_JSON, "invalid JSON"),
+    (b"[1, 2]", RejectReason.NOT_AN_OBJECT, "expected a JSON object"),
+    ({k: v for k, v in VALID["click"].items() if k != "event_type"}, RejectReason.MISSING_FIELD, "event_type"),
+    ({**VALID["click"], "event_type": "purchase"}, RejectReason.UNKNOWN_EVENT_TYPE, "purchase"),
+    ({**VALID["click"], "schema_version": 2}, RejectReason.UNSUPPORTED_VERSION, "schema_version"),
+    ({k: v for k, v in VALID["click"].items() if k != "item_id"}, RejectReason.MISSING_FIELD, "item_id"),
+    ({**VALID["impression"], "position": "3"}, RejectReason.WRONG_TYPE, "position"),
+    ({**VALID["click"], "user_id": 42}, RejectReason.WRONG_TYPE, "user_id"),
+    ({**VALID["click"], "timestamp": "yesterday"}, RejectReason.WRONG_TYPE, "timestamp"),
+    ({**VALID["impression"], "position": -1}, RejectReason.BAD_VALUE, "position"),
+    ({**VALID["user_profile"], "age": 400}, RejectReason.BAD_VALUE, "age"),
+    ({**VALID["click"], "user_id": ""}, RejectReason.BAD_VALUE, "user_id"),
+    ({**VALID["impression"], "features": {"sparse": {"user_id": ["x"]}, "dense": {}}}, RejectReason.WRONG_TYPE,
+     "features.sparse.user_id.0"),
+    ({**VALID["click"], "timestamp": NOW + 3600}, RejectReason.FUTURE_TIMESTAMP, "in the future"),
+    ({**VALID["click"], "timestamp": NOW - 90 * 24 * 3600}, RejectReason.STALE_TIMESTAMP, "older than"),
+    ({**VALID["click"], "padding": "x" * 70_000}, RejectReason.OVERSIZED, "exceeds"),
+]
+
+
+@pytest.mark.parametrize(("raw", "reason", "mentions"), MALFORMED, ids=[f"{m[1].value}-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_records_are_rejected_with_a_specific_reason(raw, reason: RejectReason, mentions: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw)
+    assert caught.value.reason is reason
+    assert mentions in caught.value.message
+
+
+def test_limits_are_configurable() -> None:
+    event = {**VALID["click"], "timestamp": NOW + 3600}
+    assert parse(event, max_future_skew_s=7200).timestamp == NOW + 3600
+    with pytest.raises(InvalidEvent) as caught:
+        parse(VALID["click"], max_bytes=64)
+    assert caught.value.reason is RejectReason.OVERSIZED
+
+
+def test_real_clock_is_the_default_reference() -> None:
+    fresh = {**VALID["click"], "timestamp": time.time()}
+    assert parse_event(orjson.dumps(fresh)).timestamp == fresh["timestamp"]
+
+
+def test_feature_values_reject_non_finite_dense_values() -> None:
+    with pytest.raises(ValueError, match="not finite"):
+        FeatureValues(sparse={}, dense={"user_age": float("nan")})
+
+
+def test_sample_round_trip_and_deterministic_id() -> None:
+    sid = sample_id("r1", "i1")
+    assert sid == sample_id("r1", "i1")
+    assert sid != sample_id("r1", "i2") and sid != sample_id("r2", "i1")
+    sample = Sample(sample_id=sid, request_id="r1", user_id="u1", item_id="i1", label=1, event_time=NOW,
+                    position=2, sparse={"user_id": [1]}, dense={"user_age": 0.1})
+    assert Sample.from_json(sample.to_json()) == sample
+    with pytest.raises(ValueError):
+        Sample.model_validate({**sample.model_dump(), "label": 2})

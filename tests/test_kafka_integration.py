@@ -1,0 +1,95 @@
+"""Against the real Kafka broker of the fixtures: topics, contract round trip, consumer groups."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from feature_repo.contract import parse_event
+from recsys.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, read_topic
+from recsys.publish import publish
+from recsys.simulator import SimConfig, Simulation
+
+pytestmark = pytest.mark.integration
+
+
+async def test_topics_are_created_with_partitions_and_creation_is_idempotent(kafka_bootstrap: str,
+                                                                             unique_topic: str) -> None:
+    assert await ensure_topics(kafka_bootstrap, {unique_topic: 6}) == [unique_topic]
+    assert await ensure_topics(kafka_bootstrap, {unique_topic: 6}) == []
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([unique_topic])
+    finally:
+        await admin.close()
+    assert len(described[0]["partitions"]) == 6
+
+
+async def test_contract_events_round_trip_through_kafka(kafka_bootstrap: str, unique_topic: str) -> None:
+    await ensure_topics(kafka_bootstrap, {unique_topic: 3})
+    sim = Simulation(SimConfig(users=50, items=40, requests=60))
+    sent = list(sim.records())
+    result = await publish(sent, kafka_bootstrap, unique_topic, show_progress=False)
+    assert result.records == len(sent)
+
+    received = [record async for record in read_topic(kafka_bootstrap, unique_topic)]
+    assert sorted(r.value for r in received) == sorted(r.value for r in sent)
+    events = [parse_event(r.value) for r in received]
+    for record, event in zip(received, events):
+        assert record.key == event.kafka_key()
+    # one user's events share a partition, so their order survives
+    by_user: dict[str, set[int]] = {}
+    for record, event in zip(received, events):
+        if hasattr(event, "user_id"):
+            by_user.setdefault(event.user_id, set()).add(record.partition)
+    assert all(len(partitions) == 1 for partitions in by_user.values())
+
+
+async def test_consumer_group_commits_offsets_and_resumes(kafka_bootstrap: str, unique_topic: str) -> None:
+    await ensure_topics(kafka_bootstrap, {unique_topic: 1})
+    await produce_all(kafka_bootstrap, unique_topic, [(b"k", f"m{i}".encode()) for i in range(10)])
+    group = f"group-{unique_topic}"
+
+    async def consume(count: int) -> list[bytes]:
+        consumer = AIOKafkaConsumer(unique_topic, bootstrap_servers=kafka_bootstrap, group_id=group,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            values: list[bytes] = []
+            while len(values) < count:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=count - len(values))
+                for records in batch.values():
+                    values.extend(r.value for r in records)
+            await consumer.commit()
+            return values
+        finally:
+            await consumer.stop()
+
+    first = await consume(4)
+    second = await consume(6)
+    assert first == [f"m{i}".encode() for i in range(4)]
+    assert second == [f"m{i}".encode() for i in range(4, 10)]
+
+
+async def test_bounded_read_respects_start_and_stop_offsets(kafka_bootstrap: str, unique_topic: str) -> None:
+    await ensure_topics(kafka_bootstrap, {unique_topic: 2})
+    await produce_all(kafka_bootstrap, unique_topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(40)])
+    ends = await end_offsets(kafka_bootstrap, unique_topic)
+    assert sum(ends.values()) == 40
+    start = {p: end // 2 for p, end in ends.items()}
+    tail = [r async for r in read_topic(kafka_bootstrap, unique_topic, start=start)]
+    assert len(tail) == sum(end - end // 2 for end in ends.values())
+    assert all(r.offset >= start[r.partition] for r in tail)
+    # a read that starts at the end yields nothing and returns at once
+    assert [r async for r in read_topic(kafka_bootstrap, unique_topic, start=ends)] == []
+
+
+async def test_unreachable_broker_gives_a_clear_error() -> None:
+    from recsys.services import free_port
+
+    with pytest.raises(KafkaUnavailable, match="recsys services up"):
+        await asyncio.wait_for(ensure_topics(f"127.0.0.1:{free_port()}", {"x": 1}), timeout=60)
