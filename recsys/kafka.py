@@ -26,14 +26,19 @@ def unreachable(bootstrap: str, exc: BaseException) -> KafkaUnavailable:
     )
 
 
+async def _start(client, bootstrap: str, close) -> None:
+    """Start an aiokafka client, turning connection failures into KafkaUnavailable."""
+    try:
+        await client.start()
+    except (KafkaConnectionError, KafkaError, OSError) as exc:
+        await close()
+        raise unreachable(bootstrap, exc) from exc
+
+
 async def ensure_topics(bootstrap: str, topics: dict[str, int], replication: int = 1) -> list[str]:
     """Create the topics that do not exist yet (name -> partitions); returns the names created."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    try:
-        await admin.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
-        await admin.close()
-        raise unreachable(bootstrap, exc) from exc
+    await _start(admin, bootstrap, admin.close)
     try:
         existing = set(await admin.list_topics())
         wanted = [NewTopic(name, partitions, replication) for name, partitions in topics.items() if name not in existing]
@@ -52,11 +57,7 @@ async def start_producer(bootstrap: str, **options) -> AIOKafkaProducer:
     """A started producer tuned for throughput (batching with a short linger)."""
     config = {"linger_ms": 5, "max_batch_size": 256 * 1024, "request_timeout_ms": 30000, **options}
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **config)
-    try:
-        await producer.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
-        await producer.stop()
-        raise unreachable(bootstrap, exc) from exc
+    await _start(producer, bootstrap, producer.stop)
     return producer
 
 
@@ -72,11 +73,7 @@ class TopicRecord:
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Current end offset of each partition of ``topic``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        await consumer.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
-        await consumer.stop()
-        raise unreachable(bootstrap, exc) from exc
+    await _start(consumer, bootstrap, consumer.stop)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
@@ -103,11 +100,7 @@ async def read_topic(bootstrap: str, topic: str, start: dict[int, int] | None = 
         return
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
                                 fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
-    try:
-        await consumer.start()
-    except (KafkaConnectionError, KafkaError, OSError) as exc:
-        await consumer.stop()
-        raise unreachable(bootstrap, exc) from exc
+    await _start(consumer, bootstrap, consumer.stop)
     try:
         tps = {p: TopicPartition(topic, p) for p in remaining}
         consumer.assign(list(tps.values()))
