@@ -39,6 +39,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Redis URLs of inference replicas, nearest first",
     )
+    ps_namespace: str = Field("ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+                              description="key prefix of the parameter service in its Redis servers")
+    ps_rows_per_bucket: int = Field(32, ge=1, le=4096,
+                                    description="target rows per Redis hash bucket (memory vs lookup cost)")
+    ps_timeout_s: float = Field(5.0, gt=0, description="socket timeout of parameter-service requests")
+    ps_lock_ttl_s: float = Field(30.0, gt=0, description="lease of the push lock; a push outliving it aborts")
+    ps_lock_wait_s: float = Field(60.0, gt=0, description="how long a push waits for the push lock")
+    ps_log_retention_s: float = Field(300.0, ge=0, description="how long the per-version delta log is kept")
+    ps_failover_timeout_s: float = Field(0.3, gt=0, description="per-replica timeout before a reader moves on")
+    ps_failover_probe_s: float = Field(0.5, gt=0, description="how often a reader probes a failed nearer replica")
+    ps_replicator_poll_s: float = Field(0.05, gt=0, description="replicator wait for new versions per round")
 
     # --- MLflow / Feast -----------------------------------------------------------------
     mlflow_tracking_uri: str = Field(
