@@ -1,12 +1,211 @@
-"""`recsys ps ...` (filled in by issue #4: the parameter service)."""
+"""`recsys ps ...`: local shards and replicas, their status, the replicator, snapshots.
+
+Shards and replicas are the Redis URLs of the settings (RECSYS_PS_SHARDS, RECSYS_PS_REPLICAS,
+nearest replica first). `up` starts a redis-server for every such URL on 127.0.0.1 that does
+not answer yet, plus one replicator process per replica; `down` stops what `up` started.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlparse
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from recsys.settings import Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True)
+console = Console(stderr=True)
+out = Console()
+
+# compact hash buckets need values as large as a row and more entries than Redis' defaults
+REDIS_ARGS = ["--hash-max-listpack-value", "4096", "--hash-max-listpack-entries", "1024"]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic ValidationError: bad RECSYS_PS_* values
+        _fail(f"invalid settings: {exc}", 2)
+        raise
+
+
+def _local_port(url: str) -> int:
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
+        raise typer.BadParameter(f"{url!r}: `recsys ps up` only starts servers at redis://127.0.0.1:PORT")
+    return parsed.port
+
+
+def _servers(s: Settings) -> list[tuple[str, str]]:
+    """(service name, URL) of every shard and replica server."""
+    named = [(f"ps-shard-{i}", url) for i, url in enumerate(s.ps_shards)]
+    for i, spec in enumerate(s.ps_replicas):
+        urls = spec.split(",")
+        named += [(f"ps-replica-{i}" + (f"-{j}" if len(urls) > 1 else ""), url) for j, url in enumerate(urls)]
+    return named
+
+
+@app.command("up")
+def up() -> None:
+    """Start the shards and replicas of the settings on 127.0.0.1, and a replicator per replica."""
+    from recsys import services
+
+    s = _settings()
+    try:
+        for name, url in _servers(s):
+            port = _local_port(url)
+            if services.redis_ping(port) and not any(e.name == name and e.running for e in services.status(s.run_dir)):
+                console.print(f"{name}: {url} already answers (not started by us), using it")
+                continue
+            services.start_redis(s.run_dir, port, name=name, timeout=s.service_start_timeout_s, extra_args=REDIS_ARGS)
+        for i, spec in enumerate(s.ps_replicas):
+            name = f"ps-replicator-{i}"
+            if any(e.name == name and e.running for e in services.status(s.run_dir)):
+                continue
+            cmd = [sys.executable, "-m", "paramserver.cli", "replicate", "--replica", spec]
+            services._spawn(s.run_dir, name, cmd, 0, f"replicate --replica {spec}")  # noqa: SLF001
+    except (services.ServiceError, typer.BadParameter) as exc:
+        _fail(str(exc))
+    _print_status(s)
+
+
+@app.command("down")
+def down() -> None:
+    """Stop the shards, replicas and replicators that `recsys ps up` started."""
+    from recsys import services
+
+    s = _settings()
+    entries = [e for e in services.status(s.run_dir) if e.name.startswith("ps-")]
+    # replicators first, so none of them logs errors about servers going away
+    for entry in sorted(entries, key=lambda e: not e.name.startswith("ps-replicator")):
+        stopped = services.stop(s.run_dir, entry.name)
+        console.print(f"{entry.name}: {'stopped' if stopped else 'was not running'}")
+    if not entries:
+        console.print("nothing was started by `recsys ps up`")
 
 
 @app.command("status")
 def status() -> None:
-    """Show shards and replicas (not built yet: issue #4)."""
-    typer.echo("the parameter service is not built yet (issue #4)", err=True)
-    raise typer.Exit(2)
+    """Shards (applied version, memory, keys), the committed version, and each replica's version and lag."""
+    _print_status(_settings())
+
+
+def _print_status(s: Settings) -> None:
+    from paramserver.redis_store import RedisStore
+    from paramserver.replication import replica_status
+    from paramserver.rows import ParamServerError
+
+    source = None
+    try:
+        source = RedisStore(s.ps_shards, [], namespace=s.ps_namespace, timeout=1.0, configure_servers=False)
+        info = source.status()
+    except ParamServerError as exc:
+        info = {"shards": [{"url": u, "up": False, "error": str(exc)} for u in s.ps_shards]}
+    table = Table("shard", "state", "applied", "memory", "keys", "log entries",
+                  title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}")
+    for entry in info["shards"]:
+        table.add_row(entry["url"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
+                      str(entry.get("applied", "-")), f"{entry.get('used_memory', 0) / 2**20:.1f} MiB",
+                      str(entry.get("keys", "-")), str(entry.get("log_entries", "-")))
+    out.print(table)
+    if s.ps_replicas:
+        rt = Table("replica (nearest first)", "state", "version", "behind", "lag s", "last apply delay s")
+        for spec in s.ps_replicas:
+            entry = replica_status(source, spec.split(","), timeout=1.0, namespace=s.ps_namespace)
+            rt.add_row(entry["replica"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
+                       str(entry.get("version", "-")), str(entry.get("behind", "-")), str(entry.get("lag_s", "-")),
+                       str(entry.get("apply_delay_s", "-")))
+        out.print(rt)
+    if source is not None:
+        source.close()
+
+
+@app.command("replicate")
+def replicate(
+    replica: Annotated[str, typer.Option(help="replica Redis URL (comma-separated URLs for a sharded replica)")],
+    snapshot_dir: Annotated[Path | None, typer.Option(help="bootstrap a new replica from this snapshot")] = None,
+    once: Annotated[bool, typer.Option(help="catch up once and exit")] = False,
+) -> None:
+    """Follow the training copy's delta log into one replica (run by `recsys ps up`)."""
+    from paramserver.redis_store import RedisStore
+    from paramserver.replication import Replicator
+    from paramserver.rows import ParamServerError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    s = _settings()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            source = RedisStore(s.ps_shards, [], namespace=s.ps_namespace, timeout=s.ps_timeout_s,
+                                log_retention_s=s.ps_log_retention_s)
+            target = RedisStore(replica.split(","), list(source.tables.values()), namespace=s.ps_namespace,
+                                timeout=s.ps_timeout_s, log_retention_s=s.ps_log_retention_s)
+            break
+        except ParamServerError as exc:
+            console.print(f"replicator waiting for servers: {exc}")
+            stop.wait(1.0)
+    else:
+        return
+    replicator = Replicator(source, target, poll_s=s.ps_replicator_poll_s, snapshot_dir=snapshot_dir)
+    if once:
+        while replicator.step(wait_s=0) is not None:
+            pass
+        out.print(f"replica at version {target.version()} (source {source.version()})")
+        return
+    console.print(f"replicating {s.ps_shards} -> {replica}")
+    replicator.run(stop)
+
+
+@app.command("snapshot")
+def snapshot(path: Annotated[Path, typer.Argument(help="snapshot folder (incremental when it holds one)")]) -> None:
+    """Checkpoint the training copy into a folder: full the first time, then only changed rows."""
+    from paramserver.redis_store import RedisStore
+    from paramserver.rows import ParamServerError
+
+    s = _settings()
+    try:
+        with RedisStore(s.ps_shards, [], namespace=s.ps_namespace, timeout=s.ps_timeout_s) as store:
+            started = time.perf_counter()
+            info = store.snapshot(path)
+    except (ParamServerError, OSError) as exc:
+        _fail(str(exc))
+    out.print(f"{info.kind} snapshot at version {info.version} into {info.path}: {info.rows} rows "
+              f"in {time.perf_counter() - started:.2f}s")
+
+
+@app.command("restore")
+def restore(path: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="snapshot folder")]) -> None:
+    """Replace the training copy's rows with a snapshot (do it while no trainer runs)."""
+    import json
+
+    from paramserver.redis_store import RedisStore
+    from paramserver.rows import ParamServerError, TableConfig
+
+    s = _settings()
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        tables = [TableConfig(**cfg) for cfg in manifest["tables"].values()]
+        with RedisStore(s.ps_shards, tables, namespace=s.ps_namespace, timeout=s.ps_timeout_s) as store:
+            version = store.restore(path)
+    except (ParamServerError, OSError, ValueError, KeyError, TypeError) as exc:
+        _fail(f"cannot restore {path}: {exc}")
+    out.print(f"restored version {version} from {path}")
+
+
+if __name__ == "__main__":  # `python -m paramserver.cli replicate ...` (the replicator processes)
+    app()

@@ -1,0 +1,613 @@
+"""The Redis backend: rows in hash buckets on N independent Redis shards, versioned pushes.
+
+Layout (keys start with the namespace, ``ps`` by default):
+
+* every shard: ``ps:b:<table>:<bucket>`` HASH id -> packed row (vector + optimizer state).
+  Many rows per hash keep Redis' compact listpack encoding, which is what holds memory per
+  row near the raw bytes (one key per row costs ~1.5x). ``ps:applied`` is the last version
+  this shard applied; ``ps:log`` is a stream with one entry per version (the rows written on
+  this shard), the delta log behind roll-forward, ``changed_since``, snapshots and replicas.
+* shard 0 (the coordinator) also holds ``ps:version`` (last committed version), ``ps:commits``
+  (a stream: version -> writer token and commit time), ``ps:lock`` and ``ps:layout``.
+
+A push (under the lock) stages its rows into every shard's log, commits by bumping
+``ps:version`` on the coordinator (a Lua script that checks the writer still holds the lock:
+the single commit point), then applies on every shard in one MULTI/EXEC (rows + ``applied``).
+A writer that dies after committing leaves its rows in the logs; the next writer or reader
+rolls the shard forward from the log. Readers read each shard between two reads of
+``applied`` (a seqlock: equal values mean no apply ran in between) and accept the answer only
+when every shard they read is at the same version, waiting or rolling forward otherwise. So a
+pull returns the rows of exactly one committed version: all of a push or none of it.
+
+The hot paths (pull, apply) speak RESP over plain sockets, pipelined, parsed by hiredis; the
+rest uses redis-py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import hiredis
+import numpy as np
+import redis
+
+from paramserver.base import BaseStore, Encoded
+from paramserver.rows import (
+    LogTrimmed,
+    ParamServerError,
+    ShardUnavailable,
+    TableConfig,
+    TableMismatch,
+    latest_per_id,
+    route_hash,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_SEQ = "18446744073709551615"
+
+COMMIT_LUA = """
+-- KEYS: lock, version, commits, floor   ARGV: token, version, now, source_time, retention_s
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('PSLOCK the push lock was lost before commit (push took longer than the lock lease)')
+end
+local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+local v = tonumber(ARGV[2])
+if cur >= v then
+  return redis.error_reply('PSVERSION version ' .. v .. ' is not newer than the committed ' .. cur)
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[3], ARGV[2] .. '-0', 'tok', ARGV[1], 't', ARGV[3], 'src_t', ARGV[4])
+-- retention: drop commits older than retention_s, a few per commit, never the newest
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[5])
+local old = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 64)
+local floor = nil
+for i = 1, #old - 1 do
+  local fields = old[i][2]
+  local t = nil
+  for j = 1, #fields, 2 do if fields[j] == 't' then t = tonumber(fields[j + 1]) end end
+  if t == nil or t >= cutoff then break end
+  floor = old[i][1]
+end
+if floor then
+  redis.call('XTRIM', KEYS[3], 'MINID', '(' .. floor)
+  redis.call('SET', KEYS[4], string.match(floor, '^(%d+)'))
+end
+local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+return first[1][1]
+"""
+
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _parse_url(url: str) -> tuple[str, int, int, str | None]:
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or not parsed.hostname:
+        raise ParamServerError(f"expected a redis://host:port[/db] URL, got {url!r}")
+    db = int(parsed.path.lstrip("/") or 0) if parsed.path.lstrip("/").isdigit() or not parsed.path.lstrip("/") \
+        else -1
+    if db < 0:
+        raise ParamServerError(f"bad database number in {url!r}")
+    return parsed.hostname, parsed.port or 6379, db, unquote(parsed.password) if parsed.password else None
+
+
+def _pack(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+class _Raw:
+    """One RESP connection for pipelined hot-path traffic; replies parsed by hiredis."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.host, self.port, self.db, self.password = _parse_url(url)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+
+    def _connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock, self._reader = sock, hiredis.Reader()
+        setup = []
+        if self.password:
+            setup.append(_pack(b"AUTH", self.password.encode()))
+        if self.db:
+            setup.append(_pack(b"SELECT", str(self.db).encode()))
+        if setup:
+            for reply in self._exchange(b"".join(setup), len(setup)):
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ShardUnavailable(f"shard {self.url}: {reply}")
+
+    def _exchange(self, payload: bytes, count: int) -> list:
+        assert self._sock is not None
+        self._sock.sendall(payload)
+        replies: list = []
+        reader = self._reader
+        while len(replies) < count:
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("connection closed by the server")
+            reader.feed(data)
+            while True:
+                reply = reader.gets()
+                if reply is False:
+                    break
+                replies.append(reply)
+        return replies
+
+    def call(self, payload: bytes, count: int) -> list:
+        """Send pipelined commands, return their ``count`` replies (errors as hiredis.ReplyError values)."""
+        with self.lock:
+            try:
+                if self._sock is None:
+                    self._connect()
+                return self._exchange(payload, count)
+            except (OSError, ConnectionError, hiredis.ProtocolError) as exc:
+                self.close()
+                raise ShardUnavailable(f"shard {self.url} unavailable: {exc or type(exc).__name__}") from None
+
+
+def _check(replies: Sequence[Any], url: str) -> None:
+    for reply in replies:
+        if isinstance(reply, hiredis.ReplyError):
+            raise ParamServerError(f"shard {url}: {reply}")
+        if isinstance(reply, list):
+            _check(reply, url)
+
+
+class RedisStore(BaseStore):
+    def __init__(self, shards: list[str], tables: list[TableConfig] | None = None, *, namespace: str = "ps",
+                 rows_per_bucket: int = 32, timeout: float = 5.0, lock_ttl_s: float = 30.0,
+                 lock_wait_s: float = 60.0, log_retention_s: float = 300.0, configure_servers: bool = True) -> None:
+        if not shards:
+            raise ParamServerError("the redis backend needs at least one shard URL")
+        self.urls = list(shards)
+        self.ns = namespace
+        self.rows_per_bucket = rows_per_bucket
+        self.timeout = timeout
+        self.lock_ttl_s, self.lock_wait_s, self.log_retention_s = lock_ttl_s, lock_wait_s, log_retention_s
+        for url in self.urls:
+            _parse_url(url)
+        self._clients = [redis.Redis.from_url(u, socket_timeout=timeout, socket_connect_timeout=timeout)
+                         for u in self.urls]
+        self._raw = [_Raw(u, timeout) for u in self.urls]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="ps-shard") \
+            if len(self.urls) > 1 else None
+        self.k_applied = f"{namespace}:applied"
+        self.k_log = f"{namespace}:log"
+        self.k_version = f"{namespace}:version"
+        self.k_commits = f"{namespace}:commits"
+        self.k_lock = f"{namespace}:lock"
+        self.k_layout = f"{namespace}:layout"
+        self.k_floor = f"{namespace}:floor"
+        self._commit_script = self._clients[0].register_script(COMMIT_LUA)
+        self._unlock_script = self._clients[0].register_script(UNLOCK_LUA)
+        self.tables = {}
+        self.buckets: dict[str, int] = {}
+        self._sync_layout(tables or [])
+        if configure_servers:
+            self._configure_servers()
+
+    # ------------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _guard(self, shard: int) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise ShardUnavailable(f"shard {self.urls[shard]} unavailable: {exc}") from None
+        except redis.ResponseError as exc:
+            raise ParamServerError(f"shard {self.urls[shard]}: {exc}") from None
+
+    def _each(self, fn: Callable[[int], T], shards: Sequence[int]) -> list[T]:
+        if self._pool is None or len(shards) <= 1:
+            return [fn(s) for s in shards]
+        return list(self._pool.map(fn, shards))
+
+    def close(self) -> None:
+        for raw in self._raw:
+            raw.close()
+        for client in self._clients:
+            client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def ping(self, shard: int = 0) -> bool:
+        try:
+            return self._raw[shard].call(_pack(b"PING"), 1)[0] in (b"PONG", "PONG")
+        except ShardUnavailable:
+            return False
+
+    def _bucket_key(self, table: str, bucket: int) -> bytes:
+        return f"{self.ns}:b:{table}:{bucket}".encode()
+
+    def _route(self, config: TableConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h = route_hash(config.name, ids)
+        shard = (h % np.uint64(len(self.urls))).astype(np.int64)
+        bucket = ((h >> np.uint64(32)) % np.uint64(self.buckets[config.name])).astype(np.int64)
+        return shard, bucket
+
+    # ------------------------------------------------------------------ layout
+    def _sync_layout(self, tables: list[TableConfig]) -> None:
+        mine = {}
+        for cfg in tables:
+            if cfg.name in mine and mine[cfg.name] != cfg:
+                raise TableMismatch(f"table {cfg.name} given twice with different configs")
+            buckets = max(1, -(-cfg.capacity // (self.rows_per_bucket * len(self.urls))))
+            mine[cfg.name] = {**cfg.to_dict(), "buckets": buckets}
+        with self._guard(0), self._clients[0].pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(self.k_layout)
+                    raw = pipe.get(self.k_layout)
+                    layout = json.loads(raw) if raw else {"shards": len(self.urls), "tables": {}}
+                    if layout["shards"] != len(self.urls):
+                        raise TableMismatch(
+                            f"the store in {self.urls[0]} (namespace {self.ns}) has {layout['shards']} shards, "
+                            f"this client has {len(self.urls)}: resharding goes through snapshot + restore")
+                    changed = False
+                    for name, spec in mine.items():
+                        have = layout["tables"].get(name)
+                        if have is None:
+                            layout["tables"][name] = spec
+                            changed = True
+                            continue
+                        keys = ("dim", "state_dim", "storage_dtype", "init_std", "seed")
+                        if any(have[k] != spec[k] for k in keys):
+                            raise TableMismatch(
+                                f"table {name} is stored as {[have[k] for k in keys]}, this client asks for "
+                                f"{[spec[k] for k in keys]} ({', '.join(keys)})")
+                    if changed:
+                        pipe.multi()
+                        pipe.set(self.k_layout, json.dumps(layout))
+                        pipe.execute()
+                    else:
+                        pipe.unwatch()
+                    break
+                except redis.WatchError:
+                    continue
+        for name, spec in layout["tables"].items():
+            if tables and name not in mine:
+                continue
+            fields = {k: spec[k] for k in ("name", "dim", "state_dim", "storage_dtype", "init_std", "seed", "capacity")}
+            self.tables[name] = TableConfig(**fields)
+            self.buckets[name] = int(spec["buckets"])
+
+    def _configure_servers(self) -> None:
+        """Raise the listpack limits so buckets stay compact (Redis' defaults: 64-byte values, 128 entries)."""
+        if not self.tables:
+            return
+        need_value = max(cfg.row_bytes for cfg in self.tables.values()) + 16
+        need_entries = max(512, 8 * self.rows_per_bucket)
+        for shard, client in enumerate(self._clients):
+            try:
+                current = client.config_get("hash-max-listpack-*")
+                if int(current.get("hash-max-listpack-value", 0)) < need_value:
+                    client.config_set("hash-max-listpack-value", need_value)
+                if int(current.get("hash-max-listpack-entries", 0)) < need_entries:
+                    client.config_set("hash-max-listpack-entries", need_entries)
+            except redis.ResponseError as exc:
+                log.warning("shard %s: cannot raise hash-max-listpack-* (%s); rows will use more memory",
+                            self.urls[shard], exc)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                raise ShardUnavailable(f"shard {self.urls[shard]} unavailable: {exc}") from None
+
+    # ------------------------------------------------------------------ versions
+    def version(self) -> int:
+        with self._guard(0):
+            return int(self._clients[0].get(self.k_version) or 0)
+
+    def applied_versions(self) -> list[int]:
+        def one(s: int) -> int:
+            with self._guard(s):
+                return int(self._clients[s].get(self.k_applied) or 0)
+        return self._each(one, range(len(self.urls)))
+
+    # ------------------------------------------------------------------ reads
+    def _read_shard(self, shard: int, keys: list[bytes], fields: list[bytes]) -> tuple[int, list]:
+        get_applied = _pack(b"GET", self.k_applied.encode())
+        body = b"".join([b"*3\r\n$4\r\nHGET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(f), f)
+                         for k, f in zip(keys, fields)])
+        payload = get_applied + body + get_applied
+        for _ in range(50):
+            replies = self._raw[shard].call(payload, len(keys) + 2)
+            if replies[0] == replies[-1]:  # no apply ran between the two reads
+                _check(replies, self.urls[shard])
+                return int(replies[0] or 0), replies[1:-1]
+        raise ParamServerError(f"shard {self.urls[shard]}: could not read between applies after 50 tries")
+
+    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[list[bytes | None], int]:
+        shard_of, bucket_of = self._route(config, ids)
+        groups: dict[int, tuple[np.ndarray, list[bytes], list[bytes]]] = {}
+        for shard in np.unique(shard_of).tolist():
+            idx = np.flatnonzero(shard_of == shard)
+            keys = [self._bucket_key(config.name, b) for b in bucket_of[idx].tolist()]
+            fields = [b"%d" % i for i in ids[idx].tolist()]
+            groups[shard] = (idx, keys, fields)
+        shards = list(groups)
+        results = dict(zip(shards, self._each(lambda s: self._read_shard(s, groups[s][1], groups[s][2]), shards)))
+        for attempt in range(40):
+            target = max(v for v, _ in results.values())
+            behind = [s for s, (v, _) in results.items() if v < target]
+            if not behind:
+                break
+            if attempt < 6:  # the writer is most likely applying right now: give it a moment
+                time.sleep(0.001 * (2 ** attempt))
+            else:
+                for shard in behind:
+                    self._roll_forward(shard, target)
+            fresh = self._each(lambda s: self._read_shard(s, groups[s][1], groups[s][2]), behind)
+            results.update(zip(behind, fresh))
+        else:
+            raise ParamServerError("could not read one consistent version across shards (writes too frequent)")
+        out: list[bytes | None] = [None] * len(ids)
+        for shard, (idx, _, _) in groups.items():
+            for position, value in zip(idx.tolist(), results[shard][1]):
+                out[position] = value
+        return out, target
+
+    # ------------------------------------------------------------------ writes
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[str]:
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + self.lock_wait_s
+        pause = 0.001
+        with self._guard(0):
+            while not self._clients[0].set(self.k_lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
+                if time.monotonic() > deadline:
+                    raise ParamServerError(f"push lock busy for more than {self.lock_wait_s:.0f}s "
+                                           f"(another writer holds {self.k_lock})")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(ParamServerError), self._guard(0):
+                self._unlock_script(keys=[self.k_lock], args=[token])
+
+    def _write(self, lock: str, encoded: Encoded, version: int | None = None, source_time: float = 0.0) -> int:
+        committed = self.version()
+        applied = self.applied_versions()
+        for shard, v in enumerate(applied):
+            if v < committed:  # a writer died between commit and apply: finish its work first
+                self._roll_forward(shard, committed)
+        new = committed + 1 if version is None else int(version)
+        if new <= committed:
+            raise ParamServerError(f"version {new} is not newer than the committed {committed}")
+        # split rows by shard
+        per_shard: list[list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self.urls]
+        for name, (ids, data) in encoded.items():
+            if len(ids) == 0:
+                continue
+            shard_of, bucket_of = self._route(self.tables[name], ids)
+            for shard in np.unique(shard_of).tolist():
+                idx = np.flatnonzero(shard_of == shard)
+                per_shard[shard].append((name, ids[idx], bucket_of[idx], data[idx]))
+        token = lock.encode()
+
+        def stage(shard: int) -> None:
+            args = [b"XADD", self.k_log.encode(), b"%d-*" % new, b"tok", token]
+            for name, ids, _, data in per_shard[shard]:
+                args += [f"i:{name}".encode(), ids.astype("<i8").tobytes(), f"r:{name}".encode(), data.tobytes()]
+            _check(self._raw[shard].call(_pack(*args), 1), self.urls[shard])
+
+        self._each(stage, range(len(self.urls)))
+        with self._guard(0):
+            try:
+                first_kept = self._commit_script(
+                    keys=[self.k_lock, self.k_version, self.k_commits, self.k_floor],
+                    args=[lock, new, repr(time.time()), repr(source_time), self.log_retention_s])
+            except redis.ResponseError as exc:
+                raise ParamServerError(f"push not committed, nothing written: {exc}") from None
+        keep_from = first_kept if isinstance(first_kept, bytes) else str(first_kept).encode()
+
+        def apply(shard: int) -> None:
+            cmds = [_pack(b"MULTI")]
+            for name, ids, buckets, data in per_shard[shard]:
+                rb = data.shape[1]
+                blob = data.tobytes()
+                for j, (i, b) in enumerate(zip(ids.tolist(), buckets.tolist())):
+                    key = self._bucket_key(name, b)
+                    field = b"%d" % i
+                    cmds.append(b"*4\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                                % (len(key), key, len(field), field, rb, blob[j * rb:(j + 1) * rb]))
+            cmds += [_pack(b"SET", self.k_applied.encode(), b"%d" % new),
+                     _pack(b"XTRIM", self.k_log.encode(), b"MINID", keep_from), _pack(b"EXEC")]
+            _check(self._raw[shard].call(b"".join(cmds), len(cmds)), self.urls[shard])
+
+        self._each(apply, range(len(self.urls)))
+        return new
+
+    def write_version(self, version: int, encoded: Encoded, source_time: float) -> int:
+        """Apply rows as the given (newer) version: how a replica mirrors its source's versions."""
+        with self._locked() as lock:
+            return self._write(lock, encoded, version=version, source_time=source_time)
+
+    # ------------------------------------------------------------------ log
+    def _commit_tokens(self, after: int, upto: int) -> dict[int, bytes]:
+        with self._guard(0):
+            entries = self._clients[0].xrange(self.k_commits, f"{after + 1}-0", f"{upto}-0")
+        return {int(eid.split(b"-")[0]): fields[b"tok"] for eid, fields in entries}
+
+    def _log_entries(self, shard: int, after: int, upto: int, tokens: dict[int, bytes]) -> dict[int, dict]:
+        """The committed log entries of a shard for versions in (after, upto]."""
+        with self._guard(shard):
+            entries = self._clients[shard].xrange(self.k_log, f"{after + 1}-0", f"{upto}-{MAX_SEQ}")
+        found = {}
+        for eid, fields in entries:
+            v = int(eid.split(b"-")[0])
+            if tokens.get(v) is not None and fields.get(b"tok") == tokens[v]:
+                found[v] = fields
+        return found
+
+    def _roll_forward(self, shard: int, target: int) -> None:
+        """Apply committed versions up to ``target`` that ``shard`` has not applied (their writer stalled or died)."""
+        client = self._clients[shard]
+        with self._guard(shard):
+            while True:
+                applied = int(client.get(self.k_applied) or 0)
+                if applied >= target:
+                    return
+                tokens = self._commit_tokens(applied, target)
+                if not tokens:
+                    raise ParamServerError(f"shard {self.urls[shard]}: no commit record after version {applied}")
+                v = min(tokens)
+                entry = self._log_entries(shard, v - 1, v, {v: tokens[v]}).get(v)
+                if entry is None:
+                    raise ParamServerError(f"shard {self.urls[shard]}: the log entry of committed version {v} "
+                                           "is missing; restore from a snapshot")
+                with client.pipeline() as pipe:
+                    try:
+                        pipe.watch(self.k_applied)
+                        if int(pipe.get(self.k_applied) or 0) != applied:
+                            continue
+                        pipe.multi()
+                        for name, ids, data in self._parse_entry(entry):
+                            _, buckets = self._route(self.tables[name], ids)
+                            for i, b, row in zip(ids.tolist(), buckets.tolist(), data):
+                                pipe.hset(self._bucket_key(name, b), str(i), row.tobytes())
+                        pipe.set(self.k_applied, v)
+                        pipe.execute()
+                    except redis.WatchError:
+                        continue
+
+    def _parse_entry(self, fields: dict) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for key, value in fields.items():
+            if key.startswith(b"i:"):
+                name = key[2:].decode()
+                if name not in self.tables:
+                    continue
+                ids = np.frombuffer(value, dtype="<i8").astype(np.int64)
+                data = np.frombuffer(fields[b"r:" + key[2:]], np.uint8).reshape(len(ids), self.tables[name].row_bytes)
+                yield name, ids, data
+
+    def _changes(self, since: int) -> tuple[int, Encoded]:
+        upto = self.version()
+        if since >= upto:
+            return upto, {}
+        with self._guard(0):
+            floor = int(self._clients[0].get(self.k_floor) or 0)
+        if since < floor:
+            raise LogTrimmed(f"changes since version {since} are no longer in the log (it starts after version "
+                             f"{floor}; retention {self.log_retention_s:.0f}s): take a full snapshot")
+        tokens = self._commit_tokens(since, upto)
+        per_table: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for shard in range(len(self.urls)):
+            entries = self._log_entries(shard, since, upto, tokens)
+            missing = sorted(set(tokens) - set(entries))
+            if missing:
+                raise LogTrimmed(f"shard {self.urls[shard]}: log entries of versions {missing[:5]} are gone")
+            for v in sorted(entries):
+                for name, ids, data in self._parse_entry(entries[v]):
+                    per_table.setdefault(name, []).append((ids, data))
+        out: Encoded = {}
+        for name, chunks in per_table.items():
+            out[name] = latest_per_id(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
+        return upto, out
+
+    # ------------------------------------------------------------------ scan and load
+    def _scan(self, config: TableConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for shard, client in enumerate(self._clients):
+            with self._guard(shard):
+                keys = list(client.scan_iter(match=f"{self.ns}:b:{config.name}:*", count=1000))
+                for start in range(0, len(keys), 256):
+                    with client.pipeline(transaction=False) as pipe:
+                        for key in keys[start:start + 256]:
+                            pipe.hgetall(key)
+                        buckets = pipe.execute()
+                    ids = [int(f) for bucket in buckets for f in bucket]
+                    if ids:
+                        data = b"".join(v for bucket in buckets for v in bucket.values())
+                        yield (np.array(ids, dtype=np.int64),
+                               np.frombuffer(data, np.uint8).reshape(len(ids), config.row_bytes))
+
+    def _delete_rows(self) -> None:
+        for shard, client in enumerate(self._clients):
+            with self._guard(shard):
+                batch = []
+                for key in client.scan_iter(match=f"{self.ns}:b:*", count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        client.unlink(*batch)
+                        batch = []
+                if batch:
+                    client.unlink(*batch)
+
+    def _load(self, version: int, encoded: Encoded) -> None:
+        """Replace every row (restore). Readers during a restore may see a mix: restore offline."""
+        with self._locked():
+            self._delete_rows()
+            for name, (ids, data) in encoded.items():
+                shard_of, bucket_of = self._route(self.tables[name], ids)
+                for shard in np.unique(shard_of).tolist():
+                    idx = np.flatnonzero(shard_of == shard)
+                    with self._guard(shard):
+                        for start in range(0, len(idx), 5000):
+                            chunk = idx[start:start + 5000]
+                            with self._clients[shard].pipeline(transaction=False) as pipe:
+                                for j in chunk.tolist():
+                                    pipe.hset(self._bucket_key(name, int(bucket_of[j])), str(int(ids[j])),
+                                              data[j].tobytes())
+                                pipe.execute()
+            for shard, client in enumerate(self._clients):
+                with self._guard(shard):
+                    client.delete(self.k_log)
+                    client.set(self.k_applied, version)
+            with self._guard(0):
+                client0 = self._clients[0]
+                client0.delete(self.k_commits)
+                client0.xadd(self.k_commits, {"tok": "restore", "t": repr(time.time()), "src_t": "0"},
+                             id=f"{max(version, 1)}-0")
+                client0.set(self.k_version, version)
+                client0.set(self.k_floor, version)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        """Version, log floor, lock holder and per-shard applied version, memory and keys."""
+        shards = []
+        for shard, client in enumerate(self._clients):
+            entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
+            try:
+                info = client.info("memory")
+                entry.update(up=True, applied=int(client.get(self.k_applied) or 0),
+                             used_memory=int(info["used_memory"]), keys=int(client.dbsize()),
+                             log_entries=int(client.xlen(self.k_log)))
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                entry["error"] = str(exc)
+            shards.append(entry)
+        result: dict[str, Any] = {"shards": shards, "tables": sorted(self.tables)}
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
+            client0 = self._clients[0]
+            result.update(version=int(client0.get(self.k_version) or 0), floor=int(client0.get(self.k_floor) or 0),
+                          locked=bool(client0.exists(self.k_lock)))
+            last = client0.xrevrange(self.k_commits, "+", "-", count=1)
+            if last:
+                result["commit_time"] = float(last[0][1][b"t"])
+                result["source_commit_time"] = float(last[0][1].get(b"src_t", b"0"))
+        return result
+
+    def commit_time(self, version: int) -> float | None:
+        """When ``version`` (or the first commit after it) was committed in this store."""
+        with self._guard(0):
+            entries = self._clients[0].xrange(self.k_commits, f"{version}-0", "+", count=1)
+        return float(entries[0][1][b"t"]) if entries else None
