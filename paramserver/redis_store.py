@@ -72,15 +72,17 @@ redis.call('XADD', KEYS[3], ARGV[2] .. '-0', 'tok', ARGV[1], 't', ARGV[3], 'src_
 local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[5])
 local old = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 64)
 local floor = nil
+local keep = nil
 for i = 1, #old - 1 do
   local fields = old[i][2]
   local t = nil
   for j = 1, #fields, 2 do if fields[j] == 't' then t = tonumber(fields[j + 1]) end end
   if t == nil or t >= cutoff then break end
   floor = old[i][1]
+  keep = old[i + 1][1]
 end
 if floor then
-  redis.call('XTRIM', KEYS[3], 'MINID', '(' .. floor)
+  redis.call('XTRIM', KEYS[3], 'MINID', keep)
   redis.call('SET', KEYS[4], string.match(floor, '^(%d+)'))
 end
 local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
