@@ -72,6 +72,33 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, ge=0, description="events further in the future are rejected")
     max_event_age_s: float = Field(30 * 24 * 3600.0, gt=0, description="older events are rejected")
 
+    # --- serving (issue #7) -------------------------------------------------------------------
+    serving_host: str = Field("127.0.0.1", description="address `recsys serve` binds to")
+    serving_port: int = Field(8000, ge=1, le=65535, description="port of `recsys serve`")
+    serving_workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    serving_admin_token: str | None = Field(None, min_length=16, description="bearer token of the admin endpoints "
+                                            "(reload); unset: admin endpoints answer 403")
+    serving_model_name: str = Field("recsys-dlrm", description="registered MLflow model that serving loads")
+    serving_model_alias: str = Field("champion", description="registry alias of the model serving loads")
+    serving_reload_poll_s: float = Field(30.0, ge=0, description="how often serving checks the alias for a new "
+                                         "version (0: only on POST /admin/reload)")
+    serving_allow_fallback_scorer: bool = Field(True, description="without a champion, rank by the dot product of "
+                                                "user and item embeddings from the parameter service")
+    serving_max_k: int = Field(100, ge=1, le=10_000, description="largest k of /v1/recommend")
+    serving_max_candidates: int = Field(1000, ge=1, le=100_000, description="most candidates of one request")
+    serving_max_pairs: int = Field(1000, ge=1, le=100_000, description="most (user, item) pairs of /v1/score")
+    serving_max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
+    serving_param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
+    serving_param_version_poll_s: float = Field(1.0, gt=0, description="how often the cache checks the "
+                                                "replica's parameter version")
+    serving_impression_buffer: int = Field(10_000, ge=1, description="impressions buffered for Kafka; beyond it "
+                                           "they are dropped and counted")
+    serving_retrieval_candidates: int = Field(200, ge=1, le=100_000, description="candidates the retrieval stage "
+                                              "supplies when a request has none")
+    serving_retrieval_half_life_s: float = Field(3600.0, gt=0, description="half-life of item popularity")
+    serving_retrieval_lookback: int = Field(50_000, ge=0, description="records per partition of the events topic "
+                                            "the retrieval stage reads back at start-up")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_port(cls, value: str) -> str:
