@@ -72,6 +72,28 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(300.0, ge=0, description="events further in the future are rejected")
     max_event_age_s: float = Field(30 * 24 * 3600.0, gt=0, description="older events are rejected")
 
+    # --- training (issue #5) -------------------------------------------------------------------
+    train_ranks: int = Field(1, ge=1, le=512, description="torchrun ranks of `recsys train` (per node)")
+    train_backend: str = Field("auto", pattern=r"^(auto|gloo|nccl)$",
+                               description="torch.distributed backend; auto: nccl with CUDA, else gloo")
+    train_batch_size: int = Field(512, ge=1, le=1 << 20, description="samples per step and rank")
+    train_epochs: int = Field(3, ge=1, le=1000, description="passes over the window's training samples")
+    train_embedding_dim: int = Field(16, ge=1, le=4096, description="dimension of every embedding table")
+    train_dense_arch: list[int] = Field(default_factory=lambda: [32, 16],
+                                        description="bottom MLP layer sizes; the last equals the embedding dim")
+    train_over_arch: list[int] = Field(default_factory=lambda: [64, 32],
+                                       description="top MLP hidden layer sizes (a final 1-unit layer is added)")
+    train_embedding_lr: float = Field(0.05, gt=0, description="row-wise Adagrad learning rate of the embeddings")
+    train_dense_lr: float = Field(0.003, gt=0, description="Adam learning rate of the dense part")
+    train_eval_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of the window (by event time) "
+                                       "held out for evaluation")
+    train_init_std: float = Field(0.05, ge=0, description="std of the deterministic initial embedding rows")
+    train_seed: int = Field(0, description="seed of dense initialisation and batch order")
+    train_experiment: str = Field("recsys-training", min_length=1, description="MLflow experiment of training runs")
+    train_model_name: str = Field("recsys-dlrm", min_length=1, description="registered MLflow model of the trainer")
+    train_crash_after_steps: int | None = Field(None, ge=0, description="fault injection for tests: rank 0 kills "
+                                                "itself (SIGKILL) after this many steps")
+
     # --- serving (issue #7) -------------------------------------------------------------------
     serving_host: str = Field("127.0.0.1", description="address `recsys serve` binds to")
     serving_port: int = Field(8000, ge=1, le=65535, description="port of `recsys serve`")
