@@ -121,6 +121,26 @@ class Settings(BaseSettings):
     serving_retrieval_lookback: int = Field(50_000, ge=0, description="records per partition of the events topic "
                                             "the retrieval stage reads back at start-up")
 
+    # --- orchestration (issue #6) -------------------------------------------------------------
+    airflow_port: int = Field(8080, ge=1, le=65535, description="port of the local Airflow api-server (UI) "
+                              "on 127.0.0.1")
+    airflow_db_url: str | None = Field(None, description="Airflow metadata DB (SQLAlchemy URL, e.g. PostgreSQL); "
+                                       "unset: SQLite under <run_dir>/airflow")
+    airflow_executor: str = Field("LocalExecutor", pattern=r"^(LocalExecutor|SequentialExecutor|CeleryExecutor|"
+                                  r"KubernetesExecutor)$", description="Airflow executor of `recsys airflow up`")
+    airflow_parallelism: int = Field(4, ge=1, le=1024, description="task instances running at once")
+    airflow_start_timeout_s: float = Field(180.0, gt=0, description="how long `recsys airflow up` waits for health")
+    airflow_training_schedule: str | None = Field("@hourly", description="schedule of the training DAG (cron or "
+                                                  "preset; empty: manual only)")
+    airflow_features_schedule: str | None = Field("@hourly", description="schedule of the features DAG")
+    gate_tolerance: float = Field(0.002, ge=0, le=1, description="a challenger is promoted unless its AUC is "
+                                  "worse than the champion's by more than this, on the same evaluation set")
+    gate_min_new_samples: int = Field(1, ge=1, description="training runs skip when fewer new samples arrived")
+    publish_timeout_s: float = Field(300.0, gt=0, description="how long publication waits for every inference "
+                                     "replica to apply the pushed parameter version")
+    serving_reload_urls: list[str] = Field(default_factory=list, description="base URLs of serving replicas told "
+                                           "to reload after a promotion; empty: http://serving_host:serving_port")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_port(cls, value: str) -> str:
