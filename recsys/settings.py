@@ -141,6 +141,27 @@ class Settings(BaseSettings):
     serving_reload_urls: list[str] = Field(default_factory=list, description="base URLs of serving replicas told "
                                            "to reload after a promotion; empty: http://serving_host:serving_port")
 
+    # --- streaming and feature store (issue #3) ----------------------------------------------
+    stream_app_id: str = Field("recsys-stream", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                               description="Faust app id: consumer group and prefix of its changelog topics")
+    stream_data_dir: Path | None = Field(None, description="Faust table data of the worker (default: run_dir/stream)")
+    stream_attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
+    stream_dedup_window_s: float = Field(3600.0, gt=0, description="event time an event id is remembered for "
+                                         "de-duplicating client retries")
+    stream_resolved_retention_s: float = Field(60.0, gt=0, description="wall time a joined impression is kept after "
+                                               "its sample went out (re-emitted after a crash, see README)")
+    stream_idle_advance_s: float = Field(5.0, gt=0, description="a partition idle this long (wall time) advances its "
+                                         "event-time watermark with the wall clock, so windows close on a quiet stream")
+    stream_batch_size: int = Field(2000, ge=1, le=100_000, description="records the worker handles per batch")
+    stream_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a batch")
+    stream_commit_interval_s: float = Field(1.0, gt=0, description="how often the worker commits offsets")
+    stream_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)")
+    stream_log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    feast_data_dir: Path = Field(PROJECT_ROOT / "feature_repo" / "data",
+                                description="Feast registry, SQLite online store and offline parquet (git-ignored)")
+    feast_online_store: str = Field("sqlite", pattern=r"^(sqlite|redis)$", description="Feast online store kind")
+    feast_redis_url: str | None = Field(None, description="Redis of the Feast online store (default: redis_url)")
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _bootstrap_has_port(cls, value: str) -> str:
