@@ -1,0 +1,71 @@
+"""`recsys airflow up|down|status`: the local Airflow that runs the project's DAGs (see recsys.airflow_local)."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recsys.settings import Settings, get_settings
+
+app = typer.Typer(no_args_is_help=True)
+console = Console(stderr=True)
+out = Console()
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic ValidationError: a bad RECSYS_* variable
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command("up")
+def up() -> None:
+    """Start api-server (UI), dag-processor, triggerer and scheduler on 127.0.0.1; harmless when running."""
+    from recsys import airflow_local, services
+
+    s = _settings()
+    console.print(f"starting Airflow (home {airflow_local.layout(s).home}); this takes 20-60 s ...")
+    try:
+        result = airflow_local.up(s)
+    except (airflow_local.AirflowError, services.ServiceError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"started: {', '.join(result.started) or 'nothing (already running)'}")
+    out.print(f"Airflow UI: {result.url}  user: {result.user}")
+    if result.password_new:
+        out.print(f"generated admin password (shown once): {result.password}")
+    else:
+        out.print(f"admin password: in {airflow_local.layout(s).passwords_file}")
+
+
+@app.command("down")
+def down() -> None:
+    """Stop the Airflow services that `recsys airflow up` started."""
+    from recsys import airflow_local
+
+    for component, stopped in airflow_local.down(_settings()):
+        console.print(f"airflow {component}: {'stopped' if stopped else 'was not running'}")
+
+
+@app.command("status")
+def status() -> None:
+    """Show the Airflow services, their PIDs and health as the api-server reports it."""
+    from recsys import airflow_local
+
+    s = _settings()
+    entries, report = airflow_local.status(s)
+    table = Table("service", "pid", "process", "health", "log")
+    keys = {"api-server": "metadatabase", **airflow_local.HEALTH_KEYS}
+    for entry in entries:
+        component = entry.name.removeprefix("airflow-")
+        state = ((report or {}).get(keys.get(component, ""), {}) or {}).get("status", "-")
+        table.add_row(component, str(entry.pid), "[green]running[/green]" if entry.running else "[red]stopped[/red]",
+                      state, str(entry.log_file))
+    if not entries:
+        table.add_row("-", "-", "not started", "-", str(s.run_dir))
+    out.print(table)
+    if report is not None:
+        out.print(f"UI: {airflow_local.base_url(s)}")
