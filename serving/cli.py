@@ -1,4 +1,8 @@
-"""`recsys serve` (filled in by issue #7: the recommendation API)."""
+"""`recsys serve`: the recommendation API under uvicorn, on 127.0.0.1 by default."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
 
 import typer
 
@@ -6,7 +10,32 @@ app = typer.Typer(invoke_without_command=True)
 
 
 @app.callback()
-def serve() -> None:
-    """Serve the recommendation API (not built yet: issue #7)."""
-    typer.echo("the serving API is not built yet (issue #7)", err=True)
-    raise typer.Exit(2)
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="bind address (default: RECSYS_SERVING_HOST)")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="port (default: RECSYS_SERVING_PORT)")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, max=64, help="worker processes")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Serve the recommendation API (POST /v1/recommend, /v1/score; /healthz, /readyz, /metrics, /docs)."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from recsys.settings import get_settings
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        typer.echo(f"unknown log level {log_level!r}", err=True)
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host = host or settings.serving_host
+    port = port or settings.serving_port
+    workers = workers or settings.serving_workers
+    typer.echo(f"serving on http://{host}:{port} (docs: /docs)", err=True)
+    uvicorn.run("serving.asgi:app", host=host, port=port, workers=workers, log_level=log_level,
+                access_log=False, lifespan="on")

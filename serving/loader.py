@@ -1,0 +1,126 @@
+"""The champion model from the MLflow registry: its dense weights, scored on rows from the parameter service.
+
+Serving imports the trainer's model class only (``training.model``): the dense artifact is
+self-describing (format, model config, state dict), the embedding tables are the parameter
+service's rows, named by the spec's sparse features.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DLRMScorer:
+    """The trainer's DenseArch (bottom MLP, interaction, top MLP) over pooled parameter-service rows."""
+
+    arch: Any  # training.model.DenseArch, in eval mode
+    config: Any  # training.model.ModelConfig
+    version: str
+    name: str = "dlrm"
+
+    def tables(self) -> dict[str, int]:
+        return {t: self.config.embedding_dim for t in self.config.sparse_features}
+
+    def score(self, pooled: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
+        import torch
+
+        from feature_repo.spec import SPEC
+        from training.model import POSITION_FEATURE
+
+        n = dense.shape[0]
+        spec_dense = {name: i for i, name in enumerate(SPEC.dense_names)}
+        columns = []
+        for name in self.config.dense_features:
+            if name in spec_dense:
+                columns.append(dense[:, spec_dense[name]])
+            elif name == POSITION_FEATURE:
+                columns.append(np.zeros(n, np.float32))  # score every item as if shown first
+            else:
+                raise ValueError(f"model {self.version} needs dense feature {name!r} that serving does not have")
+        dense_in = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((n, 0), np.float32)
+        dim = self.config.embedding_dim
+        stacked = np.stack([pooled[t] if t in pooled else np.zeros((n, dim), np.float32)
+                            for t in self.config.sparse_features], axis=1)
+        with torch.inference_mode():
+            logits = self.arch(torch.from_numpy(dense_in), torch.from_numpy(np.ascontiguousarray(stacked)))
+            return torch.sigmoid(logits).numpy().astype(np.float32)
+
+
+def load_dense_scorer(path: str | Path, version: str) -> DLRMScorer:
+    from training.model import load_dense
+
+    config, arch, _extra = load_dense(path)
+    return DLRMScorer(arch, config, version)
+
+
+def _find_dense(folder: Path) -> Path:
+    from training.model import load_dense
+
+    candidates = sorted(folder.rglob("*"), key=lambda p: ("dense" not in p.name, len(p.parts)))
+    errors = []
+    for path in candidates:
+        if not path.is_file() or path.stat().st_size > 512 * 1024 * 1024:
+            continue
+        try:
+            load_dense(path)
+        except Exception as exc:  # noqa: BLE001 - not the artifact we look for
+            errors.append(f"{path.name}: {type(exc).__name__}")
+            continue
+        return path
+    raise FileNotFoundError(f"no dense-weights artifact under {folder} (tried {', '.join(errors[:10]) or 'nothing'})")
+
+
+class MlflowLoader:
+    """Resolves ``models:/<name>@<alias>`` and builds the scorer of a version."""
+
+    def __init__(self, tracking_uri: str, model_name: str, alias: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.model_name, self.alias = model_name, alias
+
+    def champion_version(self) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, self.alias).version)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise
+
+    def load(self, version: str) -> DLRMScorer:
+        mv = self.client.get_model_version(self.model_name, version)
+        with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
+            folder = Path(tmp)
+            try:
+                import mlflow.artifacts
+
+                mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(folder / "model"),
+                                                    tracking_uri=self.client._tracking_client.tracking_uri)
+                path = _find_dense(folder)
+            except Exception:  # noqa: BLE001 - the weights may sit beside the logged model in the run
+                if not mv.run_id:
+                    raise
+                self.client.download_artifacts(mv.run_id, "", str(folder / "run"))
+                path = _find_dense(folder / "run")
+            return load_dense_scorer(path, f"{self.model_name}/{version}")
+
+
+def mlflow_loader(settings: Settings) -> MlflowLoader | None:
+    try:
+        return MlflowLoader(settings.mlflow_tracking_uri, settings.serving_model_name, settings.serving_model_alias)
+    except Exception as exc:  # noqa: BLE001 - no registry: serve with the fallback scorer (flagged in /readyz)
+        log.error("MLflow registry unavailable: %s", exc)
+        return None

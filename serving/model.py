@@ -1,0 +1,145 @@
+"""Scorers and the model handle: what ranks, and how it is swapped without failing requests.
+
+A scorer turns the features of n (user, item) pairs into n scores. It receives the pooled
+embedding of every sparse feature (rows from the parameter service, summed over the ids of
+a multi-valued feature) and the dense values in spec order, so it never talks to a store.
+
+The handle holds the current scorer behind one reference. A request reads that reference
+once and keeps its scorer to the end, so a reload (which builds the new scorer completely
+before assigning it) never changes the model under a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from feature_repo.spec import ITEM_SPARSE, USER_SPARSE
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    name: str  # the kind of scorer ("dlrm", "embedding-dot")
+    version: str  # the model version it serves (goes into responses and impressions)
+
+    def tables(self) -> dict[str, int]:
+        """Parameter-service tables the scorer needs rows of: name -> embedding dim (0: any)."""
+        ...
+
+    def score(self, pooled: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
+        """Scores (float32 [n]) from pooled embeddings (table -> [n, dim]) and dense values ([n, n_dense])."""
+        ...
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))).astype(np.float32)
+
+
+@dataclass
+class EmbeddingDotScorer:
+    """The fallback before any champion exists: sigmoid(<sum of user embeddings, sum of item embeddings>).
+
+    (Each table's embedding is the mean of its rows, pooled by the ranker as the trainer pools.)
+
+    It is the two-tower reading of the rows the trainer pushed (DLRM's interaction layer
+    is built on the same dot products); with only initial rows it ranks at random.
+    """
+
+    available: dict[str, int]
+    version: str = "embedding-dot"
+    name: str = "embedding-dot"
+
+    def tables(self) -> dict[str, int]:
+        return {t: d for t, d in self.available.items() if t in USER_SPARSE or t in ITEM_SPARSE}
+
+    def score(self, pooled: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
+        n = dense.shape[0]
+        user = [pooled[t] for t in USER_SPARSE if t in pooled]
+        item = [pooled[t] for t in ITEM_SPARSE if t in pooled]
+        if not user or not item:
+            return np.full(n, 0.5, np.float32)
+        width = min(min(u.shape[1] for u in user), min(i.shape[1] for i in item))
+        u = sum(x[:, :width] for x in user)
+        v = sum(x[:, :width] for x in item)
+        return _sigmoid(np.einsum("nd,nd->n", u, v))
+
+
+class ModelLoader(Protocol):
+    def champion_version(self) -> str | None:
+        """The version the alias points at now (cheap), or None when there is no champion."""
+        ...
+
+    def load(self, version: str) -> Scorer:
+        """Build the scorer of ``version`` completely (weights loaded, ready to score)."""
+        ...
+
+
+class NoChampion(RuntimeError):
+    """The registry has no model under the alias (and no fallback is allowed)."""
+
+
+class ModelHandle:
+    """The current scorer; ``reload`` swaps it atomically (one reference assignment)."""
+
+    def __init__(self, loader: ModelLoader | None, fallback: Callable[[], Scorer] | None) -> None:
+        self._loader = loader
+        self._fallback = fallback
+        self._current: Scorer | None = None
+        self._reload_lock = threading.Lock()  # one load at a time; requests never take it
+        self.reloads = 0
+        self.last_error: str | None = None
+        self.on_swap: Callable[[Scorer], None] | None = None
+
+    @property
+    def current(self) -> Scorer | None:
+        return self._current
+
+    def set(self, scorer: Scorer) -> None:
+        previous = self._current
+        self._current = scorer
+        if previous is None or previous.version != scorer.version:
+            self.reloads += previous is not None
+            log.info("serving model %s (%s)", scorer.version, scorer.name)
+        if self.on_swap is not None:
+            self.on_swap(scorer)
+
+    def reload(self, force: bool = False) -> tuple[bool, str | None]:
+        """Load the champion if it changed (or ``force``); returns (changed, previous version).
+
+        Falls back to the fallback scorer only while nothing better is loaded. Raises NoChampion
+        when neither a champion nor a fallback can be had.
+        """
+        with self._reload_lock:
+            previous = self._current.version if self._current is not None else None
+            version = None
+            if self._loader is not None:
+                try:
+                    version = self._loader.champion_version()
+                except Exception as exc:  # registry down: keep serving what we have
+                    self.last_error = f"registry: {type(exc).__name__}: {exc}"
+                    log.warning("cannot read the champion alias: %s", exc)
+                    if self._current is not None:
+                        return False, previous
+            if version is not None:
+                if version == previous and not force:
+                    return False, previous
+                started = time.perf_counter()
+                scorer = self._loader.load(version)  # type: ignore[union-attr]
+                log.info("loaded model %s in %.2fs", version, time.perf_counter() - started)
+                self.set(scorer)
+                self.last_error = None
+                return scorer.version != previous, previous
+            if self._current is not None and self._current.name != "embedding-dot":
+                return False, previous  # the alias vanished: keep the last champion rather than degrade
+            if self._fallback is None:
+                raise NoChampion("no model version carries the serving alias and the fallback scorer is disabled")
+            scorer = self._fallback()
+            self.set(scorer)
+            return scorer.version != previous, previous

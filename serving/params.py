@@ -1,0 +1,157 @@
+"""Embedding rows for serving: the nearest parameter replica, behind an in-process cache keyed by version.
+
+The cache holds the vectors of one parameter version. A background poll reads the replica's
+version every ``serving_param_version_poll_s``; a new version starts an empty cache (rows are
+never mixed across versions within one cache). A request whose pull comes back at a newer
+version than its cache re-reads everything at that version, so one answer is scored with the
+rows of one version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from paramserver import ParamServerError, ShardUnavailable, TableConfig, initial_rows
+
+log = logging.getLogger(__name__)
+
+
+class RowsUnavailable(RuntimeError):
+    """No replica answered; the message lists why."""
+
+
+@dataclass
+class _Cache:
+    version: int
+    rows: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    size: int = 0
+
+
+class RowReader:
+    """What serving needs of ``paramserver.FailoverReader`` (the real one in production and tests)."""
+
+    tables: dict[str, TableConfig]
+    current: int | None
+
+    def pull(self, table: str, ids: np.ndarray): ...  # noqa: D102
+    def version(self) -> int: ...  # noqa: D102
+    def healthy(self) -> list[bool]: ...  # noqa: D102
+    def close(self) -> None: ...  # noqa: D102
+
+
+class RowFetcher:
+    def __init__(self, reader: RowReader, max_rows: int, poll_s: float,
+                 on_lookup: Callable[[int, int], None] | None = None) -> None:
+        self.reader = reader
+        self.max_rows = max_rows
+        self.poll_s = poll_s
+        self.on_lookup = on_lookup  # (hits, misses), for metrics
+        self._cache = _Cache(version=-1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.last_version: int | None = None
+
+    def start(self) -> None:
+        self._poller = threading.Thread(target=self._poll, name="serving-param-version", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=5)
+        self.reader.close()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._observe(self.reader.version())
+            except (ParamServerError, OSError) as exc:
+                log.debug("parameter version poll failed: %s", exc)
+            self._stop.wait(self.poll_s)
+
+    def _observe(self, version: int) -> _Cache:
+        """The cache of ``version`` (a fresh one when the version moved on)."""
+        with self._lock:
+            self.last_version = max(version, self.last_version or 0)
+            if version > self._cache.version:
+                self._cache = _Cache(version)
+            return self._cache
+
+    @property
+    def version(self) -> int | None:
+        return self.last_version
+
+    def table_configs(self) -> dict[str, TableConfig]:
+        return dict(self.reader.tables)
+
+    def lookup(self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """Vectors ([len(ids), dim] per table) of one parameter version, and that version.
+
+        Tables the replicas do not hold (a trainer has not pushed them yet) get the
+        deterministic initial rows, exactly what a pull of never-seen ids returns; their dim
+        comes from ``dims``. Raises RowsUnavailable when no replica answers.
+        """
+        for _ in range(3):
+            cache = self._cache
+            try:
+                out, version = self._lookup(cache, ids, dims or {})
+            except ShardUnavailable as exc:
+                raise RowsUnavailable(str(exc)) from None
+            if version == cache.version or cache.version < 0 and version <= 0:
+                return out, version
+            self._observe(version)  # a newer version than the cache: redo at that version
+        return out, version
+
+    def _lookup(self, cache: _Cache, ids: dict[str, np.ndarray], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+        configs = self.reader.tables
+        out: dict[str, np.ndarray] = {}
+        version = cache.version
+        hits = misses = 0
+        for table, wanted in ids.items():
+            config = configs.get(table)
+            if config is None:
+                dim = dims.get(table) or 0
+                if dim <= 0:
+                    continue
+                out[table] = initial_rows(TableConfig(table, dim), np.asarray(wanted, np.int64))[0]
+                continue
+            table_cache = cache.rows.setdefault(table, {})
+            uniq = np.unique(np.asarray(wanted, np.int64))
+            found: dict[int, np.ndarray] = {}
+            missing = []
+            for key in uniq.tolist():
+                vec = table_cache.get(key)
+                if vec is None:
+                    missing.append(key)
+                else:
+                    found[key] = vec
+            hits += len(found)
+            misses += len(missing)
+            if missing:
+                rows = self.reader.pull(table, np.array(missing, np.int64))
+                if cache.version >= 0 and rows.version != cache.version:
+                    version = rows.version
+                elif cache.version < 0:
+                    version = rows.version
+                for key, vec in zip(missing, rows.weights):
+                    found[key] = vec
+                if rows.version == cache.version and self.max_rows > 0:
+                    if cache.size + len(missing) > self.max_rows:
+                        # simple bound: start the version's cache over rather than track recency per row
+                        cache.rows.clear()
+                        cache.size = 0
+                        table_cache = cache.rows.setdefault(table, {})
+                    for key, vec in zip(missing, rows.weights):
+                        table_cache[key] = vec
+                    cache.size += len(missing)
+            out[table] = np.stack([found[k] for k in np.asarray(wanted, np.int64).tolist()]) if len(wanted) \
+                else np.zeros((0, config.dim), np.float32)
+        if self.on_lookup is not None:
+            self.on_lookup(hits, misses)
+        return out, version

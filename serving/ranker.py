@@ -1,0 +1,139 @@
+"""The ranking path of one request: features, rows, scores, with a degraded answer when a dependency fails.
+
+Synchronous on purpose: the feature store client and the parameter reader are blocking,
+so the API runs this in its thread pool and keeps the event loop free for I/O.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from feature_repo.spec import SPEC, EncodedEntity, join_features
+from serving.features import FeatureSource, FeaturesUnavailable
+from serving.metrics import Metrics
+from serving.model import ModelHandle, Scorer
+from serving.params import RowFetcher, RowsUnavailable
+from serving.retrieval import PopularityIndex
+
+
+@dataclass
+class Scored:
+    """Scores of n pairs plus what was used to compute them (for responses and feature logging)."""
+
+    scores: np.ndarray
+    model_version: str
+    features: list[tuple[dict[str, list[int]], dict[str, float]]]
+    cold_users: set[str] = field(default_factory=set)
+    degraded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Ranking:
+    request_id: str
+    user_id: str
+    items: list[tuple[str, float]]
+    model_version: str
+    features: dict[str, tuple[dict[str, list[int]], dict[str, float]]]
+    cold_start: bool
+    degraded: list[str]
+    retrieval: bool
+
+
+class Ranker:
+    def __init__(self, model: ModelHandle, rows: RowFetcher | None, features: FeatureSource | None,
+                 index: PopularityIndex | None, metrics: Metrics, retrieval_candidates: int = 200) -> None:
+        self.model, self.rows, self.features, self.index = model, rows, features, index
+        self.metrics = metrics
+        self.retrieval_candidates = retrieval_candidates
+
+    def _stage(self, name: str, started: float) -> float:
+        now = time.perf_counter()
+        self.metrics.stage_latency.labels(name).observe(now - started)
+        return now
+
+    def score_pairs(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> Scored:
+        """Scores of the pairs (user_ids[i], item_ids[i]) with the current model."""
+        t = time.perf_counter()
+        degraded: list[str] = []
+        users: dict[str, EncodedEntity | None] = {}
+        items: dict[str, EncodedEntity | None] = {}
+        if self.features is None:
+            degraded.append("feature_store")
+        else:
+            try:
+                users, items = self.features.fetch(list(dict.fromkeys(user_ids)), list(dict.fromkeys(item_ids)))
+            except FeaturesUnavailable:
+                degraded.append("feature_store")
+        t = self._stage("features", t)
+        joined = [join_features(users.get(u), items.get(i), u, i) for u, i in zip(user_ids, item_ids)]
+        cold = {u for u in user_ids if users.get(u) is None} if "feature_store" not in degraded else set()
+        n = len(joined)
+        scorer: Scorer | None = self.model.current  # read once: a reload cannot change it under us
+        if scorer is None:
+            return Scored(np.zeros(n, np.float32), "none", joined, cold, degraded + ["model"])
+        if self.rows is None:
+            return Scored(np.zeros(n, np.float32), scorer.version, joined, cold, degraded + ["parameter_service"])
+        needed = scorer.tables()
+        ids: dict[str, np.ndarray] = {}
+        lengths: dict[str, np.ndarray] = {}
+        for table in needed:
+            if table not in SPEC.sparse_names:
+                continue
+            per_pair = [sparse[table] for sparse, _ in joined]
+            lengths[table] = np.fromiter((len(p) for p in per_pair), np.int64, count=n)
+            ids[table] = np.fromiter((v for p in per_pair for v in p), np.int64, count=int(lengths[table].sum()))
+        try:
+            vectors, version = self.rows.lookup(ids, needed)
+        except RowsUnavailable:
+            self._stage("rows", t)
+            return Scored(np.zeros(n, np.float32), scorer.version, joined, cold, degraded + ["parameter_service"])
+        t = self._stage("rows", t)
+        pooled: dict[str, np.ndarray] = {}
+        for table, vecs in vectors.items():
+            if n == 0:
+                pooled[table] = np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
+                continue
+            # MEAN pooling, as the trainer's tables pool (every pair has at least one id per table)
+            starts = np.concatenate(([0], np.cumsum(lengths[table])[:-1]))
+            sums = np.add.reduceat(vecs, starts, axis=0)
+            pooled[table] = (sums / lengths[table][:, None]).astype(np.float32, copy=False)
+        dense = np.array([[d[name] for name in SPEC.dense_names] for _, d in joined], np.float32).reshape(
+            n, len(SPEC.dense_names))
+        scores = np.asarray(scorer.score(pooled, dense), np.float32).reshape(n)
+        scores = np.nan_to_num(scores, nan=0.0, posinf=1.0, neginf=0.0)
+        self._stage("score", t)
+        return Scored(scores, f"{scorer.version}@ps{version}", joined, cold, degraded)
+
+    def recommend(self, user_id: str, k: int, candidates: Sequence[str] | None) -> Ranking:
+        request_id = uuid.uuid4().hex
+        from_retrieval = candidates is None
+        if candidates is None:
+            t = time.perf_counter()
+            candidates = self.index.candidates(user_id, self.retrieval_candidates) if self.index is not None else []
+            self._stage("retrieval", t)
+        candidates = list(dict.fromkeys(candidates))
+        self.metrics.candidates.observe(len(candidates))
+        scored = self.score_pairs([user_id] * len(candidates), candidates)
+        if len(candidates) == 0:
+            cold = False
+        else:
+            cold = user_id in scored.cold_users
+        if any(reason in scored.degraded for reason in ("model", "parameter_service")):
+            order = list(range(len(candidates)))  # no model scores: keep the candidates' (popularity) order
+            scores = np.linspace(1.0, 0.0, num=len(candidates), dtype=np.float32) if candidates else scored.scores
+        else:
+            # stable: equal scores keep the candidates' order
+            order = np.argsort(-scored.scores, kind="stable").tolist()
+            scores = scored.scores
+        top = order[:k]
+        for reason in scored.degraded:
+            self.metrics.degraded.labels(reason).inc()
+        if cold:
+            self.metrics.cold_start.inc()
+        return Ranking(request_id, user_id, [(candidates[i], float(scores[i])) for i in top], scored.model_version,
+                       {candidates[i]: scored.features[i] for i in top}, cold, scored.degraded, from_retrieval)

@@ -1,0 +1,334 @@
+"""Serving: pure-logic unit tests (in-process parameter store, static features, no Kafka).
+
+The API's request handling, bad input, degraded answers, admin security, the row cache and
+the atomic model swap are exercised here through the real FastAPI app; the behaviour
+against real Redis replicas, Kafka, Feast and MLflow is in test_serving_integration.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from feature_repo.spec import encode_item, encode_user, item_id_key, user_id_key
+from paramserver import Rows, ShardUnavailable, TableConfig, open_store
+from recsys.settings import Settings
+from serving.app import Components, create_app
+from serving.features import StaticFeatures, assemble
+from serving.model import EmbeddingDotScorer, ModelHandle
+from serving.params import RowFetcher
+from serving.retrieval import PopularityIndex
+
+TOKEN = "a-very-secret-admin-token"
+DIM = 4
+
+
+class MemoryReader:
+    """The FailoverReader surface over the in-process store; ``down`` simulates every replica failing."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.tables = store.tables
+        self.current = 0
+        self.failovers = 0
+        self.down = False
+        self.pulls = 0
+
+    def pull(self, table, ids):
+        if self.down:
+            raise ShardUnavailable("all replicas down")
+        self.pulls += 1
+        return self.store.pull(table, ids)
+
+    def version(self):
+        if self.down:
+            raise ShardUnavailable("all replicas down")
+        return self.store.version()
+
+    def healthy(self):
+        return [not self.down]
+
+    def close(self):
+        pass
+
+
+def _settings(**kw) -> Settings:
+    return Settings(serving_admin_token=TOKEN, serving_reload_poll_s=0, serving_max_candidates=50,
+                    serving_max_k=20, serving_max_body_bytes=4096, serving_param_version_poll_s=0.05, **kw)
+
+
+def _store():
+    tables = [TableConfig("user_id", DIM), TableConfig("item_id", DIM)]
+    store = open_store("memory", tables)
+    # user u1 likes the item "good" (same direction), dislikes "bad"
+    store.push({
+        "user_id": Rows(np.array([user_id_key("u1")]), np.ones((1, DIM), np.float32), np.zeros((1, 1), np.float32)),
+        "item_id": Rows(np.array([item_id_key("good"), item_id_key("bad")]),
+                        np.array([[1.0] * DIM, [-1.0] * DIM], np.float32), np.zeros((2, 1), np.float32)),
+    })
+    return store
+
+
+@pytest.fixture
+def parts():
+    store = _store()
+    reader = MemoryReader(store)
+    rows = RowFetcher(reader, max_rows=1000, poll_s=0.05)
+    features = StaticFeatures({"u1": encode_user("u1", {"gender": "F", "age": 30})},
+                              {"good": encode_item("good", {"genres": ["drama"]})})
+    model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
+    return store, reader, rows, features, model
+
+
+@pytest.fixture
+def client(parts):
+    store, reader, rows, features, model = parts
+    index = PopularityIndex()
+    comps = Components(model=model, rows=rows, features=features, index=index, follow_stream=False,
+                       log_impressions=False)
+    with TestClient(create_app(_settings(), comps), raise_server_exceptions=False) as c:
+        c.parts = parts
+        c.index = index
+        yield c
+
+
+def test_recommend_ranks_by_embeddings_and_reports_versions(client):
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ["bad", "x", "good"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [i["item_id"] for i in body["items"]] == ["good", "x", "bad"]
+    assert body["items"][0]["score"] > body["items"][2]["score"]
+    assert body["model_version"] == "embedding-dot@ps1"
+    assert body["cold_start"] is False and body["degraded"] is False and body["retrieval"] is False
+    assert len(body["request_id"]) == 32
+
+
+def test_score_endpoint_scores_pairs(client):
+    r = client.post("/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"},
+                                                 {"user_id": "u1", "item_id": "bad"}]})
+    assert r.status_code == 200, r.text
+    scores = [s["score"] for s in r.json()["scores"]]
+    assert scores[0] > 0.5 > scores[1]
+
+
+def test_unknown_user_gets_cold_start_answer(client):
+    r = client.post("/v1/recommend", json={"user_id": "never-seen", "k": 2, "candidate_item_ids": ["good", "bad"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["cold_start"] is True and body["degraded"] is False
+    assert len(body["items"]) == 2
+
+
+@pytest.mark.parametrize("payload, where", [
+    ({"k": 3}, "user_id"),
+    ({"user_id": "", "k": 3}, "user_id"),
+    ({"user_id": "u1", "k": "3"}, "k"),
+    ({"user_id": "u1", "k": 0}, "k"),
+    ({"user_id": "u1", "k": 21}, "k"),
+    ({"user_id": "u1", "candidate_item_ids": ["i"] * 51}, "candidate_item_ids"),
+    ({"user_id": "u1", "candidate_item_ids": [1, 2]}, "candidate_item_ids"),
+    ({"user_id": "u1", "surprise": 1}, "surprise"),
+])
+def test_schema_errors_are_422_with_details(client, payload, where):
+    r = client.post("/v1/recommend", json=payload)
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert any(where in map(str, d["loc"]) for d in detail), detail
+    assert "Traceback" not in r.text
+
+
+def test_not_json_is_422(client):
+    r = client.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_oversized_body_is_413_declared_or_chunked(client):
+    big = {"user_id": "u1", "candidate_item_ids": ["x" * 200] * 40}
+    assert client.post("/v1/recommend", json=big).status_code == 413
+
+    def chunks():
+        yield b'{"user_id": "u1", "candidate_item_ids": ['
+        for _ in range(100):
+            yield b'"' + b"y" * 100 + b'",'
+        yield b'"z"]}'
+
+    r = client.post("/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    # the server is fine afterwards
+    assert client.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]}).status_code == 200
+
+
+def test_feature_store_down_gives_flagged_degraded_answer(client):
+    _, _, _, features, _ = client.parts
+    features.down = True
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 2, "candidate_item_ids": ["bad", "good"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["degraded"] is True and body["degraded_reasons"] == ["feature_store"]
+    # the ids alone still rank with the embeddings
+    assert [i["item_id"] for i in body["items"]] == ["good", "bad"]
+
+
+def test_every_replica_down_gives_flagged_degraded_answer(client):
+    _, reader, rows, _, _ = client.parts
+    reader.down = True
+    rows._cache.rows.clear()  # nothing cached: the rows must come from a replica
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 2, "candidate_item_ids": ["bad", "good"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["degraded"] is True and "parameter_service" in body["degraded_reasons"]
+    assert [i["item_id"] for i in body["items"]] == ["bad", "good"]  # candidate order kept
+    assert client.get("/readyz").status_code == 503
+
+
+def test_internal_error_is_500_without_trace(client):
+    _, _, _, _, model = client.parts
+
+    class Broken(EmbeddingDotScorer):
+        def score(self, pooled, dense):
+            raise RuntimeError("secret internals /home/x/model.py line 3")
+
+    model.set(Broken({"user_id": DIM, "item_id": DIM}))
+    r = client.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]})
+    assert r.status_code == 500
+    assert r.json()["detail"] == "internal error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_admin_reload_requires_token(client):
+    assert client.post("/admin/reload").status_code == 401
+    assert client.post("/admin/reload", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"}).status_code == 401
+    r = client.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200 and r.json()["model_version"] == "embedding-dot"
+
+
+def test_admin_disabled_without_token(parts):
+    _, _, rows, features, model = parts
+    comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
+    settings = Settings(serving_reload_poll_s=0)
+    with TestClient(create_app(settings, comps)) as c:
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer anything-at-all-here"}).status_code == 403
+
+
+def test_health_metrics_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    client.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good", "bad"]})
+    client.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good", "bad"]})
+    text = client.get("/metrics").text
+    assert "recsys_serving_request_seconds_bucket" in text
+    assert "recsys_serving_row_cache_hits_total" in text
+    assert 'recsys_serving_model_info{scorer="embedding-dot",version="embedding-dot"} 1.0' in text
+    assert "recsys_serving_replica_in_use 0.0" in text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/recommend", "/v1/score", "/healthz", "/readyz", "/metrics", "/admin/reload"} <= set(paths)
+
+
+def test_retrieval_supplies_candidates_when_none_given(client):
+    for event in ({"event_type": "item_profile", "item_id": "good", "timestamp": time.time(), "genres": ["drama"]},
+                  {"event_type": "item_profile", "item_id": "bad", "timestamp": time.time(), "genres": ["drama"]},
+                  {"event_type": "click", "item_id": "bad", "user_id": "u9", "timestamp": time.time()}):
+        client.index.observe(event)
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 5})
+    body = r.json()
+    assert r.status_code == 200 and body["retrieval"] is True
+    assert {i["item_id"] for i in body["items"]} == {"good", "bad"}
+    assert body["items"][0]["item_id"] == "good"  # the model re-ranks what retrieval found
+
+
+def test_row_cache_hits_and_version_invalidation(parts):
+    store, reader, rows, _, _ = parts
+    ids = {"item_id": np.array([item_id_key("good"), item_id_key("good"), item_id_key("bad")])}
+    first, v1 = rows.lookup(ids)
+    pulls = reader.pulls
+    again, _ = rows.lookup(ids)
+    assert reader.pulls == pulls  # served from the cache
+    np.testing.assert_array_equal(first["item_id"], again["item_id"])
+    assert first["item_id"].shape == (3, DIM)
+    store.push({"item_id": Rows(np.array([item_id_key("good")]), np.full((1, DIM), 7.0, np.float32),
+                                np.zeros((1, 1), np.float32))})
+    rows._observe(reader.version())  # what the background poll does
+    fresh, v2 = rows.lookup(ids)
+    assert v2 == v1 + 1
+    assert fresh["item_id"][0, 0] == 7.0 and fresh["item_id"][2, 0] == -1.0
+
+
+def test_popularity_index_prefers_favourite_categories():
+    index = PopularityIndex(half_life_s=3600)
+    now = time.time()
+    for j in range(10):
+        index.observe({"event_type": "item_profile", "item_id": f"c{j}", "timestamp": now,
+                       "genres": ["comedy" if j < 5 else "horror"]})
+    for j in range(5, 10):  # horror items are globally popular
+        for _ in range(3):
+            index.observe({"event_type": "click", "item_id": f"c{j}", "user_id": "other", "timestamp": now})
+    index.observe({"event_type": "click", "item_id": "c0", "user_id": "fan", "timestamp": now})
+    index.observe({"event_type": "click", "item_id": "c1", "user_id": "fan", "timestamp": now})
+    index.observe({"event_type": "bogus", "item_id": None, "timestamp": "x"})  # ignored
+    fan = index.candidates("fan", 4)
+    assert fan[0] in {"c0", "c1"}  # the fan's comedy first, although horror is more popular overall
+    assert set(index.candidates("stranger", 3)) <= {f"c{j}" for j in range(5, 10)}
+    assert len(index.candidates("fan", 100)) == 10
+
+
+def test_model_swap_is_atomic_under_concurrent_scoring():
+    versions = iter(range(1, 10_000))
+
+    class Slow(EmbeddingDotScorer):
+        def score(self, pooled, dense):
+            mine = self.version
+            time.sleep(0.001)
+            assert self.version == mine
+            return super().score(pooled, dense)
+
+    class Loader:
+        def champion_version(self):
+            return str(next(versions))
+
+        def load(self, version):
+            time.sleep(0.002)  # building a model takes time; requests must not see it half-built
+            return Slow({"user_id": DIM, "item_id": DIM}, version=f"m{version}")
+
+    handle = ModelHandle(Loader(), None)
+    handle.reload()
+    errors: list[BaseException] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def request_loop() -> None:
+        pooled = {"user_id": np.ones((3, DIM), np.float32), "item_id": np.ones((3, DIM), np.float32)}
+        while not stop.is_set():
+            scorer = handle.current
+            try:
+                assert scorer is not None
+                out = scorer.score(pooled, np.zeros((3, 2), np.float32))
+                assert out.shape == (3,)
+                seen.add(scorer.version)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=request_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        handle.reload()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert handle.reloads == 20
+    assert len(seen) > 1
+
+
+def test_assemble_missing_and_out_of_range_columns():
+    assert assemble("user", "u", {"gender": None, "age_bucket": None}) is None
+    user = assemble("user", "u", {"gender": 2, "age_bucket": 3, "occupation": 10_000, "user_age": 0.5})
+    assert user.sparse["gender"] == [2] and user.sparse["occupation"] == [0]
+    assert user.sparse["user_id"] == [user_id_key("u")] and user.dense["user_age"] == 0.5
+    item = assemble("item", "i", {"genres": [1, 3], "item_category": 1})
+    assert item.sparse["genres"] == [1, 3]
