@@ -167,13 +167,16 @@ def _service_name(component: str) -> str:
 
 
 def _component_cmd(settings: Settings, component: str) -> list[str]:
-    pid = str(layout(settings).pid_arg(component))
     if component == "api-server":
-        return airflow_cmd("api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow_port),
-                           "--workers", "1", "--pid", pid)
-    if component in ("scheduler", "triggerer"):
-        return airflow_cmd(component, "--skip-serve-logs", "--pid", pid)
-    return airflow_cmd(component, "--pid", pid)
+        args = airflow_cmd("api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow_port),
+                           "--workers", "1")
+    elif component in ("scheduler", "triggerer"):
+        args = airflow_cmd(component, "--skip-serve-logs")
+    else:
+        args = airflow_cmd(component)
+    # Airflow rewrites its process titles (setproctitle), so the PID file tracks a small supervisor
+    # whose command line names this run directory; stopping its process group stops Airflow's too.
+    return [sys.executable, "-m", "recsys.airflow_local", str(layout(settings).pid_arg(component)), "--", *args]
 
 
 def health(settings: Settings, timeout: float = 2.0) -> dict | None:
@@ -268,3 +271,22 @@ def api_token(settings: Settings, password: str | None = None) -> str:
     if response.status_code >= 300:
         raise AirflowError(f"login to {base_url(settings)} failed: {response.status_code} {response.text[:200]}")
     return response.json()["access_token"]
+
+
+def _supervise(argv: list[str]) -> int:
+    """``python -m recsys.airflow_local MARKER -- CMD...``: run CMD, pass SIGTERM/SIGINT on, exit with its code."""
+    import signal
+
+    cmd = argv[argv.index("--") + 1:]
+    child = subprocess.Popen(cmd)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return child.wait()
+
+
+if __name__ == "__main__":  # pragma: no cover - started by up()
+    sys.exit(_supervise(sys.argv[1:]))
