@@ -24,7 +24,7 @@ class ImpressionLogger:
                  on_sent: Callable[[int], None] | None = None,
                  on_dropped: Callable[[int], None] | None = None, retry_s: float = 2.0) -> None:
         self.bootstrap, self.topic, self.capacity = bootstrap, topic, capacity
-        self._buffer: collections.deque[Impression] = collections.deque()
+        self._buffer: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (key, value)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -37,7 +37,12 @@ class ImpressionLogger:
     def log(self, impressions: list[Impression]) -> int:
         """Buffer ``impressions`` (call from the event loop); returns how many were dropped."""
         room = self.capacity - len(self._buffer)
-        keep = impressions[:max(0, room)]
+        keep = []
+        for event in impressions[:max(0, room)]:
+            try:  # serialised here, so one unencodable event cannot jam the sender
+                keep.append((event.kafka_key(), event.to_json()))
+            except (UnicodeEncodeError, TypeError, ValueError) as exc:
+                log.error("impression %s cannot be serialised: %s", event.event_id, exc)
         self._buffer.extend(keep)
         dropped = len(impressions) - len(keep)
         if dropped:
@@ -86,8 +91,7 @@ class ImpressionLogger:
                         continue
                     batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
                     try:
-                        futures = [await producer.send(self.topic, event.to_json(), key=event.kafka_key())
-                                   for event in batch]
+                        futures = [await producer.send(self.topic, value, key=key) for key, value in batch]
                         await asyncio.gather(*futures)
                     except Exception:
                         # back to the front of the buffer; beyond capacity the newest are dropped, as in log()

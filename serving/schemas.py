@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _encodable(value: str) -> str:
+    # JSON can smuggle lone surrogates into a str; ids are hashed and logged as UTF-8, so refuse them here
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("id is not valid Unicode (lone surrogate)") from None
+    return value
+
 
 # the same bounds as the event contract, so every id we accept can be logged as an impression
-Id = Annotated[str, Field(min_length=1, max_length=256, description="an opaque id, 1-256 characters")]
+Id = Annotated[str, Field(min_length=1, max_length=256, description="an opaque id, 1-256 characters"),
+               AfterValidator(_encodable)]
 
 
 class _Strict(BaseModel):

@@ -1,0 +1,243 @@
+"""Serving against real services: Redis replicas (failover), Kafka (impressions), MLflow (hot reload).
+
+Each test runs the real app under uvicorn on a free loopback port and talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from feature_repo.contract import Impression, parse_event
+from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, join_features, user_id_key
+from paramserver import Replicator, Rows, TableConfig, open_reader, open_store
+from recsys import services
+from recsys.kafka import ensure_topics, read_topic
+from recsys.settings import Settings
+from serving.app import Components, create_app
+from serving.features import StaticFeatures
+from serving.model import EmbeddingDotScorer, ModelHandle
+from serving.params import RowFetcher
+
+pytestmark = pytest.mark.integration
+
+DIM = 8
+TOKEN = "integration-admin-token-0123456789"
+
+
+@contextlib.contextmanager
+def serve(app) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread on a free port; yields its base URL."""
+    port = services.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _seed_training_copy(url: str, users: list[str], items: list[str], tables: list[TableConfig]) -> int:
+    store = open_store("redis", tables, shards=[url])
+    try:
+        rng = np.random.default_rng(0)
+        updates = {}
+        for cfg, keys in ((tables[0], [user_id_key(u) for u in users]), (tables[1], [item_id_key(i) for i in items])):
+            ids = np.array(keys, np.int64)
+            updates[cfg.name] = Rows(ids, rng.normal(0, 1, (len(ids), cfg.dim)).astype(np.float32),
+                                     np.zeros((len(ids), 1), np.float32))
+        return store.push(updates)
+    finally:
+        store.close()
+
+
+def _replicate(source_url: str, replica_urls: list[str]) -> None:
+    source = open_store("redis", [], shards=[source_url])
+    for url in replica_urls:
+        replica = open_store("redis", [], shards=[url])
+        Replicator(source, replica).step(wait_s=0)
+        assert replica.version() == source.version()
+        replica.close()
+    source.close()
+
+
+def _settings(base: Settings, **kw) -> Settings:
+    return base.model_copy(update={"serving_admin_token": TOKEN, "serving_reload_poll_s": 0, **kw})
+
+
+USERS = [f"u{i}" for i in range(20)]
+ITEMS = [f"i{j}" for j in range(300)]
+TABLES = [TableConfig("user_id", DIM), TableConfig("item_id", DIM)]
+
+
+def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_factory, services_run_dir,
+                                                                         test_settings):
+    train, near, far = redis_factory("serve-fo-train"), redis_factory("serve-fo-near"), redis_factory("serve-fo-far")
+    version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
+    _replicate(train.url, [near.url, far.url])
+    settings = _settings(test_settings, serving_param_cache_rows=0)  # no cache: every request reads a replica
+    reader = open_reader([near.url, far.url], [], timeout=0.3, probe_s=0.2)
+    rows = RowFetcher(reader, settings.serving_param_cache_rows, settings.serving_param_version_poll_s)
+    model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
+    comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False,
+                       log_impressions=False)
+    results: list[tuple[int, dict]] = []
+    with serve(create_app(settings, comps)) as base:
+        stop = threading.Event()
+
+        def hammer(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            with httpx.Client(base_url=base, timeout=10) as client:
+                while not stop.is_set():
+                    cands = [ITEMS[j] for j in rng.choice(len(ITEMS), 50, replace=False)]
+                    r = client.post("/v1/recommend", json={"user_id": USERS[int(rng.integers(20))], "k": 5,
+                                                           "candidate_item_ids": cands})
+                    results.append((r.status_code, r.json()))
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(hammer, s) for s in range(4)]
+            time.sleep(1.0)
+            before = len(results)
+            assert services.stop(services_run_dir, f"redis-test-{near.name}")  # kill the nearest replica
+            time.sleep(1.5)
+            stop.set()
+            for f in futures:
+                f.result()
+        metrics = httpx.get(f"{base}/metrics").text
+        ready = httpx.get(f"{base}/readyz").json()
+    after_kill = results[before:]
+    assert before > 10 and len(after_kill) > 10
+    assert [s for s, _ in results if s != 200] == []
+    assert [b for _, b in results if b["degraded"]] == []
+    assert {b["model_version"] for _, b in results} == {f"embedding-dot@ps{version}"}
+    assert "recsys_serving_replica_in_use 1.0" in metrics
+    assert ready["replica_in_use"] == 1 and ready["replicas_healthy"] == [False, True]
+    assert reader.failovers >= 1
+
+
+def test_impressions_reach_kafka_with_their_features(redis_factory, test_settings):
+    train, replica = redis_factory("serve-imp-train"), redis_factory("serve-imp-replica")
+    version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
+    _replicate(train.url, [replica.url])
+    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 2}))
+    settings = _settings(test_settings)
+    profile = {"gender": "F", "age": 41, "occupation": "writer", "zip_code": "94110"}
+    features = StaticFeatures({"u1": encode_user("u1", profile)},
+                              {i: encode_item(i, {"genres": ["drama", "war"], "year": 1999}) for i in ITEMS[:5]})
+    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=features,
+                       follow_stream=False)
+    served = []
+    with serve(create_app(settings, comps)) as base:
+        for user in ("u1", "u-cold"):
+            r = httpx.post(f"{base}/v1/recommend", json={"user_id": user, "k": 4, "candidate_item_ids": ITEMS[:10]})
+            assert r.status_code == 200
+            served.append(r.json())
+        deadline = time.time() + 30
+        while time.time() < deadline and "recsys_serving_impressions_sent_total 8.0" not in httpx.get(
+                f"{base}/metrics").text:
+            time.sleep(0.1)
+
+    async def read_all() -> list:
+        return [r async for r in read_topic(settings.kafka_bootstrap, settings.topic_events)]
+
+    records = asyncio.run(read_all())
+    events = [parse_event(r.value) for r in records]
+    assert len(events) == 8 and all(isinstance(e, Impression) for e in events)
+    by_key = {(e.request_id, e.item_id): (e, r.key) for e, r in zip(events, records)}
+    for body in served:
+        for item in body["items"]:
+            event, key = by_key[(body["request_id"], item["item_id"])]
+            assert key == body["user_id"].encode()
+            assert event.position == item["position"] and event.model_version == f"embedding-dot@ps{version}"
+            user = features.users.get(body["user_id"])
+            sparse, dense = join_features(user, features.items.get(item["item_id"]), body["user_id"], item["item_id"])
+            assert event.features.sparse == sparse and event.features.dense == dense
+    assert served[1]["cold_start"] is True
+    logged_u1 = next(e for e, _ in by_key.values() if e.user_id == "u1")
+    assert logged_u1.features.sparse["occupation"] != [0]  # the profile's values, not the missing encoding
+
+
+def _register_dense_version(client, settings: Settings, name: str, seed: int, tmp_path) -> str:
+    import mlflow
+    import torch
+
+    from training.model import DenseArch, ModelConfig, save_dense
+
+    torch.manual_seed(seed)
+    config = ModelConfig.from_spec(SPEC, DIM, (16, DIM), (16,))
+    path = save_dense(tmp_path / f"dense-{seed}" / "dense.pt", config, DenseArch(config).state_dict())
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(path), "dense")
+    mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/dense", run_id=run.info.run_id)
+    return str(mv.version)
+
+
+@pytest.mark.slow
+def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, test_settings, tmp_path):
+    from mlflow import MlflowClient
+
+    from serving.loader import MlflowLoader
+
+    train, replica = redis_factory("serve-reload-train"), redis_factory("serve-reload-replica")
+    tables = [TableConfig(name, DIM) for name in SPEC.sparse_names]
+    _seed_training_copy(train.url, USERS, ITEMS, tables[:1] + tables[5:6])
+    _replicate(train.url, [replica.url])
+    settings = _settings(test_settings, serving_model_name="serve-reload-test")
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    client.create_registered_model(settings.serving_model_name)
+    v1 = _register_dense_version(client, settings, settings.serving_model_name, 1, tmp_path)
+    v2 = _register_dense_version(client, settings, settings.serving_model_name, 2, tmp_path)
+    client.set_registered_model_alias(settings.serving_model_name, "champion", v1)
+    loader = MlflowLoader(settings.mlflow_tracking_uri, settings.serving_model_name, "champion")
+    comps = Components(model=ModelHandle(loader, None), rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+                       features=StaticFeatures(), follow_stream=False, log_impressions=False)
+    results: list[tuple[int, str, float]] = []
+    with serve(create_app(settings, comps)) as base:
+        stop = threading.Event()
+
+        def hammer(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            with httpx.Client(base_url=base, timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post("/v1/recommend", json={"user_id": USERS[int(rng.integers(20))], "k": 3,
+                                                         "candidate_item_ids": ITEMS[:100]})
+                    body = r.json() if r.status_code == 200 else {}
+                    results.append((r.status_code, body.get("model_version", ""), time.perf_counter()))
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(hammer, s) for s in range(4)]
+            time.sleep(1.0)
+            client.set_registered_model_alias(settings.serving_model_name, "champion", v2)
+            r = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            swapped_at = time.perf_counter()
+            time.sleep(1.0)
+            stop.set()
+            for f in futures:
+                f.result()
+    assert r.status_code == 200, r.text
+    assert r.json() == {"changed": True, "model_version": f"serve-reload-test/{v2}",
+                        "previous_version": f"serve-reload-test/{v1}"}
+    assert [s for s, _, _ in results if s != 200] == []
+    versions = [v.split("@")[0] for _, v, _ in results]
+    assert set(versions) == {f"serve-reload-test/{v1}", f"serve-reload-test/{v2}"}
+    # requests answered well after the reload returned were all served by the new model
+    late = [v.split("@")[0] for _, v, t in results if t > swapped_at + 0.5]
+    assert late and set(late) == {f"serve-reload-test/{v2}"}
