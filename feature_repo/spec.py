@@ -39,6 +39,19 @@ OCCUPATIONS: tuple[str, ...] = (
     "retired", "salesman", "scientist", "student", "technician", "writer",
 )
 
+# The 21 occupation names of MovieLens-1M (its users file codes them 0..20) folded onto the
+# vocabulary above, so both MovieLens sets and every client share one table. Where 1M is
+# finer or different (farmer, tradesman, self-employed, customer service) the value goes
+# to "other"; K-12 and college students share "student". Appending new names instead
+# would grow the table and change the simulator's world, which other rooms' tests fix.
+OCCUPATION_ALIASES: dict[str, str] = {
+    "other or not specified": "other", "academic/educator": "educator", "clerical/admin": "administrator",
+    "college/grad student": "student", "customer service": "other", "doctor/health care": "healthcare",
+    "executive/managerial": "executive", "farmer": "other", "k-12 student": "student",
+    "sales/marketing": "marketing", "self-employed": "other", "technician/engineer": "technician",
+    "tradesman/craftsman": "other", "unemployed": "none",
+}
+
 GENRES: tuple[str, ...] = (
     "action", "adventure", "animation", "children's", "comedy", "crime", "documentary", "drama",
     "fantasy", "film-noir", "horror", "musical", "mystery", "romance", "sci-fi", "thriller", "war", "western",
@@ -149,6 +162,8 @@ def vocab_index(feature: str, raw: Any) -> int:
     value = _normalize(raw)
     if feature == "gender":
         value = GENDER_ALIASES.get(value, value)
+    elif feature == "occupation":
+        value = OCCUPATION_ALIASES.get(value, value)
     return _VOCAB_INDEX[feature].get(value, 0)
 
 
