@@ -65,8 +65,8 @@ class BaseStore:
     tables: dict[str, TableConfig]
 
     # ------------------------------------------------------------------ backend primitives
-    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[list[bytes | None], int]:
-        """Encoded row (or None when never written) for each of the unique ``ids``, all of one version."""
+    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Encoded rows (uint8 [n, row_bytes]) of the unique ``ids``, a found mask and the one version read."""
         raise NotImplementedError
 
     def _locked(self) -> contextlib.AbstractContextManager[Any]:
@@ -111,8 +111,8 @@ class BaseStore:
             return Rows(ids, np.zeros((0, config.dim), np.float32), np.zeros((0, config.state_dim), np.float32),
                         self.version())
         uniq, inverse = np.unique(ids, return_inverse=True)
-        raw, version = self._read(config, uniq)
-        weights, state = self._decode_with_init(config, uniq, raw)
+        data, found, version = self._read(config, uniq)
+        weights, state = self._decode_with_init(config, uniq, data, found)
         if len(uniq) == len(ids) and (uniq == ids).all():
             return Rows(ids, weights, state, version)
         return Rows(ids, weights[inverse], state[inverse], version)
@@ -142,8 +142,8 @@ class BaseStore:
         summed = np.zeros((len(uniq), width), dtype=np.float64)
         np.add.at(summed, inverse, deltas_arr)
         with self._locked() as lock:
-            raw, _ = self._read(config, uniq)
-            weights, state = self._decode_with_init(config, uniq, raw)
+            data, found, _ = self._read(config, uniq)
+            weights, state = self._decode_with_init(config, uniq, data, found)
             new_w = (weights + summed[:, :config.dim]).astype(np.float32)
             new_s = (state + summed[:, config.dim:]).astype(np.float32) if width > config.dim else state
             check_matrix(new_w, len(uniq), config.dim, f"{table} after delta", config.storage_dtype == "float16")
@@ -265,16 +265,15 @@ class BaseStore:
         return encoded
 
     @staticmethod
-    def _decode_with_init(config: TableConfig, ids: np.ndarray, raw: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-        found = np.fromiter((r is not None for r in raw), dtype=bool, count=len(raw))
+    def _decode_with_init(config: TableConfig, ids: np.ndarray, data: np.ndarray,
+                          found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        packed = np.ascontiguousarray(data).view(config.row_dtype).reshape(len(ids))
         if found.all():
-            packed = np.frombuffer(b"".join(raw), dtype=config.row_dtype)  # type: ignore[arg-type]
             return packed["w"].astype(np.float32), np.array(packed["s"], dtype=np.float32)
         weights, state = initial_rows(config, ids)
         if found.any():
-            packed = np.frombuffer(b"".join(r for r in raw if r is not None), dtype=config.row_dtype)
-            weights[found] = packed["w"]
-            state[found] = packed["s"]
+            weights[found] = packed["w"][found]
+            state[found] = packed["s"][found]
         return weights, state
 
 

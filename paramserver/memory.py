@@ -29,10 +29,15 @@ class MemoryStore(BaseStore):
     def version(self) -> int:
         return self._version
 
-    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[list[bytes | None], int]:
+    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         with self._data_lock:
             rows = self._rows[config.name]
-            return [rows.get(i) for i in ids.tolist()], self._version
+            raw = [rows.get(i) for i in ids.tolist()]
+            version = self._version
+        found = np.fromiter((r is not None for r in raw), dtype=bool, count=len(raw))
+        empty = bytes(config.row_bytes)
+        data = np.frombuffer(b"".join(empty if r is None else r for r in raw), np.uint8)
+        return data.reshape(len(ids), config.row_bytes), found, version
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

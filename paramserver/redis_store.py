@@ -5,14 +5,16 @@ Layout (keys start with the namespace, ``ps`` by default):
 * every shard: ``ps:b:<table>:<bucket>`` HASH id -> packed row (vector + optimizer state).
   Many rows per hash keep Redis' compact listpack encoding, which is what holds memory per
   row near the raw bytes (one key per row costs ~1.5x). ``ps:applied`` is the last version
-  this shard applied; ``ps:log`` is a stream with one entry per version (the rows written on
-  this shard), the delta log behind roll-forward, ``changed_since``, snapshots and replicas.
+  this shard applied; ``ps:log:<version>:<writer>`` holds the rows this shard got in that
+  version (a string with a TTL of the log retention): the delta log behind roll-forward,
+  ``changed_since``, incremental snapshots and replicas.
 * shard 0 (the coordinator) also holds ``ps:version`` (last committed version), ``ps:commits``
-  (a stream: version -> writer token and commit time), ``ps:lock`` and ``ps:layout``.
+  (a stream: version -> writer token and commit time, trimmed to the retention),
+  ``ps:floor`` (the log is complete after this version), ``ps:lock`` and ``ps:layout``.
 
 A push (under the lock) stages its rows into every shard's log, commits by bumping
 ``ps:version`` on the coordinator (a Lua script that checks the writer still holds the lock:
-the single commit point), then applies on every shard in one MULTI/EXEC (rows + ``applied``).
+the single commit point), then applies on every shard (rows, then ``applied``).
 A writer that dies after committing leaves its rows in the logs; the next writer or reader
 rolls the shard forward from the log. Readers read each shard between two reads of
 ``applied`` (a seqlock: equal values mean no apply ran in between) and accept the answer only
@@ -26,6 +28,7 @@ rest uses redis-py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -34,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
@@ -54,7 +58,6 @@ from paramserver.rows import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_SEQ = "18446744073709551615"
 
 COMMIT_LUA = """
 -- KEYS: lock, version, commits, floor   ARGV: token, version, now, source_time, retention_s
@@ -85,8 +88,7 @@ if floor then
   redis.call('XTRIM', KEYS[3], 'MINID', keep)
   redis.call('SET', KEYS[4], string.match(floor, '^(%d+)'))
 end
-local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
-return first[1][1]
+return 1
 """
 
 UNLOCK_LUA = """
@@ -158,6 +160,132 @@ class _Raw:
                 replies.append(reply)
         return replies
 
+    def call_rows(self, payload: bytes, n: int, row_bytes: int) -> tuple[Any, np.ndarray, np.ndarray, Any]:
+        """Run ``GET x; HGET ... (n times); GET x`` and return (first reply, rows, found mask, last reply).
+
+        Fast path: when every HGET finds a row of ``row_bytes`` bytes the replies are fixed-size
+        records, checked and sliced with numpy straight from the receive buffer (no Python
+        object per row). Anything else (a missing row, an error reply) falls back to hiredis.
+        """
+        head = b"$%d\r\n" % row_bytes
+        stride = len(head) + row_bytes + 2
+        with self.lock:
+            try:
+                if self._sock is None:
+                    self._connect()
+                sock = self._sock
+                assert sock is not None
+                sock.sendall(payload)
+                buf = bytearray(n * stride + 512)
+                view = memoryview(buf)
+                filled = 0
+                start = -1  # offset of the first HGET reply, once the first reply is parsed
+                first: Any = None
+                checked = 0
+                while True:
+                    if filled == len(buf):
+                        break  # more data than rows of this size can be: not the fast path
+                    got = sock.recv_into(view[filled:])
+                    if not got:
+                        raise ConnectionError("connection closed by the server")
+                    filled += got
+                    if start < 0:
+                        parsed = _parse_bulk(buf, 0, filled)
+                        if parsed is None:
+                            continue
+                        if parsed is False:
+                            break
+                        first, start = parsed
+                    complete = min(n, (filled - start) // stride)
+                    if complete > checked:
+                        block = np.frombuffer(buf, np.uint8, count=complete * stride, offset=start).reshape(complete,
+                                                                                                              stride)
+                        fresh = block[checked:]
+                        ok = bool((fresh[:, :len(head)] == np.frombuffer(head, np.uint8)).all()
+                                  and (fresh[:, -2:] == np.frombuffer(b"\r\n", np.uint8)).all())
+                        del block, fresh
+                        if not ok:
+                            break
+                        checked = complete
+                    if checked < n:  # the reply being received must begin like a row of this size
+                        partial = bytes(view[start + checked * stride:min(filled, start + checked * stride + len(head))])
+                        if not head.startswith(partial):
+                            break
+                        continue
+                    if checked == n:
+                        parsed = _parse_bulk(buf, start + n * stride, filled)
+                        if parsed is None:
+                            continue
+                        if parsed is False or parsed[1] != filled:
+                            break
+                        rows = np.frombuffer(bytes(view[start:start + n * stride]), np.uint8).reshape(n, stride)
+                        return first, rows[:, len(head):len(head) + row_bytes], np.ones(n, dtype=bool), parsed[0]
+                # slow path: let hiredis parse what came so far and the rest
+                reader = self._reader
+                reader.feed(bytes(view[:filled]))
+                del view
+                replies: list = []
+                while True:
+                    reply = reader.gets()
+                    if reply is False:
+                        if len(replies) >= n + 2:
+                            break
+                        data = sock.recv(1 << 20)
+                        if not data:
+                            raise ConnectionError("connection closed by the server")
+                        reader.feed(data)
+                        continue
+                    replies.append(reply)
+                    if len(replies) == n + 2:
+                        break
+            except (OSError, ConnectionError, hiredis.ProtocolError) as exc:
+                self.close()
+                raise ShardUnavailable(f"shard {self.url} unavailable: {exc or type(exc).__name__}") from None
+        _check(replies, self.url)
+        found = np.array([r is not None for r in replies[1:-1]], dtype=bool)
+        rows = np.zeros((n, row_bytes), np.uint8)
+        if found.any():
+            blob = b"".join(r for r in replies[1:-1] if r is not None)
+            if len(blob) != int(found.sum()) * row_bytes:
+                raise ParamServerError(f"shard {self.url}: stored rows are not {row_bytes} bytes long")
+            rows[found] = np.frombuffer(blob, np.uint8).reshape(-1, row_bytes)
+        return replies[0], rows, found, replies[-1]
+
+    def call_lines(self, payload: bytes, lines: int) -> None:
+        """Run commands whose replies are all one-line (status, integer, error) and expect ``lines`` of them.
+
+        n pipelined HSETs answer with n short lines; counting CRLFs in C is far
+        cheaper than building a Python object per reply. An error line fails the call and
+        drops the connection, so a half-read reply stream cannot confuse the next call.
+        """
+        with self.lock:
+            try:
+                if self._sock is None:
+                    self._connect()
+                sock = self._sock
+                assert sock is not None
+                sock.sendall(payload)
+                buf = bytearray()
+                seen = 0
+                while seen < lines:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        raise ConnectionError("connection closed by the server")
+                    scan_from = max(0, len(buf) - 1)
+                    buf += data
+                    seen += buf.count(b"\r\n", scan_from)
+                    if buf[:1] == b"-" or b"\r\n-" in buf[max(0, scan_from - 1):]:
+                        at = 0 if buf[:1] == b"-" else buf.find(b"\r\n-", max(0, scan_from - 1)) + 2
+                        message = bytes(buf[at + 1:buf.find(b"\r\n", at)]).decode(errors="replace")
+                        self.close()
+                        raise ParamServerError(f"shard {self.url}: {message}")
+                if seen != lines or not buf.endswith(b"\r\n"):
+                    self.close()
+                    raise ParamServerError(f"shard {self.url}: unexpected reply ({seen} lines, expected {lines})")
+            except (OSError, ConnectionError, hiredis.ProtocolError) as exc:
+                self.close()
+                raise ShardUnavailable(f"shard {self.url} unavailable: {exc or type(exc).__name__}") from None
+
     def call(self, payload: bytes, count: int) -> list:
         """Send pipelined commands, return their ``count`` replies (errors as hiredis.ReplyError values)."""
         with self.lock:
@@ -170,6 +298,57 @@ class _Raw:
                 raise ShardUnavailable(f"shard {self.url} unavailable: {exc or type(exc).__name__}") from None
 
 
+def _parse_bulk(buf: bytearray, pos: int, end: int) -> tuple[bytes | None, int] | None | bool:
+    """One RESP bulk string at ``pos``: (value, next position), None when incomplete, False when not a bulk."""
+    if end - pos < 1:
+        return None
+    if buf[pos] != 0x24:  # "$"
+        return False
+    line_end = buf.find(b"\r\n", pos, end)
+    if line_end < 0:
+        return None
+    length = int(buf[pos + 1:line_end])
+    if length < 0:
+        return None, line_end + 2
+    stop = line_end + 2 + length
+    if stop + 2 > end:
+        return None
+    return bytes(buf[line_end + 2:stop]), stop + 2
+
+
+def _pack_entry(tables: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
+    """One shard's rows of one version: per table, name length, name, row count, row size, ids, rows."""
+    parts = []
+    for name, ids, data in tables:
+        encoded = name.encode()
+        parts += [len(encoded).to_bytes(2, "little"), encoded, len(ids).to_bytes(4, "little"),
+                  data.shape[1].to_bytes(4, "little"), ids.astype("<i8").tobytes(), data.tobytes()]
+    return b"".join(parts)
+
+
+def _unpack_entry(blob: bytes) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    pos = 0
+    while pos < len(blob):
+        size = int.from_bytes(blob[pos:pos + 2], "little")
+        name = blob[pos + 2:pos + 2 + size].decode()
+        pos += 2 + size
+        n = int.from_bytes(blob[pos:pos + 4], "little")
+        row_bytes = int.from_bytes(blob[pos + 4:pos + 8], "little")
+        pos += 8
+        ids = np.frombuffer(blob, "<i8", count=n, offset=pos).astype(np.int64)
+        pos += 8 * n
+        yield name, ids, np.frombuffer(blob, np.uint8, count=n * row_bytes, offset=pos).reshape(n, row_bytes)
+        pos += n * row_bytes
+
+
+def _applied(value: bytes | None) -> tuple[int, int | None]:
+    """A shard's ``applied`` value: (last complete version, version being applied or None)."""
+    if not value:
+        return 0, None
+    done, sep, pending = value.partition(b">")
+    return int(done), (int(pending) if sep else None)
+
+
 def _check(replies: Sequence[Any], url: str) -> None:
     for reply in replies:
         if isinstance(reply, hiredis.ReplyError):
@@ -178,9 +357,15 @@ def _check(replies: Sequence[Any], url: str) -> None:
             _check(reply, url)
 
 
+@dataclass(frozen=True)
+class _Lock:
+    token: str
+    version: int  # the committed version when the lock was taken
+
+
 class RedisStore(BaseStore):
     def __init__(self, shards: list[str], tables: list[TableConfig] | None = None, *, namespace: str = "ps",
-                 rows_per_bucket: int = 32, timeout: float = 5.0, lock_ttl_s: float = 30.0,
+                 rows_per_bucket: int = 16, timeout: float = 5.0, lock_ttl_s: float = 30.0,
                  lock_wait_s: float = 60.0, log_retention_s: float = 300.0, configure_servers: bool = True) -> None:
         if not shards:
             raise ParamServerError("the redis backend needs at least one shard URL")
@@ -197,7 +382,6 @@ class RedisStore(BaseStore):
         self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="ps-shard") \
             if len(self.urls) > 1 else None
         self.k_applied = f"{namespace}:applied"
-        self.k_log = f"{namespace}:log"
         self.k_version = f"{namespace}:version"
         self.k_commits = f"{namespace}:commits"
         self.k_lock = f"{namespace}:lock"
@@ -345,34 +529,45 @@ class RedisStore(BaseStore):
             return int(self._clients[0].get(self.k_version) or 0)
 
     def applied_versions(self) -> list[int]:
+        """The last version each shard applied completely."""
         def one(s: int) -> int:
             with self._guard(s):
-                return int(self._clients[s].get(self.k_applied) or 0)
+                return _applied(self._clients[s].get(self.k_applied))[0]
         return self._each(one, range(len(self.urls)))
 
     # ------------------------------------------------------------------ reads
-    def _read_shard(self, shard: int, body: bytes, n: int) -> tuple[int, list]:
+    def _read_shard(self, shard: int, body: bytes, n: int, row_bytes: int) -> tuple[int, np.ndarray, np.ndarray]:
         get_applied = _pack(b"GET", self.k_applied.encode())
         payload = get_applied + body + get_applied
-        for _ in range(50):
-            replies = self._raw[shard].call(payload, n + 2)
-            if replies[0] == replies[-1]:  # no apply ran between the two reads
-                _check(replies, self.urls[shard])
-                return int(replies[0] or 0), replies[1:-1]
-        raise ParamServerError(f"shard {self.urls[shard]}: could not read between applies after 50 tries")
+        waited = 0.0
+        for attempt in range(1000):
+            before, rows, found, after = self._raw[shard].call_rows(payload, n, row_bytes)
+            version, pending = _applied(before)
+            if before == after and pending is None:  # no apply ran during the read: one version
+                return version, rows, found
+            if pending is not None:  # an apply is running: wait for it, or finish it if its writer is gone
+                if waited > max(1.0, self.timeout):
+                    self._roll_forward(shard, pending)
+                pause = min(0.0005 * (attempt + 1), 0.01)
+                time.sleep(pause)
+                waited += pause
+        raise ParamServerError(f"shard {self.urls[shard]}: could not read between applies after 1000 tries")
 
-    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[list[bytes | None], int]:
+    def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         shard_of, bucket_of = self._route(config, ids)
         groups: dict[int, tuple[np.ndarray, bytes]] = {}
         for shard in np.unique(shard_of).tolist():
             idx = np.flatnonzero(shard_of == shard)
             groups[shard] = (idx, self._commands(b"HGET", config.name, bucket_of[idx], ids[idx]))
+
+        def read(shard: int) -> tuple[int, np.ndarray, np.ndarray]:
+            return self._read_shard(shard, groups[shard][1], len(groups[shard][0]), config.row_bytes)
+
         shards = list(groups)
-        results = dict(zip(shards, self._each(lambda s: self._read_shard(s, groups[s][1], len(groups[s][0])),
-                                              shards)))
+        results = dict(zip(shards, self._each(read, shards)))
         for attempt in range(40):
-            target = max(v for v, _ in results.values())
-            behind = [s for s, (v, _) in results.items() if v < target]
+            target = max(r[0] for r in results.values())
+            behind = [s for s, r in results.items() if r[0] < target]
             if not behind:
                 break
             if attempt < 6:  # the writer is most likely applying right now: give it a moment
@@ -380,41 +575,47 @@ class RedisStore(BaseStore):
             else:
                 for shard in behind:
                     self._roll_forward(shard, target)
-            fresh = self._each(lambda s: self._read_shard(s, groups[s][1], len(groups[s][0])), behind)
-            results.update(zip(behind, fresh))
+            results.update(zip(behind, self._each(read, behind)))
         else:
             raise ParamServerError("could not read one consistent version across shards (writes too frequent)")
-        out: list[bytes | None] = [None] * len(ids)
+        if len(groups) == 1:
+            _, rows, found = results[shards[0]]
+            return rows, found, target
+        data = np.empty((len(ids), config.row_bytes), np.uint8)
+        found_all = np.empty(len(ids), dtype=bool)
         for shard, (idx, _) in groups.items():
-            for position, value in zip(idx.tolist(), results[shard][1]):
-                out[position] = value
-        return out, target
+            _, rows, found = results[shard]
+            data[idx] = rows
+            found_all[idx] = found
+        return data, found_all, target
 
     # ------------------------------------------------------------------ writes
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[str]:
+    def _locked(self) -> Iterator[_Lock]:
         token = uuid.uuid4().hex
         deadline = time.monotonic() + self.lock_wait_s
         pause = 0.001
-        with self._guard(0):
-            while not self._clients[0].set(self.k_lock, token, nx=True, px=int(self.lock_ttl_s * 1000)):
-                if time.monotonic() > deadline:
-                    raise ParamServerError(f"push lock busy for more than {self.lock_wait_s:.0f}s "
-                                           f"(another writer holds {self.k_lock})")
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+        # take the lock and read the committed version in one round trip
+        payload = (_pack(b"SET", self.k_lock.encode(), token.encode(), b"NX", b"PX", b"%d" % int(self.lock_ttl_s * 1000))
+                   + _pack(b"GET", self.k_version.encode()))
+        while True:
+            taken, version = self._raw[0].call(payload, 2)
+            _check([taken, version], self.urls[0])
+            if taken is not None:
+                break
+            if time.monotonic() > deadline:
+                raise ParamServerError(f"push lock busy for more than {self.lock_wait_s:.0f}s "
+                                       f"(another writer holds {self.k_lock})")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
         try:
-            yield token
+            yield _Lock(token, int(version or 0))
         finally:
             with contextlib.suppress(ParamServerError), self._guard(0):
                 self._unlock_script(keys=[self.k_lock], args=[token])
 
-    def _write(self, lock: str, encoded: Encoded, version: int | None = None, source_time: float = 0.0) -> int:
-        committed = self.version()
-        applied = self.applied_versions()
-        for shard, v in enumerate(applied):
-            if v < committed:  # a writer died between commit and apply: finish its work first
-                self._roll_forward(shard, committed)
+    def _write(self, lock: _Lock, encoded: Encoded, version: int | None = None, source_time: float = 0.0) -> int:
+        committed = lock.version  # read with the lock: only lock holders change it
         new = committed + 1 if version is None else int(version)
         if new <= committed:
             raise ParamServerError(f"version {new} is not newer than the committed {committed}")
@@ -427,33 +628,40 @@ class RedisStore(BaseStore):
             for shard in np.unique(shard_of).tolist():
                 idx = np.flatnonzero(shard_of == shard)
                 per_shard[shard].append((name, ids[idx], bucket_of[idx], data[idx]))
-        token = lock.encode()
+        token = lock.token.encode()
+
+        log_ttl_ms = b"%d" % int(1000 * max(self.log_retention_s, 2 * self.lock_ttl_s, 60.0))
 
         def stage(shard: int) -> None:
-            args = [b"XADD", self.k_log.encode(), b"%d-*" % new, b"tok", token]
-            for name, ids, _, data in per_shard[shard]:
-                args += [f"i:{name}".encode(), ids.astype("<i8").tobytes(), f"r:{name}".encode(), data.tobytes()]
-            _check(self._raw[shard].call(_pack(*args), 1), self.urls[shard])
+            # the log entry: this shard's rows of the new version, under a key naming version and writer
+            blob = _pack_entry([(name, ids, data) for name, ids, _, data in per_shard[shard]])
+            payload = (_pack(b"GET", self.k_applied.encode())
+                       + _pack(b"SET", self._log_key(new, token), blob, b"PX", log_ttl_ms))
+            applied, entry = self._raw[shard].call(payload, 2)
+            _check([applied, entry], self.urls[shard])
+            done, pending = _applied(applied)
+            if done < committed or pending is not None:  # a writer died during or before its apply: finish it
+                self._roll_forward(shard, committed)
 
         self._each(stage, range(len(self.urls)))
         with self._guard(0):
             try:
-                first_kept = self._commit_script(
-                    keys=[self.k_lock, self.k_version, self.k_commits, self.k_floor],
-                    args=[lock, new, repr(time.time()), repr(source_time), self.log_retention_s])
+                self._commit_script(keys=[self.k_lock, self.k_version, self.k_commits, self.k_floor],
+                                    args=[lock.token, new, repr(time.time()), repr(source_time), self.log_retention_s])
             except redis.ResponseError as exc:
                 raise ParamServerError(f"push not committed, nothing written: {exc}") from None
-        keep_from = first_kept if isinstance(first_kept, bytes) else str(first_kept).encode()
 
         def apply(shard: int) -> None:
-            cmds = [_pack(b"MULTI")]
-            count = 1
+            # a seqlock instead of MULTI/EXEC (which costs ~40% more): "committed>new" marks the apply
+            # as running, readers retry until the plain "new" is back; if this writer dies half-way,
+            # the marker stays and the next reader or writer re-applies the version from the log
+            cmds = [_pack(b"SET", self.k_applied.encode(), b"%d>%d" % (committed, new))]
+            count = 0
             for name, ids, buckets, data in per_shard[shard]:
                 cmds.append(self._commands(b"HSET", name, buckets, ids, data))
                 count += len(ids)
-            cmds += [_pack(b"SET", self.k_applied.encode(), b"%d" % new),
-                     _pack(b"XTRIM", self.k_log.encode(), b"MINID", keep_from), _pack(b"EXEC")]
-            _check(self._raw[shard].call(b"".join(cmds), count + 3), self.urls[shard])
+            cmds.append(_pack(b"SET", self.k_applied.encode(), b"%d" % new))
+            self._raw[shard].call_lines(b"".join(cmds), count + 2)  # +OK, n HSET integers, +OK
 
         self._each(apply, range(len(self.urls)))
         return new
@@ -469,15 +677,18 @@ class RedisStore(BaseStore):
             entries = self._clients[0].xrange(self.k_commits, f"{after + 1}-0", f"{upto}-0")
         return {int(eid.split(b"-")[0]): fields[b"tok"] for eid, fields in entries}
 
-    def _log_entries(self, shard: int, after: int, upto: int, tokens: dict[int, bytes]) -> dict[int, dict]:
-        """The committed log entries of a shard for versions in (after, upto]."""
+    def _log_key(self, version: int, token: bytes) -> bytes:
+        return b"%b:log:%d:%b" % (self.ns.encode(), version, token)
+
+    def _log_entries(self, shard: int, tokens: dict[int, bytes]) -> dict[int, bytes]:
+        """The log entries (packed rows) of a shard for the committed versions in ``tokens`` that it still holds."""
+        versions = sorted(tokens)
+        found: dict[int, bytes] = {}
         with self._guard(shard):
-            entries = self._clients[shard].xrange(self.k_log, f"{after + 1}-0", f"{upto}-{MAX_SEQ}")
-        found = {}
-        for eid, fields in entries:
-            v = int(eid.split(b"-")[0])
-            if tokens.get(v) is not None and fields.get(b"tok") == tokens[v]:
-                found[v] = fields
+            for start in range(0, len(versions), 64):
+                chunk = versions[start:start + 64]
+                values = self._clients[shard].mget([self._log_key(v, tokens[v]) for v in chunk])
+                found.update((v, blob) for v, blob in zip(chunk, values) if blob is not None)
         return found
 
     def _roll_forward(self, shard: int, target: int) -> None:
@@ -485,21 +696,24 @@ class RedisStore(BaseStore):
         client = self._clients[shard]
         with self._guard(shard):
             while True:
-                applied = int(client.get(self.k_applied) or 0)
-                if applied >= target:
+                raw_applied = client.get(self.k_applied)
+                applied, pending = _applied(raw_applied)
+                if pending is not None:
+                    target = max(target, pending)
+                elif applied >= target:
                     return
                 tokens = self._commit_tokens(applied, target)
                 if not tokens:
                     raise ParamServerError(f"shard {self.urls[shard]}: no commit record after version {applied}")
                 v = min(tokens)
-                entry = self._log_entries(shard, v - 1, v, {v: tokens[v]}).get(v)
+                entry = self._log_entries(shard, {v: tokens[v]}).get(v)
                 if entry is None:
                     raise ParamServerError(f"shard {self.urls[shard]}: the log entry of committed version {v} "
                                            "is missing; restore from a snapshot")
                 with client.pipeline() as pipe:
                     try:
                         pipe.watch(self.k_applied)
-                        if int(pipe.get(self.k_applied) or 0) != applied:
+                        if pipe.get(self.k_applied) != raw_applied:
                             continue
                         pipe.multi()
                         for name, ids, data in self._parse_entry(entry):
@@ -512,14 +726,12 @@ class RedisStore(BaseStore):
                     except redis.WatchError:
                         continue
 
-    def _parse_entry(self, fields: dict) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for key, value in fields.items():
-            if key.startswith(b"i:"):
-                name = key[2:].decode()
-                if name not in self.tables:
-                    continue
-                ids = np.frombuffer(value, dtype="<i8").astype(np.int64)
-                data = np.frombuffer(fields[b"r:" + key[2:]], np.uint8).reshape(len(ids), self.tables[name].row_bytes)
+    def _parse_entry(self, blob: bytes) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for name, ids, data in _unpack_entry(blob):
+            if name in self.tables:
+                if data.shape[1] != self.tables[name].row_bytes:
+                    raise TableMismatch(f"log rows of {name} have {data.shape[1]} bytes, expected "
+                                        f"{self.tables[name].row_bytes}")
                 yield name, ids, data
 
     def _changes(self, since: int) -> tuple[int, Encoded]:
@@ -534,7 +746,7 @@ class RedisStore(BaseStore):
         tokens = self._commit_tokens(since, upto)
         per_table: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for shard in range(len(self.urls)):
-            entries = self._log_entries(shard, since, upto, tokens)
+            entries = self._log_entries(shard, tokens)
             missing = sorted(set(tokens) - set(entries))
             if missing:
                 raise LogTrimmed(f"shard {self.urls[shard]}: log entries of versions {missing[:5]} are gone")
@@ -566,7 +778,8 @@ class RedisStore(BaseStore):
         for shard, client in enumerate(self._clients):
             with self._guard(shard):
                 batch = []
-                for key in client.scan_iter(match=f"{self.ns}:b:*", count=1000):
+                for key in itertools.chain(client.scan_iter(match=f"{self.ns}:b:*", count=1000),
+                                           client.scan_iter(match=f"{self.ns}:log:*", count=1000)):
                     batch.append(key)
                     if len(batch) >= 1000:
                         client.unlink(*batch)
@@ -588,7 +801,6 @@ class RedisStore(BaseStore):
                         _check(self._raw[shard].call(body, len(chunk)), self.urls[shard])
             for shard, client in enumerate(self._clients):
                 with self._guard(shard):
-                    client.delete(self.k_log)
                     client.set(self.k_applied, version)
             with self._guard(0):
                 client0 = self._clients[0]
@@ -606,9 +818,9 @@ class RedisStore(BaseStore):
             entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
             try:
                 info = client.info("memory")
-                entry.update(up=True, applied=int(client.get(self.k_applied) or 0),
+                entry.update(up=True, applied=_applied(client.get(self.k_applied))[0],
                              used_memory=int(info["used_memory"]), keys=int(client.dbsize()),
-                             log_entries=int(client.xlen(self.k_log)))
+                             log_entries=sum(1 for _ in client.scan_iter(match=f"{self.ns}:log:*", count=1000)))
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 entry["error"] = str(exc)
             shards.append(entry)

@@ -23,7 +23,7 @@ from paramserver import (
     TableMismatch,
     open_store,
 )
-from paramserver.redis_store import RedisStore
+from paramserver.redis_store import RedisStore, _pack
 from paramserver.replication import replica_status
 from recsys import services
 
@@ -189,23 +189,46 @@ def test_reader_rolls_forward_when_a_writer_dies_after_commit(store):
     ids = np.arange(400, dtype=np.int64)
     store.push({"user": rows_of(USER, ids, 1.0)})
     raw = store._raw[1]
-    real_call = raw.call
+    real_apply = raw.call_lines
 
-    def die_on_apply(payload, count):
-        if payload.startswith(b"*1\r\n$5\r\nMULTI"):
-            raise ShardUnavailable("writer died before applying on shard 1")
-        return real_call(payload, count)
+    def die_on_apply(payload, lines):
+        raise ShardUnavailable("writer died before applying on shard 1")
 
-    raw.call = die_on_apply
+    raw.call_lines = die_on_apply
     with pytest.raises(ShardUnavailable):
         store.push({"user": rows_of(USER, ids, 2.0)})
-    raw.call = real_call
+    raw.call_lines = real_apply
     assert store.version() == 2  # committed ...
     assert store.applied_versions()[1] == 1  # ... but not applied on shard 1
     got = store.pull("user", ids)  # the reader finishes the dead writer's work
     assert got.version == 2 and (got.weights == 2.0).all()
     assert store.applied_versions() == [2, 2, 2]
     assert store.push({"user": rows_of(USER, ids[:5], 3.0)}) == 3
+
+
+def test_reader_finishes_an_apply_that_died_half_way(store):
+    ids = np.arange(400, dtype=np.int64)
+    store.push({"user": rows_of(USER, ids, 1.0)})
+    store.timeout = 0.2  # how long a reader waits for a running apply before finishing it itself
+    raw = store._raw[1]
+    real_apply = raw.call_lines
+
+    def die_half_way(payload, lines):
+        rows = lines - 2
+        marker = len(_pack(b"SET", store.k_applied.encode(), b"1>2"))
+        final = len(_pack(b"SET", store.k_applied.encode(), b"2"))
+        stride = (len(payload) - marker - final) // rows
+        real_apply(payload[:marker + rows // 2 * stride], rows // 2 + 1)  # the marker and half the rows
+        raise ShardUnavailable("writer died half-way through its apply on shard 1")
+
+    raw.call_lines = die_half_way
+    with pytest.raises(ShardUnavailable):
+        store.push({"user": rows_of(USER, ids, 2.0)})
+    raw.call_lines = real_apply
+    assert redis.Redis.from_url(store.urls[1]).get(store.k_applied) == b"1>2"
+    got = store.pull("user", ids)  # waits for the apply, then finishes it from the log
+    assert got.version == 2 and (got.weights == 2.0).all()
+    assert store.applied_versions() == [2, 2, 2]
 
 
 # --------------------------------------------------------------------------- log, snapshots
