@@ -67,17 +67,22 @@ def assemble(entity: str, entity_id: str, columns: Mapping[str, Any]) -> Encoded
 
 
 class FeastFeatures:
-    """Online features from a Feast FeatureStore: one ``get_online_features`` call per request.
+    """Online features from the project's Feast store: ONE ``get_online_features`` call per request.
 
-    ``user_refs``/``item_refs`` are Feast feature references (``view:feature``); the feature
-    name after the colon must be the spec's feature name.
+    Row r of the read carries user r and item r (the shorter list padded with its first id),
+    so the user's and every candidate's features come back from a single batched lookup.
+    Column names follow ``feature_repo.features`` (``sparse_<name>``, ``dense_<name>``).
     """
 
-    def __init__(self, store: Any, user_refs: Sequence[str], item_refs: Sequence[str],
-                 user_key: str = "user_id", item_key: str = "item_id") -> None:
+    def __init__(self, store: Any) -> None:
+        from feature_repo import features as defs
+
         self.store = store
-        self.user_refs, self.item_refs = list(user_refs), list(item_refs)
-        self.user_key, self.item_key = user_key, item_key
+        self.user_key, self.item_key = defs.JOIN_KEYS["user"], defs.JOIN_KEYS["item"]
+        self.user_refs = [f"user_features:{c}" for c in defs.columns("user")]
+        self.item_refs = [f"item_features:{c}" for c in defs.columns("item")]
+        self._names = {defs.sparse_column(f.name): f.name for f in SPEC.sparse}
+        self._names.update({defs.dense_column(f.name): f.name for f in SPEC.dense})
         self._ok = True
 
     def healthy(self) -> bool:
@@ -90,25 +95,30 @@ class FeastFeatures:
         n = max(len(users), len(items))
         if n == 0:
             return {}, {}
-        # one read: row r carries user r and item r (padding the shorter list with its first id)
-        rows = [{self.user_key: users[min(r, len(users) - 1)] if users else "",
-                 self.item_key: items[min(r, len(items) - 1)] if items else ""} for r in range(n)]
+        rows = []
+        for r in range(n):
+            row = {}
+            if users:
+                row[self.user_key] = users[min(r, len(users) - 1)]
+            if items:
+                row[self.item_key] = items[min(r, len(items) - 1)]
+            rows.append(row)
         refs = (self.user_refs if users else []) + (self.item_refs if items else [])
         try:
             data = self.store.get_online_features(features=refs, entity_rows=rows).to_dict()
         except Exception as exc:  # redis down, timeouts: the caller degrades
             self._ok = False
-            raise FeaturesUnavailable(f"feature store: {type(exc).__name__}: {exc}") from None
+            raise FeaturesUnavailable(f"feature store: {type(exc).__name__}: {str(exc)[:200]}") from None
         self._ok = True
-        names = {ref.split(":", 1)[1] for ref in refs}
+        columns = [ref.split(":", 1)[1] for ref in refs]
         out_users: dict[str, EncodedEntity | None] = {}
         out_items: dict[str, EncodedEntity | None] = {}
         for r in range(n):
-            columns = {name: data[name][r] for name in names if name in data}
+            values = {self._names[c]: data[c][r] for c in columns if c in data}
             if r < len(users):
-                out_users[users[r]] = assemble("user", users[r], columns)
+                out_users[users[r]] = assemble("user", users[r], values)
             if r < len(items):
-                out_items[items[r]] = assemble("item", items[r], columns)
+                out_items[items[r]] = assemble("item", items[r], values)
         return out_users, out_items
 
 

@@ -46,8 +46,12 @@ class RowReader:
 
 class RowFetcher:
     def __init__(self, reader: RowReader, max_rows: int, poll_s: float,
-                 on_lookup: Callable[[int, int], None] | None = None) -> None:
+                 on_lookup: Callable[[int, int], None] | None = None,
+                 reopen: Callable[[], RowReader] | None = None, init_std: float = 0.01) -> None:
         self.reader = reader
+        self.reopen = reopen  # a fresh reader sees tables a trainer created after we started
+        self.init_std = init_std
+        self._wanted: set[str] = set()
         self.max_rows = max_rows
         self.poll_s = poll_s
         self.on_lookup = on_lookup  # (hits, misses), for metrics
@@ -70,10 +74,25 @@ class RowFetcher:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
+                before = self._cache.version
                 self._observe(self.reader.version())
+                if self._cache.version != before and self.reopen is not None \
+                        and not self._wanted <= set(self.reader.tables):
+                    self._reopen()
             except (ParamServerError, OSError) as exc:
                 log.debug("parameter version poll failed: %s", exc)
             self._stop.wait(self.poll_s)
+
+    def _reopen(self) -> None:
+        fresh = self.reopen()  # type: ignore[misc]
+        if set(fresh.tables) == set(self.reader.tables):
+            fresh.close()
+            return
+        old, self.reader = self.reader, fresh
+        log.info("parameter tables now %s", sorted(fresh.tables))
+        with self._lock:
+            self._cache = _Cache(self._cache.version)
+        threading.Timer(5.0, old.close).start()  # requests in flight may still hold the old reader
 
     def _observe(self, version: int) -> _Cache:
         """The cache of ``version`` (a fresh one when the version moved on)."""
@@ -109,7 +128,9 @@ class RowFetcher:
         return out, version
 
     def _lookup(self, cache: _Cache, ids: dict[str, np.ndarray], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
-        configs = self.reader.tables
+        reader = self.reader
+        configs = reader.tables
+        self._wanted |= set(ids)
         out: dict[str, np.ndarray] = {}
         version = cache.version
         hits = misses = 0
@@ -119,7 +140,9 @@ class RowFetcher:
                 dim = dims.get(table) or 0
                 if dim <= 0:
                     continue
-                out[table] = initial_rows(TableConfig(table, dim), np.asarray(wanted, np.int64))[0]
+                # what a pull of never-seen ids would return (the trainer's init_std, seed 0)
+                out[table] = initial_rows(TableConfig(table, dim, init_std=self.init_std),
+                                          np.asarray(wanted, np.int64))[0]
                 continue
             table_cache = cache.rows.setdefault(table, {})
             uniq = np.unique(np.asarray(wanted, np.int64))
@@ -134,7 +157,7 @@ class RowFetcher:
             hits += len(found)
             misses += len(missing)
             if missing:
-                rows = self.reader.pull(table, np.array(missing, np.int64))
+                rows = reader.pull(table, np.array(missing, np.int64))
                 if cache.version >= 0 and rows.version != cache.version:
                     version = rows.version
                 elif cache.version < 0:

@@ -6,11 +6,9 @@ Heavy imports (feast pulls in torch, mlflow) happen here, once, at start-up.
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 from recsys.settings import Settings
 from serving.app import Components
-from serving.features import ITEM_COLUMNS, USER_COLUMNS, FeastFeatures, FeatureSource
+from serving.features import FeastFeatures, FeatureSource
 from serving.metrics import Metrics
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher
@@ -26,35 +24,25 @@ def replica_urls(settings: Settings) -> list[str]:
 def open_rows(settings: Settings, replicas: list[str] | None = None) -> RowFetcher:
     from paramserver import open_reader
 
-    reader = open_reader(replicas or replica_urls(settings), [])
-    return RowFetcher(reader, settings.serving_param_cache_rows, settings.serving_param_version_poll_s)
-
-
-def feast_features(store: Any) -> FeastFeatures:
-    """A FeastFeatures over every feature view column that carries a spec feature name."""
-    user_refs: list[str] = []
-    item_refs: list[str] = []
-    user_key, item_key = "user_id", "item_id"
-    for view in store.list_feature_views():
-        keys = [c.name for c in getattr(view, "entity_columns", [])]
-        for feature in view.features:
-            if feature.name in USER_COLUMNS:
-                user_refs.append(f"{view.name}:{feature.name}")
-                user_key = keys[0] if keys else user_key
-            elif feature.name in ITEM_COLUMNS:
-                item_refs.append(f"{view.name}:{feature.name}")
-                item_key = keys[0] if keys else item_key
-    if not user_refs and not item_refs:
-        raise RuntimeError(f"no feature view of {store.repo_path} carries spec features "
-                           f"({USER_COLUMNS + ITEM_COLUMNS})")
-    return FeastFeatures(store, user_refs, item_refs, user_key, item_key)
+    urls = replicas or replica_urls(settings)
+    return RowFetcher(open_reader(urls, []), settings.serving_param_cache_rows, settings.serving_param_version_poll_s,
+                      reopen=lambda: open_reader(urls, []), init_std=settings.train_init_std)
 
 
 def open_features(settings: Settings) -> FeatureSource | None:
+    """The Feast online store of the settings (registered by the stream worker; applied here if not yet)."""
     try:
-        from feast import FeatureStore
+        from feature_repo.store import open_store
 
-        return feast_features(FeatureStore(repo_path=str(settings.feast_repo_path)))
+        redis_url = settings.feast_redis_url or settings.redis_url
+        store = open_store(settings.feast_data_dir, settings.feast_online_store, redis_url, apply=False)
+        try:
+            views = {v.name for v in store.list_feature_views()}
+        except Exception:  # noqa: BLE001 - no registry yet
+            views = set()
+        if not {"user_features", "item_features"} <= views:
+            store = open_store(settings.feast_data_dir, settings.feast_online_store, redis_url, apply=True)
+        return FeastFeatures(store)
     except Exception as exc:  # noqa: BLE001 - serve degraded (flagged) rather than not at all
         log.error("feature store unavailable, serving without features: %s", exc)
         return None

@@ -24,7 +24,7 @@ from recsys import services
 from recsys.kafka import ensure_topics, read_topic
 from recsys.settings import Settings
 from serving.app import Components, create_app
-from serving.features import StaticFeatures
+from serving.features import FeastFeatures, StaticFeatures
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher
 
@@ -75,6 +75,23 @@ def _replicate(source_url: str, replica_urls: list[str]) -> None:
         assert replica.version() == source.version()
         replica.close()
     source.close()
+
+
+@pytest.fixture(scope="module")
+def feast_store(redis_factory, tmp_path_factory):
+    """A real Feast store (Redis online store) with profiles of u1 and the first items pushed."""
+    from feature_repo.store import open_store, push_online, rows_frame
+
+    server = redis_factory("serve-feast")
+    store = open_store(tmp_path_factory.mktemp("feast"), "redis", server.url, apply=True)
+    now = time.time()
+    push_online(store, "user", rows_frame("user", [encode_user("u1", PROFILE)], [now]))
+    push_online(store, "item", rows_frame("item", [encode_item(i, ITEM_PROFILE) for i in ITEMS[:5]], [now] * 5))
+    return store
+
+
+PROFILE = {"gender": "F", "age": 41, "occupation": "writer", "zip_code": "94110"}
+ITEM_PROFILE = {"genres": ["drama", "war"], "year": 1999}
 
 
 def _settings(base: Settings, **kw) -> Settings:
@@ -131,18 +148,17 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
     assert reader.failovers >= 1
 
 
-def test_impressions_reach_kafka_with_their_features(redis_factory, test_settings):
+def test_impressions_reach_kafka_with_their_features(redis_factory, test_settings, feast_store):
     train, replica = redis_factory("serve-imp-train"), redis_factory("serve-imp-replica")
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [replica.url])
     asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 2}))
     settings = _settings(test_settings)
-    profile = {"gender": "F", "age": 41, "occupation": "writer", "zip_code": "94110"}
-    features = StaticFeatures({"u1": encode_user("u1", profile)},
-                              {i: encode_item(i, {"genres": ["drama", "war"], "year": 1999}) for i in ITEMS[:5]})
     comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=features,
+                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=FeastFeatures(feast_store),
                        follow_stream=False)
+    expected_users = {"u1": encode_user("u1", PROFILE)}
+    expected_items = {i: encode_item(i, ITEM_PROFILE) for i in ITEMS[:5]}
     served = []
     with serve(create_app(settings, comps)) as base:
         for user in ("u1", "u-cold"):
@@ -166,8 +182,8 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
             event, key = by_key[(body["request_id"], item["item_id"])]
             assert key == body["user_id"].encode()
             assert event.position == item["position"] and event.model_version == f"embedding-dot@ps{version}"
-            user = features.users.get(body["user_id"])
-            sparse, dense = join_features(user, features.items.get(item["item_id"]), body["user_id"], item["item_id"])
+            sparse, dense = join_features(expected_users.get(body["user_id"]), expected_items.get(item["item_id"]),
+                                          body["user_id"], item["item_id"])
             assert event.features.sparse == sparse and event.features.dense == dense
     assert served[1]["cold_start"] is True
     logged_u1 = next(e for e, _ in by_key.values() if e.user_id == "u1")
@@ -241,3 +257,32 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
     # requests answered well after the reload returned were all served by the new model
     late = [v.split("@")[0] for _, v, t in results if t > swapped_at + 0.5]
     assert late and set(late) == {f"serve-reload-test/{v2}"}
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(redis_factory, test_settings, feast_store, tmp_path):
+    """Property-based fuzzing of every operation of the OpenAPI against the full stack (Feast, replica, Kafka)."""
+    import subprocess
+    import sys
+
+    train, replica = redis_factory("serve-st-train"), redis_factory("serve-st-replica")
+    _seed_training_copy(train.url, USERS, ITEMS, TABLES)
+    _replicate(train.url, [replica.url])
+    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 1}))
+    settings = _settings(test_settings, serving_max_candidates=200, serving_max_pairs=200)
+    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+                       rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+                       features=FeastFeatures(feast_store), follow_stream=True)
+    with serve(create_app(settings, comps)) as base:
+        run = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "60", "--phases", "examples,coverage,fuzzing", "--seed", "7", "--workers", "2",
+             "--generation-database", "none", "-H", f"Authorization: Bearer {TOKEN}", "--report", "junit", "--report-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=240)
+        metrics = httpx.get(f"{base}/metrics").text
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    import re
+
+    counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
+    assert counts and int(counts[1]) == int(counts[2]) > 100, run.stdout[-2000:]
+    assert 'recsys_serving_request_seconds_count{endpoint="recommend",status="200"}' in metrics
