@@ -1,0 +1,206 @@
+"""What the training DAG's tasks do: each function is idempotent, so Airflow may retry any task.
+
+The tasks run the project's own commands (``recsys train`` under torchrun) or call the small
+functions here; all configuration comes from the RECSYS_* settings of the process (the
+Airflow services inherit the environment of ``recsys airflow up``), task parameters override
+a few of them per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recsys.settings import PROJECT_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+
+class TaskFailed(RuntimeError):
+    """The task cannot succeed; the message says why (Airflow shows it and may retry)."""
+
+
+# --------------------------------------------------------------------------- new samples
+
+
+def _last_offsets(s: Settings) -> dict[int, int]:
+    """End offsets of the newest committed training job (recorded by the trainer on its MLflow run)."""
+    from training.tracking import Tracking
+
+    offsets, _run = Tracking(s.mlflow_tracking_uri, s.train_experiment).last_offsets(s.topic_samples)
+    return offsets
+
+
+def count_new_samples(s: Settings) -> dict[str, Any]:
+    """Records on the samples topic that no committed training job has consumed yet."""
+    from recsys.kafka import KafkaUnavailable, end_offsets
+
+    try:
+        end = asyncio.run(end_offsets(s.kafka_bootstrap, s.topic_samples))
+    except KafkaUnavailable as exc:
+        raise TaskFailed(str(exc)) from None
+    start = _last_offsets(s)
+    new = sum(max(0, offset - start.get(partition, 0)) for partition, offset in end.items())
+    return {"topic": s.topic_samples, "new": new, "start": {str(p): o for p, o in start.items()},
+            "end": {str(p): o for p, o in end.items()}}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path,
+          timeout_s: float = 6 * 3600) -> dict[str, Any]:
+    """Run ``recsys train`` once per DAG run: a retry after a finished job returns that job's outcome.
+
+    The trainer records its outcome (status, run id, model version, parameter version, metrics)
+    in a JSON file named after the DAG run, so a retried task does not train a second window.
+    """
+    outcome_dir.mkdir(parents=True, exist_ok=True)
+    result = outcome_dir / f"{_safe(run_key)}.json"
+    if result.exists():
+        previous = json.loads(result.read_text())
+        if previous.get("status") in ("trained", "no_new_samples", "no_valid_samples"):
+            log.info("training of %s already done (%s), not training again", run_key, previous["status"])
+            return previous
+    env = {**os.environ, "RECSYS_TRAIN_RANKS": str(ranks), "RECSYS_TRAIN_EPOCHS": str(epochs)}
+    cmd = [sys.executable, "-m", "recsys.cli", "train", "--result", str(result)]
+    log.info("running %s (ranks=%d, epochs=%d)", " ".join(cmd), ranks, epochs)
+    done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout_s, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    log.info("recsys train output:\n%s", done.stdout[-20000:])
+    if done.returncode != 0:
+        raise TaskFailed(f"`recsys train` exited with {done.returncode}: {done.stdout[-2000:]}")
+    if not result.exists():
+        raise TaskFailed(f"`recsys train` wrote no outcome to {result}")
+    outcome = json.loads(result.read_text())
+    if outcome.get("status") == "trained" and not outcome.get("model_version"):
+        raise TaskFailed(f"`recsys train` reports a trained model but no model version: {outcome}")
+    return outcome
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:200]
+
+
+# --------------------------------------------------------------------------- evaluate and gate
+
+
+def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
+    """Make sure the champion's AUC on the challenger's evaluation set is recorded; return both AUCs.
+
+    The trainer evaluates on the newest share of its window and logs ``eval_auc``. The champion
+    is scored on that same set by ``recsys train evaluate`` when the trainer offers it (it logs
+    ``champion_eval_auc`` and ``recsys_champion_version`` on the challenger's run, see
+    recsys_ops.gate); a score recorded already is reused, so a retry does not score twice.
+    """
+    from recsys_ops import gate
+
+    client = gate.client_for(s.mlflow_tracking_uri)
+    name = s.train_model_name
+    version = client.get_model_version(name, str(model_version))
+    run = client.get_run(version.run_id)
+    champion = gate.champion_version(client, name)
+    info: dict[str, Any] = {"model_version": str(model_version), "run_id": version.run_id,
+                            "challenger_auc": run.data.metrics.get(gate.CHALLENGER_METRIC),
+                            "champion_version": champion, "champion_auc": None}
+    if info["challenger_auc"] is None:
+        raise TaskFailed(f"{name} v{model_version} (run {version.run_id}) has no {gate.CHALLENGER_METRIC}")
+    if champion is None or champion == str(model_version):
+        return info
+    if run.data.tags.get(gate.TAG_CHAMPION_VERSION) == champion and gate.CHAMPION_METRIC in run.data.metrics:
+        info["champion_auc"] = run.data.metrics[gate.CHAMPION_METRIC]
+        return info
+    cmd = [sys.executable, "-m", "recsys.cli", "train", "evaluate", "--model-version", champion,
+           "--on-run", version.run_id]
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.info("%s:\n%s", " ".join(cmd), done.stdout[-10000:])
+    run = client.get_run(version.run_id)
+    if done.returncode != 0 or run.data.tags.get(gate.TAG_CHAMPION_VERSION) != champion:
+        raise TaskFailed(f"the champion v{champion} could not be scored on the evaluation set of v{model_version} "
+                         f"(`{' '.join(cmd[2:])}` exited {done.returncode}): the gate will not compare "
+                         "AUCs from different evaluation sets")
+    info["champion_auc"] = run.data.metrics.get(gate.CHAMPION_METRIC)
+    return info
+
+
+def gate_decision(s: Settings, model_version: str, tolerance: float) -> dict[str, Any]:
+    """recsys_ops.gate's verdict on the challenger (recorded as a version tag); no alias moves here."""
+    from recsys_ops import gate
+
+    client = gate.client_for(s.mlflow_tracking_uri)
+    try:
+        decision = gate.evaluate_gate(client, s.train_model_name, str(model_version), tolerance)
+    except gate.GateError as exc:
+        raise TaskFailed(str(exc)) from None
+    client.set_model_version_tag(s.train_model_name, str(model_version), gate.TAG_GATE,
+                                 "passed" if decision.promote else "refused")
+    log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
+    return decision.as_dict()
+
+
+def promote(s: Settings, decision: dict[str, Any]) -> dict[str, Any]:
+    """Move the ``champion`` alias to a challenger that passed the gate (idempotent)."""
+    from recsys_ops import gate
+
+    client = gate.client_for(s.mlflow_tracking_uri)
+    promoted = gate.promote(client, s.train_model_name, gate.Decision(**decision))
+    return {"champion": gate.champion_version(client, s.train_model_name), "promoted": promoted}
+
+
+# --------------------------------------------------------------------------- publish and reload
+
+
+def wait_for_replicas(s: Settings, ps_version: int, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+    """Block until every inference replica (RECSYS_PS_REPLICAS) has applied ``ps_version``."""
+    from paramserver.replication import replica_status
+
+    replicas = [spec.split(",") for spec in s.ps_replicas]
+    if not replicas:
+        log.warning("no inference replicas configured (RECSYS_PS_REPLICAS): nothing to wait for")
+        return {"ps_version": ps_version, "replicas": {}}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {",".join(urls): replica_status(None, urls, timeout=min(2.0, s.ps_timeout_s),
+                                                 namespace=s.ps_namespace) for urls in replicas}
+        behind = {name: st.get("version", st.get("error")) for name, st in states.items()
+                  if not st.get("up") or int(st.get("version", -1)) < ps_version}
+        if not behind:
+            return {"ps_version": ps_version, "replicas": {n: st["version"] for n, st in states.items()}}
+        if time.monotonic() > deadline:
+            raise TaskFailed(f"after {timeout_s:.0f}s these replicas have not applied version {ps_version}: "
+                             f"{behind} (is `recsys ps up` running their replicators?)")
+        time.sleep(poll_s)
+
+
+def reload_serving(s: Settings, model_version: str | None) -> dict[str, Any]:
+    """POST /admin/reload to every serving replica; one that does not run is reported, not an error.
+
+    A serving process that is not running loads the champion when it starts, and a running one
+    also polls the alias (RECSYS_SERVING_RELOAD_POLL_S): this call only makes the swap immediate.
+    """
+    import httpx
+
+    urls = s.serving_reload_urls or [f"http://{s.serving_host}:{s.serving_port}"]
+    headers = {"Authorization": f"Bearer {s.serving_admin_token}"} if s.serving_admin_token else {}
+    results: dict[str, Any] = {}
+    for url in urls:
+        try:
+            response = httpx.post(f"{url.rstrip('/')}/admin/reload", headers=headers, timeout=60.0)
+        except httpx.TransportError as exc:
+            log.warning("serving at %s not reachable (%s): it loads the champion when it starts", url, exc)
+            results[url] = "not running"
+            continue
+        if response.status_code >= 300:
+            raise TaskFailed(f"serving at {url} refused the reload: {response.status_code} {response.text[:300]}")
+        body = response.json()
+        if model_version is not None and str(body.get("model_version")) != str(model_version):
+            raise TaskFailed(f"serving at {url} reloaded version {body.get('model_version')}, expected {model_version}")
+        results[url] = body
+    return results
