@@ -99,12 +99,15 @@ def down() -> None:
 
 
 @app.command("status")
-def status() -> None:
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
+) -> None:
     """Shards (applied version, memory, keys), the committed version, and each replica's version and lag."""
-    _print_status(_settings())
+    _print_status(_settings(), as_json)
 
 
-def _print_status(s: Settings) -> None:
+def collect_status(s: Settings) -> dict:
+    """The training copy's status and every replica's version, versions behind and lag."""
     from paramserver.redis_store import RedisStore
     from paramserver.replication import replica_status
     from paramserver.rows import ParamServerError
@@ -115,6 +118,20 @@ def _print_status(s: Settings) -> None:
         info = source.status()
     except ParamServerError as exc:
         info = {"shards": [{"url": u, "up": False, "error": str(exc)} for u in s.ps_shards]}
+    try:
+        info["replicas"] = [replica_status(source, spec.split(","), timeout=1.0, namespace=s.ps_namespace)
+                            for spec in s.ps_replicas]
+    finally:
+        if source is not None:
+            source.close()
+    return info
+
+
+def _print_status(s: Settings, as_json: bool = False) -> None:
+    info = collect_status(s)
+    if as_json:
+        out.print_json(data=info)
+        return
     table = Table("shard", "state", "applied", "memory", "keys", "log entries",
                   title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}")
     for entry in info["shards"]:
@@ -122,16 +139,13 @@ def _print_status(s: Settings) -> None:
                       str(entry.get("applied", "-")), f"{entry.get('used_memory', 0) / 2**20:.1f} MiB",
                       str(entry.get("keys", "-")), str(entry.get("log_entries", "-")))
     out.print(table)
-    if s.ps_replicas:
+    if info["replicas"]:
         rt = Table("replica (nearest first)", "state", "version", "behind", "lag s", "last apply delay s")
-        for spec in s.ps_replicas:
-            entry = replica_status(source, spec.split(","), timeout=1.0, namespace=s.ps_namespace)
+        for entry in info["replicas"]:
             rt.add_row(entry["replica"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
                        str(entry.get("version", "-")), str(entry.get("behind", "-")), str(entry.get("lag_s", "-")),
                        str(entry.get("apply_delay_s", "-")))
         out.print(rt)
-    if source is not None:
-        source.close()
 
 
 @app.command("replicate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import threading
 import time
@@ -357,3 +358,71 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
         revived.close()
         for target in targets:
             target.close()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def ps_cli_env(monkeypatch, tmp_path):
+    from recsys.settings import get_settings
+
+    ports = [services.free_port() for _ in range(3)]
+    monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("RECSYS_PS_SHARDS", f'["redis://127.0.0.1:{ports[0]}/0", "redis://127.0.0.1:{ports[1]}/0"]')
+    monkeypatch.setenv("RECSYS_PS_REPLICAS", f'["redis://127.0.0.1:{ports[2]}/0"]')
+    get_settings.cache_clear()
+    yield ports
+    get_settings.cache_clear()
+
+
+@pytest.mark.slow
+def test_cli_up_status_down(ps_cli_env):
+    from typer.testing import CliRunner
+
+    from paramserver.cli import app
+
+    runner = CliRunner()
+    shards = [f"redis://127.0.0.1:{p}/0" for p in ps_cli_env[:2]]
+    try:
+        result = runner.invoke(app, ["up"])
+        assert result.exit_code == 0, result.output
+        assert all(services.redis_ping(p) for p in ps_cli_env)
+        with RedisStore(shards, [USER]) as store:
+            store.push({"user": rows_of(USER, np.arange(100), 1.0)})
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the replicator process started by `up` catches up
+                if replica_status(store, [f"redis://127.0.0.1:{ps_cli_env[2]}/0"]).get("version") == 1:
+                    break
+                time.sleep(0.1)
+        result = runner.invoke(app, ["status", "--json"])
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.output)
+        assert info["version"] == 1 and info["tables"] == ["user"]
+        assert [shard["applied"] for shard in info["shards"]] == [1, 1]
+        [replica] = info["replicas"]
+        assert replica["up"] and replica["version"] == 1 and replica["behind"] == 0 and replica["lag_s"] == 0
+        result = runner.invoke(app, ["status"])
+        assert result.exit_code == 0 and "training copy: version 1" in result.output
+    finally:
+        result = runner.invoke(app, ["down"])
+    assert result.exit_code == 0, result.output
+    assert "ps-replicator-0: stopped" in result.output
+    assert not any(services.redis_ping(p) for p in ps_cli_env)
+
+
+def test_cli_up_refuses_remote_urls(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from paramserver.cli import app
+    from recsys.settings import get_settings
+
+    monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("RECSYS_PS_SHARDS", '["redis://10.1.2.3:6379/0"]')
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["up"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code != 0
+    assert "only starts servers at redis://127.0.0.1" in " ".join(result.output.split())
