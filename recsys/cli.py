@@ -215,16 +215,30 @@ def simulate(
 
 @app.command()
 def replay(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="JSONL from `simulate --out`")],
+    file: Annotated[Optional[Path], typer.Argument(exists=True, dir_okay=False, readable=True,
+                                                   help="JSONL from `simulate --out` (or use --dataset)")] = None,
     rate: Annotated[float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")] = 0.0,
     rebase_time: Annotated[bool, typer.Option("--rebase/--no-rebase", help="shift event times to start now")] = True,
     topic: Annotated[Optional[str], typer.Option(help="topic to publish to (default: the events topic)")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="replay public data instead of a file: movielens-100k or "
+                                                   "movielens-1m (fetched once into the cache dir)")] = None,
+    speedup: Annotated[float, typer.Option(min=1e-6, help="--dataset: rating time passes this many times faster")] = 1e5,
+    pace: Annotated[bool, typer.Option("--pace/--no-pace", help="--dataset: send each event at its (compressed) "
+                                       "time; --no-pace sends at once with times rebased to end now")] = True,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
-    """Publish a recorded JSONL file to Kafka (malformed lines are reported and skipped)."""
+    """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka (malformed lines are reported and skipped)."""
     from recsys.kafka import KafkaUnavailable
     from recsys.publish import publish, read_jsonl, rebase
 
     s = _settings()
+    if dataset is not None or file is None:
+        from recsys.movielens import replay_command
+
+        if file is not None or dataset is None or rate > 0 or not rebase_time:
+            _fail("give either FILE or --dataset; with --dataset, pace with --speedup (not --rate/--no-rebase)", 2)
+        raise typer.Exit(replay_command(dataset, s.kafka_bootstrap, topic or s.topic_events, s.cache_dir,
+                                        s.max_event_age_s, speedup, pace, limit))
     errors: list[str] = []
     records = read_jsonl(file, errors)
     if rebase_time:
