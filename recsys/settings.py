@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     serving_param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
     serving_param_version_poll_s: float = Field(1.0, gt=0, description="how often the cache checks the "
                                                 "replica's parameter version")
+    serving_item_feature_ttl_s: float = Field(30.0, ge=0, description="how long item features read from Feast "
+                                              "are reused (0: read every candidate on every request)")
     serving_impression_buffer: int = Field(10_000, ge=1, description="impressions buffered for Kafka; beyond it "
                                            "they are dropped and counted")
     serving_retrieval_candidates: int = Field(200, ge=1, le=100_000, description="candidates the retrieval stage "
