@@ -1,12 +1,92 @@
-"""`recsys stream ...` (filled in by issue #3: the Faust worker)."""
+"""`recsys stream ...`: the Faust stream worker and the feature store around it.
+
+Faust and Feast are imported inside the commands: `recsys --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Annotated, Optional
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
 
 
+def _settings():
+    from recsys.settings import get_settings
+
+    try:
+        return get_settings()
+    except Exception as exc:  # a bad RECSYS_* variable
+        typer.echo(f"invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("worker")
-def worker() -> None:
-    """Run the Faust stream worker (not built yet: issue #3)."""
-    typer.echo("the stream worker is not built yet (issue #3)", err=True)
-    raise typer.Exit(2)
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Faust's own log level")] = "warning",
+    create_topics: Annotated[bool, typer.Option("--create-topics/--no-create-topics",
+                                                help="create the topics (RECSYS_TOPIC_PARTITIONS) first")] = True,
+) -> None:
+    """Run one Faust stream worker (start more with the same RECSYS_STREAM_APP_ID to share partitions)."""
+    from recsys.kafka import KafkaUnavailable, ensure_topics
+    from streaming import logs
+
+    s = _settings()
+    if loglevel not in {"debug", "info", "warning", "error", "critical"}:
+        typer.echo(f"unknown log level {loglevel!r}", err=True)
+        raise typer.Exit(2)
+    logs.configure(s.stream_log_level)
+    if create_topics:
+        try:
+            asyncio.run(ensure_topics(s.kafka_bootstrap, {name: s.topic_partitions for name in (
+                s.topic_events, s.topic_samples, s.topic_deadletter, s.topic_late)}))
+        except KafkaUnavailable as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+    if s.stream_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(s.stream_metrics_port, addr="127.0.0.1")
+    from faust.worker import Worker
+
+    from streaming.app import app as faust_app
+
+    # Faust's worker owns the event loop and signal handling from here on
+    Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+@app.command("feast-apply")
+def feast_apply() -> None:
+    """Register the Feast definitions (entities, push sources, feature views) in the configured store."""
+    from feature_repo import store as fs
+
+    s = _settings()
+    os.environ.setdefault("RECSYS_FEAST_DATA_DIR", str(s.feast_data_dir))
+    fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=True)
+    typer.echo(f"applied feature views user_features, item_features to {s.feast_data_dir} "
+               f"(online store: {s.feast_online_store})")
+
+
+@app.command("features")
+def features(
+    users: Annotated[Optional[list[str]], typer.Option("--user", help="user id (repeatable)")] = None,
+    items: Annotated[Optional[list[str]], typer.Option("--item", help="item id (repeatable)")] = None,
+) -> None:
+    """Print the encoded features the online store holds for some users and items."""
+    from feature_repo import store as fs
+
+    if not users and not items:
+        typer.echo("give at least one --user or --item", err=True)
+        raise typer.Exit(2)
+    s = _settings()
+    store = fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=False)
+    out = {}
+    for entity, ids in (("user", users or []), ("item", items or [])):
+        for entity_id, encoded in fs.read_online(store, entity, ids).items():
+            out[f"{entity}:{entity_id}"] = None if encoded is None else {"sparse": encoded.sparse,
+                                                                          "dense": encoded.dense}
+    typer.echo(json.dumps(out, indent=2))

@@ -1,0 +1,393 @@
+"""The stream worker's logic, free of Faust: validate, de-duplicate, encode, join, emit.
+
+The Faust app (``streaming/app.py``) feeds batches of raw records to ``Processor`` and
+sends what comes back; the state lives in key-value stores that the app backs with Faust
+tables (changelogged to Kafka) and unit tests back with dicts.
+
+Delivery guarantee: at-least-once with idempotent consumers. Every sample carries a
+deterministic ``sample_id`` (request id, item id) and the same label on every emission, so
+a reader that keeps one sample per id sees exactly the samples of an uninterrupted run.
+Why the labels do not change across a crash (Faust commits offsets only after flushing the
+producer, so the state at the committed offset is complete, and anything after it may be
+partially durable):
+
+* de-duplication remembers where it first saw an event id (partition, offset): a record
+  seen again at the same offset is a re-delivery after a crash and is processed again, a
+  different offset is a client retry and is dropped;
+* the whole life of an impression (open, positive, negative) is one key of one table, so
+  the state restored for it is a prefix of its transitions;
+* the event-time watermark of a partition is rebuilt from the re-delivered records (never
+  restored ahead of them); a click joins only while the watermark before it has not passed
+  the impression's deadline, and expiry runs after every batch, before its offsets can be
+  committed, so a window decision taken before the commit is in the restored state;
+* on taking a partition, the worker re-emits the samples of impressions already resolved
+  in the restored state (their emission may not have reached Kafka); resolved entries are
+  kept ``resolved_retention_s`` of wall time for this, far longer than a commit interval.
+
+The one input that is not replayed identically is wall time: a partition idle for
+``idle_advance_s`` advances its watermark with the clock so that windows close on a quiet
+stream. Replays that publish faster than that never go idle mid-stream.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from feature_repo.contract import SCHEMA_VERSION, InvalidEvent, RejectReason, parse_event, sample_id
+from feature_repo.spec import EncodedEntity, encode_item, encode_user, join_features, validate_encoded
+from streaming import metrics
+
+log = logging.getLogger("streaming.processor")
+
+OPEN, POSITIVE, NEGATIVE = "o", "p", "n"
+
+# reasons of the dead-letter topic beyond the contract's own (RejectReason)
+INTERNAL_ERROR = "internal_error"
+MISSING_KEY = "missing_value"
+# reasons of the late-click topic
+LATE_AFTER_NEGATIVE = "after_negative"
+LATE_AFTER_WINDOW = "after_window"
+LATE_NO_IMPRESSION = "no_impression"
+
+
+class KV(Protocol):
+    """A key-value store whose writes name the source partition they belong to (a changelog partition)."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, partition: int, key: str, value: Any) -> None: ...
+
+    def delete(self, partition: int, key: str) -> None: ...
+
+    def items(self) -> Iterable[tuple[str, Any]]: ...
+
+    def __len__(self) -> int: ...
+
+
+class DictKV(dict):
+    """In-memory KV for unit tests and the benchmark's passthrough."""
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self[key] = value
+
+    def delete(self, partition: int, key: str) -> None:
+        self.pop(key, None)
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A record for Kafka: ``kind`` is samples, deadletter or late."""
+
+    kind: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    attribution_window_s: float = 600.0
+    dedup_window_s: float = 3600.0
+    resolved_retention_s: float = 60.0
+    idle_advance_s: float = 5.0
+    max_event_bytes: int = 64 * 1024
+    max_future_skew_s: float = 300.0
+    max_event_age_s: float = 30 * 24 * 3600.0
+    source_topic: str = "recsys.events"
+
+
+@dataclass
+class BatchResult:
+    out: list[Outgoing] = field(default_factory=list)
+    # latest encoded profile per id in this batch, with its event time: for the feature store
+    users: dict[str, tuple[EncodedEntity, float]] = field(default_factory=dict)
+    items: dict[str, tuple[EncodedEntity, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _PartitionState:
+    watermark: float = -math.inf  # max event time seen in this process (rebuilt, never restored)
+    anchor_wall: float = 0.0  # wall time the watermark last moved
+    last_arrival_wall: float = 0.0
+    open_heap: list[tuple[float, str]] = field(default_factory=list)  # (deadline, sample id)
+    resolved_heap: list[tuple[float, str]] = field(default_factory=list)  # (resolved wall time, sample id)
+    dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (event time, event id)
+
+
+def encoded_to_state(entity: EncodedEntity, ts: float) -> dict[str, Any]:
+    return {"ts": ts, "sp": entity.sparse, "dn": entity.dense}
+
+
+def state_to_encoded(kind: str, entity_id: str, value: Mapping[str, Any] | None) -> EncodedEntity | None:
+    if not value:
+        return None
+    return EncodedEntity(kind, entity_id, {k: list(v) for k, v in value["sp"].items()}, dict(value["dn"]))  # type: ignore[arg-type]
+
+
+def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
+    """The wire format of ``feature_repo.contract.Sample`` (same fields, same order), without pydantic's cost."""
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "sample_id": sid, "request_id": entry["r"], "user_id": entry["u"],
+        "item_id": entry["i"], "label": label, "event_time": entry["ts"], "position": entry["pos"],
+        "model_version": entry["mv"], "sparse": entry["sp"], "dense": entry["dn"],
+    })
+
+
+class Processor:
+    def __init__(self, config: ProcessorConfig, dedup: KV, joins: KV, users: KV, items: KV,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.dedup, self.joins, self.users, self.items = dedup, joins, users, items
+        self.wall = wall
+        self.partitions: dict[int, _PartitionState] = {}
+
+    # ------------------------------------------------------------------ partitions
+
+    def _partition(self, p: int, out: list[Outgoing]) -> _PartitionState:
+        state = self.partitions.get(p)
+        if state is None:
+            state = self.partitions[p] = self._take_partition(p, out)
+        return state
+
+    def _take_partition(self, p: int, out: list[Outgoing]) -> _PartitionState:
+        """Rebuild the in-memory indexes of a partition from its restored tables; re-emit resolved samples."""
+        state = _PartitionState(anchor_wall=self.wall(), last_arrival_wall=self.wall())
+        reemitted = 0
+        for sid, entry in list(self.joins.items()):
+            if entry.get("p") != p:
+                continue
+            if entry["st"] == OPEN:
+                state.open_heap.append((entry["ts"] + self.config.attribution_window_s, sid))
+            else:
+                state.resolved_heap.append((entry.get("at", 0.0), sid))
+                out.append(self._sample(sid, entry, 1 if entry["st"] == POSITIVE else 0, count=False))
+                reemitted += 1
+        heapq.heapify(state.open_heap)
+        heapq.heapify(state.resolved_heap)
+        seen = sorted((v[2], k) for k, v in self.dedup.items() if v[0] == p)
+        state.dedup_queue.extend(seen)
+        metrics.REEMITTED.inc(reemitted)
+        metrics.OPEN_IMPRESSIONS.inc(len(state.open_heap))
+        if reemitted or state.open_heap:
+            log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
+                                                         "reemitted": reemitted, "dedup_ids": len(seen)}})
+        return state
+
+    def release_partitions(self, partitions: Iterable[int]) -> None:
+        """Forget the in-memory indexes of revoked partitions (another worker now owns them)."""
+        for p in partitions:
+            state = self.partitions.pop(p, None)
+            if state is not None:
+                metrics.OPEN_IMPRESSIONS.dec(sum(1 for _, sid in state.open_heap
+                                                 if (self.joins.get(sid) or {}).get("st") == OPEN))
+
+    # ------------------------------------------------------------------ batches
+
+    def process_batch(self, records: Iterable[RawRecord]) -> BatchResult:
+        result = BatchResult()
+        touched: set[int] = set()
+        now = self.wall()
+        for record in records:
+            state = self._partition(record.partition, result.out)
+            touched.add(record.partition)
+            state.last_arrival_wall = now
+            try:
+                self._process(record, state, result, now)
+            except Exception as exc:  # a bug must not stop the stream: the record is kept, with the reason
+                log.exception("record failed", extra={"fields": {"partition": record.partition,
+                                                                 "offset": record.offset}})
+                self._deadletter(record, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", result.out)
+        for p in touched:
+            self._expire(p, self.partitions[p], result.out, now)
+        return result
+
+    def advance_idle(self) -> list[Outgoing]:
+        """Move the watermark of idle partitions with the wall clock and close the windows it passes."""
+        out: list[Outgoing] = []
+        now = self.wall()
+        for p, state in self.partitions.items():
+            if state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s:
+                state.watermark += now - state.anchor_wall
+                state.anchor_wall = now
+            self._expire(p, state, out, now)
+        return out
+
+    def _process(self, record: RawRecord, state: _PartitionState, result: BatchResult, now: float) -> None:
+        c = self.config
+        if record.value is None:
+            self._deadletter(record, MISSING_KEY, "record has no value (tombstone)", result.out)
+            return
+        try:
+            event = parse_event(record.value, max_bytes=c.max_event_bytes, max_future_skew_s=c.max_future_skew_s,
+                                max_age_s=c.max_event_age_s, now=now)
+        except InvalidEvent as exc:
+            self._deadletter(record, exc.reason.value, exc.message, result.out)
+            return
+        kind = event.event_type
+        if kind == "impression" and event.features is not None:
+            try:
+                validate_encoded(event.features.sparse, event.features.dense)
+            except ValueError as exc:
+                self._deadletter(record, RejectReason.BAD_VALUE.value, f"logged features: {exc}", result.out)
+                return
+        metrics.EVENTS_IN.labels(kind).inc()
+        p = record.partition
+        if event.timestamp > state.watermark:
+            state.watermark = event.timestamp
+            state.anchor_wall = now
+        seen = self.dedup.get(event.event_id)
+        if seen is not None:
+            if seen[0] != p or seen[1] != record.offset:
+                metrics.DUPLICATES.labels(kind).inc()
+                return
+            # same partition and offset: a re-delivery after a crash, processed again (idempotently)
+        else:
+            self.dedup.put(p, event.event_id, [p, record.offset, event.timestamp])
+            state.dedup_queue.append((event.timestamp, event.event_id))
+        if kind == "impression":
+            self._impression(event, p, state)
+        elif kind == "click":
+            self._click(event, record, state, result.out, now)
+        elif kind == "user_profile":
+            self._profile(self.users, result.users, p, event.user_id, encode_user(event.user_id, event.model_dump()),
+                          event.timestamp)
+        else:
+            self._profile(self.items, result.items, p, event.item_id, encode_item(event.item_id, event.model_dump()),
+                          event.timestamp)
+
+    # ------------------------------------------------------------------ features
+
+    def _profile(self, table: KV, batch: dict[str, tuple[EncodedEntity, float]], p: int, entity_id: str,
+                 encoded: EncodedEntity, ts: float) -> None:
+        current = table.get(entity_id)
+        if current is not None and current["ts"] > ts:
+            metrics.STALE_PROFILES.inc()  # an older profile arriving late never overwrites a newer one
+            return
+        table.put(p, entity_id, encoded_to_state(encoded, ts))
+        previous = batch.get(entity_id)
+        if previous is None or previous[1] <= ts:
+            batch[entity_id] = (encoded, ts)
+
+    def features_for(self, user_id: str, item_id: str) -> tuple[dict[str, list[int]], dict[str, float]]:
+        """The latest encoded features the stream knows for a (user, item) pair."""
+        user = state_to_encoded("user", user_id, self.users.get(user_id))
+        item = state_to_encoded("item", item_id, self.items.get(item_id))
+        return join_features(user, item, user_id, item_id)
+
+    # ------------------------------------------------------------------ the joiner
+
+    def _impression(self, event: Any, p: int, state: _PartitionState) -> None:
+        sid = sample_id(event.request_id, event.item_id)
+        if self.joins.get(sid) is not None:
+            return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
+        if event.features is not None:
+            sparse, dense = event.features.sparse, event.features.dense
+            metrics.FEATURE_SOURCE.labels("logged").inc()
+        else:
+            sparse, dense = self.features_for(event.user_id, event.item_id)
+            metrics.FEATURE_SOURCE.labels("stream").inc()
+        entry = {"st": OPEN, "p": p, "ts": event.timestamp, "r": event.request_id, "u": event.user_id,
+                 "i": event.item_id, "pos": event.position, "mv": event.model_version, "sp": sparse, "dn": dense}
+        self.joins.put(p, sid, entry)
+        heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
+        metrics.OPEN_IMPRESSIONS.inc()
+
+    def _click(self, event: Any, record: RawRecord, state: _PartitionState, out: list[Outgoing], now: float) -> None:
+        sid = sample_id(event.request_id, event.item_id)
+        entry = self.joins.get(sid)
+        if entry is None:
+            self._late(record, sid, LATE_NO_IMPRESSION, out)
+        elif entry["st"] == OPEN:
+            if state.watermark > entry["ts"] + self.config.attribution_window_s:
+                # the window has closed in event time even if expiry has not run yet: negative, click is late
+                out.append(self._resolve(record.partition, sid, entry, NEGATIVE, state, now))
+                self._late(record, sid, LATE_AFTER_WINDOW, out)
+            else:
+                out.append(self._resolve(record.partition, sid, entry, POSITIVE, state, now))
+        elif entry["st"] == NEGATIVE:
+            self._late(record, sid, LATE_AFTER_NEGATIVE, out)
+        else:
+            metrics.DUPLICATES.labels("click_on_positive").inc()
+
+    def _resolve(self, p: int, sid: str, entry: dict[str, Any], status: str, state: _PartitionState,
+                 now: float) -> Outgoing:
+        resolved = {**entry, "st": status, "at": now}
+        self.joins.put(p, sid, resolved)
+        heapq.heappush(state.resolved_heap, (now, sid))
+        metrics.OPEN_IMPRESSIONS.dec()
+        return self._sample(sid, resolved, 1 if status == POSITIVE else 0)
+
+    def _sample(self, sid: str, entry: Mapping[str, Any], label: int, count: bool = True) -> Outgoing:
+        if count:
+            metrics.SAMPLES.labels(str(label)).inc()
+            metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
+        return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))
+
+    def _expire(self, p: int, state: _PartitionState, out: list[Outgoing], now: float) -> None:
+        heap = state.open_heap
+        while heap and heap[0][0] < state.watermark:
+            _, sid = heapq.heappop(heap)
+            entry = self.joins.get(sid)
+            if entry is not None and entry["st"] == OPEN:
+                out.append(self._resolve(p, sid, entry, NEGATIVE, state, now))
+        resolved = state.resolved_heap
+        while resolved and resolved[0][0] < now - self.config.resolved_retention_s:
+            _, sid = heapq.heappop(resolved)
+            entry = self.joins.get(sid)
+            if entry is not None and entry["st"] != OPEN:
+                self.joins.delete(p, sid)
+        queue = state.dedup_queue
+        horizon = state.watermark - self.config.dedup_window_s
+        while queue and queue[0][0] < horizon:
+            _, event_id = queue.popleft()
+            self.dedup.delete(p, event_id)
+        metrics.WATERMARK_LAG.labels(str(p)).set(max(0.0, now - state.watermark) if state.watermark > -math.inf else 0)
+
+    # ------------------------------------------------------------------ side topics
+
+    def _deadletter(self, record: RawRecord, reason: str, message: str, out: list[Outgoing]) -> None:
+        metrics.DEADLETTERED.labels(reason).inc()
+        log.info("dead-lettered", extra={"fields": {"reason": reason, "message": message[:200],
+                                                    "partition": record.partition, "offset": record.offset}})
+        out.append(Outgoing("deadletter", record.key, record.value or b"", (
+            ("reason", reason.encode()), ("message", message[:1000].encode("utf-8", "replace")),
+            ("source_topic", self.config.source_topic.encode()),
+            ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
+        )))
+
+    def _late(self, record: RawRecord, sid: str, reason: str, out: list[Outgoing]) -> None:
+        metrics.LATE_CLICKS.labels(reason).inc()
+        out.append(Outgoing("late", record.key, record.value or b"", (
+            ("reason", reason.encode()), ("sample_id", sid.encode()),
+            ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
+        )))
+
+    def open_count(self) -> int:
+        return sum(len(s.open_heap) for s in self.partitions.values())
+
+
+def headers_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
+    return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in (headers or ())}
+
+
+def iter_samples(values: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    for value in values:
+        yield orjson.loads(value)

@@ -1,0 +1,248 @@
+"""Unit tests of the stream worker's logic (no Kafka): validation, de-duplication, joiner, features."""
+
+from __future__ import annotations
+
+import copy
+
+import orjson
+import pytest
+
+from feature_repo.contract import Sample, sample_id
+from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded
+from streaming.processor import (
+    DictKV, Processor, ProcessorConfig, RawRecord, headers_dict,
+)
+
+T0 = 1_700_000_000.0
+WINDOW = 10.0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(now: float = T0 + 100, **config) -> tuple[Processor, Clock]:
+    clock = Clock(now)
+    cfg = ProcessorConfig(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30,
+                          idle_advance_s=2, **config)
+    return Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock), clock
+
+
+class Feed:
+    """Numbers records of one partition like Kafka offsets."""
+
+    def __init__(self, partition: int = 0) -> None:
+        self.partition = partition
+        self.offset = 0
+
+    def raw(self, value: bytes | None, key: bytes | None = b"u1") -> RawRecord:
+        record = RawRecord(self.partition, self.offset, key, value)
+        self.offset += 1
+        return record
+
+    def event(self, **fields) -> RawRecord:
+        return self.raw(orjson.dumps({"schema_version": 1, **fields}))
+
+
+def impression(eid: str, ts: float, req: str = "r1", item: str = "i1", user: str = "u1", **extra) -> dict:
+    return {"event_type": "impression", "event_id": eid, "timestamp": ts, "request_id": req, "user_id": user,
+            "item_id": item, "position": 0, **extra}
+
+
+def click(eid: str, ts: float, req: str = "r1", item: str = "i1", user: str = "u1") -> dict:
+    return {"event_type": "click", "event_id": eid, "timestamp": ts, "request_id": req, "user_id": user,
+            "item_id": item}
+
+
+def samples_of(out) -> list[Sample]:
+    return [Sample.from_json(o.value) for o in out if o.kind == "samples"]
+
+
+def test_every_malformed_kind_is_dead_lettered_with_reason_and_good_neighbours_survive():
+    proc, _ = make()
+    feed = Feed(partition=2)
+    good_before = feed.event(**impression("e1", T0 + 1))
+    bad = {
+        "bad_json": b'{"event_type": "click", "event_id": ',
+        "not_utf8": b"\xff\xfe{}",
+        "not_an_object": b"[1, 2]",
+        "unknown_event_type": orjson.dumps({"event_type": "purchase", "event_id": "x", "timestamp": T0}),
+        "missing_field": orjson.dumps({k: v for k, v in click("e9", T0 + 1).items() if k != "item_id"}),
+        "wrong_type": orjson.dumps({**impression("e8", T0 + 1), "position": "first"}),
+        "future_timestamp": orjson.dumps(click("e7", T0 + 100 + 7 * 86400)),
+        "stale_timestamp": orjson.dumps(click("e6", 1000.0)),
+        "oversized": orjson.dumps({**click("e5", T0 + 1), "pad": "x" * 70_000}),
+        "unsupported_version": orjson.dumps({**click("e4", T0 + 1), "schema_version": 2}),
+        "missing_value": None,
+    }
+    records = [good_before] + [feed.raw(value) for value in bad.values()]
+    good_after = feed.event(**click("e2", T0 + 2))
+    result = proc.process_batch(records + [good_after])
+    letters = [o for o in result.out if o.kind == "deadletter"]
+    assert [headers_dict(o.headers)["reason"] for o in letters] == list(bad)
+    for letter, record in zip(letters, records[1:]):
+        meta = headers_dict(letter.headers)
+        assert letter.value == (record.value or b"")  # the original bytes, untouched
+        assert meta["source_partition"] == "2" and meta["source_offset"] == str(record.offset)
+        assert meta["message"]
+    # the good impression and its click, on both sides of the bad records, made a positive sample
+    [sample] = samples_of(result.out)
+    assert sample.label == 1 and sample.sample_id == sample_id("r1", "i1")
+
+
+def test_logged_features_that_break_the_spec_are_dead_lettered():
+    proc, _ = make()
+    feed = Feed()
+    result = proc.process_batch([feed.event(**impression("e1", T0, features={"sparse": {"gender": [1]},
+                                                                              "dense": {}}))])
+    [letter] = result.out
+    assert letter.kind == "deadletter" and headers_dict(letter.headers)["reason"] == "bad_value"
+
+
+def test_client_retry_is_dropped_but_a_redelivery_of_the_same_offset_is_processed():
+    proc, _ = make()
+    feed = Feed()
+    first = feed.event(**impression("e1", T0))
+    proc.process_batch([first])
+    retry = feed.event(**click("c1", T0 + 1))
+    retry_again = RawRecord(0, feed.offset, b"u1", retry.value)  # same event id, later offset: a client retry
+    result = proc.process_batch([retry, retry_again])
+    assert len(samples_of(result.out)) == 1
+    assert proc.dedup["c1"][:2] == [0, retry.offset]
+    # after a crash the same record (same offset) comes again: it is not a duplicate
+    restored = Processor(proc.config, copy.deepcopy(proc.dedup), DictKV(), DictKV(), DictKV(), wall=proc.wall)
+    restored.process_batch([first])
+    assert restored.joins[sample_id("r1", "i1")]["st"] == "o"
+
+
+def test_click_in_window_is_positive_and_silence_is_negative():
+    proc, _ = make()
+    feed = Feed()
+    out = proc.process_batch([
+        feed.event(**impression("e1", T0, item="i1")),
+        feed.event(**impression("e2", T0, item="i2")),
+        feed.event(**click("c1", T0 + WINDOW - 0.5, item="i1")),
+    ]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+    # i2 stays open until event time passes its deadline
+    out = proc.process_batch([feed.event(**impression("e3", T0 + WINDOW - 0.1, req="r2"))]).out
+    assert samples_of(out) == []
+    out = proc.process_batch([feed.event(**impression("e4", T0 + WINDOW + 0.1, req="r3"))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i2", 0)]
+
+
+def test_click_after_negative_goes_to_the_late_topic():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**impression("e2", T0 + 50, req="r9"))])
+    late_click = feed.event(**click("c1", T0 + 51))
+    out = proc.process_batch([late_click]).out
+    [late] = [o for o in out if o.kind == "late"]
+    assert late.value == late_click.value
+    assert headers_dict(late.headers)["reason"] == "after_negative"
+    assert samples_of(out) == []
+
+
+def test_click_past_the_window_before_expiry_ran_is_negative_and_late():
+    # impression, an event far ahead in time and the click in one batch: expiry has not run yet
+    proc, _ = make()
+    feed = Feed()
+    out = proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**impression("e2", T0 + 50, req="r9")),
+                              feed.event(**click("c1", T0 + 51))]).out
+    assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
+    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["after_window"]
+
+
+def test_click_without_impression_is_routed_late_not_lost():
+    proc, _ = make()
+    out = proc.process_batch([Feed().event(**click("c1", T0))]).out
+    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["no_impression"]
+
+
+def test_idle_partition_advances_with_the_wall_clock():
+    proc, clock = make(now=T0 + 1)
+    proc.process_batch([Feed().event(**impression("e1", T0))])
+    clock.now += 1
+    assert samples_of(proc.advance_idle()) == []  # not idle long enough
+    clock.now += WINDOW + 2
+    assert [s.label for s in samples_of(proc.advance_idle())] == [0]
+
+
+def test_sample_features_use_logged_features_exactly():
+    proc, _ = make()
+    user, item = encode_user("u1", {"gender": "F", "age": 30}), encode_item("i1", {"genres": ["drama"]})
+    sparse, dense = join_features(user, item, "u1", "i1")
+    sparse["gender"] = [2]
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0, features={"sparse": sparse, "dense": dense}))])
+    [sample] = samples_of(proc.process_batch([feed.event(**click("c1", T0 + 1))]).out)
+    assert sample.sparse == sparse and sample.dense == dense
+
+
+def test_sample_features_take_the_latest_stream_profiles_at_impression_time():
+    proc, _ = make()
+    feed = Feed()
+    user_old = {"event_type": "user_profile", "event_id": "p1", "timestamp": T0 - 10, "user_id": "u1",
+                "gender": "M", "age": 20, "occupation": "artist", "zip_code": "94110"}
+    user_new = {**user_old, "event_id": "p2", "timestamp": T0 - 5, "gender": "F", "age": 40}
+    item = {"event_type": "item_profile", "event_id": "p3", "timestamp": T0 - 10, "item_id": "i1",
+            "category": "comedy", "genres": ["comedy", "drama"], "year": 1999}
+    result = proc.process_batch([feed.event(**user_new), feed.event(**user_old), feed.event(**item),
+                                 feed.event(**impression("e1", T0))])
+    assert result.users["u1"][0] == encode_user("u1", user_new)  # the older profile arriving late lost
+    assert result.items["i1"][0] == encode_item("i1", item)
+    # a profile change after the impression does not change the sample
+    proc.process_batch([feed.event(**{**user_new, "event_id": "p4", "timestamp": T0 + 1, "age": 70})])
+    [sample] = samples_of(proc.process_batch([feed.event(**click("c1", T0 + 2))]).out)
+    expected = join_features(encode_user("u1", user_new), encode_item("i1", item), "u1", "i1")
+    assert (sample.sparse, sample.dense) == expected
+    validate_encoded(sample.sparse, sample.dense)
+
+
+def test_restart_reemits_resolved_samples_and_keeps_labels():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
+                        feed.event(**click("c1", T0 + 1, item="i1")),
+                        feed.event(**impression("e3", T0 + 30, req="r2"))])
+    # a new process restores the tables (the emissions may not have reached Kafka) and takes partition 0
+    restored = Processor(proc.config, copy.deepcopy(proc.dedup), copy.deepcopy(proc.joins), DictKV(), DictKV(),
+                         wall=clock)
+    out = restored.process_batch([])
+    assert out.out == []  # a partition is taken on its first record
+    out = restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out
+    assert sorted((s.item_id, s.label) for s in samples_of(out)) == [("i1", 1), ("i2", 0)]
+    # resolved entries are forgotten after their retention (wall time)
+    clock.now += 31
+    restored.process_batch([feed.event(**impression("e5", T0 + 32, req="r4"))])
+    assert sample_id("r1", "i1") not in restored.joins
+
+
+def test_dedup_ids_expire_after_the_window():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0))])
+    proc.process_batch([feed.event(**impression("e2", T0 + 61, req="r2"))])
+    assert "e1" not in proc.dedup and "e2" in proc.dedup
+
+
+def test_sample_wire_format_is_the_contract_sample():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0, model_version="m7"))])
+    [out] = [o for o in proc.process_batch([feed.event(**click("c1", T0 + 1))]).out]
+    sample = Sample.from_json(out.value)
+    assert out.key == b"u1"
+    assert orjson.loads(out.value) == orjson.loads(sample.to_json())
+    assert sample.model_version == "m7" and sample.event_time == T0
+
+
+@pytest.mark.parametrize("value", [b"", b"null", b"{}", b'{"event_type": null}', b"\x00" * 10])
+def test_odd_bytes_never_raise(value):
+    proc, _ = make()
+    out = proc.process_batch([Feed().raw(value)]).out
+    assert [o.kind for o in out] == ["deadletter"]
