@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     stream_batch_size: int = Field(2000, ge=1, le=100_000, description="records the worker handles per batch")
     stream_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a batch")
     stream_commit_interval_s: float = Field(1.0, gt=0, description="how often the worker commits offsets")
+    stream_session_timeout_s: float = Field(30.0, ge=6, description="Kafka group session timeout of a worker: how "
+                                            "soon the partitions of a dead worker move to the others")
     stream_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)")
     stream_log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     feast_data_dir: Path = Field(PROJECT_ROOT / "feature_repo" / "data",
