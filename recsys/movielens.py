@@ -199,8 +199,8 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _table(archive: zipfile.ZipFile, member: str) -> tuple[list[str], list[list[str]]]:
-    """Column names (without their ``:type``) and rows of one atomic file."""
+def _table(archive: zipfile.ZipFile, member: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Column names (without their ``:type``) and (line number, fields) of the non-blank rows of one atomic file."""
     try:
         text = _decode(archive.read(member))
     except KeyError:
@@ -209,7 +209,7 @@ def _table(archive: zipfile.ZipFile, member: str) -> tuple[list[str], list[list[
     if not lines:
         raise DatasetError(f"{member} is empty")
     header = [column.split(":", 1)[0] for column in lines[0].split("\t")]
-    return header, [line.split("\t") for line in lines[1:] if line.strip()]
+    return header, [(number, line.split("\t")) for number, line in enumerate(lines[1:], start=2) if line.strip()]
 
 
 def _int_or_none(text: str) -> int | None:
@@ -242,7 +242,7 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
         header, rows = _table(archive, f"{base}.user")
         col = {name: i for i, name in enumerate(header)}
         users: dict[str, User] = {}
-        for number, row in enumerate(rows, start=2):
+        for number, row in rows:
             try:
                 occupation = row[col["occupation"]].strip()
                 if occupation.replace(".", "", 1).isdigit():  # 1M codes occupations as numbers
@@ -258,7 +258,7 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
         col = {name: i for i, name in enumerate(header)}
         genre_col = col.get("genre", col.get("class"))
         items: dict[str, Item] = {}
-        for number, row in enumerate(rows, start=2):
+        for number, row in rows:
             try:
                 year = _year(row[col["release_year"]])
                 genres = tuple(g for g in row[genre_col].split(" ") if g and g != "unknown") if genre_col is not None else ()
@@ -271,7 +271,7 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
         header, rows = _table(archive, f"{base}.inter")
         col = {name: i for i, name in enumerate(header)}
         r_user, r_item, r_rating, r_time = [], [], [], []
-        for number, row in enumerate(rows, start=2):
+        for number, row in rows:
             try:
                 rating, stamp = float(row[col["rating"]]), float(row[col["timestamp"]])
                 user, item = user_key(row[col["user_id"]]), row[col["item_id"]]
