@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     )
     ps_namespace: str = Field("ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
                               description="key prefix of the parameter service in its Redis servers")
-    ps_rows_per_bucket: int = Field(16, ge=1, le=4096,
+    ps_rows_per_bucket: int = Field(24, ge=1, le=4096,
                                     description="target rows per Redis hash bucket (memory vs lookup cost)")
     ps_timeout_s: float = Field(5.0, gt=0, description="socket timeout of parameter-service requests")
     ps_lock_ttl_s: float = Field(30.0, gt=0, description="lease of the push lock; a push outliving it aborts")
