@@ -365,7 +365,7 @@ class _Lock:
 
 class RedisStore(BaseStore):
     def __init__(self, shards: list[str], tables: list[TableConfig] | None = None, *, namespace: str = "ps",
-                 rows_per_bucket: int = 16, timeout: float = 5.0, lock_ttl_s: float = 30.0,
+                 rows_per_bucket: int = 24, timeout: float = 5.0, lock_ttl_s: float = 30.0,
                  lock_wait_s: float = 60.0, log_retention_s: float = 300.0, configure_servers: bool = True) -> None:
         if not shards:
             raise ParamServerError("the redis backend needs at least one shard URL")
