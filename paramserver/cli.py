@@ -132,12 +132,13 @@ def _print_status(s: Settings, as_json: bool = False) -> None:
     if as_json:
         out.print_json(data=info)
         return
-    table = Table("shard", "state", "applied", "memory", "keys", "log entries",
-                  title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}")
+    table = Table("shard", "state", "applied", "memory", "keys",
+                  title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}, "
+                        f"{info.get('log_versions', 0)} versions in the delta log")
     for entry in info["shards"]:
         table.add_row(entry["url"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
                       str(entry.get("applied", "-")), f"{entry.get('used_memory', 0) / 2**20:.1f} MiB",
-                      str(entry.get("keys", "-")), str(entry.get("log_entries", "-")))
+                      str(entry.get("keys", "-")))
     out.print(table)
     if info["replicas"]:
         rt = Table("replica (nearest first)", "state", "version", "behind", "lag s", "last apply delay s")

@@ -812,15 +812,14 @@ class RedisStore(BaseStore):
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict:
-        """Version, log floor, lock holder and per-shard applied version, memory and keys."""
+        """Version, log floor, retained log versions, lock, and per shard: applied version, memory, keys."""
         shards = []
         for shard, client in enumerate(self._clients):
             entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
             try:
                 info = client.info("memory")
                 entry.update(up=True, applied=_applied(client.get(self.k_applied))[0],
-                             used_memory=int(info["used_memory"]), keys=int(client.dbsize()),
-                             log_entries=sum(1 for _ in client.scan_iter(match=f"{self.ns}:log:*", count=1000)))
+                             used_memory=int(info["used_memory"]), keys=int(client.dbsize()))
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 entry["error"] = str(exc)
             shards.append(entry)
@@ -828,7 +827,7 @@ class RedisStore(BaseStore):
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
             client0 = self._clients[0]
             result.update(version=int(client0.get(self.k_version) or 0), floor=int(client0.get(self.k_floor) or 0),
-                          locked=bool(client0.exists(self.k_lock)))
+                          locked=bool(client0.exists(self.k_lock)), log_versions=int(client0.xlen(self.k_commits)))
             last = client0.xrevrange(self.k_commits, "+", "-", count=1)
             if last:
                 result["commit_time"] = float(last[0][1][b"t"])
