@@ -181,6 +181,7 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
         s.stream_app_id, broker=brokers, store="memory://", datadir=str(folder),
         processing_guarantee="at_least_once", topic_partitions=s.topic_partitions, topic_replication_factor=1,
         table_standby_replicas=0, broker_commit_interval=s.stream_commit_interval_s,
+        broker_session_timeout=s.stream_session_timeout_s, broker_heartbeat_interval=min(3.0, s.stream_session_timeout_s / 3),
         broker_max_poll_records=s.stream_batch_size, stream_buffer_maxsize=max(4096, 2 * s.stream_batch_size),
         consumer_auto_offset_reset="earliest", producer_linger=0.005, producer_max_batch_size=256 * 1024,
         stream_wait_empty=False, web_enabled=False, worker_redirect_stdouts=False, autodiscover=False,

@@ -24,9 +24,10 @@ partially durable):
   in the restored state (their emission may not have reached Kafka); resolved entries are
   kept ``resolved_retention_s`` of wall time for this, far longer than a commit interval.
 
-The one input that is not replayed identically is wall time: a partition idle for
-``idle_advance_s`` advances its watermark with the clock so that windows close on a quiet
-stream. Replays that publish faster than that never go idle mid-stream.
+The one input that is not replayed identically is wall time: a partition that holds open
+impressions and has been idle for ``idle_advance_s`` advances its watermark with the clock,
+so that windows close on a quiet stream. Replays that publish faster than that never go
+idle mid-stream, so their labels do not depend on it.
 """
 
 from __future__ import annotations
@@ -224,7 +225,14 @@ class Processor:
         out: list[Outgoing] = []
         now = self.wall()
         for p, state in self.partitions.items():
-            if state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s:
+            heap = state.open_heap
+            while heap and (self.joins.get(heap[0][1]) or {}).get("st") != OPEN:
+                heapq.heappop(heap)  # resolved by a click: nothing waits on it
+            if not heap:
+                # nothing waits for a window: quiet time is not banked (a partition that only saw profiles
+                # must not expire the impressions that arrive after a pause)
+                state.anchor_wall = now
+            elif state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s:
                 state.watermark += now - state.anchor_wall
                 state.anchor_wall = now
             self._expire(p, state, out, now)

@@ -246,3 +246,16 @@ def test_odd_bytes_never_raise(value):
     proc, _ = make()
     out = proc.process_batch([Feed().raw(value)]).out
     assert [o.kind for o in out] == ["deadletter"]
+
+
+def test_idle_time_without_open_impressions_is_not_banked():
+    proc, clock = make(now=T0 + 1)
+    feed = Feed()
+    proc.process_batch([feed.event(**{"event_type": "user_profile", "event_id": "p1", "timestamp": T0,
+                                      "user_id": "u1"})])
+    clock.now += 100
+    proc.advance_idle()
+    out = proc.process_batch([feed.event(**impression("e1", T0 + 1)), ]).out
+    assert samples_of(out) == []
+    [sample] = samples_of(proc.process_batch([feed.event(**click("c1", T0 + 2))]).out)
+    assert sample.label == 1

@@ -1,0 +1,293 @@
+"""The stream worker against real Kafka and Feast: a subprocess `recsys stream worker` per test.
+
+Each test gets its own topics, Faust app id (consumer group, changelog topics), run and
+Feast data directories; the simulator gives the ground truth of every impression.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from feature_repo.contract import Sample, sample_id
+from feature_repo.spec import encode_item, encode_user, join_features
+from recsys.kafka import end_offsets, ensure_topics, produce_all
+from recsys.settings import PROJECT_ROOT
+from recsys.simulator import SimConfig, Simulation
+
+pytestmark = pytest.mark.integration
+
+PARTITIONS = 4
+WINDOW_S = 4.0  # attribution window in event time; the simulated clicks arrive within 2 s
+BAD_REASON = {"non_utf8": "not_utf8"}  # simulator's name -> contract reason where they differ
+
+
+class Worker:
+    """One `recsys stream worker` subprocess with its log file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.handle = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], env=env,
+                                     cwd=PROJECT_ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.handle.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+class Setup:
+    def __init__(self, bootstrap: str, tmp: Path, online: str = "sqlite", redis_url: str | None = None,
+                 tag: str | None = None, events_topic: str | None = None) -> None:
+        self.tag = tag = tag or uuid.uuid4().hex[:8]
+        self.bootstrap = bootstrap
+        self.events = events_topic or f"st.events.{tag}"
+        self.samples, self.deadletter, self.late = f"st.samples.{tag}", f"st.dead.{tag}", f"st.late.{tag}"
+        self.feast_dir = tmp / f"feast-{tag}"
+        self.env = {
+            **os.environ,
+            "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": self.events,
+            "RECSYS_TOPIC_SAMPLES": self.samples, "RECSYS_TOPIC_DEADLETTER": self.deadletter,
+            "RECSYS_TOPIC_LATE": self.late, "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
+            "RECSYS_STREAM_APP_ID": f"stream-test-{tag}", "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
+            "RECSYS_FEAST_DATA_DIR": str(self.feast_dir), "RECSYS_FEAST_ONLINE_STORE": online,
+            "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S), "RECSYS_STREAM_IDLE_ADVANCE_S": "1.5",
+            "RECSYS_STREAM_SESSION_TIMEOUT_S": "6", "RECSYS_STREAM_BATCH_SIZE": "500",
+            "RECSYS_STREAM_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+        }
+        if redis_url:
+            self.env["RECSYS_FEAST_REDIS_URL"] = redis_url
+        self.tmp = tmp
+        self.workers: list[Worker] = []
+        asyncio.run(ensure_topics(bootstrap, {t: PARTITIONS for t in (self.events, self.samples, self.deadletter,
+                                                                       self.late)}))
+
+    def start_worker(self) -> Worker:
+        worker = Worker(self.env, self.tmp / f"worker-{self.tag}-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def publish(self, records) -> int:
+        return asyncio.run(produce_all(self.bootstrap, self.events, [(r.key, r.value) for r in records]))
+
+    def count(self, topic: str) -> int:
+        return sum(asyncio.run(end_offsets(self.bootstrap, topic)).values())
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            for worker in self.workers:
+                if worker.proc.poll() not in (None, -signal.SIGKILL):
+                    pytest.fail(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+            time.sleep(0.5)
+        logs = "\n---\n".join(w.tail() for w in self.workers)
+        pytest.fail(f"timed out waiting for {what}:\n{logs}")
+
+
+def read_all(bootstrap: str, topic: str) -> list:
+    """Every record of a topic with its headers."""
+    async def run() -> list:
+        ends = await end_offsets(bootstrap, topic)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in ends]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            records = []
+            async def behind() -> bool:
+                return any([await consumer.position(tp) < ends[tp.partition] for tp in tps])
+
+            while await behind():
+                batch = await consumer.getmany(timeout_ms=1000)
+                for tp_records in batch.values():
+                    records.extend(tp_records)
+            return records
+        finally:
+            await consumer.stop()
+    return asyncio.run(run())
+
+
+def samples_by_id(bootstrap: str, topic: str) -> dict[str, Sample]:
+    """Samples de-duplicated by id; a sample id seen with two labels fails the test."""
+    out: dict[str, Sample] = {}
+    for record in read_all(bootstrap, topic):
+        sample = Sample.from_json(record.value)
+        previous = out.setdefault(sample.sample_id, sample)
+        assert previous.label == sample.label, f"sample {sample.sample_id} emitted with both labels"
+    return out
+
+
+def simulation(requests: int, bad_fraction: float = 0.0, seed: int = 7) -> tuple[Simulation, list]:
+    sim = Simulation(SimConfig(users=60, items=40, requests=requests, slate_size=5, seed=seed,
+                               requests_per_second=100.0, click_delay_mean_s=0.5, click_delay_max_s=2.0,
+                               bad_fraction=bad_fraction))
+    return sim, list(sim.records())
+
+
+def truth_labels(sim: Simulation) -> dict[str, int]:
+    return {sample_id(t.request_id, t.item_id): int(t.clicked) for t in sim.truth}
+
+
+@pytest.fixture
+def make_setup(kafka_bootstrap: str, tmp_path: Path):
+    setups: list[Setup] = []
+
+    def make(**kwargs) -> Setup:
+        setup = Setup(kafka_bootstrap, tmp_path, **kwargs)
+        setups.append(setup)
+        return setup
+
+    yield make
+    for setup in setups:
+        setup.stop_all()
+
+
+@pytest.mark.parametrize("online", ["sqlite", "redis"])
+def test_stream_makes_labelled_samples_features_and_dead_letters(make_setup, redis_factory, online):
+    from feature_repo import store as fs
+
+    redis_url = redis_factory("feast").url if online == "redis" else None
+    setup = make_setup(online=online, redis_url=redis_url)
+    sim, records = simulation(requests=300, bad_fraction=0.03)
+    profiles = [r for r in records if r.kind in ("user_profile", "item_profile")]
+    traffic = [r for r in records if r.kind not in ("user_profile", "item_profile")]
+    setup.publish(profiles)
+    setup.start_worker()
+
+    # profiles reach the online store before any impression is published
+    users = {r.key.decode(): orjson.loads(r.value) for r in profiles if r.kind == "user_profile"}
+    items = {r.key.decode(): orjson.loads(r.value) for r in profiles if r.kind == "item_profile"}
+
+    def online_complete() -> bool:
+        if not (setup.feast_dir / "registry.db").exists():
+            return False
+        store = fs.open_store(setup.feast_dir, online, redis_url, apply=False)
+        got_users = fs.read_online(store, "user", list(users))
+        got_items = fs.read_online(store, "item", list(items))
+        return all(v is not None for v in got_users.values()) and all(v is not None for v in got_items.values())
+
+    setup.wait_for("profiles in the online store", online_complete, timeout=150)
+    store = fs.open_store(setup.feast_dir, online, redis_url, apply=False)
+    for user_id, online_user in fs.read_online(store, "user", list(users)).items():
+        assert online_user == encode_user(user_id, users[user_id])
+    for item_id, online_item in fs.read_online(store, "item", list(items)).items():
+        assert online_item == encode_item(item_id, items[item_id])
+
+    setup.publish(traffic)
+    expected = truth_labels(sim)
+    setup.wait_for("every impression's sample", lambda: setup.count(setup.samples) >= len(expected))
+    samples = samples_by_id(setup.bootstrap, setup.samples)
+    assert set(samples) == set(expected)
+    assert {sid: s.label for sid, s in samples.items()} == expected
+    assert sum(expected.values()) > 0 and sum(expected.values()) < len(expected)
+    for sample in samples.values():
+        user_id, item_id = sample.user_id, sample.item_id
+        assert (sample.sparse, sample.dense) == join_features(
+            encode_user(user_id, users[user_id]), encode_item(item_id, items[item_id]), user_id, item_id)
+
+    # every malformed record is in the dead-letter topic, with its original bytes and a reason
+    bad = [r for r in records if r.kind.startswith("bad:")]
+    assert bad
+    setup.wait_for("dead letters", lambda: setup.count(setup.deadletter) >= len(bad))
+    letters = read_all(setup.bootstrap, setup.deadletter)
+    reasons = Counter(dict(letter.headers)["reason"].decode() for letter in letters)
+    wanted = Counter(BAD_REASON.get(r.kind[4:], r.kind[4:]) for r in bad)
+    assert reasons == wanted
+    assert Counter(letter.value for letter in letters) == Counter(r.value for r in bad)
+    assert setup.count(setup.late) == 0  # every click arrived inside its window
+
+    # the offline store got the same rows, partitioned by date
+    assert list((setup.feast_dir / "offline" / "user").glob("date=*/part-*.parquet"))
+
+
+def test_late_clicks_and_client_retries(make_setup):
+    setup = make_setup()
+    now = time.time()
+
+    def event(**fields) -> tuple[bytes, bytes]:
+        return fields["user_id"].encode(), orjson.dumps({"schema_version": 1, **fields})
+
+    imp = {"event_type": "impression", "request_id": "r1", "user_id": "u1", "position": 0}
+    records = [
+        event(**imp, event_id="i1", timestamp=now - 60, item_id="a"),
+        event(**imp, event_id="i1", timestamp=now - 60, item_id="a"),  # a client retry
+        event(**imp, event_id="i2", timestamp=now - 60, item_id="b"),
+        event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
+        event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
+        # moves event time past both windows: b closes negative, and its click is late
+        event(**imp, event_id="i3", timestamp=now - 50, item_id="c", ),
+        event(event_type="click", event_id="c2", timestamp=now - 49, request_id="r1", user_id="u1", item_id="b"),
+    ]
+    asyncio.run(produce_all(setup.bootstrap, setup.events, records))
+    setup.start_worker()
+    setup.wait_for("three samples and a late click",
+                   lambda: setup.count(setup.samples) >= 3 and setup.count(setup.late) >= 1, timeout=150)
+    samples = samples_by_id(setup.bootstrap, setup.samples)
+    assert {s.item_id: s.label for s in samples.values()} == {"a": 1, "b": 0, "c": 0}
+    [late] = read_all(setup.bootstrap, setup.late)
+    # after_window when expiry had not run yet on the click's batch, after_negative otherwise
+    assert dict(late.headers)["reason"] in (b"after_window", b"after_negative")
+    assert dict(late.headers)["sample_id"] == sample_id("r1", "b").encode()
+    assert orjson.loads(late.value)["event_id"] == "c2"
+    assert setup.count(setup.samples) == 3  # the retried impression and click made nothing twice
+
+
+@pytest.mark.slow
+def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
+    sim, records = simulation(requests=2400, seed=11)
+    expected = truth_labels(sim)
+    steady = make_setup()
+    crashy = make_setup(events_topic=steady.events)  # same input, its own group, tables and outputs
+    steady.publish(records)
+    steady.start_worker()
+    crashy.start_worker()
+    kills = 0
+    for fraction in (0.15, 0.5):
+        crashy.wait_for(f"{fraction:.0%} of the samples",
+                        lambda f=fraction: crashy.count(crashy.samples) >= f * len(expected), timeout=180)
+        assert crashy.count(crashy.samples) < len(expected), "the replay finished before the kill"
+        crashy.workers[-1].kill()
+        kills += 1
+        crashy.start_worker()
+    for setup in (steady, crashy):
+        setup.wait_for("the stream to drain", lambda s=setup: len(samples_by_id(s.bootstrap, s.samples))
+                       >= len(expected), timeout=240)
+    uninterrupted = samples_by_id(steady.bootstrap, steady.samples)
+    recovered = samples_by_id(crashy.bootstrap, crashy.samples)
+    assert kills == 2
+    assert set(recovered) == set(uninterrupted) == set(expected)
+    labels = {sid: s.label for sid, s in recovered.items()}
+    assert labels == {sid: s.label for sid, s in uninterrupted.items()} == expected
