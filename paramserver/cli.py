@@ -143,9 +143,9 @@ def _print_status(s: Settings, as_json: bool = False) -> None:
     if info["replicas"]:
         rt = Table("replica (nearest first)", "state", "version", "behind", "lag s", "last apply delay s")
         for entry in info["replicas"]:
-            rt.add_row(entry["replica"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
-                       str(entry.get("version", "-")), str(entry.get("behind", "-")), str(entry.get("lag_s", "-")),
-                       str(entry.get("apply_delay_s", "-")))
+            state = "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}"
+            rt.add_row(entry["replica"], state, *(str(entry.get(k, "-")) for k in
+                                                  ("version", "behind", "lag_s", "apply_delay_s")))
         out.print(rt)
 
 

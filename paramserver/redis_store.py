@@ -208,7 +208,8 @@ class _Raw:
                             break
                         checked = complete
                     if checked < n:  # the reply being received must begin like a row of this size
-                        partial = bytes(view[start + checked * stride:min(filled, start + checked * stride + len(head))])
+                        at = start + checked * stride
+                        partial = bytes(view[at:min(filled, at + len(head))])
                         if not head.startswith(partial):
                             break
                         continue
@@ -596,7 +597,8 @@ class RedisStore(BaseStore):
         deadline = time.monotonic() + self.lock_wait_s
         pause = 0.001
         # take the lock and read the committed version in one round trip
-        payload = (_pack(b"SET", self.k_lock.encode(), token.encode(), b"NX", b"PX", b"%d" % int(self.lock_ttl_s * 1000))
+        lease_ms = b"%d" % int(self.lock_ttl_s * 1000)
+        payload = (_pack(b"SET", self.k_lock.encode(), token.encode(), b"NX", b"PX", lease_ms)
                    + _pack(b"GET", self.k_version.encode()))
         while True:
             taken, version = self._raw[0].call(payload, 2)

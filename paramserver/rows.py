@@ -131,8 +131,8 @@ def check_ids(ids: object, what: str = "ids") -> np.ndarray:
 def check_matrix(values: object, n: int, width: int, what: str, fp16: bool = False) -> np.ndarray:
     """``values`` as a finite float32 [n, width] array, or BadRows saying why not."""
     try:
-        arr = np.asarray(values, dtype=np.float32) if not (isinstance(values, np.ndarray) and values.dtype == np.float32) \
-            else values
+        arr = values if isinstance(values, np.ndarray) and values.dtype == np.float32 \
+            else np.asarray(values, dtype=np.float32)
     except (ValueError, TypeError) as exc:
         raise BadRows(f"{what}: not a numeric array ({exc})") from None
     if arr.ndim == 1 and width == 0 and arr.size == 0:

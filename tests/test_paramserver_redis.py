@@ -7,7 +7,6 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
