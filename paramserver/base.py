@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from paramserver.rows import (
     BadRows,
     LogTrimmed,
+    ParamServerError,
     Rows,
     TableConfig,
     TableMismatch,
@@ -44,6 +46,7 @@ class ParamStore(Protocol):
     tables: dict[str, TableConfig]
 
     def pull(self, table: str, ids: np.ndarray) -> Rows: ...
+    def pull_many(self, requests: dict[str, np.ndarray]) -> dict[str, Rows]: ...
     def push(self, updates: dict[str, Rows]) -> int: ...
     def push_delta(self, table: str, ids: np.ndarray, deltas: np.ndarray) -> int: ...
     def version(self) -> int: ...
@@ -116,6 +119,24 @@ class BaseStore:
         if len(uniq) == len(ids) and (uniq == ids).all():
             return Rows(ids, weights, state, version)
         return Rows(ids, weights[inverse], state[inverse], version)
+
+    def pull_many(self, requests: dict[str, np.ndarray]) -> dict[str, Rows]:
+        """Rows of several tables, all of the same committed version (a push to several tables is whole)."""
+        out = {table: self.pull(table, ids) for table, ids in requests.items()}
+        for attempt in range(40):
+            top = max((rows.version for rows in out.values()), default=0)
+            behind = [table for table, rows in out.items() if rows.version < top]
+            if not behind:
+                return out
+            if attempt >= 6:  # the writer of ``top`` may be gone: finish its apply
+                self._catch_up(top)
+            else:
+                time.sleep(0.001 * (2 ** attempt))
+            out.update({table: self.pull(table, requests[table]) for table in behind})
+        raise ParamServerError("could not read one consistent version across tables (writes too frequent)")
+
+    def _catch_up(self, version: int) -> None:
+        """Make every shard apply the committed versions up to ``version`` (backends with shards override)."""
 
     def push(self, updates: dict[str, Rows]) -> int:
         """Write the rows of every table in ``updates`` as ONE new version (all or nothing); returns it."""

@@ -693,6 +693,10 @@ class RedisStore(BaseStore):
                 found.update((v, blob) for v, blob in zip(chunk, values) if blob is not None)
         return found
 
+    def _catch_up(self, version: int) -> None:
+        for shard in range(len(self.urls)):
+            self._roll_forward(shard, version)
+
     def _roll_forward(self, shard: int, target: int) -> None:
         """Apply committed versions up to ``target`` that ``shard`` has not applied (their writer stalled or died)."""
         client = self._clients[shard]

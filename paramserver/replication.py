@@ -202,6 +202,13 @@ class FailoverReader:
             raise UnknownTable(f"unknown table {table!r}; the replicas hold {sorted(self.tables)}")
         return self._call("pull", lambda store: store.pull(table, ids))
 
+    def pull_many(self, requests: dict[str, np.ndarray]) -> dict[str, Rows]:
+        """Rows of several tables from one replica, all of one version."""
+        unknown = sorted(set(requests) - set(self.tables))
+        if unknown:
+            raise UnknownTable(f"unknown tables {unknown}; the replicas hold {sorted(self.tables)}")
+        return self._call("pull_many", lambda store: store.pull_many(requests))
+
     def version(self) -> int:
         return self._call("version", lambda store: store.version())
 

@@ -202,6 +202,27 @@ def test_reader_sees_whole_pushes_only(store):
     assert len(seen) > 1
 
 
+def test_pull_many_reads_one_version_across_tables(store):
+    ids = np.arange(50)
+    store.push({"user": rows_of(USER, ids, 0.0), "item": rows_of(ITEM, ids, 0.0)})
+    done = threading.Event()
+
+    def writer():
+        for k in range(1, 150):
+            store.push({"user": rows_of(USER, ids, float(k)), "item": rows_of(ITEM, ids, float(k))})
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set():
+        got = store.pull_many({"user": ids, "item": ids[:10]})
+        assert got["user"].version == got["item"].version
+        assert got["user"].weights[0, 0] == got["item"].weights[0, 0] == got["user"].version - 1
+    thread.join()
+    with pytest.raises(UnknownTable):
+        store.pull_many({"user": ids, "nope": ids})
+
+
 def test_snapshot_is_incremental_and_restores(tmp_path, store):
     store.push({"user": rows_of(USER, np.arange(100), 1.0), "item": rows_of(ITEM, [1, 2], 2.0)})
     first = store.snapshot(tmp_path / "snap")

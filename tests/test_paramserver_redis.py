@@ -154,6 +154,11 @@ def test_concurrent_reader_sees_whole_versions_only(store, shard_urls, ns):
             assert len(values) == 1, f"one pull saw versions {values} across shards"
             assert values[0] == got.version - 1
             versions.add(got.version)
+            both = store.pull_many({"user": ids, "item": ids[:50]})
+            assert both["user"].version == both["item"].version
+            assert np.unique(both["user"].weights).tolist() == [both["user"].version - 1]
+            # float16 storage holds these small integers exactly
+            assert np.unique(both["item"].weights).tolist() == [both["item"].version - 1]
     finally:
         writer.join(60)
     assert writer.exitcode == 0
