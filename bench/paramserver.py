@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
 import os
 import signal
-import multiprocessing as mp
 import statistics
 import tempfile
 import threading

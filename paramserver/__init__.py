@@ -11,6 +11,7 @@ from __future__ import annotations
 from paramserver.base import ParamStore, SnapshotInfo
 from paramserver.rows import (
     BadRows,
+    Conflict,
     LogTrimmed,
     ParamServerError,
     Rows,
@@ -22,7 +23,7 @@ from paramserver.rows import (
 )
 
 __all__ = [
-    "BadRows", "FailoverReader", "LogTrimmed", "ParamServerError", "ParamStore", "Replicator", "Rows",
+    "BadRows", "Conflict", "FailoverReader", "LogTrimmed", "ParamServerError", "ParamStore", "Replicator", "Rows",
     "ShardUnavailable", "SnapshotInfo", "TableConfig", "TableMismatch", "UnknownTable", "initial_rows",
     "open_reader", "open_store",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 
 from paramserver.rows import (
     BadRows,
+    Conflict,
     LogTrimmed,
     ParamServerError,
     Rows,
@@ -47,7 +48,7 @@ class ParamStore(Protocol):
 
     def pull(self, table: str, ids: np.ndarray) -> Rows: ...
     def pull_many(self, requests: dict[str, np.ndarray]) -> dict[str, Rows]: ...
-    def push(self, updates: dict[str, Rows]) -> int: ...
+    def push(self, updates: dict[str, Rows], unchanged_since: int | None = None) -> int: ...
     def push_delta(self, table: str, ids: np.ndarray, deltas: np.ndarray) -> int: ...
     def version(self) -> int: ...
     def changed_since(self, version: int) -> dict[str, np.ndarray]: ...
@@ -138,10 +139,24 @@ class BaseStore:
     def _catch_up(self, version: int) -> None:
         """Make every shard apply the committed versions up to ``version`` (backends with shards override)."""
 
-    def push(self, updates: dict[str, Rows]) -> int:
-        """Write the rows of every table in ``updates`` as ONE new version (all or nothing); returns it."""
+    def push(self, updates: dict[str, Rows], unchanged_since: int | None = None) -> int:
+        """Write the rows of every table in ``updates`` as ONE new version (all or nothing); returns it.
+
+        With ``unchanged_since=v`` the push is conditional: if any of its ids was written by a
+        version after ``v`` it raises ``Conflict`` and writes nothing (checked under the push
+        lock, so no other push can slip in between); ``LogTrimmed`` when the log no longer
+        reaches back to ``v``.
+        """
         encoded = self._encode_updates(updates)
         with self._locked() as lock:
+            if unchanged_since is not None:
+                _, changed = self._changes(int(unchanged_since))
+                clashes = {name: int(len(np.intersect1d(changed[name][0], ids)))
+                           for name, (ids, _) in encoded.items() if name in changed}
+                clashes = {name: n for name, n in clashes.items() if n}
+                if clashes:
+                    raise Conflict(f"rows changed since version {unchanged_since}: {clashes}; nothing written",
+                                   clashes)
             return self._write(lock, encoded)
 
     def push_delta(self, table: str, ids: np.ndarray, deltas: np.ndarray) -> int:

@@ -39,6 +39,14 @@ class LogTrimmed(ParamServerError):
     """The changes asked for are older than the retained delta log."""
 
 
+class Conflict(ParamServerError):
+    """A conditional push found rows written by someone else since the version it was based on."""
+
+    def __init__(self, message: str, clashes: dict[str, int]) -> None:
+        super().__init__(message)
+        self.clashes = clashes  # table -> how many of the pushed ids changed meanwhile
+
+
 class TableMismatch(ParamServerError):
     """The store already holds a table with another layout (dim, dtype, capacity, shard count)."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from paramserver import (
     BadRows,
+    Conflict,
     LogTrimmed,
     Rows,
     TableConfig,
@@ -221,6 +222,16 @@ def test_pull_many_reads_one_version_across_tables(store):
     thread.join()
     with pytest.raises(UnknownTable):
         store.pull_many({"user": ids, "nope": ids})
+
+
+def test_conditional_push_refuses_rows_changed_meanwhile(store):
+    base = store.push({"user": rows_of(USER, [1, 2, 3], 1.0)})
+    store.push({"user": rows_of(USER, [3], 5.0)})  # another trainer
+    with pytest.raises(Conflict) as excinfo:
+        store.push({"user": rows_of(USER, [2, 3], 9.0), "item": rows_of(ITEM, [1], 9.0)}, unchanged_since=base)
+    assert excinfo.value.clashes == {"user": 1}
+    assert store.version() == 2 and store.pull("user", [2]).weights[0, 0] == 1.0
+    assert store.push({"user": rows_of(USER, [1, 2], 9.0)}, unchanged_since=base) == 3
 
 
 def test_snapshot_is_incremental_and_restores(tmp_path, store):

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from paramserver import (
+    Conflict,
     FailoverReader,
     LogTrimmed,
     ParamServerError,
@@ -257,6 +258,20 @@ def test_changed_since_and_incremental_snapshot_restore_into_other_shard_count(s
             np.testing.assert_array_equal(other.pull(table, ids).weights, store.pull(table, ids).weights)
             np.testing.assert_array_equal(other.pull(table, ids).state, store.pull(table, ids).state)
         assert other.push({"user": rows_of(USER, [1], 7.0)}) == 4
+
+
+def test_conditional_push_across_processes(store, shard_urls, ns):
+    base = store.push({"user": rows_of(USER, np.arange(100), 1.0)})
+    ctx = mp.get_context("spawn")
+    other = ctx.Process(target=_delta_process, args=(shard_urls, ns, np.array([7, 8]), 1))
+    other.start()
+    other.join(60)
+    assert other.exitcode == 0
+    with pytest.raises(Conflict) as excinfo:
+        store.push({"user": rows_of(USER, np.arange(10), 2.0)}, unchanged_since=base)
+    assert excinfo.value.clashes == {"user": 2}
+    assert store.pull("user", [0]).weights[0, 0] == 1.0
+    assert store.push({"user": rows_of(USER, np.arange(10, 20), 2.0)}, unchanged_since=base) == base + 2
 
 
 def test_trimmed_log_is_reported_and_snapshot_falls_back_to_full(shard_urls, ns, tmp_path):
