@@ -445,3 +445,42 @@ def test_cli_up_refuses_remote_urls(monkeypatch, tmp_path):
         get_settings.cache_clear()
     assert result.exit_code != 0
     assert "only starts servers at redis://127.0.0.1" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_failover_on_timeout_when_the_nearest_replica_hangs(redis_factory, services_run_dir, shard_urls, ns):
+    import os
+    import signal
+
+    near, far = redis_factory(f"ps-hang-near-{ns}"), redis_factory(f"ps-hang-far-{ns}")
+    pids = {e.name: e.pid for e in services.status(services_run_dir)}
+    near_pid, far_pid = pids[f"redis-test-ps-hang-near-{ns}"], pids[f"redis-test-ps-hang-far-{ns}"]
+    with RedisStore(shard_urls, [USER], namespace=ns) as source:
+        source.push({"user": rows_of(USER, np.arange(100), 1.0)})
+        for url in (near.url, far.url):
+            with RedisStore([url], [], namespace=ns) as target:
+                Replicator(source, target).step()
+    reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=0.2)
+    try:
+        assert reader.pull("user", np.arange(100)).version == 1 and reader.current == 0
+        os.kill(near_pid, signal.SIGSTOP)  # it hangs: connections open, nothing answers
+        try:
+            got = reader.pull("user", np.arange(100))  # times out on the nearest, then reads the next
+            assert got.version == 1 and (got.weights == 1.0).all() and reader.current == 1
+            os.kill(far_pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(ShardUnavailable, match="no replica answered"):
+                    reader.pull("user", np.arange(100))
+            finally:
+                os.kill(far_pid, signal.SIGCONT)
+        finally:
+            os.kill(near_pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # back to the nearest once the probe sees it answer
+            reader.pull("user", np.arange(100))
+            if reader.current == 0:
+                break
+            time.sleep(0.05)
+        assert reader.current == 0
+    finally:
+        reader.close()
