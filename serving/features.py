@@ -10,6 +10,7 @@ cold-start path, not an error.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,10 +75,15 @@ class FeastFeatures:
     Column names follow ``feature_repo.features`` (``sparse_<name>``, ``dense_<name>``).
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, item_ttl_s: float = 0.0, max_cached_items: int = 200_000) -> None:
         from feature_repo import features as defs
 
         self.store = store
+        # item profiles change rarely: with a TTL, known items skip the read (the user is always read)
+        self.item_ttl_s = item_ttl_s
+        self.max_cached_items = max_cached_items
+        self._items: dict[str, tuple[float, EncodedEntity | None]] = {}
+        self.item_hits = 0
         self.user_key, self.item_key = defs.JOIN_KEYS["user"], defs.JOIN_KEYS["item"]
         self.user_refs = [f"user_features:{c}" for c in defs.columns("user")]
         self.item_refs = [f"item_features:{c}" for c in defs.columns("item")]
@@ -91,10 +97,19 @@ class FeastFeatures:
     def fetch(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> tuple[dict[str, EncodedEntity | None],
                                                                              dict[str, EncodedEntity | None]]:
         users = list(dict.fromkeys(user_ids))
-        items = list(dict.fromkeys(item_ids))
+        wanted = list(dict.fromkeys(item_ids))
+        cached: dict[str, EncodedEntity | None] = {}
+        if self.item_ttl_s > 0:
+            now = time.monotonic()
+            for item in wanted:
+                entry = self._items.get(item)
+                if entry is not None and entry[0] > now:
+                    cached[item] = entry[1]
+            self.item_hits += len(cached)
+        items = [i for i in wanted if i not in cached] if cached else wanted
         n = max(len(users), len(items))
         if n == 0:
-            return {}, {}
+            return {u: None for u in users}, cached
         rows = []
         for r in range(n):
             row = {}
@@ -119,6 +134,13 @@ class FeastFeatures:
                 out_users[users[r]] = assemble("user", users[r], values)
             if r < len(items):
                 out_items[items[r]] = assemble("item", items[r], values)
+        if self.item_ttl_s > 0 and items:
+            if len(self._items) + len(items) > self.max_cached_items:
+                self._items = {}
+            expires = time.monotonic() + self.item_ttl_s
+            for item in items:
+                self._items[item] = (expires, out_items[item])
+        out_items.update(cached)
         return out_users, out_items
 
 

@@ -58,8 +58,12 @@ class DLRMScorer:
 
 
 def load_dense_scorer(path: str | Path, version: str) -> DLRMScorer:
+    import torch
+
     from training.model import load_dense
 
+    # small MLPs over ~100 rows: intra-op threads only contend with the request threads
+    torch.set_num_threads(1)
     config, arch, _extra = load_dense(path)
     return DLRMScorer(arch, config, version)
 

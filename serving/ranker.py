@@ -13,12 +13,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from feature_repo.spec import SPEC, EncodedEntity, join_features
+from feature_repo.spec import SPEC, EncodedEntity, encode_item, encode_user, join_features
 from serving.features import FeatureSource, FeaturesUnavailable
 from serving.metrics import Metrics
 from serving.model import ModelHandle, Scorer
 from serving.params import RowFetcher, RowsUnavailable
 from serving.retrieval import PopularityIndex
+
+
+_ENTITY_OF = {f.name: f.entity for f in SPEC.sparse}
+_DENSE_NAMES = [(f.name, f.entity) for f in SPEC.dense]
+
+
+@dataclass
+class _Features:
+    """The encoded user and item features a scoring used, by id."""
+
+    users: dict[str, EncodedEntity]
+    items: dict[str, EncodedEntity]
+
+    def pair(self, user_id: str, item_id: str) -> tuple[dict[str, list[int]], dict[str, float]]:
+        """Sparse ids and dense values of one pair, in spec order (what the impression logs)."""
+        return join_features(self.users[user_id], self.items[item_id], user_id, item_id)
 
 
 @dataclass
@@ -27,7 +43,7 @@ class Scored:
 
     scores: np.ndarray
     model_version: str
-    features: list[tuple[dict[str, list[int]], dict[str, float]]]
+    features: _Features
     cold_users: set[str] = field(default_factory=set)
     degraded: list[str] = field(default_factory=list)
 
@@ -57,57 +73,75 @@ class Ranker:
         return now
 
     def score_pairs(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> Scored:
-        """Scores of the pairs (user_ids[i], item_ids[i]) with the current model."""
+        """Scores of the pairs (user_ids[i], item_ids[i]) with the current model.
+
+        Work is per distinct user and item (a recommend request has one user): ids are looked
+        up and pooled once per entity, then gathered per pair.
+        """
         t = time.perf_counter()
         degraded: list[str] = []
+        uniq_users = list(dict.fromkeys(user_ids))
+        uniq_items = list(dict.fromkeys(item_ids))
         users: dict[str, EncodedEntity | None] = {}
         items: dict[str, EncodedEntity | None] = {}
         if self.features is None:
             degraded.append("feature_store")
         else:
             try:
-                users, items = self.features.fetch(list(dict.fromkeys(user_ids)), list(dict.fromkeys(item_ids)))
+                users, items = self.features.fetch(uniq_users, uniq_items)
             except FeaturesUnavailable:
                 degraded.append("feature_store")
         t = self._stage("features", t)
-        joined = [join_features(users.get(u), items.get(i), u, i) for u, i in zip(user_ids, item_ids)]
-        cold = {u for u in user_ids if users.get(u) is None} if "feature_store" not in degraded else set()
-        n = len(joined)
+        cold = {u for u in uniq_users if users.get(u) is None} if "feature_store" not in degraded else set()
+        # a user or item without a profile still has its id feature; the rest take the "missing" encoding
+        enc_users = [users.get(u) or encode_user(u) for u in uniq_users]
+        enc_items = [items.get(i) or encode_item(i) for i in uniq_items]
+        entities = {"user": enc_users, "item": enc_items}
+        position = {"user": {u: k for k, u in enumerate(uniq_users)}, "item": {i: k for k, i in enumerate(uniq_items)}}
+        gather = {"user": np.fromiter((position["user"][u] for u in user_ids), np.int64, count=len(user_ids)),
+                  "item": np.fromiter((position["item"][i] for i in item_ids), np.int64, count=len(item_ids))}
+        n = len(user_ids)
+        features = _Features(dict(zip(uniq_users, enc_users)), dict(zip(uniq_items, enc_items)))
         scorer: Scorer | None = self.model.current  # read once: a reload cannot change it under us
         if scorer is None:
-            return Scored(np.zeros(n, np.float32), "none", joined, cold, degraded + ["model"])
+            return Scored(np.zeros(n, np.float32), "none", features, cold, degraded + ["model"])
         if self.rows is None:
-            return Scored(np.zeros(n, np.float32), scorer.version, joined, cold, degraded + ["parameter_service"])
+            return Scored(np.zeros(n, np.float32), scorer.version, features, cold, degraded + ["parameter_service"])
         needed = scorer.tables()
         ids: dict[str, np.ndarray] = {}
         lengths: dict[str, np.ndarray] = {}
+        owner: dict[str, str] = {}
         for table in needed:
-            if table not in SPEC.sparse_names:
+            if table not in _ENTITY_OF:
                 continue
-            per_pair = [sparse[table] for sparse, _ in joined]
-            lengths[table] = np.fromiter((len(p) for p in per_pair), np.int64, count=n)
-            ids[table] = np.fromiter((v for p in per_pair for v in p), np.int64, count=int(lengths[table].sum()))
+            owner[table] = entity = _ENTITY_OF[table]
+            per_entity = [e.sparse[table] for e in entities[entity]]
+            lengths[table] = np.fromiter((len(p) for p in per_entity), np.int64, count=len(per_entity))
+            ids[table] = np.fromiter((v for p in per_entity for v in p), np.int64, count=int(lengths[table].sum()))
         try:
             vectors, version = self.rows.lookup(ids, needed)
         except RowsUnavailable:
             self._stage("rows", t)
-            return Scored(np.zeros(n, np.float32), scorer.version, joined, cold, degraded + ["parameter_service"])
+            return Scored(np.zeros(n, np.float32), scorer.version, features, cold, degraded + ["parameter_service"])
         t = self._stage("rows", t)
         pooled: dict[str, np.ndarray] = {}
         for table, vecs in vectors.items():
-            if n == 0:
-                pooled[table] = np.zeros((0, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
+            if n == 0 or not len(lengths[table]):
+                pooled[table] = np.zeros((n, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
                 continue
-            # MEAN pooling, as the trainer's tables pool (every pair has at least one id per table)
+            # MEAN pooling, as the trainer's tables pool (every entity has at least one id per table)
             starts = np.concatenate(([0], np.cumsum(lengths[table])[:-1]))
-            sums = np.add.reduceat(vecs, starts, axis=0)
-            pooled[table] = (sums / lengths[table][:, None]).astype(np.float32, copy=False)
-        dense = np.array([[d[name] for name in SPEC.dense_names] for _, d in joined], np.float32).reshape(
-            n, len(SPEC.dense_names))
+            per_entity = np.add.reduceat(vecs, starts, axis=0) / lengths[table][:, None]
+            pooled[table] = per_entity[gather[owner[table]]].astype(np.float32, copy=False)
+        dense = np.zeros((n, len(_DENSE_NAMES)), np.float32)
+        for column, (name, entity) in enumerate(_DENSE_NAMES):
+            values = np.array([e.dense[name] for e in entities[entity]], np.float32)
+            if len(values):
+                dense[:, column] = values[gather[entity]]
         scores = np.asarray(scorer.score(pooled, dense), np.float32).reshape(n)
         scores = np.nan_to_num(scores, nan=0.0, posinf=1.0, neginf=0.0)
         self._stage("score", t)
-        return Scored(scores, f"{scorer.version}@ps{version}", joined, cold, degraded)
+        return Scored(scores, f"{scorer.version}@ps{version}", features, cold, degraded)
 
     def recommend(self, user_id: str, k: int, candidates: Sequence[str] | None) -> Ranking:
         request_id = uuid.uuid4().hex
@@ -136,4 +170,5 @@ class Ranker:
         if cold:
             self.metrics.cold_start.inc()
         return Ranking(request_id, user_id, [(candidates[i], float(scores[i])) for i in top], scored.model_version,
-                       {candidates[i]: scored.features[i] for i in top}, cold, scored.degraded, from_retrieval)
+                       {candidates[i]: scored.features.pair(user_id, candidates[i]) for i in top}, cold,
+                       scored.degraded, from_retrieval)

@@ -42,7 +42,7 @@ def open_features(settings: Settings) -> FeatureSource | None:
             views = set()
         if not {"user_features", "item_features"} <= views:
             store = open_store(settings.feast_data_dir, settings.feast_online_store, redis_url, apply=True)
-        return FeastFeatures(store)
+        return FeastFeatures(store, item_ttl_s=settings.serving_item_feature_ttl_s)
     except Exception as exc:  # noqa: BLE001 - serve degraded (flagged) rather than not at all
         log.error("feature store unavailable, serving without features: %s", exc)
         return None
