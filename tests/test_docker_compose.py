@@ -1,0 +1,130 @@
+"""docker/compose.yaml: parses, runs only real commands, reads only real settings, no port clashes, healthchecks."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer.main
+import yaml
+
+from recsys.cli import app
+from recsys.settings import PROJECT_ROOT, Settings
+
+COMPOSE = PROJECT_ROOT / "docker" / "compose.yaml"
+EXPECTED = {"kafka", "redis-train", "redis-replica-a", "redis-replica-b", "postgres", "mlflow", "airflow-api-server",
+            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "stream-worker", "trainer",
+            "serving-a", "serving-b"}
+INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::-([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def interpolate(value: str) -> str:
+    return INTERPOLATION.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+
+
+def test_compose_parses_and_has_every_role(compose: dict) -> None:
+    assert EXPECTED <= set(compose["services"])
+    for name, service in compose["services"].items():
+        assert "image" in service, name
+        for dependency in service.get("depends_on", {}):
+            assert dependency in compose["services"], f"{name} depends on unknown {dependency}"
+
+
+def app_services(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items() if s["image"] == "recsys:latest"}
+
+
+def test_every_recsys_command_exists_in_the_cli(compose: dict) -> None:
+    root = typer.main.get_command(app)
+    checked = 0
+    for name, service in app_services(compose).items():
+        if service.get("entrypoint") is not None:
+            continue
+        command = root
+        ctx = root.context_class(root)
+        for token in service["command"]:
+            if token.startswith("-"):
+                break
+            assert hasattr(command, "get_command"), f"{name}: {command.name} takes no subcommand {token!r}"
+            sub = command.get_command(ctx, token)
+            assert sub is not None, f"{name}: `recsys ... {token}` does not exist"
+            command = sub
+        options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        for token in service["command"]:
+            if token.startswith("--"):
+                assert token in options, f"{name}: {command.name} has no option {token}"
+        checked += 1
+    assert checked >= 5
+
+
+def test_other_entrypoints_are_installed_commands(compose: dict) -> None:
+    bin_dir = Path(sys.executable).parent
+    airflow_help = subprocess.run([bin_dir / "airflow", "--help"], capture_output=True, text=True, timeout=120).stdout
+    for name, service in app_services(compose).items():
+        entrypoint = service.get("entrypoint")
+        if entrypoint is None:
+            continue
+        assert (bin_dir / entrypoint[0]).exists(), f"{name}: {entrypoint[0]} is not installed"
+        if entrypoint[0] == "airflow":
+            assert re.search(rf"^\s+{re.escape(service['command'][0])}\s", airflow_help, re.M), name
+
+
+def test_every_environment_variable_is_a_setting_with_a_valid_value(compose: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    fields = {f"RECSYS_{name.upper()}" for name in Settings.model_fields}
+    for name, service in app_services(compose).items():
+        recsys_env = {k: interpolate(str(v)) for k, v in service["environment"].items() if k.startswith("RECSYS_")}
+        assert recsys_env, name
+        unknown = set(recsys_env) - fields
+        assert not unknown, f"{name}: {sorted(unknown)} are not read by the settings object"
+        for key in list(os.environ):
+            if key.startswith("RECSYS_"):
+                monkeypatch.delenv(key)
+        for key, value in recsys_env.items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()  # raises on any invalid value
+        assert settings.kafka_bootstrap == "kafka:19092"
+        assert len(settings.ps_replicas) == 2
+
+
+def test_serving_instances_each_read_their_own_replica_first(compose: dict) -> None:
+    import json
+
+    services = compose["services"]
+    first_a = json.loads(services["serving-a"]["environment"]["RECSYS_PS_REPLICAS"])[0]
+    first_b = json.loads(services["serving-b"]["environment"]["RECSYS_PS_REPLICAS"])[0]
+    assert "redis-replica-a" in first_a and "redis-replica-b" in first_b
+
+
+def test_host_ports_do_not_clash(compose: dict) -> None:
+    seen: dict[str, str] = {}
+    for name, service in compose["services"].items():
+        for mapping in service.get("ports", []):
+            host = str(mapping).split(":")[0]
+            assert host not in seen, f"host port {host} used by {seen.get(host)} and {name}"
+            seen[host] = name
+    assert len(seen) >= 8
+
+
+def test_every_service_has_a_healthcheck(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        assert "healthcheck" in service and service["healthcheck"].get("test"), f"{name} has no healthcheck"
+
+
+def test_dockerfile_copies_every_python_package() -> None:
+    dockerfile = (PROJECT_ROOT / "docker" / "Dockerfile").read_text()
+    import tomllib
+
+    packages = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    for package in [*packages, "dags"]:
+        assert f"COPY {package} ./{package}" in dockerfile, package
+    assert "uv sync --frozen" in dockerfile
