@@ -42,12 +42,12 @@ def rows_of(config: TableConfig, ids, value: float) -> Rows:
 
 @pytest.fixture(scope="module")
 def shard_urls(redis_factory) -> list[str]:
-    return [redis_factory(f"ps-shard-{i}").url for i in range(3)]
+    return [redis_factory(f"paramserver-shard-{i}").url for i in range(3)]
 
 
 @pytest.fixture(scope="module")
 def replica_urls(redis_factory) -> list[str]:
-    return [redis_factory(f"ps-replica-{i}").url for i in range(2)]
+    return [redis_factory(f"paramserver-replica-{i}").url for i in range(2)]
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_layout_mismatch_is_refused(shard_urls, store, ns):
 
 def test_a_shard_down_is_a_clear_error(redis_factory, services_run_dir, ns):
     doomed = redis_factory(f"ps-doomed-{ns}")
-    with RedisStore([redis_factory("ps-shard-0").url, doomed.url], [USER], namespace=ns, timeout=1.0) as s:
+    with RedisStore([redis_factory("paramserver-shard-0").url, doomed.url], [USER], namespace=ns, timeout=1.0) as s:
         s.push({"user": rows_of(USER, np.arange(50), 1.0)})
         services.stop(services_run_dir, f"redis-test-ps-doomed-{ns}")
         with pytest.raises(ShardUnavailable, match=str(doomed.port)):
