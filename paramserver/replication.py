@@ -128,7 +128,9 @@ class FailoverReader:
 
     Each attempt is bounded by the store timeout (``ps_failover_timeout_s``), so a read that
     fails over takes at most about replicas x timeout. A background probe re-checks failed
-    nearer replicas every ``probe_s`` and reads return to the nearest one once it answers.
+    nearer replicas every ``probe_s``; reads return to the nearest one once it answers and
+    holds at least the newest version this reader served (a replica that came back empty is
+    not read before its bootstrap).
     """
 
     def __init__(self, replicas: list[list[str]], tables: list[TableConfig], probe_s: float = 0.5,
@@ -143,6 +145,7 @@ class FailoverReader:
         self._lock = threading.Lock()
         self.current: int | None = None
         self.failovers = 0
+        self.last_version = 0  # the newest version served; a recovered replica must reach it first
         for i in range(len(replicas)):
             self._open(i)
         self._stop = threading.Event()
@@ -194,6 +197,11 @@ class FailoverReader:
                     self.failovers += 1
                     log.warning("parameter reads moved from replica %d to %d", self.current, i)
                 self.current = i
+                version = getattr(result, "version", None)
+                if isinstance(result, dict):
+                    version = max((rows.version for rows in result.values()), default=None)
+                if isinstance(version, int):
+                    self.last_version = max(self.last_version, version)
             return result
         raise ShardUnavailable(f"{what}: no replica answered: " + "; ".join(errors))
 
@@ -222,7 +230,13 @@ class FailoverReader:
                 if not self._down[i]:
                     continue
                 store = self._open(i)
-                if store is not None and all(store.ping(s) for s in range(len(store.urls))):
+                if store is None or not all(store.ping(s) for s in range(len(store.urls))):
+                    continue
+                try:
+                    caught_up = store.version() >= self.last_version
+                except ParamServerError:
+                    continue
+                if caught_up:  # a replica that restarted empty waits for its bootstrap: reads never go back
                     with self._lock:
                         self._down[i] = False
 

@@ -330,10 +330,10 @@ def test_new_replica_bootstraps_from_snapshot_plus_deltas(shard_urls, replica_ur
                                       source.pull("user", np.arange(310)).weights)
 
 
-def _read_loop(reader, ids, stop, errors, served):
+def _read_loop(reader, ids, stop, errors, served, versions):
     while not stop.is_set():
         try:
-            reader.pull("user", ids)
+            versions.append(reader.pull("user", ids).version)
             served.append(reader.current)
         except Exception as exc:  # any failed read counts against the failover
             errors.append(repr(exc))
@@ -351,8 +351,8 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
             Replicator(source, target).step()
         reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=0.3)
         assert reader.pull("user", np.arange(200)).version == 1 and reader.current == 0
-        stop, errors, served = threading.Event(), [], []
-        thread = threading.Thread(target=_read_loop, args=(reader, np.arange(200), stop, errors, served))
+        stop, errors, served, versions = threading.Event(), [], [], []
+        thread = threading.Thread(target=_read_loop, args=(reader, np.arange(200), stop, errors, served, versions))
         thread.start()
         time.sleep(0.2)
         services.stop(run_dir, f"redis-test-ps-near-{ns}")  # the nearest datacenter dies
@@ -360,8 +360,10 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
         while reader.current != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert reader.current == 1 and reader.failovers >= 1
-        # it comes back (empty: no persistence), is re-bootstrapped, and reads return to it
+        # it comes back empty (no persistence): not read until re-bootstrapped, then reads return to it
         services.start_redis(run_dir, near.port, name=f"redis-test-ps-near-{ns}")
+        time.sleep(0.5)  # several probes see it answer, at version 0
+        assert reader.current == 1 and not reader.healthy()[0]
         revived = RedisStore([near.url], [], namespace=ns)
         Replicator(source, revived).step()
         assert revived.version() == 1
@@ -372,6 +374,7 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
         thread.join()
         assert reader.current == 0
         assert errors == [], f"reads failed during failover: {errors[:3]}"
+        assert set(versions) == {1}, "a read was served by a replica that had not caught up"
         assert 0 in served and 1 in served
         reader.close()
         revived.close()
