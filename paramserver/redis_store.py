@@ -14,15 +14,15 @@ Layout (keys start with the namespace, ``ps`` by default):
 
 A push (under the lock) stages its rows into every shard's log, commits by bumping
 ``ps:version`` on the coordinator (a Lua script that checks the writer still holds the lock:
-the single commit point), then applies on every shard (rows, then ``applied``).
-A writer that dies after committing leaves its rows in the logs; the next writer or reader
-rolls the shard forward from the log. Readers read each shard between two reads of
-``applied`` (a seqlock: equal values mean no apply ran in between) and accept the answer only
+the single commit point), then applies on every shard: ``applied = "4>5"`` (running), the
+rows, ``applied = "5"``. A writer that dies after committing leaves its rows in the logs; the
+next writer or reader rolls the shard forward from the log. Readers read each shard between
+two reads of ``applied`` (a seqlock: equal values, no ">", mean no apply ran) and accept only
 when every shard they read is at the same version, waiting or rolling forward otherwise. So a
 pull returns the rows of exactly one committed version: all of a push or none of it.
 
-The hot paths (pull, apply) speak RESP over plain sockets, pipelined, parsed by hiredis; the
-rest uses redis-py.
+The hot paths (pull, apply) speak RESP over plain sockets, pipelined; found rows are sliced
+from the receive buffer with numpy, anything else is parsed by hiredis. The rest uses redis-py.
 """
 
 from __future__ import annotations
