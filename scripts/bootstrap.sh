@@ -28,3 +28,17 @@ done
 
 log "syncing the Python environment (uv.lock)"
 uv sync --frozen --quiet
+
+# Browser tests of the Airflow UI (issue #6): Debian's chromium, driven by playwright-core from npm
+# (never a browser download: playwright-core ships no browser).
+if [ ! -x /usr/bin/chromium ]; then
+  log "installing chromium (Debian)"
+  if [ "$(id -u)" -ne 0 ]; then echo "chromium missing and not root: apt-get install -y chromium" >&2; exit 1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  command -v npm >/dev/null 2>&1 || { echo "npm is required for the browser tests (Node 20+)" >&2; exit 1; }
+  log "installing playwright-core (npm, tests/browser)"
+  (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+fi
