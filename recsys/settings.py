@@ -77,14 +77,14 @@ class Settings(BaseSettings):
     train_backend: str = Field("auto", pattern=r"^(auto|gloo|nccl)$",
                                description="torch.distributed backend; auto: nccl with CUDA, else gloo")
     train_batch_size: int = Field(512, ge=1, le=1 << 20, description="samples per step and rank")
-    train_epochs: int = Field(3, ge=1, le=1000, description="passes over the window's training samples")
+    train_epochs: int = Field(4, ge=1, le=1000, description="passes over the window's training samples")
     train_embedding_dim: int = Field(16, ge=1, le=4096, description="dimension of every embedding table")
     train_dense_arch: list[int] = Field(default_factory=lambda: [32, 16],
                                         description="bottom MLP layer sizes; the last equals the embedding dim")
     train_over_arch: list[int] = Field(default_factory=lambda: [64, 32],
                                        description="top MLP hidden layer sizes (a final 1-unit layer is added)")
-    train_embedding_lr: float = Field(0.05, gt=0, description="row-wise Adagrad learning rate of the embeddings")
-    train_dense_lr: float = Field(0.003, gt=0, description="Adam learning rate of the dense part")
+    train_embedding_lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate of the embeddings")
+    train_dense_lr: float = Field(0.01, gt=0, description="Adam learning rate of the dense part")
     train_eval_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of the window (by event time) "
                                        "held out for evaluation")
     train_init_std: float = Field(0.05, ge=0, description="std of the deterministic initial embedding rows")
