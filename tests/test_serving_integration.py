@@ -138,6 +138,15 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
                 f.result()
         metrics = httpx.get(f"{base}/metrics").text
         ready = httpx.get(f"{base}/readyz").json()
+        # and with every replica down: a flagged degraded answer, not an error
+        assert services.stop(services_run_dir, f"redis-test-{far.name}")
+        down = httpx.post(f"{base}/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ITEMS[:5]},
+                          timeout=30)
+        not_ready = httpx.get(f"{base}/readyz")
+    assert down.status_code == 200 and down.json()["degraded"] is True
+    assert "parameter_service" in down.json()["degraded_reasons"]
+    assert [i["item_id"] for i in down.json()["items"]] == ITEMS[:3]
+    assert not_ready.status_code == 503
     after_kill = results[before:]
     assert before > 10 and len(after_kill) > 10
     assert [s for s, _ in results if s != 200] == []
@@ -376,3 +385,56 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     # the trained model's pick must recover a clear share of the gap between random and the oracle
     assert (served - rand) > 0.3 * (best - rand), (served, rand, best)
     assert wins >= 0.8
+
+
+def test_feature_store_down_gives_degraded_answer(redis_factory, services_run_dir, test_settings, tmp_path):
+    from feature_repo.store import open_store as open_feast
+    from feature_repo.store import push_online, rows_frame
+
+    feast_redis, replica = redis_factory("serve-fdown-feast"), redis_factory("serve-fdown-replica")
+    feast = open_feast(tmp_path / "feast", "redis", feast_redis.url, apply=True)
+    push_online(feast, "user", rows_frame("user", [encode_user("u1", PROFILE)], [time.time()]))
+    settings = _settings(test_settings)
+    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=FeastFeatures(feast),
+                       follow_stream=False, log_impressions=False)
+    with serve(create_app(settings, comps)) as base:
+        up = httpx.post(f"{base}/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["a", "b"]}).json()
+        assert services.stop(services_run_dir, f"redis-test-{feast_redis.name}")
+        r = httpx.post(f"{base}/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["a", "b"]}, timeout=60)
+        ready = httpx.get(f"{base}/readyz").json()
+    assert up["degraded"] is False and up["cold_start"] is False
+    assert r.status_code == 200
+    body = r.json()
+    assert body["degraded"] is True and body["degraded_reasons"] == ["feature_store"]
+    assert {i["item_id"] for i in body["items"]} == {"a", "b"}
+    assert ready["feature_store"] is False
+
+
+def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
+    """Without candidates, the items come from what the events topic says is popular and recent."""
+    from recsys.kafka import produce_all
+
+    replica = redis_factory("serve-retr-replica")
+    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 2}))
+    now = time.time()
+    events = [{"schema_version": 1, "event_type": "item_profile", "event_id": f"p{j}", "timestamp": now,
+               "item_id": f"stream-item-{j}", "genres": ["comedy" if j < 3 else "horror"]} for j in range(6)]
+    events += [{"schema_version": 1, "event_type": "click", "event_id": f"c{n}", "timestamp": now,
+                "request_id": "r", "user_id": "fan", "item_id": "stream-item-1"} for n in range(3)]
+    records = [(e.get("user_id", e["item_id"]).encode(), __import__("orjson").dumps(e)) for e in events]
+    records.append((b"junk", b"{not json"))  # a malformed record must not stop the follower
+    asyncio.run(produce_all(test_settings.kafka_bootstrap, test_settings.topic_events, records))
+    settings = _settings(test_settings)
+    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=StaticFeatures(),
+                       follow_stream=True, log_impressions=False)
+    with serve(create_app(settings, comps)) as base:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            body = httpx.post(f"{base}/v1/recommend", json={"user_id": "fan", "k": 10}).json()
+            if len(body["items"]) == 6:
+                break
+            time.sleep(0.2)
+    assert body["retrieval"] is True
+    assert {i["item_id"] for i in body["items"]} == {f"stream-item-{j}" for j in range(6)}
