@@ -554,3 +554,60 @@ def replay_command(dataset: str, bootstrap: str, topic: str, cache_dir: Path, ma
     console.print(f"published {result.records:,} events of {dataset} to {topic} in {result.seconds:.1f}s "
                   f"({result.rate:,.0f} rec/s); event times {result.first_event_time:.0f}..{result.last_event_time:.0f}")
     return 0
+
+
+@dataclass
+class FeatureArrays:
+    """Samples of the ratings as columns (for benchmarks that would not build a million objects).
+
+    The same values ``samples`` gives, in the same (time) order: ``values[f]`` holds the
+    concatenated ids of sparse feature ``f``, ``lengths[f]`` how many belong to each sample.
+    """
+
+    request_ids: list[str]
+    user_ids: list[str]
+    item_ids: list[str]
+    labels: np.ndarray  # int8 [N]
+    event_time: np.ndarray  # float64 [N]
+    dense: np.ndarray  # float32 [N, len(SPEC.dense)], spec order
+    lengths: dict[str, np.ndarray]  # int64 [N]
+    values: dict[str, np.ndarray]  # int64 [sum(lengths)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sample_ids(self) -> list[str]:
+        return [sample_id(r, i) for r, i in zip(self.request_ids, self.item_ids)]
+
+
+def feature_arrays(data: MovieLens, drop_neutral: bool = True) -> FeatureArrays:
+    """Columns equal to ``samples(data, drop_neutral)``, built by indexing per-entity encodings."""
+    from feature_repo.spec import SPEC
+
+    keep = np.flatnonzero(data.rating != 3) if drop_neutral else np.arange(len(data))
+    user_ids = [data.rating_user[i] for i in keep]
+    item_ids = [data.rating_item[i] for i in keep]
+    user_index = {u: n for n, u in enumerate(dict.fromkeys(user_ids))}
+    item_index = {i: n for n, i in enumerate(dict.fromkeys(item_ids))}
+    users = [encode_user(u, data.users[u].__dict__ if u in data.users else None) for u in user_index]
+    items = [encode_item(i, {"genres": list(data.items[i].genres), "year": data.items[i].year}
+                         if i in data.items else None) for i in item_index]
+    u_rows = np.fromiter((user_index[u] for u in user_ids), dtype=np.int64, count=len(keep))
+    i_rows = np.fromiter((item_index[i] for i in item_ids), dtype=np.int64, count=len(keep))
+    lengths: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
+    for feature in SPEC.sparse:
+        entities, rows = (users, u_rows) if feature.entity == "user" else (items, i_rows)
+        per_len = np.array([len(e.sparse[feature.name]) for e in entities], dtype=np.int64)
+        flat = np.array([v for e in entities for v in e.sparse[feature.name]], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(per_len)[:-1]))
+        picked = per_len[rows]
+        within = np.arange(int(picked.sum()), dtype=np.int64) - np.repeat(np.cumsum(picked) - picked, picked)
+        lengths[feature.name] = picked
+        values[feature.name] = flat[np.repeat(starts[rows], picked) + within]
+    dense = np.zeros((len(keep), len(SPEC.dense)), dtype=np.float32)
+    for col, feature in enumerate(SPEC.dense):
+        entities, rows = (users, u_rows) if feature.entity == "user" else (items, i_rows)
+        dense[:, col] = np.array([e.dense[feature.name] for e in entities], dtype=np.float32)[rows]
+    return FeatureArrays([data.request_id(int(i)) for i in keep], user_ids, item_ids,
+                         (data.rating[keep] > 3).astype(np.int8), data.timestamp[keep].copy(), dense, lengths, values)

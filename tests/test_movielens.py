@@ -239,3 +239,20 @@ def test_cli_replays_a_slice_to_kafka(kafka_bootstrap: str, unique_topic: str, m
     assert kinds["impression"] == 2000 and kinds["click"] == int((data.rating > 3).sum())
     assert {orjson.loads(r.value)["request_id"] for r in records if r.key and b'"impression"' in r.value} == {
         data.request_id(i) for i in range(2000)}
+
+
+def test_feature_arrays_equal_the_samples_column_for_column(ml100k: MovieLens) -> None:
+    data = ml100k.head(4000)
+    for drop in (True, False):
+        expected = movielens.samples(data, drop_neutral=drop)
+        arrays = movielens.feature_arrays(data, drop_neutral=drop)
+        assert len(arrays) == len(expected)
+        assert arrays.sample_ids() == [s.sample_id for s in expected]
+        assert arrays.labels.tolist() == [s.label for s in expected]
+        assert arrays.event_time.tolist() == [s.event_time for s in expected]
+        for name, lengths in arrays.lengths.items():
+            offsets = np.concatenate(([0], np.cumsum(lengths)))
+            got = [arrays.values[name][offsets[n]:offsets[n + 1]].tolist() for n in range(len(expected))]
+            assert got == [s.sparse[name] for s in expected], name
+        assert arrays.dense.tolist() == [[np.float32(s.dense[k]) for k in s.dense] for s in expected]
+    assert any(len(v) > 1 for v in (s.sparse["genres"] for s in expected))  # the bag really is multi-valued
