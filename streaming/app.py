@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from recsys.settings import Settings, get_settings
 from streaming import metrics
@@ -135,11 +136,18 @@ class StreamWorker:
         self.app = app
         self.settings = settings
         self.processor = Processor(processor_config(settings), TableKV(tables["dedup"]), TableKV(tables["joins"]),
-                                   TableKV(tables["users"]), TableKV(tables["items"]))
+                                   TableKV(tables["users"]), TableKV(tables["items"]), caught_up=self.caught_up)
         self.features = FeatureWriter(settings)
         self.topics = {"samples": settings.topic_samples, "deadletter": settings.topic_deadletter,
                        "late": settings.topic_late}
         self.lock = asyncio.Lock()
+
+    def caught_up(self, partition: int, next_offset: int) -> bool:
+        try:
+            highwater = self.app.consumer.highwater(TP(self.settings.topic_events, partition))
+        except Exception:  # not assigned (any more), consumer restarting: not known to be caught up
+            return False
+        return highwater is not None and next_offset >= highwater
 
     async def handle(self, events: list[Any]) -> None:
         records = [RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value,

@@ -24,3 +24,9 @@ BATCH_SECONDS = Histogram("recsys_stream_batch_seconds", "time to handle one bat
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 FEATURE_PUSH_SECONDS = Histogram("recsys_stream_feature_push_seconds", "time of one batched Feast write",
                                  ["store"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+# children bound once: .labels() costs more than the increment on the per-event path
+EVENTS_IN_BY_TYPE = {kind: EVENTS_IN.labels(kind) for kind in ("impression", "click", "user_profile", "item_profile")}
+SAMPLES_BY_LABEL = {label: SAMPLES.labels(str(label)) for label in (0, 1)}
+FEATURES_LOGGED = FEATURE_SOURCE.labels("logged")
+FEATURES_STREAM = FEATURE_SOURCE.labels("stream")

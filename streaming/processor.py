@@ -25,7 +25,8 @@ partially durable):
   kept ``resolved_retention_s`` of wall time for this, far longer than a commit interval.
 
 The one input that is not replayed identically is wall time: a partition that holds open
-impressions and has been idle for ``idle_advance_s`` advances its watermark with the clock,
+impressions, has been read to its end and has been idle for ``idle_advance_s`` advances its
+watermark with the clock,
 so that windows close on a quiet stream. Replays that publish faster than that never go
 idle mid-stream, so their labels do not depend on it.
 """
@@ -128,6 +129,7 @@ class _PartitionState:
     watermark: float = -math.inf  # max event time seen in this process (rebuilt, never restored)
     anchor_wall: float = 0.0  # wall time the watermark last moved
     last_arrival_wall: float = 0.0
+    next_offset: int = -1  # offset after the last record handled
     open_heap: list[tuple[float, str]] = field(default_factory=list)  # (deadline, sample id)
     resolved_heap: list[tuple[float, str]] = field(default_factory=list)  # (resolved wall time, sample id)
     dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (event time, event id)
@@ -154,8 +156,12 @@ def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
 
 class Processor:
     def __init__(self, config: ProcessorConfig, dedup: KV, joins: KV, users: KV, items: KV,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True) -> None:
         self.config = config
+        # (partition, next offset) -> has this worker read everything the partition holds? Only a
+        # caught-up partition counts as idle: a busy or restarting worker must not close windows early.
+        self.caught_up = caught_up
         self.dedup, self.joins, self.users, self.items = dedup, joins, users, items
         self.wall = wall
         self.partitions: dict[int, _PartitionState] = {}
@@ -210,6 +216,7 @@ class Processor:
             state = self._partition(record.partition, result.out)
             touched.add(record.partition)
             state.last_arrival_wall = now
+            state.next_offset = record.offset + 1
             try:
                 self._process(record, state, result, now)
             except Exception as exc:  # a bug must not stop the stream: the record is kept, with the reason
@@ -232,7 +239,8 @@ class Processor:
                 # nothing waits for a window: quiet time is not banked (a partition that only saw profiles
                 # must not expire the impressions that arrive after a pause)
                 state.anchor_wall = now
-            elif state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s:
+            elif (state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s
+                  and self.caught_up(p, state.next_offset)):
                 state.watermark += now - state.anchor_wall
                 state.anchor_wall = now
             self._expire(p, state, out, now)
@@ -256,7 +264,7 @@ class Processor:
             except ValueError as exc:
                 self._deadletter(record, RejectReason.BAD_VALUE.value, f"logged features: {exc}", result.out)
                 return
-        metrics.EVENTS_IN.labels(kind).inc()
+        metrics.EVENTS_IN_BY_TYPE[kind].inc()
         p = record.partition
         if event.timestamp > state.watermark:
             state.watermark = event.timestamp
@@ -295,10 +303,17 @@ class Processor:
             batch[entity_id] = (encoded, ts)
 
     def features_for(self, user_id: str, item_id: str) -> tuple[dict[str, list[int]], dict[str, float]]:
-        """The latest encoded features the stream knows for a (user, item) pair."""
-        user = state_to_encoded("user", user_id, self.users.get(user_id))
-        item = state_to_encoded("item", item_id, self.items.get(item_id))
-        return join_features(user, item, user_id, item_id)
+        """The latest encoded features the stream knows for a (user, item) pair (``join_features`` of them).
+
+        The stored dicts are used as they are (spec order: user features, then item features), not
+        rebuilt per impression: this runs for every impression without logged features.
+        """
+        user = self.users.get(user_id)
+        item = self.items.get(item_id)
+        if user is None or item is None:
+            return join_features(state_to_encoded("user", user_id, user), state_to_encoded("item", item_id, item),
+                                 user_id, item_id)
+        return {**user["sp"], **item["sp"]}, {**user["dn"], **item["dn"]}
 
     # ------------------------------------------------------------------ the joiner
 
@@ -308,10 +323,10 @@ class Processor:
             return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
         if event.features is not None:
             sparse, dense = event.features.sparse, event.features.dense
-            metrics.FEATURE_SOURCE.labels("logged").inc()
+            metrics.FEATURES_LOGGED.inc()
         else:
             sparse, dense = self.features_for(event.user_id, event.item_id)
-            metrics.FEATURE_SOURCE.labels("stream").inc()
+            metrics.FEATURES_STREAM.inc()
         entry = {"st": OPEN, "p": p, "ts": event.timestamp, "r": event.request_id, "u": event.user_id,
                  "i": event.item_id, "pos": event.position, "mv": event.model_version, "sp": sparse, "dn": dense}
         self.joins.put(p, sid, entry)
@@ -345,7 +360,7 @@ class Processor:
 
     def _sample(self, sid: str, entry: Mapping[str, Any], label: int, count: bool = True) -> Outgoing:
         if count:
-            metrics.SAMPLES.labels(str(label)).inc()
+            metrics.SAMPLES_BY_LABEL[label].inc()
             metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
         return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))
 

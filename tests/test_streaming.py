@@ -259,3 +259,15 @@ def test_idle_time_without_open_impressions_is_not_banked():
     assert samples_of(out) == []
     [sample] = samples_of(proc.process_batch([feed.event(**click("c1", T0 + 2))]).out)
     assert sample.label == 1
+
+
+def test_a_partition_not_read_to_its_end_is_not_idle():
+    behind = {"value": True}
+    clock = Clock(T0 + 1)
+    proc = Processor(ProcessorConfig(attribution_window_s=WINDOW, idle_advance_s=2), DictKV(), DictKV(), DictKV(),
+                     DictKV(), wall=clock, caught_up=lambda p, offset: not behind["value"])
+    proc.process_batch([Feed().event(**impression("e1", T0))])
+    clock.now += 100
+    assert samples_of(proc.advance_idle()) == []  # the worker lags: more records may hold the click
+    behind["value"] = False
+    assert [s.label for s in samples_of(proc.advance_idle())] == [0]

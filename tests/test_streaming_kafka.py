@@ -32,6 +32,7 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 WINDOW_S = 4.0  # attribution window in event time; the simulated clicks arrive within 2 s
 BAD_REASON = {"non_utf8": "not_utf8"}  # simulator's name -> contract reason where they differ
+ALL_WORKERS: list["Worker"] = []  # every worker of the running test, for the failure report
 
 
 class Worker:
@@ -43,6 +44,7 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], env=env,
                                      cwd=PROJECT_ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        ALL_WORKERS.append(self)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -112,7 +114,7 @@ class Setup:
                 if worker.proc.poll() not in (None, -signal.SIGKILL):
                     pytest.fail(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
             time.sleep(0.5)
-        logs = "\n---\n".join(w.tail() for w in self.workers)
+        logs = "\n---\n".join(f"{w.log.name}:\n{w.tail()}" for w in ALL_WORKERS)
         pytest.fail(f"timed out waiting for {what}:\n{logs}")
 
 
@@ -173,6 +175,7 @@ def make_setup(kafka_bootstrap: str, tmp_path: Path):
     yield make
     for setup in setups:
         setup.stop_all()
+    ALL_WORKERS.clear()
 
 
 @pytest.mark.parametrize("online", ["sqlite", "redis"])
@@ -267,7 +270,7 @@ def test_late_clicks_and_client_retries(make_setup):
 
 @pytest.mark.slow
 def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
-    sim, records = simulation(requests=2400, seed=11)
+    sim, records = simulation(requests=1600, seed=11)
     expected = truth_labels(sim)
     steady = make_setup()
     crashy = make_setup(events_topic=steady.events)  # same input, its own group, tables and outputs

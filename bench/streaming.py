@@ -1,0 +1,310 @@
+"""Stream worker benchmark: `uv run python -m bench streaming [--records N] [--repeats R] [--rate R]`.
+
+1. Throughput: raw events/s through the whole Faust worker (`recsys stream worker` as a
+   subprocess: validate, de-duplicate, encode, push features to Feast, join, emit samples)
+   against a passthrough aiokafka consume -> produce -> commit loop over the same records,
+   both reading the same pre-loaded topic in the same run. The worker's rate is taken from
+   its own Prometheus counter between its first and its last record, so Feast's import and
+   Faust's start-up are not counted.
+2. Freshness: p99 delay from publishing a profile event to its features being readable from
+   the online store (SQLite), with events published at a steady rate (default 5k/s); the
+   baseline is a direct Feast push + read of one row (the floor the worker cannot beat).
+
+Starts its own Kafka on free ports in a temporary directory and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import orjson
+
+from recsys import services
+from recsys.kafka import ensure_topics, start_producer
+from recsys.settings import PROJECT_ROOT, Settings
+from recsys.simulator import SimConfig, Simulation
+
+PARTITIONS = 4
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+# --------------------------------------------------------------------------- passthrough baseline
+
+
+async def passthrough(bootstrap: str, source: str, total: int) -> float:
+    """Consume every record of ``source`` and produce it to a fresh topic, committing per batch; records/s."""
+    from aiokafka import AIOKafkaConsumer
+
+    target = f"bench.passthrough.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(bootstrap, {target: PARTITIONS})
+    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"bench-pt-{uuid.uuid4().hex[:8]}",
+                                enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=2000)
+    producer = await start_producer(bootstrap)
+    await consumer.start()
+    try:
+        seen = 0
+        started = None
+        while seen < total:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            if not batches:
+                continue
+            if started is None:
+                started = time.perf_counter()
+            futures = []
+            for records in batches.values():
+                for record in records:
+                    futures.append(await producer.send(target, record.value, key=record.key))
+                seen += len(records)
+            await asyncio.gather(*futures)
+            await consumer.commit()
+        return seen / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for match in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M):
+        total += float(match.group(1))
+    return total
+
+
+def worker_env(bootstrap: str, events: str, tmp: Path, **extra: str) -> tuple[dict[str, str], int]:
+    tag = uuid.uuid4().hex[:8]
+    port = services.free_port()
+    env = {**os.environ, "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": events,
+           "RECSYS_TOPIC_SAMPLES": f"bench.samples.{tag}", "RECSYS_TOPIC_DEADLETTER": f"bench.dead.{tag}",
+           "RECSYS_TOPIC_LATE": f"bench.late.{tag}", "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
+           "RECSYS_STREAM_APP_ID": f"bench-{tag}", "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
+           "RECSYS_FEAST_DATA_DIR": str(tmp / f"feast-{tag}"), "RECSYS_STREAM_METRICS_PORT": str(port),
+           "RECSYS_STREAM_LOG_LEVEL": "warning", **extra}
+    return env, port
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], env=env, cwd=PROJECT_ROOT,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeout: float = 240.0) -> float:
+    env, port = worker_env(bootstrap, events, tmp, RECSYS_STREAM_ATTRIBUTION_WINDOW_S="2")
+    log = tmp / f"worker-{env['RECSYS_STREAM_APP_ID']}.log"
+    proc = start_worker(env, log)
+    try:
+        deadline = time.monotonic() + timeout
+        first_t = first_n = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            n = metric(port, "recsys_stream_records_in_total")
+            now = time.perf_counter()
+            if n > 0 and first_t is None:
+                first_t, first_n = now, n
+            if n >= total:
+                return (n - first_n) / (now - first_t)
+            time.sleep(0.05)
+        raise RuntimeError(f"worker did not finish in {timeout}s: {log.read_text()[-2000:]}")
+    finally:
+        stop_worker(proc)
+
+
+# --------------------------------------------------------------------------- freshness
+
+
+def feast_floor(tmp: Path, n: int = 200) -> list[float]:
+    """Delay of a direct one-row push and read from the online store (no Kafka, no worker)."""
+    from feature_repo import store as fs
+    from feature_repo.spec import encode_user
+
+    store = fs.open_store(tmp / "feast-floor")
+    delays = []
+    for i in range(n):
+        encoded = encode_user(f"floor{i}", {"age": 30})
+        started = time.perf_counter()
+        fs.push_online(store, "user", fs.rows_frame("user", [encoded], [time.time()]))
+        while fs.read_online(store, "user", [f"floor{i}"])[f"floor{i}"] is None:
+            pass
+        delays.append(time.perf_counter() - started)
+    return delays
+
+
+def freshness(bootstrap: str, tmp: Path, rate: float, seconds: float, probe_every: int = 25) -> tuple[list[float], float]:
+    """Publish user profiles at ``rate``/s to a running worker; delays until probes are readable online."""
+    from feature_repo import store as fs
+
+    events = f"bench.fresh.{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topics(bootstrap, {events: PARTITIONS}))
+    env, port = worker_env(bootstrap, events, tmp)
+    proc = start_worker(env, tmp / "worker-freshness.log")
+    feast_dir = Path(env["RECSYS_FEAST_DATA_DIR"])
+    published: dict[str, float] = {}
+    delays: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def poll() -> None:
+        store = fs.open_store(feast_dir, apply=False)
+        while not stop.is_set() or published:
+            with lock:
+                pending = list(published)[:200]
+            if not pending:
+                time.sleep(0.002)
+                continue
+            found = fs.read_online(store, "user", pending)
+            now = time.perf_counter()
+            with lock:
+                for user_id, encoded in found.items():
+                    if encoded is not None and user_id in published:
+                        delays.append(now - published.pop(user_id))
+            time.sleep(0.002)
+
+    async def publish() -> float:
+        producer = await start_producer(bootstrap, linger_ms=1)
+        try:
+            # warm-up: wait until the worker serves a first profile (Feast import, Faust start-up)
+            await producer.send_and_wait(events, orjson.dumps(profile("warmup", time.time())), key=b"warmup")
+            store = None
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited: {(tmp / 'worker-freshness.log').read_text()[-2000:]}")
+                if (feast_dir / "registry.db").exists():
+                    store = store or fs.open_store(feast_dir, apply=False)
+                    if fs.read_online(store, "user", ["warmup"])["warmup"] is not None:
+                        break
+                await asyncio.sleep(0.2)
+            poller.start()
+            total = int(rate * seconds)
+            started = time.perf_counter()
+            for n in range(total):
+                target = started + n / rate
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                user_id = f"fresh{n}"
+                value = orjson.dumps(profile(user_id, time.time()))
+                if n % probe_every == 0:
+                    await producer.send_and_wait(events, value, key=user_id.encode())
+                    with lock:
+                        published[user_id] = time.perf_counter()
+                else:
+                    await producer.send(events, value, key=user_id.encode())
+            await producer.flush()
+            return total / (time.perf_counter() - started)
+        finally:
+            await producer.stop()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    try:
+        achieved = asyncio.run(publish())
+        deadline = time.monotonic() + 60
+        while published and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        poller.join(5)
+        return delays, achieved
+    finally:
+        stop.set()
+        stop_worker(proc)
+
+
+def profile(user_id: str, ts: float) -> dict:
+    return {"schema_version": 1, "event_type": "user_profile", "event_id": f"p-{user_id}-{ts}", "timestamp": ts,
+            "user_id": user_id, "gender": "F", "age": 33, "occupation": "writer", "zip_code": "10001"}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench streaming", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000, help="simulated requests (10 impressions each)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=5000.0, help="publish rate of the freshness run (events/s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the freshness run")
+    parser.add_argument("--skip-freshness", action="store_true")
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-streaming-"))
+    defaults = Settings()
+    kafka_port, controller_port = services.free_port(), services.free_port()
+    print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
+    services.start_kafka(tmp, defaults.cache_dir, defaults.kafka_version, kafka_port, controller_port,
+                         name="kafka-bench", timeout=120)
+    bootstrap = f"127.0.0.1:{kafka_port}"
+    try:
+        sim = Simulation(SimConfig(users=2000, items=1000, requests=args.requests, slate_size=10, seed=3,
+                                   bad_fraction=0.01))
+        records = list(sim.records())
+        events = f"bench.events.{uuid.uuid4().hex[:8]}"
+        asyncio.run(ensure_topics(bootstrap, {events: PARTITIONS}))
+
+        async def preload() -> None:
+            producer = await start_producer(bootstrap)
+            try:
+                futures = [await producer.send(events, r.value, key=r.key) for r in records]
+                await asyncio.gather(*futures)
+            finally:
+                await producer.stop()
+
+        asyncio.run(preload())
+        size = sum(len(r.value) for r in records) / len(records)
+        print(f"pre-loaded {len(records)} records (mean {size:.0f} B; {len(sim.truth)} impressions, "
+              f"{sum(sim.stats.bad.values())} malformed) into {PARTITIONS} partitions", flush=True)
+
+        base, work = [], []
+        for repeat in range(args.repeats):
+            base.append(asyncio.run(passthrough(bootstrap, events, len(records))))
+            work.append(worker_throughput(bootstrap, events, len(records), tmp))
+            print(f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s", flush=True)
+        w, b = statistics.median(work), statistics.median(base)
+        print(f"throughput (median of {args.repeats}): worker {w:,.0f} raw events/s; "
+              f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x")
+
+        if not args.skip_freshness:
+            floor = feast_floor(tmp)
+            delays, achieved = freshness(bootstrap, tmp, args.rate, args.seconds)
+            print(f"freshness at {achieved:,.0f} events/s published ({len(delays)} probes): "
+                  f"p50 {percentile(delays, 50) * 1000:.0f} ms, p99 {percentile(delays, 99) * 1000:.0f} ms "
+                  f"from publication to online-readable; baseline direct Feast push+read p50 "
+                  f"{percentile(floor, 50) * 1000:.1f} ms, p99 {percentile(floor, 99) * 1000:.1f} ms")
+        return 0
+    finally:
+        services.stop(tmp, "kafka-bench")
+        shutil.rmtree(tmp, ignore_errors=True)
