@@ -192,13 +192,15 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench serving", description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured run")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each measured open-loop run")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=100)
     args = parser.parse_args(argv)
     if not (0 < args.rate <= 5000 and 1 <= args.seconds <= 60 and 1 <= args.repeats <= 10
-            and 1 <= args.candidates <= 1000):
-        parser.error("rate in (0, 5000], seconds in [1, 60], repeats in [1, 10], candidates in [1, 1000]")
+            and 1 <= args.candidates <= 1000 and 1 <= args.workers <= 8):
+        parser.error("rate in (0, 5000], seconds in [1, 60], repeats in [1, 10], candidates in [1, 1000], "
+                     "workers in [1, 8]")
 
     from recsys import services
     from recsys.kafka import ensure_topics
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                    "RECSYS_FEAST_REDIS_URL": feast_url, "RECSYS_MLFLOW_TRACKING_URI": tracking,
                    "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": "bench.events",
                    "RECSYS_SERVING_MODEL_NAME": MODEL_NAME, "RECSYS_RUN_DIR": str(run_dir)}
-            proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port)], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port),
+                                     "--workers", str(args.workers)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=open(run_dir / "server.log", "wb"))
             ready = _wait_ready(port, proc)
             print(f"server ready: model {ready['model_version']}, parameter version {ready['parameter_version']}",
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 "impressions: ?")
     print()
     print(f"serving benchmark (medians of {args.repeats} runs; {args.candidates} candidates, k=10, DLRM champion, "
-          f"Feast + parameter replica on Redis, impressions to Kafka)")
+          f"Feast + parameter replica on Redis, impressions to Kafka; {args.workers} server worker(s); "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"  /v1/recommend at {args.rate:.0f} req/s: p50 {rec_p50:.2f} ms, p99 {rec_p99:.2f} ms")
     print(f"  baseline /v1/ping at {args.rate:.0f} req/s: p50 {ping_p50:.2f} ms, p99 {ping_p99:.2f} ms")
     print(f"  ratio recommend/ping: p50 {rec_p50 / ping_p50:.1f}x, p99 {rec_p99 / ping_p99:.1f}x")

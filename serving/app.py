@@ -121,8 +121,12 @@ def create_app(settings: Settings, components: Components | None = None,
             from serving.wiring import build_components
 
             comps = await run_in_threadpool(builder or build_components, settings, metrics)
-        comps.model.on_swap = lambda scorer: (metrics.model.info({"version": scorer.version, "scorer": scorer.name}),
-                                              metrics.model_reloads.inc() if comps.model.reloads else None)
+        def on_swap(scorer, swapped: bool) -> None:
+            metrics.model.info({"version": scorer.version, "scorer": scorer.name})
+            if swapped:
+                metrics.model_reloads.inc()
+
+        comps.model.on_swap = on_swap
         if comps.model.current is None:
             try:
                 await run_in_threadpool(comps.model.reload)
@@ -132,7 +136,7 @@ def create_app(settings: Settings, components: Components | None = None,
                 comps.model.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("initial model load failed: %s", comps.model.last_error)
         else:
-            comps.model.on_swap(comps.model.current)
+            on_swap(comps.model.current, False)
         if comps.rows is not None:
             comps.rows.on_lookup = metrics.row_lookup
             comps.rows.start()

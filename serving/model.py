@@ -95,7 +95,7 @@ class ModelHandle:
         self._reload_lock = threading.Lock()  # one load at a time; requests never take it
         self.reloads = 0
         self.last_error: str | None = None
-        self.on_swap: Callable[[Scorer], None] | None = None
+        self.on_swap: Callable[[Scorer, bool], None] | None = None  # (scorer, replaced another version)
 
     @property
     def current(self) -> Scorer | None:
@@ -104,11 +104,12 @@ class ModelHandle:
     def set(self, scorer: Scorer) -> None:
         previous = self._current
         self._current = scorer
-        if previous is None or previous.version != scorer.version:
-            self.reloads += previous is not None
+        swapped = previous is not None and previous.version != scorer.version
+        if previous is None or swapped:
+            self.reloads += swapped
             log.info("serving model %s (%s)", scorer.version, scorer.name)
         if self.on_swap is not None:
-            self.on_swap(scorer)
+            self.on_swap(scorer, swapped)
 
     def reload(self, force: bool = False) -> tuple[bool, str | None]:
         """Load the champion if it changed (or ``force``); returns (changed, previous version).

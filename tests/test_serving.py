@@ -332,3 +332,29 @@ def test_assemble_missing_and_out_of_range_columns():
     assert user.sparse["user_id"] == [user_id_key("u")] and user.dense["user_age"] == 0.5
     item = assemble("item", "i", {"genres": [1, 3], "item_category": 1})
     assert item.sparse["genres"] == [1, 3]
+
+
+def test_model_poll_picks_up_a_new_champion(parts):
+    _, _, rows, features, _ = parts
+    champion = {"version": "1"}
+
+    class Loader:
+        def champion_version(self):
+            return champion["version"]
+
+        def load(self, version):
+            return EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}, version=f"m/{version}", name="test")
+
+    model = ModelHandle(Loader(), None)
+    comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
+    settings = Settings(serving_reload_poll_s=0.05, serving_param_version_poll_s=0.05)
+    with TestClient(create_app(settings, comps)) as c:
+        first = c.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]}).json()
+        champion["version"] = "2"
+        deadline = time.time() + 30
+        while model.current.version != "m/2" and time.time() < deadline:
+            time.sleep(0.02)
+        second = c.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]}).json()
+        metrics = c.get("/metrics").text
+    assert first["model_version"] == "m/1@ps1" and second["model_version"] == "m/2@ps1"
+    assert "recsys_serving_model_reloads_total 1.0" in metrics
