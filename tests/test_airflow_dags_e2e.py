@@ -49,8 +49,16 @@ def dags_test(s: Settings, dag_id: str, conf: str | None = None) -> tuple[str, d
     return state, tasks, output
 
 
+@pytest.fixture(scope="module")
+def airflow_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated Airflow metadata DB for the module (the DAGs' runs do not interfere)."""
+    run_dir = tmp_path_factory.mktemp("airflow-e2e")
+    airflow_local.migrate(Settings(run_dir=run_dir))
+    return run_dir
+
+
 @pytest.fixture
-def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, tmp_path: Path) -> Settings:
+def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, airflow_run_dir: Path, tmp_path: Path) -> Settings:
     import uuid
 
     tag = uuid.uuid4().hex[:8]
@@ -59,14 +67,13 @@ def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, tmp_path: Pa
     s = Settings(
         kafka_bootstrap=kafka_bootstrap, redis_url=feast_redis.url, ps_shards=[shard.url], ps_replicas=[replica.url],
         topic_events=f"events.{tag}", topic_samples=f"samples.{tag}", topic_deadletter=f"dead.{tag}",
-        topic_late=f"late.{tag}", run_dir=tmp_path / "run", cache_dir=PROJECT_ROOT / ".cache",
+        topic_late=f"late.{tag}", run_dir=airflow_run_dir, cache_dir=PROJECT_ROOT / ".cache",
         mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", feast_data_dir=tmp_path / "feast",
         feast_online_store="redis", feast_redis_url=feast_redis.url, train_experiment=f"airflow-e2e-{tag}",
         train_model_name=f"recsys-e2e-{tag}", serving_model_name=f"recsys-e2e-{tag}",
         serving_reload_urls=["http://127.0.0.1:9"], publish_timeout_s=60.0, train_epochs=1,
         airflow_port=free_port(),
     )
-    airflow_local.migrate(s)
     return s
 
 

@@ -80,6 +80,12 @@ def test_gate_refuses_worse_challenger_and_promotes_better(tmp_path: Path) -> No
     assert gate.promote(client, name, gate.evaluate_gate(client, name, better, tolerance=0.01))
     assert gate.champion_version(client, name) == better
 
+    # scored beside the champion with the same rows, the challenger's own number is that one
+    close = _version(client, name, 0.90)
+    gate.record_champion_score(client, name, close, better, 0.74, challenger_auc=0.70)
+    decision = gate.evaluate_gate(client, name, close, tolerance=0.01)
+    assert not decision.promote and decision.challenger_auc == pytest.approx(0.70)
+
     # a score of an older champion does not count once the champion moved
     stale = _version(client, name, 0.80)
     gate.record_champion_score(client, name, stale, first, 0.70)

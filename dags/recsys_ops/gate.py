@@ -19,6 +19,9 @@ from typing import Any
 CHAMPION = "champion"
 CHALLENGER_METRIC = "eval_auc"
 CHAMPION_METRIC = "champion_eval_auc"
+# the challenger scored beside the champion (same evaluation set, same parameter rows); preferred
+# over the trainer's own eval_auc when present
+SAME_ROWS_METRIC = "challenger_eval_auc_same_rows"
 TAG_CHAMPION_VERSION = "recsys_champion_version"
 TAG_GATE = "recsys_gate"
 
@@ -82,10 +85,15 @@ def _metric(client: Any, run_id: str, key: str) -> float | None:
 
 
 def record_champion_score(client: Any, model_name: str, challenger_version: str, champion: str,
-                          auc: float) -> None:
-    """Log the champion's AUC on the challenger's evaluation set to the challenger's run (idempotent)."""
+                          auc: float, challenger_auc: float | None = None) -> None:
+    """Log the champion's AUC on the challenger's evaluation set to the challenger's run (idempotent).
+
+    ``challenger_auc``: the challenger scored in the same pass (same rows), when the caller has it.
+    """
     run_id = client.get_model_version(model_name, challenger_version).run_id
     client.log_metric(run_id, CHAMPION_METRIC, float(auc))
+    if challenger_auc is not None:
+        client.log_metric(run_id, SAME_ROWS_METRIC, float(challenger_auc))
     client.set_tag(run_id, TAG_CHAMPION_VERSION, str(champion))
 
 
@@ -103,6 +111,9 @@ def evaluate_gate(client: Any, model_name: str, challenger_version: str, toleran
         tags = client.get_run(version.run_id).data.tags
         scored = tags.get(TAG_CHAMPION_VERSION)
         champion_auc = _metric(client, version.run_id, CHAMPION_METRIC)
+        if scored == champion:
+            same_rows = _metric(client, version.run_id, SAME_ROWS_METRIC)
+            challenger_auc = challenger_auc if same_rows is None else same_rows
         if scored != champion or champion_auc is None:
             raise GateError(f"the champion (v{champion}) has no AUC on the evaluation set of v{challenger_version} "
                             f"(scored: {scored or 'none'}); run the evaluate task first")

@@ -96,9 +96,10 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     """Make sure the champion's AUC on the challenger's evaluation set is recorded; return both AUCs.
 
     The trainer evaluates on the newest share of its window and logs ``eval_auc``. The champion
-    is scored on that same set by ``recsys train evaluate`` when the trainer offers it (it logs
-    ``champion_eval_auc`` and ``recsys_champion_version`` on the challenger's run, see
-    recsys_ops.gate); a score recorded already is reused, so a retry does not score twice.
+    (and the challenger beside it) are scored on that same set with the same parameter rows by
+    recsys_ops.evaluation; the scores go to the challenger's run (``champion_eval_auc``,
+    ``challenger_eval_auc_same_rows``, tag ``recsys_champion_version``). A score recorded already
+    is reused, so a retry does not score twice.
     """
     from recsys_ops import gate
 
@@ -117,16 +118,19 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     if run.data.tags.get(gate.TAG_CHAMPION_VERSION) == champion and gate.CHAMPION_METRIC in run.data.metrics:
         info["champion_auc"] = run.data.metrics[gate.CHAMPION_METRIC]
         return info
-    cmd = [sys.executable, "-m", "recsys.cli", "train", "evaluate", "--model-version", champion,
-           "--on-run", version.run_id]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log.info("%s:\n%s", " ".join(cmd), done.stdout[-10000:])
-    run = client.get_run(version.run_id)
-    if done.returncode != 0 or run.data.tags.get(gate.TAG_CHAMPION_VERSION) != champion:
+    from recsys_ops.evaluation import score_versions
+
+    try:
+        scored = score_versions(s, version.run_id, {"challenger": str(model_version), "champion": champion})
+    except Exception as exc:  # noqa: BLE001 - any failure means: no comparable champion score
         raise TaskFailed(f"the champion v{champion} could not be scored on the evaluation set of v{model_version} "
-                         f"(`{' '.join(cmd[2:])}` exited {done.returncode}): the gate will not compare "
-                         "AUCs from different evaluation sets")
-    info["champion_auc"] = run.data.metrics.get(gate.CHAMPION_METRIC)
+                         f"({type(exc).__name__}: {exc}); the gate will not compare AUCs of different sets") from exc
+    log.info("scored on the evaluation set of v%s: %s", model_version, scored)
+    gate.record_champion_score(client, name, str(model_version), champion, scored["auc"]["champion"],
+                               challenger_auc=scored["auc"]["challenger"])
+    info["challenger_auc_same_rows"] = scored["auc"]["challenger"]
+    info["eval_samples"] = scored["eval_samples"]
+    info["champion_auc"] = scored["auc"]["champion"]
     return info
 
 
