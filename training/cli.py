@@ -1,12 +1,163 @@
-"""`recsys train` (filled in by issue #5: the trainer)."""
+"""`recsys train`: one training job on N ranks, launched with torchrun.
+
+Checks Kafka, the parameter service and MLflow first (a clear message and exit code 1 when
+one is unreachable, before any rank starts), then runs ``python -m torch.distributed.run
+--nproc-per-node N -m training.worker`` and prints the job's outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 
-app = typer.Typer(invoke_without_command=True)
+app = typer.Typer(invoke_without_command=True, add_completion=False)
+console = Console(stderr=True)
+out = Console()
+
+# settings fields the options below override in the ranks' environment
+_OVERRIDES = {"ranks": "RECSYS_TRAIN_RANKS", "epochs": "RECSYS_TRAIN_EPOCHS",
+              "batch_size": "RECSYS_TRAIN_BATCH_SIZE", "backend": "RECSYS_TRAIN_BACKEND",
+              "topic": "RECSYS_TOPIC_SAMPLES"}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def preflight(settings: Any) -> None:
+    """Raise RuntimeError with an actionable message when Kafka, the parameter service or MLflow is unusable."""
+    import asyncio
+
+    from recsys.kafka import KafkaUnavailable, end_offsets
+    from training.params import open_training_store, table_configs
+
+    try:
+        asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_samples))
+    except KafkaUnavailable as exc:
+        raise RuntimeError(str(exc)) from None
+    try:
+        store = open_training_store(settings.ps_shards, table_configs(settings.train_embedding_dim,
+                                                                      settings.train_init_std))
+        store.version()
+        store.close()
+    except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: all need the same advice
+        raise RuntimeError(f"the parameter service {settings.ps_shards} is unusable ({type(exc).__name__}: {exc}). "
+                           "Start it with `recsys ps up` or point RECSYS_PS_SHARDS at running shards.") from None
+    check_tracking_uri(settings.mlflow_tracking_uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A cheap reachability check of MLflow (importing mlflow alone takes seconds; rank 0 does the rest)."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"MLflow database folder {folder} cannot be created ({exc}); "
+                               "set RECSYS_MLFLOW_TRACKING_URI") from None
+        if not os.access(folder, os.W_OK):
+            raise RuntimeError(f"MLflow database folder {folder} is not writable; set RECSYS_MLFLOW_TRACKING_URI")
+    elif uri.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            httpx.get(uri.rstrip("/") + "/health", timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}). Start the tracking "
+                               "server or point RECSYS_MLFLOW_TRACKING_URI at a running one.") from None
+
+
+def launch(ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None,
+           capture: bool = False) -> tuple[int, dict[str, Any] | None, str]:
+    """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output)."""
+    from recsys.services import free_port
+
+    with tempfile.TemporaryDirectory(prefix="recsys-train-") as tmp:
+        result = result_path or Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "training.worker",
+               "--result", str(result)]
+        if truth is not None:
+            cmd += ["--truth", str(truth)]
+        proc = subprocess.run(cmd, env=env, text=True, capture_output=capture)
+        outcome = json.loads(result.read_text()) if result.exists() else None
+        return proc.returncode, outcome, (proc.stdout or "") + (proc.stderr or "")
 
 
 @app.callback()
-def train() -> None:
-    """Train on a window of samples (not built yet: issue #5)."""
-    typer.echo("the trainer is not built yet (issue #5)", err=True)
-    raise typer.Exit(2)
+def train(
+    ranks: Annotated[Optional[int], typer.Option(min=1, max=512, help="torchrun ranks [settings: train_ranks]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, max=1000, help="passes over the window")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="samples per step and rank")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto | gloo | nccl")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="samples topic [settings: topic_samples]")] = None,
+    truth: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, readable=True,
+                                                  help="JSONL of true click probabilities (simulated traffic): "
+                                                       "logs the oracle AUC of the evaluation set")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+    check: Annotated[bool, typer.Option(help="check Kafka, the parameter service and MLflow first")] = True,
+) -> None:
+    """Train on the samples that arrived since the last job; push rows, log and register the model."""
+    from pydantic import ValidationError
+
+    from recsys.settings import Settings
+
+    # the overrides go into this process's environment, which the ranks inherit
+    for name, value in {"ranks": ranks, "epochs": epochs, "batch_size": batch_size, "backend": backend,
+                        "topic": topic}.items():
+        if value is not None:
+            os.environ[_OVERRIDES[name]] = str(value)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        _fail(f"invalid configuration: {exc}", 2)
+    if check:
+        try:
+            preflight(settings)
+        except RuntimeError as exc:
+            _fail(str(exc))
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
+    code, outcome, _ = launch(settings.train_ranks, env, truth)
+    if outcome is None:
+        _fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. The "
+              "parameter service and the recorded offsets are unchanged: rerun to train the same window.")
+    if as_json:
+        out.print_json(json.dumps(outcome))
+    else:
+        _print_outcome(outcome)
+    if outcome.get("status") == "error" or code != 0:
+        raise typer.Exit(1)
+
+
+def _print_outcome(outcome: dict[str, Any]) -> None:
+    status = outcome.get("status")
+    if status == "error":
+        console.print(f"[red]training failed:[/red] {outcome.get('message')}", soft_wrap=True)
+        return
+    if status != "trained":
+        out.print(f"{status}: {outcome.get('message')}", soft_wrap=True)
+        return
+    m = outcome["metrics"]
+    out.print(f"trained: run {outcome['run_id']}, model {outcome['model_name']} version {outcome['model_version']} "
+              f"(alias challenger)")
+    out.print(f"parameter service: version {outcome['ps_version_before']} -> {outcome['ps_version']}, "
+              f"rows pulled {sum(outcome['rows_pulled'].values())}, pushed {sum(outcome['rows_pushed'].values())}")
+    out.print(f"offsets: {outcome['offsets']['start']} -> {outcome['offsets']['end']}")
+    line = (f"eval: AUC {m.get('eval_auc', float('nan')):.4f}, log loss {m.get('eval_log_loss', float('nan')):.4f}, "
+            f"calibration {m.get('eval_calibration', float('nan')):.3f} on {int(m['eval_samples'])} samples")
+    if "eval_oracle_auc" in m:
+        line += f"; oracle AUC {m['eval_oracle_auc']:.4f}"
+    out.print(line)
+    t = outcome["timings_s"]
+    out.print(f"throughput: {m['samples_per_s_with_ps']:.0f} samples/s with pull+push "
+              f"(pull {t['pull_s']:.2f}s, train {t['train_s']:.2f}s, push {t['push_s']:.2f}s)")

@@ -1,0 +1,138 @@
+"""MLflow bookkeeping of training jobs: runs, the manifest, dense weights, the registry, offsets.
+
+Where the consumed offsets live: on the MLflow run of each job. Right after a job's push to
+the parameter service commits, its run gets the tags ``recsys_committed=true`` and
+``recsys_offsets_end`` (JSON partition -> offset). The next job on the same topic starts from
+the end offsets of the newest committed run (``last_offsets``). So a job that dies before its
+push leaves neither rows nor offsets behind and the rerun reads the same window again.
+
+Metric names: ``loss`` (per step), ``eval_auc``, ``eval_log_loss``, ``eval_calibration``
+(mean prediction / observed CTR), ``eval_oracle_auc`` (when a truth file was given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+TAG_TOPIC = "recsys_topic"
+TAG_COMMITTED = "recsys_committed"
+TAG_OFFSETS = "recsys_offsets_end"
+TAG_PS_VERSION = "recsys_ps_version"
+CHALLENGER = "challenger"
+DENSE_ARTIFACT_DIR = "dense"
+DENSE_FILE = "dense.pt"
+MANIFEST_FILE = "manifest.json"
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+# an unreachable tracking server should fail in seconds, not after MLflow's minutes of retries
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow could not be reached or used; the message says where and how to fix it."""
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite-backed store sit beside its database file (a server decides for itself)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
+
+
+class Tracking:
+    def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        try:
+            if uri.startswith("sqlite:///"):
+                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=_artifact_location(uri, experiment))
+        except Exception as exc:  # MLflow raises many types (MlflowException, requests, SQLAlchemy)
+            raise self.unreachable(exc) from exc
+
+    def unreachable(self, exc: BaseException) -> TrackingUnavailable:
+        return TrackingUnavailable(
+            f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {str(exc)[:300]}). Start the tracking "
+            "server or point RECSYS_MLFLOW_TRACKING_URI at a running one (or a sqlite:///path/mlflow.db file).")
+
+    def last_offsets(self, topic: str) -> tuple[dict[int, int], str | None]:
+        """End offsets recorded by the newest committed job on ``topic`` ({} and None before the first)."""
+        if not _TOPIC.match(topic):
+            raise ValueError(f"invalid Kafka topic name {topic!r}")
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.{TAG_TOPIC} = '{topic}' and tags.{TAG_COMMITTED} = 'true'",
+                order_by=["attributes.start_time DESC"], max_results=1)
+        except Exception as exc:
+            raise self.unreachable(exc) from exc
+        if not runs:
+            return {}, None
+        raw = json.loads(runs[0].data.tags[TAG_OFFSETS])
+        return {int(p): int(o) for p, o in raw.items()}, runs[0].info.run_id
+
+    def start_run(self, topic: str, params: Mapping[str, Any], name: str | None = None) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={TAG_TOPIC: topic})
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_series(self, run_id: str, key: str, values: Sequence[float], first_step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
+        for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def commit_offsets(self, run_id: str, end_offsets: Mapping[int, int], ps_version: int) -> None:
+        """Record that the job's rows are in the parameter service: its window is consumed."""
+        self.client.set_tag(run_id, TAG_OFFSETS, json.dumps({str(p): o for p, o in sorted(end_offsets.items())}))
+        self.client.set_tag(run_id, TAG_PS_VERSION, str(ps_version))
+        self.client.set_tag(run_id, TAG_COMMITTED, "true")
+
+    def log_json(self, run_id: str, name: str, data: Mapping[str, Any], artifact_path: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str) -> str:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+    def register(self, run_id: str, model_name: str, source: str, tags: Mapping[str, str]) -> str:
+        """A new version of ``model_name`` from ``source``, tagged and aliased ``challenger``; returns it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        version = self.client.create_model_version(model_name, source=source, run_id=run_id,
+                                                   tags={"role": CHALLENGER, **tags})
+        self.client.set_registered_model_alias(model_name, CHALLENGER, version.version)
+        return str(version.version)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
