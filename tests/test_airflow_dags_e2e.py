@@ -19,6 +19,8 @@ from recsys.settings import PROJECT_ROOT, Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+sys.path.insert(0, str(PROJECT_ROOT / "dags"))  # recsys_ops, the DAGs' helpers
+
 
 def recsys_env(s: Settings) -> dict[str, str]:
     """The settings as RECSYS_* variables, for the Airflow processes and the tasks they run."""
@@ -32,9 +34,10 @@ def recsys_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def dags_test(s: Settings, dag_id: str, conf: str | None = None) -> tuple[str, dict[str, str], str]:
+def dags_test(s: Settings, dag_id: str, conf: str | None = None,
+              extra_env: dict[str, str] | None = None) -> tuple[str, dict[str, str], str]:
     """Run one `airflow dags test`; returns the run's state, its task states and the output."""
-    env = {**airflow_local.airflow_env(s), **recsys_env(s)}
+    env = {**airflow_local.airflow_env(s), **recsys_env(s), **(extra_env or {})}
     cmd = airflow_local.airflow_cmd("dags", "test", dag_id, *(["-c", conf] if conf else []))
     done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=480)
     output = done.stdout + done.stderr
@@ -115,3 +118,68 @@ def test_training_dag_skips_cleanly_without_new_samples(airflow_settings: Settin
     assert tasks["check_new_samples"] == "success"
     assert {t: st for t, st in tasks.items() if t != "check_new_samples"} == {
         t: "skipped" for t in ("train", "evaluate", "gate", "promote", "publish", "reload_serving")}, tasks
+
+
+def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
+    import json
+
+    db = sqlite3.connect(airflow_local.layout(s).db)
+    try:
+        (value,) = db.execute("SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = 'return_value' "
+                              "ORDER BY dag_run_id DESC LIMIT 1", (dag_id, task_id)).fetchone()
+    finally:
+        db.close()
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def test_training_dag_trains_promotes_publishes_and_refuses_a_forced_worse_challenger(
+        airflow_settings: Settings, tmp_path: Path) -> None:
+    """Run 1 trains the first champion, publishes it to the inference replica and asks serving to
+    reload; run 2 trains a challenger forced to be worse (learning rates ~0: it keeps its random
+    dense part), which the gate refuses after scoring both on run 2's evaluation set."""
+    import json
+    import os
+
+    from paramserver.replication import replica_status
+    from recsys.simulator import SimConfig
+    from recsys_ops.gate import TAG_GATE, champion_version, client_for
+    from training.synthetic import produce_samples, simulate_samples
+
+    s = airflow_settings
+    replicator = subprocess.Popen([sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps_replicas[0]],
+                                  env={**os.environ, **recsys_env(s)}, cwd=PROJECT_ROOT,
+                                  stdout=open(tmp_path / "replicator.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        start = time.time() - 7200
+        for batch in range(2):
+            synthetic = simulate_samples(SimConfig(users=300, items=150, requests=500, seed=batch,
+                                                   start_time=start + batch * 1800))
+            produce_samples(s.kafka_bootstrap, s.topic_samples, synthetic.samples)
+            forced = {} if batch == 0 else {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9",
+                                            "RECSYS_TRAIN_SEED": "11"}
+            state, tasks, output = dags_test(s, "recsys_training", conf=json.dumps({"epochs": 2}), extra_env=forced)
+            assert state == "success", output[-6000:]
+            client = client_for(s.mlflow_tracking_uri)
+            trained = _xcom(s, "recsys_training", "train")
+            version = trained["model_version"]
+            if batch == 0:
+                assert set(tasks.values()) == {"success"}, tasks
+                assert champion_version(client, s.train_model_name) == version
+                published = _xcom(s, "recsys_training", "publish")
+                assert published["ps_version"] == trained["ps_version"]
+                status = replica_status(None, [s.ps_replicas[0]], namespace=s.ps_namespace)
+                assert status["version"] >= trained["ps_version"]
+                assert _xcom(s, "recsys_training", "reload_serving") == {"http://127.0.0.1:9": "not running"}
+                first = version
+            else:
+                assert tasks["gate"] == "success" and tasks["evaluate"] == "success", tasks
+                assert {tasks[t] for t in ("promote", "publish", "reload_serving")} == {"skipped"}, tasks
+                evaluation = _xcom(s, "recsys_training", "evaluate")
+                print(f"forced worse challenger v{version}: {evaluation}")
+                assert evaluation["champion_version"] == first
+                assert evaluation["challenger_auc_same_rows"] < evaluation["champion_auc"] - s.gate_tolerance
+                assert champion_version(client, s.train_model_name) == first
+                assert client.get_model_version(s.train_model_name, version).tags[TAG_GATE] == "refused"
+    finally:
+        replicator.terminate()
+        replicator.wait(timeout=30)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -59,8 +58,9 @@ def train(s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path,
           timeout_s: float = 6 * 3600) -> dict[str, Any]:
     """Run ``recsys train`` once per DAG run: a retry after a finished job returns that job's outcome.
 
-    The trainer records its outcome (status, run id, model version, parameter version, metrics)
-    in a JSON file named after the DAG run, so a retried task does not train a second window.
+    The trainer's outcome (status, run id, model version, parameter version, metrics; `recsys
+    train --json`) is kept in a JSON file named after the DAG run, so a retried task does not
+    train a second window.
     """
     outcome_dir.mkdir(parents=True, exist_ok=True)
     result = outcome_dir / f"{_safe(run_key)}.json"
@@ -69,19 +69,23 @@ def train(s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path,
         if previous.get("status") in ("trained", "no_new_samples", "no_valid_samples"):
             log.info("training of %s already done (%s), not training again", run_key, previous["status"])
             return previous
-    env = {**os.environ, "RECSYS_TRAIN_RANKS": str(ranks), "RECSYS_TRAIN_EPOCHS": str(epochs)}
-    cmd = [sys.executable, "-m", "recsys.cli", "train", "--result", str(result)]
-    log.info("running %s (ranks=%d, epochs=%d)", " ".join(cmd), ranks, epochs)
-    done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout_s, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    log.info("recsys train output:\n%s", done.stdout[-20000:])
-    if done.returncode != 0:
-        raise TaskFailed(f"`recsys train` exited with {done.returncode}: {done.stdout[-2000:]}")
-    if not result.exists():
-        raise TaskFailed(f"`recsys train` wrote no outcome to {result}")
-    outcome = json.loads(result.read_text())
+    cmd = [sys.executable, "-m", "recsys.cli", "train", "--ranks", str(ranks), "--epochs", str(epochs), "--json"]
+    log.info("running %s", " ".join(cmd))
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, timeout=timeout_s, capture_output=True, text=True)
+    log.info("recsys train output:\n%s", done.stderr[-20000:])
+    stdout = done.stdout.strip()
+    try:
+        outcome = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else None
+    except json.JSONDecodeError:
+        outcome = None
+    if done.returncode != 0 or outcome is None:
+        reason = outcome.get("message") if outcome else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TaskFailed(f"`recsys train` exited with {done.returncode}: {reason}")
     if outcome.get("status") == "trained" and not outcome.get("model_version"):
         raise TaskFailed(f"`recsys train` reports a trained model but no model version: {outcome}")
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(outcome))
+    tmp.rename(result)  # the outcome that makes a retry of this run a no-op
     return outcome
 
 
