@@ -333,7 +333,9 @@ def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, control
         raise ServiceError("Kafka needs Java 17+ on PATH")
     classpath = f"{libs}/*"
     if not (log_dir / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # a leading "-" would be read as an option by kafka-storage
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
             [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.tools.StorageTool", "format",
              "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
