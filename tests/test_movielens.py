@@ -256,3 +256,27 @@ def test_feature_arrays_equal_the_samples_column_for_column(ml100k: MovieLens) -
             assert got == [s.sparse[name] for s in expected], name
         assert arrays.dense.tolist() == [[np.float32(s.dense[k]) for k in s.dense] for s in expected]
     assert any(len(v) > 1 for v in (s.sparse["genres"] for s in expected))  # the bag really is multi-valued
+
+
+@pytest.mark.integration
+def test_paced_replay_sends_every_event_within_the_validation_window(kafka_bootstrap: str, unique_topic: str,
+                                                                    ml100k: MovieLens) -> None:
+    from recsys.kafka import read_topic
+
+    data = ml100k.head(300)
+    # 1e8: the slice's weeks of ratings pass in well under a minute of wall time
+    result = asyncio.run(movielens.replay(data, kafka_bootstrap, unique_topic, speedup=1e8, pace=True,
+                                          max_event_age_s=30 * DAY, show_progress=False))
+    assert result.records == movielens.count_events(data)
+
+    async def read() -> list:
+        return [r async for r in read_topic(kafka_bootstrap, unique_topic)]
+
+    records = asyncio.run(read())
+    now = time.time()
+    events = [parse_event(r.value, now=now, max_future_skew_s=300, max_age_s=3600) for r in records]
+    assert len(events) == result.records
+    assert Counter(e.event_type for e in events)["impression"] == 300
+    # paced: a record is sent no earlier than its event time, so the broker's send time is never before it
+    for record, event in zip(records, events):
+        assert record.timestamp_ms / 1000 >= event.timestamp - 0.05
