@@ -128,19 +128,61 @@ def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeou
     log = tmp / f"worker-{env['RECSYS_STREAM_APP_ID']}.log"
     proc = start_worker(env, log)
     try:
-        deadline = time.monotonic() + timeout
-        first_t = first_n = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}: {log.read_text()[-2000:]}")
-            n = metric(port, "recsys_stream_records_in_total")
-            now = time.perf_counter()
-            if n > 0 and first_t is None:
-                first_t, first_n = now, n
-            if n >= total:
-                return (n - first_n) / (now - first_t)
-            time.sleep(0.05)
-        raise RuntimeError(f"worker did not finish in {timeout}s: {log.read_text()[-2000:]}")
+        return rate_from_counter(proc, port, total, log, timeout)
+    finally:
+        stop_worker(proc)
+
+
+def rate_from_counter(proc: subprocess.Popen, port: int, total: int, log: Path, timeout: float) -> float:
+    """Records/s between a worker's first and its ``total``-th record, from its records-in counter."""
+    deadline = time.monotonic() + timeout
+    first_t = first_n = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        n = metric(port, "recsys_stream_records_in_total")
+        now = time.perf_counter()
+        if n > 0 and first_t is None:
+            first_t, first_n = now, n
+        if n >= total:
+            return (n - first_n) / (now - first_t)
+        time.sleep(0.05)
+    raise RuntimeError(f"worker did not finish in {timeout}s: {log.read_text()[-2000:]}")
+
+
+def noop_worker() -> None:
+    """A Faust worker that only reads the events in batches (no work): the framework's own ceiling."""
+    import faust
+    from faust.worker import Worker
+    from prometheus_client import Counter, start_http_server
+
+    env = os.environ
+    app = faust.App(env["BENCH_APP_ID"], broker=f"kafka://{env['BENCH_BOOTSTRAP']}", store="memory://",
+                    web_enabled=False, broker_max_poll_records=2000, stream_buffer_maxsize=4096,
+                    consumer_auto_offset_reset="earliest", worker_redirect_stdouts=False, autodiscover=False,
+                    broker_commit_interval=1.0)
+    topic = app.topic(env["BENCH_TOPIC"], key_serializer="raw", value_serializer="raw")
+    seen = Counter("recsys_stream_records_in", "records read by the no-op worker")
+
+    @app.agent(topic)
+    async def consume(stream):  # type: ignore[no-untyped-def]
+        async for batch in stream.take_events(2000, within=0.1):
+            seen.inc(len(batch))
+
+    start_http_server(int(env["BENCH_PORT"]), addr="127.0.0.1")
+    Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+def noop_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeout: float = 180.0) -> float:
+    port = services.free_port()
+    env = {**os.environ, "BENCH_APP_ID": f"bench-noop-{uuid.uuid4().hex[:8]}", "BENCH_BOOTSTRAP": bootstrap,
+           "BENCH_TOPIC": events, "BENCH_PORT": str(port)}
+    log = tmp / f"noop-{env['BENCH_APP_ID']}.log"
+    proc = subprocess.Popen([sys.executable, "-c", "from bench.streaming import noop_worker; noop_worker()"],
+                            env=env, cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        return rate_from_counter(proc, port, total, log, timeout)
     finally:
         stop_worker(proc)
 
@@ -288,14 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pre-loaded {len(records)} records (mean {size:.0f} B; {len(sim.truth)} impressions, "
               f"{sum(sim.stats.bad.values())} malformed) into {PARTITIONS} partitions", flush=True)
 
-        base, work = [], []
+        base, work, noop = [], [], []
         for repeat in range(args.repeats):
             base.append(asyncio.run(passthrough(bootstrap, events, len(records))))
             work.append(worker_throughput(bootstrap, events, len(records), tmp))
-            print(f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s", flush=True)
-        w, b = statistics.median(work), statistics.median(base)
+            noop.append(noop_throughput(bootstrap, events, len(records), tmp))
+            print(f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s, "
+                  f"Faust no-op reader {noop[-1]:,.0f} ev/s", flush=True)
+        w, b, f = statistics.median(work), statistics.median(base), statistics.median(noop)
         print(f"throughput (median of {args.repeats}): worker {w:,.0f} raw events/s; "
-              f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x")
+              f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x; "
+              f"(Faust take_events reader doing nothing: {f:,.0f} events/s)")
 
         if not args.skip_freshness:
             floor = feast_floor(tmp)

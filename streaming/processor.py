@@ -37,7 +37,7 @@ import heapq
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -59,6 +59,11 @@ MISSING_KEY = "missing_value"
 LATE_AFTER_NEGATIVE = "after_negative"
 LATE_AFTER_WINDOW = "after_window"
 LATE_NO_IMPRESSION = "no_impression"
+
+
+_COUNTERS = {"events": metrics.EVENTS_IN, "dup": metrics.DUPLICATES, "feat": metrics.FEATURE_SOURCE,
+             "samples": metrics.SAMPLES, "dead": metrics.DEADLETTERED, "late": metrics.LATE_CLICKS,
+             "stale": metrics.STALE_PROFILES}
 
 
 class KV(Protocol):
@@ -165,6 +170,8 @@ class Processor:
         self.dedup, self.joins, self.users, self.items = dedup, joins, users, items
         self.wall = wall
         self.partitions: dict[int, _PartitionState] = {}
+        # per-batch counts, added to the Prometheus metrics once per batch (per-event .inc() took ~30% of the CPU)
+        self.tally: Counter[tuple[str, str]] = Counter()
 
     # ------------------------------------------------------------------ partitions
 
@@ -198,6 +205,24 @@ class Processor:
                                                          "reemitted": reemitted, "dedup_ids": len(seen)}})
         return state
 
+    def take_quiet_partition(self, p: int, position: int) -> list[Outgoing]:
+        """Take a partition that has nothing left to read (its committed offset is its end).
+
+        No record will rebuild its watermark, so it starts from the restored tables: every record
+        of the partition was committed, so nothing in them is ahead of the input.
+        """
+        out: list[Outgoing] = []
+        if p in self.partitions:
+            return out
+        state = self.partitions[p] = self._take_partition(p, out)
+        times = [entry["ts"] for _, entry in self.joins.items() if entry.get("p") == p]
+        times += [seen[2] for _, seen in self.dedup.items() if seen[0] == p]
+        if times:
+            state.watermark = max(times)
+        state.next_offset = position
+        self.flush_metrics()
+        return out
+
     def release_partitions(self, partitions: Iterable[int]) -> None:
         """Forget the in-memory indexes of revoked partitions (another worker now owns them)."""
         for p in partitions:
@@ -225,6 +250,7 @@ class Processor:
                 self._deadletter(record, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", result.out)
         for p in touched:
             self._expire(p, self.partitions[p], result.out, now)
+        self.flush_metrics()
         return result
 
     def advance_idle(self) -> list[Outgoing]:
@@ -244,6 +270,7 @@ class Processor:
                 state.watermark += now - state.anchor_wall
                 state.anchor_wall = now
             self._expire(p, state, out, now)
+        self.flush_metrics()
         return out
 
     def _process(self, record: RawRecord, state: _PartitionState, result: BatchResult, now: float) -> None:
@@ -264,7 +291,7 @@ class Processor:
             except ValueError as exc:
                 self._deadletter(record, RejectReason.BAD_VALUE.value, f"logged features: {exc}", result.out)
                 return
-        metrics.EVENTS_IN_BY_TYPE[kind].inc()
+        self.tally[("events", kind)] += 1
         p = record.partition
         if event.timestamp > state.watermark:
             state.watermark = event.timestamp
@@ -272,7 +299,7 @@ class Processor:
         seen = self.dedup.get(event.event_id)
         if seen is not None:
             if seen[0] != p or seen[1] != record.offset:
-                metrics.DUPLICATES.labels(kind).inc()
+                self.tally[("dup", kind)] += 1
                 return
             # same partition and offset: a re-delivery after a crash, processed again (idempotently)
         else:
@@ -295,7 +322,7 @@ class Processor:
                  encoded: EncodedEntity, ts: float) -> None:
         current = table.get(entity_id)
         if current is not None and current["ts"] > ts:
-            metrics.STALE_PROFILES.inc()  # an older profile arriving late never overwrites a newer one
+            self.tally[("stale", "")] += 1  # an older profile arriving late never overwrites a newer one
             return
         table.put(p, entity_id, encoded_to_state(encoded, ts))
         previous = batch.get(entity_id)
@@ -323,15 +350,15 @@ class Processor:
             return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
         if event.features is not None:
             sparse, dense = event.features.sparse, event.features.dense
-            metrics.FEATURES_LOGGED.inc()
+            self.tally[("feat", "logged")] += 1
         else:
             sparse, dense = self.features_for(event.user_id, event.item_id)
-            metrics.FEATURES_STREAM.inc()
+            self.tally[("feat", "stream")] += 1
         entry = {"st": OPEN, "p": p, "ts": event.timestamp, "r": event.request_id, "u": event.user_id,
                  "i": event.item_id, "pos": event.position, "mv": event.model_version, "sp": sparse, "dn": dense}
         self.joins.put(p, sid, entry)
         heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
-        metrics.OPEN_IMPRESSIONS.inc()
+        self.tally[("open", "")] += 1
 
     def _click(self, event: Any, record: RawRecord, state: _PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
@@ -348,20 +375,21 @@ class Processor:
         elif entry["st"] == NEGATIVE:
             self._late(record, sid, LATE_AFTER_NEGATIVE, out)
         else:
-            metrics.DUPLICATES.labels("click_on_positive").inc()
+            self.tally[("dup", "click_on_positive")] += 1
 
     def _resolve(self, p: int, sid: str, entry: dict[str, Any], status: str, state: _PartitionState,
                  now: float) -> Outgoing:
         resolved = {**entry, "st": status, "at": now}
         self.joins.put(p, sid, resolved)
         heapq.heappush(state.resolved_heap, (now, sid))
-        metrics.OPEN_IMPRESSIONS.dec()
+        self.tally[("open", "")] -= 1
         return self._sample(sid, resolved, 1 if status == POSITIVE else 0)
 
     def _sample(self, sid: str, entry: Mapping[str, Any], label: int, count: bool = True) -> Outgoing:
         if count:
-            metrics.SAMPLES_BY_LABEL[label].inc()
-            metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
+            self.tally[("samples", str(label))] += 1
+            if self.tally[("samples", str(label))] % 16 == 1:  # sampled: a histogram observation costs ~10 us
+                metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
         return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))
 
     def _expire(self, p: int, state: _PartitionState, out: list[Outgoing], now: float) -> None:
@@ -387,7 +415,7 @@ class Processor:
     # ------------------------------------------------------------------ side topics
 
     def _deadletter(self, record: RawRecord, reason: str, message: str, out: list[Outgoing]) -> None:
-        metrics.DEADLETTERED.labels(reason).inc()
+        self.tally[("dead", reason)] += 1
         log.info("dead-lettered", extra={"fields": {"reason": reason, "message": message[:200],
                                                     "partition": record.partition, "offset": record.offset}})
         out.append(Outgoing("deadletter", record.key, record.value or b"", (
@@ -397,11 +425,21 @@ class Processor:
         )))
 
     def _late(self, record: RawRecord, sid: str, reason: str, out: list[Outgoing]) -> None:
-        metrics.LATE_CLICKS.labels(reason).inc()
+        self.tally[("late", reason)] += 1
         out.append(Outgoing("late", record.key, record.value or b"", (
             ("reason", reason.encode()), ("sample_id", sid.encode()),
             ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
         )))
+
+    def flush_metrics(self) -> None:
+        for (name, label), count in self.tally.items():
+            if not count:
+                continue
+            if name == "open":
+                metrics.OPEN_IMPRESSIONS.inc(count)
+            else:
+                _COUNTERS[name].labels(label).inc(count) if label else _COUNTERS[name].inc(count)
+        self.tally.clear()
 
     def open_count(self) -> int:
         return sum(len(s.open_heap) for s in self.partitions.values())

@@ -271,3 +271,19 @@ def test_a_partition_not_read_to_its_end_is_not_idle():
     assert samples_of(proc.advance_idle()) == []  # the worker lags: more records may hold the click
     behind["value"] = False
     assert [s.label for s in samples_of(proc.advance_idle())] == [0]
+
+
+def test_a_quiet_partition_taken_after_restart_closes_its_windows_and_reemits():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
+                        feed.event(**click("c1", T0 + 1, item="i1"))])
+    # restart: nothing left to read on partition 0, one impression still waits for its window
+    restored = Processor(proc.config, copy.deepcopy(proc.dedup), copy.deepcopy(proc.joins), DictKV(), DictKV(),
+                         wall=clock)
+    out = restored.take_quiet_partition(0, feed.offset)
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]  # re-emitted
+    clock.now += 1
+    assert samples_of(restored.advance_idle()) == []
+    clock.now += WINDOW + 3
+    assert [(s.item_id, s.label) for s in samples_of(restored.advance_idle())] == [("i2", 0)]
