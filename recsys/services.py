@@ -359,3 +359,50 @@ def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, control
 
     _wait_until(ready, timeout, f"kafka {name}", log_file, record["pid"])
     return record
+
+
+# --------------------------------------------------------------------------- any command, MLflow
+
+
+def start_command(run_dir: Path, name: str, cmd: list[str], *, port: int = 0, marker: str | None = None,
+                  ready: Callable[[], bool] | None = None, timeout: float = 60.0, env: dict[str, str] | None = None,
+                  cwd: Path | None = None) -> dict:
+    """Start ``cmd`` as the managed service ``name`` (PID file, log under ``run_dir``; idempotent).
+
+    ``marker`` (default: the whole command line) must appear in the process's command line so a
+    reused PID is never taken for the service; ``ready`` is polled until it returns True.
+    """
+    marker = marker or " ".join(cmd)
+    record = _recorded_alive(run_dir, name)
+    if record is not None:
+        return record
+    if port and port_open(port):
+        raise ServiceError(f"{name}: port {port} is already taken by another process")
+    record = _spawn(run_dir, name, cmd, port, marker, cwd=cwd, env=env)
+    if ready is not None:
+        _wait_until(ready, timeout, name, _log_file(run_dir, name), record["pid"])
+    return record
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True when GET ``url`` answers 2xx (used as a readiness check)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (local URLs only)
+            return 200 <= response.status < 300
+    except OSError:
+        return False
+
+
+def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float = 120.0) -> dict:
+    """`mlflow server` on 127.0.0.1:``port``: SQLite backend and artifacts under ``run_dir/mlflow``."""
+    import sys
+
+    home = run_dir / "mlflow"
+    (home / "artifacts").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
+           str(home / "artifacts"), "--workers", "1"]
+    return start_command(run_dir, name, cmd, port=port, marker=f"mlflow server --host {LOCALHOST} --port {port}",
+                         ready=lambda: http_ok(f"http://{LOCALHOST}:{port}/health"), timeout=timeout)
