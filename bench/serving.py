@@ -189,6 +189,20 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> di
     raise RuntimeError("the server did not become ready")
 
 
+def _mean_ms(metrics: str, name: str, **labels: str) -> float:
+    """Mean of a Prometheus histogram (summed over the series matching ``labels``), in ms."""
+    total = count = 0.0
+    for line in metrics.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(name + suffix + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                value = float(line.rsplit(" ", 1)[1])
+                if suffix == "_sum":
+                    total += value
+                else:
+                    count += value
+    return 1000.0 * total / count if count else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench serving", description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=200.0, help="open-loop requests per second")
@@ -292,4 +306,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(ratio {rec_tp / ping_tp:.2f}x)")
     print(f"  target p99 <= 20 ms at 200 req/s: {'met' if rec_p99 <= 20 and args.rate >= 200 else 'NOT met'}")
     print(f"  failed requests: {errors}; {sent}")
+    print("  server-side mean per request (all runs): " + ", ".join(
+        f"{stage} {_mean_ms(metrics, 'recsys_serving_stage_seconds', stage=stage):.2f} ms"
+        for stage in ("features", "rows", "score")) +
+        f"; whole /v1/recommend handler {_mean_ms(metrics, 'recsys_serving_request_seconds', endpoint='recommend'):.2f} ms")
     return 0 if errors == 0 else 1

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import orjson
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -208,7 +209,7 @@ def create_app(settings: Settings, components: Components | None = None,
                                len(body.candidate_item_ids))
         ranking = await run_in_threadpool(r.recommend, body.user_id, body.k, body.candidate_item_ids)
         if ranking.items and state["components"].log_impressions:
-            state["impressions"].log(_impressions(ranking))
+            state["impressions"].log_records(_impression_records(ranking))
         timed("recommend", started)
         return RecommendResponse(
             request_id=ranking.request_id, user_id=ranking.user_id, model_version=ranking.model_version,
@@ -329,6 +330,26 @@ async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             model.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("model poll: %s", model.last_error)
+
+
+def _impression_records(ranking: Ranking) -> list[tuple[bytes, bytes]]:
+    """The served list as contract ``impression`` records (key = user id), serialised without a model round trip.
+
+    Every field is already valid by construction (ids validated by the request schema,
+    features from the spec's encoders); test_serving_integration parses them back with
+    ``parse_event`` to keep this honest.
+    """
+    now = time.time()
+    key = ranking.user_id.encode()
+    out = []
+    for position, (item_id, _) in enumerate(ranking.items):
+        sparse, dense = ranking.features[item_id]
+        out.append((key, orjson.dumps({
+            "schema_version": 1, "event_type": "impression", "event_id": f"{ranking.request_id}-{position}",
+            "timestamp": now, "request_id": ranking.request_id, "user_id": ranking.user_id, "item_id": item_id,
+            "position": position, "model_version": ranking.model_version,
+            "features": {"sparse": sparse, "dense": dense}})))
+    return out
 
 
 def _impressions(ranking: Ranking) -> list[Impression]:

@@ -36,15 +36,20 @@ class ImpressionLogger:
 
     def log(self, impressions: list[Impression]) -> int:
         """Buffer ``impressions`` (call from the event loop); returns how many were dropped."""
-        room = self.capacity - len(self._buffer)
-        keep = []
-        for event in impressions[:max(0, room)]:
+        records = []
+        for event in impressions:
             try:  # serialised here, so one unencodable event cannot jam the sender
-                keep.append((event.kafka_key(), event.to_json()))
+                records.append((event.kafka_key(), event.to_json()))
             except (UnicodeEncodeError, TypeError, ValueError) as exc:
                 log.error("impression %s cannot be serialised: %s", event.event_id, exc)
+        return self.log_records(records) + len(impressions) - len(records)
+
+    def log_records(self, records: list[tuple[bytes, bytes]]) -> int:
+        """Buffer already serialised (key, value) records; returns how many were dropped."""
+        room = self.capacity - len(self._buffer)
+        keep = records[:max(0, room)]
         self._buffer.extend(keep)
-        dropped = len(impressions) - len(keep)
+        dropped = len(records) - len(keep)
         if dropped:
             self.dropped += dropped
             if self.on_dropped is not None:

@@ -330,7 +330,7 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     from serving.loader import MlflowLoader
     from training.synthetic import produce_samples, simulate_samples
 
-    config = SimConfig(users=150, items=200, requests=3000, slate_size=10, seed=11)
+    config = SimConfig(users=150, items=200, requests=2000, slate_size=10, seed=11)
     synthetic = simulate_samples(config)
     world = World(config)
     asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_samples: 2}))
@@ -341,7 +341,7 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     env = {**__import__("os").environ, "RECSYS_KAFKA_BOOTSTRAP": test_settings.kafka_bootstrap,
            "RECSYS_TOPIC_SAMPLES": test_settings.topic_samples, "RECSYS_PS_SHARDS": json.dumps([train.url]),
            "RECSYS_MLFLOW_TRACKING_URI": test_settings.mlflow_tracking_uri, "RECSYS_TRAIN_MODEL_NAME": model_name,
-           "RECSYS_TRAIN_EPOCHS": "4", "RECSYS_RUN_DIR": str(tmp_path / "run")}
+           "RECSYS_TRAIN_EPOCHS": "3", "RECSYS_RUN_DIR": str(tmp_path / "run")}
     job = subprocess.run([sys.executable, "-m", "training.worker", "--result", str(tmp_path / "result.json")],
                          env=env, capture_output=True, text=True, timeout=400)
     assert job.returncode == 0, job.stderr[-3000:]
