@@ -145,10 +145,10 @@ class RowFetcher:
                                           np.asarray(wanted, np.int64))[0]
                 continue
             table_cache = cache.rows.setdefault(table, {})
-            uniq = np.unique(np.asarray(wanted, np.int64))
+            keys = np.asarray(wanted, np.int64).tolist()
             found: dict[int, np.ndarray] = {}
             missing = []
-            for key in uniq.tolist():
+            for key in dict.fromkeys(keys):  # a few hundred ids: plain dicts beat np.unique's sort
                 vec = table_cache.get(key)
                 if vec is None:
                     missing.append(key)
@@ -173,8 +173,7 @@ class RowFetcher:
                     for key, vec in zip(missing, rows.weights):
                         table_cache[key] = vec
                     cache.size += len(missing)
-            out[table] = np.stack([found[k] for k in np.asarray(wanted, np.int64).tolist()]) if len(wanted) \
-                else np.zeros((0, config.dim), np.float32)
+            out[table] = np.stack([found[k] for k in keys]) if keys else np.zeros((0, config.dim), np.float32)
         if self.on_lookup is not None:
             self.on_lookup(hits, misses)
         return out, version
