@@ -273,6 +273,7 @@ _register_room("stream", "streaming.cli", "The Faust stream worker: validation, 
 _register_room("ps", "paramserver.cli", "The parameter service: shards, replicas, status.")
 _register_room("train", "training.cli", "Train the model against the parameter service.")
 _register_room("serve", "serving.cli", "The recommendation API.")
+_register_room("demo", "recsys.demo", "The whole loop on local services, measured: report under reports/.")
 _register_room("airflow", "recsys.airflow_cli", "Local Airflow (api-server, scheduler, dag-processor, triggerer).")
 
 
