@@ -358,3 +358,15 @@ def test_model_poll_picks_up_a_new_champion(parts):
         metrics = c.get("/metrics").text
     assert first["model_version"] == "m/1@ps1" and second["model_version"] == "m/2@ps1"
     assert "recsys_serving_model_reloads_total 1.0" in metrics
+
+
+def test_serve_cli_rejects_bad_arguments():
+    from typer.testing import CliRunner
+
+    from recsys.cli import app
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["serve", "--help"])
+    assert help_text.exit_code == 0 and "--port" in help_text.output
+    assert runner.invoke(app, ["serve", "--port", "0"]).exit_code == 2
+    assert runner.invoke(app, ["serve", "--log-level", "loud"]).exit_code == 2
