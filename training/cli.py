@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,8 @@ def preflight(settings: Any) -> None:
         raise RuntimeError(str(exc)) from None
     try:
         store = open_training_store(settings.ps_shards, table_configs(settings.train_embedding_dim,
-                                                                      settings.train_init_std))
+                                                                      settings.train_init_std),
+                                    namespace=settings.ps_namespace)
         store.version()
         store.close()
     except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: all need the same advice
@@ -111,26 +113,30 @@ def train(
 
     from recsys.settings import Settings
 
-    # the overrides go into this process's environment, which the ranks inherit
-    for name, value in {"ranks": ranks, "epochs": epochs, "batch_size": batch_size, "backend": backend,
-                        "topic": topic}.items():
-        if value is not None:
-            os.environ[_OVERRIDES[name]] = str(value)
+    given = {"ranks": ranks, "epochs": epochs, "batch_size": batch_size, "backend": backend, "topic": topic}
+    overrides = {name: value for name, value in given.items() if value is not None}
+    fields = {"ranks": "train_ranks", "epochs": "train_epochs", "batch_size": "train_batch_size",
+              "backend": "train_backend", "topic": "topic_samples"}
+    if topic is not None and not re.match(r"^[A-Za-z0-9._-]{1,249}$", topic):
+        _fail(f"invalid topic name {topic!r}: use 1-249 characters of [A-Za-z0-9._-]", 2)
     try:
-        settings = Settings()
+        settings = Settings(**{fields[name]: value for name, value in overrides.items()})
     except ValidationError as exc:
         _fail(f"invalid configuration: {exc}", 2)
+    # the ranks read their settings from the environment: hand them the overrides there
+    env = dict(os.environ)
+    env.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
     if check:
         try:
             preflight(settings)
         except RuntimeError as exc:
             _fail(str(exc))
-    env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
     code, outcome, _ = launch(settings.train_ranks, env, truth)
     if outcome is None:
-        _fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. The "
-              "parameter service and the recorded offsets are unchanged: rerun to train the same window.")
+        _fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
+              "dies before its push leaves the parameter service and the recorded offsets unchanged: rerun it to "
+              "train the same window.")
     if as_json:
         out.print_json(json.dumps(outcome))
     else:

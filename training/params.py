@@ -17,11 +17,11 @@ def table_configs(embedding_dim: int, init_std: float, spec: FeatureSpec = SPEC)
             for f in spec.sparse]
 
 
-def open_training_store(shards: list[str], tables: list[TableConfig]):
-    """The training copy of the parameter service (Redis shards)."""
+def open_training_store(shards: list[str], tables: list[TableConfig], **options: object):
+    """The training copy of the parameter service (Redis shards); options as for ``open_store``."""
     from paramserver import open_store
 
-    return open_store("redis", tables, shards=shards)
+    return open_store("redis", tables, shards=shards, **options)
 
 
 def conflicting_ids(changed: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> dict[str, int]:

@@ -132,7 +132,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     config = ModelConfig.from_spec(SPEC, s.train_embedding_dim, s.train_dense_arch, s.train_over_arch)
     tables = table_configs(config.embedding_dim, s.train_init_std)
     try:
-        store = open_training_store(s.ps_shards, tables)
+        store = open_training_store(s.ps_shards, tables, namespace=s.ps_namespace)
     except Exception as exc:  # ShardUnavailable, TableMismatch, bad URL
         raise JobFailed(f"parameter service {[_redact(u) for u in s.ps_shards]} is unusable "
                         f"({type(exc).__name__}: {exc}). Start it with `recsys ps up` or set RECSYS_PS_SHARDS.") from None

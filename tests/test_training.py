@@ -1,0 +1,228 @@
+"""Unit tests of the trainer's pure logic: sample parsing, columns, split, working set, model, artifacts.
+
+Plus one in-process single-rank DistributedModelParallel round trip (gloo), which needs no
+external service: rows written into the sharded tables come back out, and training moves
+only the rows of ids it saw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from feature_repo.contract import Sample
+from feature_repo.spec import SPEC, encode_item, encode_user, join_features
+from recsys.simulator import SimConfig, roc_auc
+from training.data import (
+    gather_jagged,
+    parse_samples,
+    partition,
+    split_by_time,
+    to_columns,
+    working_set,
+)
+from training.model import DLRM, POSITION_FEATURE, DenseArch, ModelConfig, load_dense, save_dense
+from training.params import conflicting_ids, table_configs
+from training.synthetic import simulate_samples
+from training.worker import JobFailed, eval_metrics, load_truth
+
+
+def _sample(request: str, item: str, t: float, label: int = 0, genres: tuple[str, ...] = ("drama",)) -> Sample:
+    from feature_repo.contract import sample_id
+
+    sparse, dense = join_features(encode_user("u1", {"gender": "F", "age": 30}),
+                                  encode_item(item, {"genres": list(genres), "year": 1999}), "u1", item)
+    return Sample(sample_id=sample_id(request, item), request_id=request, user_id="u1", item_id=item, label=label,
+                  event_time=t, position=2, sparse=sparse, dense=dense)
+
+
+def test_parse_samples_rejects_bad_records_with_reasons_and_keeps_good_ones() -> None:
+    good = _sample("r1", "i1", 10.0)
+    wrong_feature = good.model_dump()
+    wrong_feature["sparse"] = {**wrong_feature["sparse"], "unknown": [1]}
+    too_many = good.model_dump()
+    too_many["sparse"] = {**too_many["sparse"], "gender": [1, 2]}
+    import orjson
+
+    raws = [b"{not json", None, orjson.dumps({"sample_id": "x"}), orjson.dumps(wrong_feature),
+            orjson.dumps(too_many), good.to_json(), good.to_json(), _sample("r2", "i1", 11.0).to_json()]
+    samples, stats = parse_samples(raws)
+    assert [s.sample_id for s in samples] == [good.sample_id, _sample("r2", "i1", 11.0).sample_id]
+    assert stats.records == 8 and stats.samples == 2 and stats.duplicates == 1
+    assert stats.rejected == {"bad_sample": 2, "empty": 1, "spec_mismatch": 2}
+    assert all(":" in e for e in stats.examples)
+
+
+def test_columns_are_time_ordered_and_jagged_gather_matches_samples() -> None:
+    samples = [_sample("r3", "i3", 30.0, 1, ("drama", "comedy", "war")), _sample("r1", "i1", 10.0),
+               _sample("r2", "i2", 20.0, 0, ("action",))]
+    cols = to_columns(samples)
+    assert cols.event_time.tolist() == [10.0, 20.0, 30.0]
+    assert cols.labels.tolist() == [0.0, 0.0, 1.0]
+    assert cols.dense.shape == (3, len(SPEC.dense_names) + 1)
+    assert cols.dense[0, -1] == pytest.approx(np.log2(3.0))  # position 2
+    lengths, values = cols.gather("genres", np.array([2, 0]))
+    by_time = sorted(samples, key=lambda s: s.event_time)
+    assert lengths.tolist() == [len(by_time[2].sparse["genres"]), len(by_time[0].sparse["genres"])]
+    assert values.tolist() == by_time[2].sparse["genres"] + by_time[0].sparse["genres"]
+    # single-valued fast path gives the same as the general path
+    lens = np.array([1, 1, 1]); offs = np.array([0, 1, 2, 3]); vals = np.array([7, 8, 9])
+    assert gather_jagged(lens, offs, vals, np.array([2, 0]))[1].tolist() == [9, 7]
+
+
+def test_split_holds_out_the_newest_fraction() -> None:
+    split = split_by_time(10, 0.2)
+    assert split.train.tolist() == list(range(8)) and split.eval.tolist() == [8, 9]
+    assert split_by_time(1, 0.5).eval.size == 0
+    assert split_by_time(2, 0.01).eval.tolist() == [1]
+    with pytest.raises(ValueError):
+        split_by_time(10, 1.0)
+
+
+def test_working_set_maps_ids_to_local_rows_and_marks_trained_ids() -> None:
+    samples = [_sample("r1", "i1", 1.0), _sample("r2", "i2", 2.0), _sample("r3", "i9", 3.0)]
+    cols = to_columns(samples)
+    ws = working_set(cols, np.array([0, 1]))
+    items = ws.ids["item_id"]
+    assert len(items) == 3 and (np.diff(items) > 0).all()
+    assert (items[ws.local["item_id"]] == cols.values["item_id"]).all()
+    # the evaluation-only item is pulled (for scoring) but not marked trained, so it is never pushed
+    eval_only = cols.values["item_id"][2]
+    assert not ws.trained["item_id"][np.searchsorted(items, eval_only)]
+    assert ws.trained["item_id"].sum() == 2
+    assert ws.rows["user_id"] == 1
+
+
+def test_partition_gives_equal_disjoint_shares() -> None:
+    rows = np.arange(11)
+    parts = [partition(rows, 3, r) for r in range(3)]
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert len(np.unique(np.concatenate(parts))) == 9
+
+
+def test_model_config_validation_and_round_trip() -> None:
+    config = ModelConfig.from_spec(SPEC, 8, [16, 8], [16])
+    assert config.dense_features[-1] == POSITION_FEATURE
+    assert config.multi_valued == ("genres",)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="embedding_dim"):
+        ModelConfig.from_spec(SPEC, 8, [16, 4], [16])
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({**config.to_dict(), "surprise": 1})
+
+
+def test_dense_artifact_round_trip_scores_identically(tmp_path) -> None:
+    config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
+    torch.manual_seed(1)
+    model = DLRM(config)
+    from training.model import dense_state_dict
+
+    path = save_dense(tmp_path / "dense.pt", config, dense_state_dict(model), extra={"ps_version": 7})
+    loaded_config, arch, extra = load_dense(path)
+    assert loaded_config == config and extra == {"ps_version": 7}
+    dense = torch.randn(5, len(config.dense_features))
+    pooled = torch.randn(5, len(config.sparse_features), 4)
+    torch.testing.assert_close(arch(dense, pooled), model.dense_arch(dense, pooled))
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(Exception):
+        load_dense(tmp_path / "bad.pt")
+
+
+def test_dlrm_forward_equals_score_on_pooled_rows() -> None:
+    from torchrec import KeyedJaggedTensor
+
+    config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
+    model = DLRM(config, {name: 5 for name in config.sparse_features})
+    lengths = torch.tensor([1, 1] * (len(config.sparse_features) - 1) + [2, 1])  # genres: 2 ids, then 1
+    values = torch.tensor([0, 1] * (len(config.sparse_features) - 1) + [2, 3, 4])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(config.sparse_features), values=values, lengths=lengths)
+    dense = torch.randn(2, len(config.dense_features))
+    tables = {name: model.ebc.embedding_bags[name].weight.detach() for name in config.sparse_features}
+    pooled = torch.stack([torch.stack([tables[n][0] if n != "genres" else (tables[n][2] + tables[n][3]) / 2,
+                                       tables[n][1] if n != "genres" else tables[n][4]])
+                          for n in config.sparse_features], dim=1)
+    torch.testing.assert_close(torch.sigmoid(model(dense, kjt)), model.score(dense, pooled))
+
+
+def test_table_configs_follow_the_spec() -> None:
+    tables = table_configs(16, 0.05)
+    assert [t.name for t in tables] == SPEC.sparse_names
+    assert all(t.dim == 16 and t.state_dim == 1 for t in tables)
+    assert {t.name: t.capacity for t in tables}["gender"] == 3
+
+
+def test_conflicting_ids() -> None:
+    changed = {"user_id": np.array([1, 2, 3]), "item_id": np.array([9])}
+    assert conflicting_ids(changed, {"user_id": np.array([3, 4]), "gender": np.array([1])}) == {"user_id": 1}
+    assert conflicting_ids(changed, {"user_id": np.array([5])}) == {}
+
+
+def test_eval_metrics_and_truth_file(tmp_path) -> None:
+    labels = np.array([0, 0, 1, 1])
+    m = eval_metrics(np.array([0.1, 0.4, 0.35, 0.8]), labels)
+    assert m["eval_auc"] == pytest.approx(0.75)
+    assert m["eval_calibration"] == pytest.approx(np.mean([0.1, 0.4, 0.35, 0.8]) / 0.5)
+    assert m["eval_log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))
+    good = tmp_path / "truth.jsonl"
+    good.write_text('{"sample_id": "a", "probability": 0.25}\n\n{"request_id": "r", "item_id": "i", "probability": 0.5}\n')
+    truth = load_truth(good)
+    from feature_repo.contract import sample_id
+
+    assert truth == {"a": 0.25, sample_id("r", "i"): 0.5}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sample_id": "a"}\n')
+    with pytest.raises(JobFailed, match="line 1"):
+        load_truth(bad)
+
+
+def test_synthetic_samples_follow_the_contract_and_carry_truth() -> None:
+    synthetic = simulate_samples(SimConfig(users=20, items=15, requests=30, seed=3))
+    assert len(synthetic.samples) == 30 * 10
+    _, stats = parse_samples(s.to_json() for s in synthetic.samples)
+    assert stats.samples == 300 and not stats.rejected
+    ids = [s.sample_id for s in synthetic.samples]
+    assert synthetic.oracle_auc_of(ids) == pytest.approx(synthetic.oracle_auc)
+    labels = np.array([s.label for s in synthetic.samples])
+    assert synthetic.oracle_auc == pytest.approx(roc_auc(np.array([synthetic.probability[i] for i in ids]), labels))
+
+
+def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -> None:
+    import torch.distributed as dist
+
+    from training import trainer
+
+    synthetic = simulate_samples(SimConfig(users=30, items=20, requests=40, seed=5))
+    cols = to_columns(synthetic.samples)
+    split = split_by_time(len(cols), 0.1)
+    ws = working_set(cols, split.train)
+    config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
+    rank, world, device = trainer.init_distributed("gloo")
+    try:
+        sharded = trainer.build_sharded(config, ws.rows, trainer.HParams(epochs=1, batch_size=64), device)
+        assert sharded.owned(0) == list(config.sparse_features)
+        rng = np.random.default_rng(0)
+        loaded = {}
+        for table, n in ws.rows.items():
+            w = rng.normal(0, 0.1, (n, 4)).astype(np.float32)
+            st = np.full((n, 1), 0.5, np.float32)
+            trainer.load_rows(sharded, table, w, st)
+            loaded[table] = (w, st)
+            got_w, got_st = trainer.read_rows(sharded, table)
+            np.testing.assert_array_equal(got_w, w)
+            np.testing.assert_array_equal(got_st, st)
+        with pytest.raises(ValueError, match="do not fit"):
+            trainer.load_rows(sharded, "gender", np.zeros((99, 4), np.float32), np.zeros((99, 1), np.float32))
+        result = trainer.train(sharded, cols, ws.local, split.train, trainer.HParams(epochs=1, batch_size=64),
+                               rank, world, device)
+        assert result.steps == len(result.losses) > 0 and all(np.isfinite(result.losses))
+        w_after, st_after = trainer.read_rows(sharded, "item_id")
+        moved = np.abs(w_after - loaded["item_id"][0]).max(axis=1) > 0
+        # exactly the items of training samples moved (and gained Adagrad state); eval-only items did not
+        np.testing.assert_array_equal(moved, ws.trained["item_id"])
+        assert (st_after[~moved] == 0.5).all() and (st_after[moved] >= 0.5).all()
+        assert (st_after[moved] > 0.5).mean() > 0.5  # some increments are below float32 resolution at 0.5
+        probs = trainer.predict(sharded, cols, ws.local, split.eval, 64, device)
+        assert probs.shape == (len(split.eval),) and ((probs > 0) & (probs < 1)).all()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,67 @@
+"""`recsys train` says clearly which service is unreachable, and rejects bad options, before any rank starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from recsys.cli import app
+from recsys.services import free_port
+
+runner = CliRunner()
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+
+
+def _dead_url() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def test_bad_options_are_rejected() -> None:
+    result = runner.invoke(app, ["train", "--ranks", "0"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["train", "--truth", "/nonexistent/truth.jsonl"])
+    assert result.exit_code == 2
+    result = runner.invoke(app, ["train", "--topic", "no spaces allowed"])
+    assert result.exit_code == 2 and "invalid topic name" in result.output
+
+
+def test_bad_backend_setting_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runner.invoke(app, ["train", "--backend", "mpi"])
+    assert result.exit_code == 2
+    assert "invalid configuration" in result.output and "train_backend" in result.output
+
+
+@pytest.mark.integration
+def test_unreachable_kafka_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    dead = _dead_url()
+    _env(monkeypatch, RECSYS_KAFKA_BOOTSTRAP=dead, RECSYS_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db")
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert f"Kafka at {dead} is unreachable" in result.output
+
+
+@pytest.mark.integration
+def test_unreachable_parameter_service_is_named(monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str,
+                                                tmp_path) -> None:
+    dead = f"redis://{_dead_url()}/0"
+    _env(monkeypatch, RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap, RECSYS_PS_SHARDS=json.dumps([dead]),
+         RECSYS_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db")
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert "parameter service" in result.output and "RECSYS_PS_SHARDS" in result.output
+
+
+@pytest.mark.integration
+def test_unreachable_mlflow_is_named(monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str, redis_server) -> None:
+    dead = f"http://{_dead_url()}"
+    _env(monkeypatch, RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap, RECSYS_PS_SHARDS=json.dumps([redis_server.url]),
+         RECSYS_PS_NAMESPACE="trcli", RECSYS_MLFLOW_TRACKING_URI=dead)
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert f"MLflow at {dead} is unreachable" in result.output
