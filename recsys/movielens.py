@@ -117,9 +117,13 @@ class MovieLens:
         return MovieLens(self.name, users, items, self.rating_user[:n], self.rating_item[:n],
                          self.rating[:n].copy(), self.timestamp[:n].copy(), list(self.skipped))
 
-    def request_id(self, index: int) -> str:
-        """Request id of the impression of rating ``index`` (time order): stable across runs."""
-        return f"{self.name}:{index}"
+    def request_id(self, index: int, run: str = "") -> str:
+        """Request id of the impression of rating ``index`` (time order) in replay ``run``.
+
+        Ids are deterministic within a run; separate replays use separate run tags, so the
+        stream worker does not mistake a second replay of the same data for client retries.
+        """
+        return f"{self.name}:{run}:{index}" if run else f"{self.name}:{index}"
 
     def labels(self) -> np.ndarray:
         """Click label of every rating as the replay emits it: 1 when the rating is above 3."""
@@ -344,14 +348,14 @@ def replay_span(data: MovieLens, speedup: float, click_delay_s: float = 1.0) -> 
 
 
 def events(data: MovieLens, speedup: float, start: float, click_delay_s: float = 1.0,
-           with_features: bool = True) -> Iterator[SimRecord]:
+           with_features: bool = True, run: str = "") -> Iterator[SimRecord]:
     """The contract's events of the data, in event-time order, the first at ``start``.
 
     Profiles come first (at ``start``); then per rating an impression at its compressed
     time and, for a rating above 3, a click ``click_delay_s`` later. Impressions carry the
     feature values of the spec (feature logging, as serving would log them).
     """
-    name = data.name
+    name = f"{data.name}:{run}" if run else data.name
     for user in data.users.values():
         event = _user_event(user, start, name)
         yield SimRecord(user.user_id.encode(), orjson.dumps(event), start, "user_profile")
@@ -366,10 +370,10 @@ def events(data: MovieLens, speedup: float, start: float, click_delay_s: float =
         while pending and pending[0][0] <= at:
             yield heapq.heappop(pending)[2]
         user_id, item_id = data.rating_user[index], data.rating_item[index]
-        request_id = data.request_id(index)
+        request_id = data.request_id(index, run)
         impression = {"event_type": "impression", "event_id": f"{name}:imp:{index}", "timestamp": round(at, 6),
                       "request_id": request_id, "user_id": user_id, "item_id": item_id, "position": 0,
-                      "model_version": f"{name}-replay"}
+                      "model_version": f"{data.name}-replay"}
         if with_features:
             sparse, dense = join_features(users.get(user_id), items.get(item_id), user_id, item_id)
             impression["features"] = {"sparse": sparse, "dense": dense}
@@ -390,6 +394,7 @@ def count_events(data: MovieLens) -> int:
 
 @dataclass(frozen=True)
 class ReplayResult:
+    run: str
     records: int
     seconds: float
     first_event_time: float
@@ -456,14 +461,25 @@ async def publish_events(records: Iterable[SimRecord], bootstrap: str, topic: st
     return sent
 
 
+def new_run_tag() -> str:
+    """A replay's tag: UTC start time to the millisecond (readable, and distinct for replays in a row)."""
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
+
+
 async def replay(data: MovieLens, bootstrap: str, topic: str, speedup: float, pace: bool, max_event_age_s: float,
-                 click_delay_s: float = 1.0, show_progress: bool = True) -> ReplayResult:
-    """Publish the data's events to ``topic`` at ``speedup`` (see ``events`` and ``plan_start``)."""
+                 click_delay_s: float = 1.0, show_progress: bool = True, run: str | None = None) -> ReplayResult:
+    """Publish the data's events to ``topic`` at ``speedup`` (see ``events`` and ``plan_start``).
+
+    ``run`` tags the ids of this replay (default: a new tag from the clock).
+    """
+    run = new_run_tag() if run is None else run
     start = plan_start(data, speedup, pace, max_event_age_s, click_delay_s)
     began = time.perf_counter()
-    sent = await publish_events(events(data, speedup, start, click_delay_s), bootstrap, topic, pace=pace,
+    sent = await publish_events(events(data, speedup, start, click_delay_s, run=run), bootstrap, topic, pace=pace,
                                 total=count_events(data), show_progress=show_progress)
-    return ReplayResult(sent, time.perf_counter() - began, start, start + replay_span(data, speedup, click_delay_s))
+    return ReplayResult(run, sent, time.perf_counter() - began, start,
+                        start + replay_span(data, speedup, click_delay_s))
 
 
 # --------------------------------------------------------------------------- samples (no Kafka)
@@ -551,7 +567,7 @@ def replay_command(dataset: str, bootstrap: str, topic: str, cache_dir: Path, ma
     except KafkaUnavailable as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    console.print(f"published {result.records:,} events of {dataset} to {topic} in {result.seconds:.1f}s "
+    console.print(f"published {result.records:,} events of {dataset} (run {result.run}) to {topic} in {result.seconds:.1f}s "
                   f"({result.rate:,.0f} rec/s); event times {result.first_event_time:.0f}..{result.last_event_time:.0f}")
     return 0
 

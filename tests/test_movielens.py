@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import time
@@ -237,8 +238,17 @@ def test_cli_replays_a_slice_to_kafka(kafka_bootstrap: str, unique_topic: str, m
     kinds = Counter(parse_event(r.value, now=now).event_type for r in records)
     assert sum(kinds.values()) == expected
     assert kinds["impression"] == 2000 and kinds["click"] == int((data.rating > 3).sum())
-    assert {orjson.loads(r.value)["request_id"] for r in records if r.key and b'"impression"' in r.value} == {
-        data.request_id(i) for i in range(2000)}
+    run = re.search(r"\(run (\S+)\)", done.stderr).group(1)
+    assert {orjson.loads(r.value)["request_id"] for r in records if b'"impression"' in r.value} == {
+        data.request_id(i, run) for i in range(2000)}
+
+
+def test_each_replay_run_has_its_own_ids_so_a_second_replay_is_not_a_retry(ml100k: MovieLens) -> None:
+    data = ml100k.head(50)
+    ids = [{orjson.loads(r.value)["event_id"] for r in movielens.events(data, 1e5, time.time(), run=run)}
+           for run in ("a", "b")]
+    assert len(ids[0]) == movielens.count_events(data) and not ids[0] & ids[1]
+    assert movielens.new_run_tag() != "" and data.request_id(3, "a") == "movielens-100k:a:3"
 
 
 def test_feature_arrays_equal_the_samples_column_for_column(ml100k: MovieLens) -> None:

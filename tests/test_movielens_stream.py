@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from recsys.settings import PROJECT_ROOT, Settings
 
 RATINGS = 4000
 WINDOW_S = 5.0  # attribution window (event time); replay clicks come 1 s after their impression
-IDLE_S = 20.0
+IDLE_S = 5.0
 DEADLINE_S = 240.0
 
 
@@ -51,9 +52,8 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
         "RECSYS_RUN_DIR": str(tmp_path / "run"), "RECSYS_STREAM_DATA_DIR": str(tmp_path / "stream"),
         "RECSYS_FEAST_DATA_DIR": str(tmp_path / "feast"), "RECSYS_FEAST_ONLINE_STORE": "sqlite",
         "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S),
-        # the tail of the replay has no later events: its windows close on the wall clock once the
-        # partition is idle this long. Each idle wall second advances event time by one second, i.e.
-        # 1e5 s of compressed rating time, so it must exceed any processing stall of the worker.
+        # the tail of the replay has no later events: its windows close on the wall clock once a
+        # partition read to its end has been quiet this long
         "RECSYS_STREAM_IDLE_ADVANCE_S": str(IDLE_S),
         "RECSYS_CACHE_DIR": str(Settings().cache_dir),
     }
@@ -78,6 +78,7 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
             capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT, env={**os.environ, **env})
         assert replayed.returncode == 0, replayed.stderr
         assert f"published {movielens.count_events(data):,} events" in replayed.stderr
+        run = re.search(r"\(run (\S+)\)", replayed.stderr).group(1)
 
         raw: list[bytes] = []
         while time.monotonic() < deadline:
@@ -103,7 +104,7 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
     assert len(samples) == RATINGS, f"{len(samples)} samples of {RATINGS} ratings; worker log:\n{worker_log}"
 
     by_request = {s.request_id: s for s in samples.values()}
-    expected = {data.request_id(i): i for i in range(RATINGS)}
+    expected = {data.request_id(i, run): i for i in range(RATINGS)}
     assert set(by_request) == set(expected)
     users = {u: encode_user(u, p.__dict__) for u, p in data.users.items()}
     items = {i: encode_item(i, {"genres": list(p.genres), "year": p.year}) for i, p in data.items.items()}
