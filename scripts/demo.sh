@@ -1,21 +1,11 @@
 #!/usr/bin/env bash
-# The main job, end to end, on local services (run through `make demo`, which bootstraps first).
-# Extended by later stages of the loop; today: services up -> simulated traffic into Kafka -> read back.
+# The main job, end to end (run through `make demo`, which bootstraps first): `recsys demo` starts
+# Kafka, Redis (training copy + two inference replicas), MLflow, Airflow, the stream worker and
+# serving; simulates traffic; runs the training DAG through Airflow; queries the champion; measures
+# freshness; writes reports/demo-<time>/report.md (+ PNG plots) and prints its path and the URLs.
+# Options pass through (`./scripts/demo.sh --stop` stops everything at the end; `--help` lists them);
+# DEMO_REQUESTS sizes the simulated traffic.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n\033[1;34m==> %s\033[0m\n' "$*" >&2; }
-
-REQUESTS="${DEMO_REQUESTS:-20000}"
-
-step "starting Kafka and Redis on 127.0.0.1 (logs under ${RECSYS_RUN_DIR:-.run}/logs)"
-uv run recsys services up
-
-step "simulating ${REQUESTS} recommendation requests into Kafka (1% malformed records injected)"
-uv run recsys simulate --requests "$REQUESTS" --bad-fraction 0.01 --seed 1
-
-step "reading the events topic back and validating every record against the contract"
-uv run recsys events summary
-
-step "done: services keep running; stop them with 'uv run recsys services down'"
-uv run recsys services status
+uv run recsys demo --requests "${DEMO_REQUESTS:-4000}" "$@"
