@@ -152,6 +152,9 @@ class StreamWorker:
         self.topics = {"samples": settings.topic_samples, "deadletter": settings.topic_deadletter,
                        "late": settings.topic_late}
         self.lock = asyncio.Lock()
+        # True from the end of table recovery (on_rebalance_complete) to the next rebalance: only then do
+        # the tables hold every restored record of the assigned partitions
+        self.ready = False
 
     def caught_up(self, partition: int, next_offset: int) -> bool:
         try:
@@ -184,7 +187,7 @@ class StreamWorker:
         """Assigned partitions not taken yet that have nothing to read: after a restart their impressions
         still wait for windows to close (and their resolved samples for re-emission)."""
         consumer = self.app.consumer
-        if self.app.rebalancing or self.app.in_recovery or not self.app.tables.recovery.completed.is_set():
+        if not self.ready or self.app.rebalancing or self.app.in_recovery:
             return []
         quiet = []
         try:
@@ -259,7 +262,16 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        worker.ready = False
         worker.processor.release_partitions(tp.partition for tp in revoked if tp.topic == s.topic_events)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        worker.ready = False
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalance_complete(sender: Any, **kwargs: Any) -> None:
+        worker.ready = True
 
     @app.task
     async def open_feature_store() -> None:

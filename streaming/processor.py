@@ -200,8 +200,7 @@ class Processor:
         state.dedup_queue.extend(seen)
         metrics.REEMITTED.inc(reemitted)
         metrics.OPEN_IMPRESSIONS.inc(len(state.open_heap))
-        if reemitted or state.open_heap:
-            log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
+        log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
                                                          "reemitted": reemitted, "dedup_ids": len(seen)}})
         return state
 

@@ -81,7 +81,7 @@ class Setup:
             "RECSYS_FEAST_DATA_DIR": str(self.feast_dir), "RECSYS_FEAST_ONLINE_STORE": online,
             "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S), "RECSYS_STREAM_IDLE_ADVANCE_S": "1.5",
             "RECSYS_STREAM_SESSION_TIMEOUT_S": "6", "RECSYS_STREAM_BATCH_SIZE": "500",
-            "RECSYS_STREAM_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+            "RECSYS_STREAM_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
         }
         if redis_url:
             self.env["RECSYS_FEAST_REDIS_URL"] = redis_url
