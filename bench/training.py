@@ -149,7 +149,7 @@ def embbag_reference(columns, dim: int, batch_size: int, repeats: int, threads: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench training", description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=10_000, help="simulated requests (10 samples each)")
+    parser.add_argument("--requests", type=int, default=6_000, help="simulated requests (10 samples each)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512, help="per rank")
