@@ -95,6 +95,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     timings: dict[str, float] = {}
     topic = s.topic_samples
     tracking: Tracking | None = None
+    truth: dict[str, float] | None = None
 
     # 1. the window and 2. the read, both on rank 0 ---------------------------------------
     # rank 0 reads and parses once and broadcasts the columns: the other ranks get the very
@@ -102,6 +103,8 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     plan: dict[str, Any] | None = None
     if rank == 0:
         try:
+            # a bad truth file fails the job before anything is trained or pushed
+            truth = load_truth(truth_path) if truth_path is not None else None
             tracking = Tracking(s.mlflow_tracking_uri, s.train_experiment)
             start, previous = tracking.last_offsets(topic)
             end = asyncio.run(end_offsets(s.kafka_bootstrap, topic))
@@ -112,7 +115,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
                 plan["columns"] = to_columns(samples) if samples else None
                 plan["stats"] = stats
                 timings["read_s"] = time.perf_counter() - t0
-        except (KafkaUnavailable, TrackingUnavailable, ValueError) as exc:
+        except (KafkaUnavailable, TrackingUnavailable, JobFailed, OSError, ValueError) as exc:
             plan = {"error": str(exc)}
     plan = trainer.broadcast_from_rank0(plan, rank, world)
     assert plan is not None
@@ -239,8 +242,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         # 6. record ------------------------------------------------------------------------
         labels = columns.labels[split.eval]
         metrics: dict[str, float] = eval_metrics(predictions, labels) if len(split.eval) else {}
-        if truth_path is not None:
-            truth = load_truth(truth_path)
+        if truth is not None:
             known = [i for i, r in enumerate(split.eval) if columns.sample_ids[r] in truth]
             if known:
                 from recsys.simulator import roc_auc
