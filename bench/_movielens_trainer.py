@@ -40,6 +40,12 @@ def fit_predict(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarra
     from training.model import ModelConfig
     from training.params import table_configs
 
+    import logging
+    import warnings
+
+    # the planner's advice about dry runs and deprecations is noise in a benchmark's output
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     s = get_settings()
     rank, world, device = trainer.init_distributed("gloo")
     columns = to_columns(fa)
