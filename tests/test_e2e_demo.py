@@ -31,6 +31,25 @@ def test_quantiles_are_median_and_nearest_rank_p99() -> None:
     assert quantiles([]) == {"n": 0, "median_s": None, "p99_s": None}
 
 
+def test_demo_overrides_keep_what_the_caller_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys.demo import demo_overrides
+
+    for key in [k for k in os.environ if k.startswith("RECSYS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RECSYS_REDIS_PORT", "7000")
+    mine = {"RECSYS_PS_SHARDS": '["redis://127.0.0.1:1234/0"]', "RECSYS_REDIS_PORT": "7000"}
+    first = demo_overrides(mine, tmp_path, 5001)
+    assert "RECSYS_PS_SHARDS" not in first and "RECSYS_REDIS_PORT" not in first
+    assert json.loads(first["RECSYS_PS_REPLICAS"]) == ["redis://127.0.0.1:7002/0", "redis://127.0.0.1:7003/0"]
+    assert first["RECSYS_MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001"
+    assert demo_overrides({}, tmp_path, None)["RECSYS_MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    # the admin token is generated once per run directory, private, and reused by later runs
+    token_file = tmp_path / "demo" / "serving_admin_token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert demo_overrides({}, tmp_path, 5001)["RECSYS_SERVING_ADMIN_TOKEN"] == first["RECSYS_SERVING_ADMIN_TOKEN"]
+    assert len(first["RECSYS_SERVING_ADMIN_TOKEN"]) >= 16
+
+
 def test_demo_rejects_bad_arguments() -> None:
     done = subprocess.run([sys.executable, "-m", "recsys.cli", "demo", "--users", "3"], capture_output=True,
                           text=True, cwd=PROJECT_ROOT, timeout=60)
