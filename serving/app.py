@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from feature_repo.contract import FeatureValues, Impression
 from recsys.settings import Settings
 from serving.features import FeatureSource
 from serving.impressions import ImpressionLogger
@@ -349,16 +348,4 @@ def _impression_records(ranking: Ranking) -> list[tuple[bytes, bytes]]:
             "timestamp": now, "request_id": ranking.request_id, "user_id": ranking.user_id, "item_id": item_id,
             "position": position, "model_version": ranking.model_version,
             "features": {"sparse": sparse, "dense": dense}})))
-    return out
-
-
-def _impressions(ranking: Ranking) -> list[Impression]:
-    now = time.time()
-    out = []
-    for position, (item_id, _) in enumerate(ranking.items):
-        sparse, dense = ranking.features[item_id]
-        out.append(Impression(event_id=f"{ranking.request_id}-{position}", timestamp=now,
-                              request_id=ranking.request_id, user_id=ranking.user_id, item_id=item_id,
-                              position=position, model_version=ranking.model_version,
-                              features=FeatureValues(sparse=sparse, dense=dense)))
     return out

@@ -51,13 +51,11 @@ def open_features(settings: Settings) -> FeatureSource | None:
 def model_handle(settings: Settings, rows: RowFetcher | None) -> ModelHandle:
     from serving.loader import mlflow_loader
 
-    loader = mlflow_loader(settings)
-    fallback = None
-    if settings.serving_allow_fallback_scorer:
-        def fallback() -> EmbeddingDotScorer:
-            tables = {name: cfg.dim for name, cfg in rows.table_configs().items()} if rows is not None else {}
-            return EmbeddingDotScorer(tables)
-    return ModelHandle(loader, fallback)
+    def fallback() -> EmbeddingDotScorer:
+        tables = {name: cfg.dim for name, cfg in rows.table_configs().items()} if rows is not None else {}
+        return EmbeddingDotScorer(tables)
+
+    return ModelHandle(mlflow_loader(settings), fallback if settings.serving_allow_fallback_scorer else None)
 
 
 def build_components(settings: Settings, metrics: Metrics) -> Components:
