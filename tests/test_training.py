@@ -22,7 +22,7 @@ from training.data import (
     to_columns,
     working_set,
 )
-from training.model import DLRM, POSITION_FEATURE, DenseArch, ModelConfig, load_dense, save_dense
+from training.model import DLRM, POSITION_FEATURE, ModelConfig, load_dense, save_dense
 from training.params import conflicting_ids, table_configs
 from training.synthetic import simulate_samples
 from training.worker import JobFailed, eval_metrics, load_truth
