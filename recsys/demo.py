@@ -47,13 +47,13 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoConfig:
-    users: int = 1000
-    items: int = 500
+    users: int = 500
+    items: int = 300
     requests: int = 4000
     seed: int = 1
     bad_fraction: float = 0.01
     rate: float = 0.0
-    epochs: int = 2
+    epochs: int = 4
     ranks: int = 1
     probes: int = 20
     query_users: int = 100
@@ -349,7 +349,9 @@ def query_serving(s: Settings, config: DemoConfig, sim: Any, version: str, repor
     _wait_served(base, expected, config.stage_timeout_s)
     world, n_items = sim.world, sim.config.items
     rng = np.random.default_rng(config.seed + 7)
-    users = rng.choice(sim.config.users, min(config.query_users, sim.config.users), replace=False)
+    # users ask for recommendations as often as they visit: sample them by the simulator's activity
+    users = rng.choice(sim.config.users, min(config.query_users, sim.config.users), replace=False,
+                       p=world.user_activity)
     latencies, served, rand, best, wins, versions = [], [], [], [], 0, set()
     with httpx.Client(base_url=base, timeout=30.0) as http:
         for user in users.tolist():
@@ -688,15 +690,15 @@ app = typer.Typer(invoke_without_command=True)
 
 @app.callback()
 def demo(
-    users: Annotated[int, typer.Option(min=10, help="simulated users")] = 1000,
-    items: Annotated[int, typer.Option(min=10, max=1000, help="simulated items (all are ranked per query)")] = 500,
+    users: Annotated[int, typer.Option(min=10, help="simulated users")] = 500,
+    items: Annotated[int, typer.Option(min=10, max=1000, help="simulated items (all are ranked per query)")] = 300,
     requests: Annotated[int, typer.Option(min=50, help="simulated recommendation requests (10 impressions each)")]
     = 4000,
     seed: Annotated[int, typer.Option(help="simulator seed")] = 1,
     bad_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of malformed records")] = 0.01,
     rate: Annotated[float, typer.Option(min=0.0, help="publish at most this many records/s (0: as fast as possible)")]
     = 0.0,
-    epochs: Annotated[int, typer.Option(min=1, max=100, help="training epochs (DAG run parameter)")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, max=100, help="training epochs (DAG run parameter)")] = 4,
     ranks: Annotated[int, typer.Option(min=1, max=8, help="torchrun ranks (DAG run parameter)")] = 1,
     probes: Annotated[int, typer.Option(min=1, max=1000, help="freshness probes per chain")] = 20,
     query_users: Annotated[int, typer.Option(min=1, help="users queried against serving")] = 100,

@@ -72,7 +72,7 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
         "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
     })
     cmd = [sys.executable, "-m", "recsys.cli", "demo", "--users", str(USERS), "--items", str(ITEMS),
-           "--requests", str(REQUESTS), "--epochs", "2", "--ranks", "1", "--probes", str(PROBES),
+           "--requests", str(REQUESTS), "--epochs", "4", "--ranks", "1", "--probes", str(PROBES),
            "--query-users", str(QUERIES), "--no-mlflow-server", "--stop", "--stage-timeout-s", "300",
            "--report-dir", str(report_dir)]
     try:
