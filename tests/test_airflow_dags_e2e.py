@@ -107,19 +107,6 @@ def test_features_dag_materializes_and_compacts(airflow_settings: Settings) -> N
         assert len(files) == 1 and files[0].name.startswith("part-compacted-"), files
 
 
-def test_training_dag_skips_cleanly_without_new_samples(airflow_settings: Settings) -> None:
-    from recsys.kafka import ensure_topics
-    import asyncio
-
-    s = airflow_settings
-    asyncio.run(ensure_topics(s.kafka_bootstrap, {s.topic_samples: 2}))
-    state, tasks, output = dags_test(s, "recsys_training")
-    assert state == "success", output[-4000:]
-    assert tasks["check_new_samples"] == "success"
-    assert {t: st for t, st in tasks.items() if t != "check_new_samples"} == {
-        t: "skipped" for t in ("train", "evaluate", "gate", "promote", "publish", "reload_serving")}, tasks
-
-
 def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
     import json
 
@@ -132,11 +119,13 @@ def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
-def test_training_dag_trains_promotes_publishes_and_refuses_a_forced_worse_challenger(
+@pytest.mark.timeout(1500)  # three training runs: ~3-4 min on an idle 2-core machine, far more under load
+def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_one(
         airflow_settings: Settings, tmp_path: Path) -> None:
-    """Run 1 trains the first champion, publishes it to the inference replica and asks serving to
-    reload; run 2 trains a challenger forced to be worse (learning rates ~0: it keeps its random
-    dense part), which the gate refuses after scoring both on run 2's evaluation set."""
+    """Three runs, each on a new batch of samples. A challenger is forced to be worse by learning
+    rates of ~0 (it keeps its random dense part). Run 1 (forced worse) becomes the first champion,
+    is published to the inference replica and serving is asked to reload; run 2 (trained normally)
+    beats it on run 2's evaluation set and is promoted; run 3 (forced worse) is refused."""
     import json
     import os
 
@@ -146,40 +135,48 @@ def test_training_dag_trains_promotes_publishes_and_refuses_a_forced_worse_chall
     from training.synthetic import produce_samples, simulate_samples
 
     s = airflow_settings
+    forced = {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9", "RECSYS_TRAIN_SEED": "11"}
     replicator = subprocess.Popen([sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps_replicas[0]],
                                   env={**os.environ, **recsys_env(s)}, cwd=PROJECT_ROOT,
                                   stdout=open(tmp_path / "replicator.log", "wb"), stderr=subprocess.STDOUT)
+    client = client_for(s.mlflow_tracking_uri)
+    versions = []
     try:
-        start = time.time() - 7200
-        for batch in range(2):
-            synthetic = simulate_samples(SimConfig(users=300, items=150, requests=500, seed=batch,
-                                                   start_time=start + batch * 1800))
-            produce_samples(s.kafka_bootstrap, s.topic_samples, synthetic.samples)
-            forced = {} if batch == 0 else {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9",
-                                            "RECSYS_TRAIN_SEED": "11"}
-            state, tasks, output = dags_test(s, "recsys_training", conf=json.dumps({"epochs": 2}), extra_env=forced)
+        # one simulated world, its traffic cut by time into three batches: each run sees new
+        # impressions of the same users and items, so what a champion learned carries over
+        synthetic = simulate_samples(SimConfig(users=150, items=80, requests=900, seed=3, affinity_scale=3.0,
+                                               start_time=time.time() - 7200))
+        ordered = sorted(synthetic.samples, key=lambda sample: sample.event_time)
+        third = len(ordered) // 3
+        for batch in range(3):
+            produce_samples(s.kafka_bootstrap, s.topic_samples, ordered[batch * third:(batch + 1) * third])
+            state, tasks, output = dags_test(s, "recsys_training", conf=json.dumps({"epochs": 1}),
+                                             extra_env=forced if batch in (0, 2) else None)
             assert state == "success", output[-6000:]
-            client = client_for(s.mlflow_tracking_uri)
             trained = _xcom(s, "recsys_training", "train")
-            version = trained["model_version"]
-            if batch == 0:
+            versions.append(trained["model_version"])
+            evaluation = _xcom(s, "recsys_training", "evaluate")
+            print(f"run {batch + 1}: v{trained['model_version']} {evaluation}")
+            if batch < 2:  # promoted: the first champion, then the better challenger
                 assert set(tasks.values()) == {"success"}, tasks
-                assert champion_version(client, s.train_model_name) == version
-                published = _xcom(s, "recsys_training", "publish")
-                assert published["ps_version"] == trained["ps_version"]
+                assert champion_version(client, s.train_model_name) == trained["model_version"]
+                assert _xcom(s, "recsys_training", "publish")["ps_version"] == trained["ps_version"]
                 status = replica_status(None, [s.ps_replicas[0]], namespace=s.ps_namespace)
                 assert status["version"] >= trained["ps_version"]
                 assert _xcom(s, "recsys_training", "reload_serving") == {"http://127.0.0.1:9": "not running"}
-                first = version
-            else:
-                assert tasks["gate"] == "success" and tasks["evaluate"] == "success", tasks
+            if batch == 0:
+                assert evaluation["champion_version"] is None
+            if batch == 1:
+                assert evaluation["champion_version"] == versions[0]
+                assert evaluation["challenger_auc_same_rows"] > evaluation["champion_auc"]
+            if batch == 2:
+                assert tasks["evaluate"] == "success" and tasks["gate"] == "success", tasks
                 assert {tasks[t] for t in ("promote", "publish", "reload_serving")} == {"skipped"}, tasks
-                evaluation = _xcom(s, "recsys_training", "evaluate")
-                print(f"forced worse challenger v{version}: {evaluation}")
-                assert evaluation["champion_version"] == first
+                assert evaluation["champion_version"] == versions[1]
                 assert evaluation["challenger_auc_same_rows"] < evaluation["champion_auc"] - s.gate_tolerance
-                assert champion_version(client, s.train_model_name) == first
-                assert client.get_model_version(s.train_model_name, version).tags[TAG_GATE] == "refused"
+                assert champion_version(client, s.train_model_name) == versions[1]
+                assert client.get_model_version(s.train_model_name, versions[2]).tags[TAG_GATE] == "refused"
+        assert client.get_model_version(s.train_model_name, versions[0]).tags["role"] == "retired"
     finally:
         replicator.terminate()
         replicator.wait(timeout=30)
