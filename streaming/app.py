@@ -1,8 +1,8 @@
 """The Faust app: raw ``recsys.events`` in; samples, dead letters, late clicks and Feast rows out.
 
-Run it with ``recsys stream worker`` or ``faust -A streaming.app worker -l info``; start more
-workers with the same RECSYS_STREAM_APP_ID and they share the partitions (the consumer
-group is the app id). Configuration comes from RECSYS_* settings.
+Run it with ``recsys stream worker`` or ``faust -A streaming.app worker -l info``. Workers with
+the same RECSYS_STREAM_APP_ID form one consumer group (the README says what is verified about
+running several). Configuration comes from RECSYS_* settings.
 
 One agent reads the events topic in batches (``take_events``); ``Processor`` does the
 work, state lives in four Faust tables changelogged to Kafka (``<app id>-<table>-changelog``):

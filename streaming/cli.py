@@ -31,7 +31,7 @@ def worker(
     create_topics: Annotated[bool, typer.Option("--create-topics/--no-create-topics",
                                                 help="create the topics (RECSYS_TOPIC_PARTITIONS) first")] = True,
 ) -> None:
-    """Run one Faust stream worker (start more with the same RECSYS_STREAM_APP_ID to share partitions)."""
+    """Run one Faust stream worker (workers with one RECSYS_STREAM_APP_ID form one consumer group; see README)."""
     from recsys.kafka import KafkaUnavailable, ensure_topics
     from streaming import logs
 
