@@ -78,19 +78,20 @@ def test_cycle_checker_detects_a_cycle() -> None:
 
 @pytest.mark.parametrize("dag_file", ["recsys_training", "recsys_features"])
 def test_dag_file_is_thin_and_fast(dag_file: str, tmp_path: Path) -> None:
-    """Parse time: Airflow is loaded already in the dag-processor, so time the DAG module itself."""
+    """Parse cost: Airflow is loaded already in the dag-processor, so measure the DAG module itself,
+    in CPU seconds of the importing process (wall time on a loaded 2-core machine measures the load)."""
     code = (
         "import sys, time, json, airflow.sdk\n"
         f"sys.path.insert(0, {str(DAGS)!r})\n"
-        "t = time.perf_counter()\n"
+        "t = time.process_time()\n"
         f"import {dag_file}\n"
-        "elapsed = time.perf_counter() - t\n"
+        "elapsed = time.process_time() - t\n"
         f"print(json.dumps({{'s': elapsed, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
     )
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{dag_file}: imported in {result['s']:.3f}s")
+    print(f"{dag_file}: imported in {result['s']:.3f} CPU s")
     assert result["heavy"] == [], f"{dag_file} imports {result['heavy']} at parse time"
     assert result["s"] < 2.0
