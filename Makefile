@@ -6,7 +6,7 @@ demo: bootstrap
 
 # Every test, against real Kafka and Redis started by the fixtures.
 test: bootstrap
-	uv run pytest -q
+	uv run pytest -q --durations=15
 
 bootstrap:
 	./scripts/bootstrap.sh
