@@ -210,8 +210,10 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> None:
                    "serving_docs": f"http://127.0.0.1:{s.serving_port}/docs"}
     _BACKGROUND["serving"] = _Background("MLflow + serving start", mlflow_then_serving)
     _BACKGROUND["airflow"] = _Background("recsys airflow up", airflow)
+    # Faust retitles its process ("[Faust:Worker] -running- <app id> ... <data dir>"), so the command
+    # line is not a marker that outlives start-up; the data dir is, and `services down` finds it by it
     services.start_command(s.run_dir, "stream-worker", _recsys_cmd("stream", "worker"),
-                           marker=f"recsys.cli stream worker", cwd=PROJECT_ROOT)
+                           marker=str(s.stream_data_dir or s.run_dir / "stream"), cwd=PROJECT_ROOT)
 
 
 _BACKGROUND: dict[str, _Background] = {}

@@ -56,6 +56,13 @@ def test_demo_rejects_bad_arguments() -> None:
     assert done.returncode == 2 and "--users" in done.stderr
 
 
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
     run_dir = tmp_path_factory.mktemp("demo-run")
@@ -82,6 +89,9 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
                        capture_output=True, timeout=120)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
+    # every process of the run stopped, the stream worker included (Faust retitles it)
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).find(str(run_dir)) >= 0]
+    assert not leftovers, [_cmdline(p) for p in leftovers]
     return json.loads((report_dir / "report.json").read_text()), report_dir, output
 
 
