@@ -93,6 +93,9 @@ class ModelHandle:
         self._fallback = fallback
         self._current: Scorer | None = None
         self._reload_lock = threading.Lock()  # one load at a time; requests never take it
+        # the registry version the alias pointed at when we last loaded: scorer.version is
+        # "<model>/<version>", the alias resolves to "<version>", so compare like with like
+        self._loaded_alias_version: str | None = None
         self.reloads = 0
         self.last_error: str | None = None
         self.on_swap: Callable[[Scorer, bool], None] | None = None  # (scorer, replaced another version)
@@ -129,12 +132,13 @@ class ModelHandle:
                     if self._current is not None:
                         return False, previous
             if version is not None:
-                if version == previous and not force:
+                if version in (previous, self._loaded_alias_version) and not force:
                     return False, previous
                 started = time.perf_counter()
                 scorer = self._loader.load(version)  # type: ignore[union-attr]
                 log.info("loaded model %s in %.2fs", version, time.perf_counter() - started)
                 self.set(scorer)
+                self._loaded_alias_version = version
                 self.last_error = None
                 return scorer.version != previous, previous
             if self._current is not None and self._current.name != "embedding-dot":
@@ -142,5 +146,6 @@ class ModelHandle:
             if self._fallback is None:
                 raise NoChampion("no model version carries the serving alias and the fallback scorer is disabled")
             scorer = self._fallback()
+            self._loaded_alias_version = None
             self.set(scorer)
             return scorer.version != previous, previous

@@ -370,3 +370,27 @@ def test_serve_cli_rejects_bad_arguments():
     assert help_text.exit_code == 0 and "--port" in help_text.output
     assert runner.invoke(app, ["serve", "--port", "0"]).exit_code == 2
     assert runner.invoke(app, ["serve", "--log-level", "loud"]).exit_code == 2
+
+
+def test_reload_does_not_rebuild_an_unchanged_champion_named_differently_from_its_alias_version() -> None:
+    """The alias resolves to "3" while the scorer serves "recsys-dlrm/3": a poll must not reload it again."""
+    loads: list[str] = []
+    champion = {"version": "3"}
+
+    class Loader:
+        def champion_version(self):
+            return champion["version"]
+
+        def load(self, version):
+            loads.append(version)
+            return EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}, version=f"recsys-dlrm/{version}")
+
+    handle = ModelHandle(Loader(), None)
+    assert handle.reload()[0] is True
+    assert handle.reload() == (False, "recsys-dlrm/3")
+    assert handle.reload() == (False, "recsys-dlrm/3")
+    assert loads == ["3"]
+    champion["version"] = "4"
+    assert handle.reload() == (True, "recsys-dlrm/3")
+    assert loads == ["3", "4"] and handle.current.version == "recsys-dlrm/4"
+    assert handle.reload(force=True)[0] is False and loads == ["3", "4", "4"]

@@ -208,7 +208,9 @@ def reload_serving(s: Settings, model_version: str | None) -> dict[str, Any]:
         if response.status_code >= 300:
             raise TaskFailed(f"serving at {url} refused the reload: {response.status_code} {response.text[:300]}")
         body = response.json()
-        if model_version is not None and str(body.get("model_version")) != str(model_version):
+        served = str(body.get("model_version"))
+        # serving answers "<model name>/<registry version>" (see serving/loader.py)
+        if model_version is not None and served != str(model_version) and not served.endswith(f"/{model_version}"):
             raise TaskFailed(f"serving at {url} reloaded version {body.get('model_version')}, expected {model_version}")
         results[url] = body
     return results
