@@ -285,7 +285,8 @@ def test_schemathesis_finds_no_server_error(redis_factory, test_settings, feast_
     with serve(create_app(settings, comps)) as base:
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "60", "--phases", "examples,coverage,fuzzing", "--seed", "7", "--workers", "2",
+             "--max-examples", "60", "--phases", "examples,coverage,fuzzing", "--seed", "7", "--workers", "1",
+             # 2 workers once hit "SystemError: AST constructor recursion depth mismatch" inside schemathesis
              "--generation-database", "none", "-H", f"Authorization: Bearer {TOKEN}", "--report", "junit", "--report-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=240)
         metrics = httpx.get(f"{base}/metrics").text
