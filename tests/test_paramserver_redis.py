@@ -137,6 +137,8 @@ def _writer_process(urls, ns, ids, versions, done):
     with RedisStore(urls, [USER, ITEM], namespace=ns, rows_per_bucket=16) as s:
         for k in range(1, versions + 1):
             s.push({"user": rows_of(USER, ids, float(k)), "item": rows_of(ITEM, ids[:50], float(k))})
+            # spread the pushes over ~1 s so a reader on a loaded machine overlaps several of them
+            time.sleep(0.015)
     done.set()
 
 
