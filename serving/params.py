@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,8 @@ class RowFetcher:
         self.on_lookup = on_lookup  # (hits, misses), for metrics
         self._cache = _Cache(version=-1)
         self._lock = threading.Lock()
+        self._reopen_lock = threading.Lock()
+        self._last_reopen = float("-inf")
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self.last_version: int | None = None
@@ -74,14 +77,28 @@ class RowFetcher:
     def _poll(self) -> None:
         while not self._stop.is_set():
             try:
-                before = self._cache.version
                 self._observe(self.reader.version())
-                if self._cache.version != before and self.reopen is not None \
-                        and not self._wanted <= set(self.reader.tables):
-                    self._reopen()
+                self._reopen_if_tables_missing()
             except (ParamServerError, OSError) as exc:
                 log.debug("parameter version poll failed: %s", exc)
             self._stop.wait(self.poll_s)
+
+    def _reopen_if_tables_missing(self) -> None:
+        """Look for tables a request wanted that our reader does not know (at most once per poll period).
+
+        Serving usually starts before any trainer has created its tables: without this, the rows
+        of those tables would stay the initial ones until the parameter version next moved.
+        """
+        if self.reopen is None or self._wanted <= set(self.reader.tables):
+            return
+        now = time.monotonic()
+        if now - self._last_reopen < self.poll_s or not self._reopen_lock.acquire(blocking=False):
+            return
+        try:
+            self._last_reopen = now
+            self._reopen()
+        finally:
+            self._reopen_lock.release()
 
     def _reopen(self) -> None:
         fresh = self.reopen()  # type: ignore[misc]
@@ -128,9 +145,14 @@ class RowFetcher:
         return out, version
 
     def _lookup(self, cache: _Cache, ids: dict[str, np.ndarray], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+        if not set(ids) <= self._wanted:
+            self._wanted |= set(ids)
+        if not self._wanted <= set(self.reader.tables):
+            self._reopen_if_tables_missing()
+            if self._cache is not cache:  # the reopen started a new cache (same version)
+                cache = self._cache
         reader = self.reader
         configs = reader.tables
-        self._wanted |= set(ids)
         out: dict[str, np.ndarray] = {}
         version = cache.version
         hits = misses = 0

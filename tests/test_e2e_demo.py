@@ -119,10 +119,12 @@ def test_served_ranking_beats_random_on_simulated_users(demo_report: tuple[dict,
     print(f"expected CTR of the served top 10 right after the swap {first}, after the probes "
           f"{settled['expected_ctr_top10']} ({settled['served_beats_random_share']:.0%} of users beat random), "
           f"eval AUC {report['model']['eval_auc']}, oracle AUC {report['model']['oracle_auc']}")
-    # measured on the settled service: right after the swap serving has been seen near random (see README)
-    ctr = settled["expected_ctr_top10"]
-    assert ctr["served"] > ctr["random"]
-    assert settled["served_beats_random_share"] > 0.5
+    # right after the swap and again a minute later (both once differed: serving kept initial rows
+    # of the tables a trainer created after it started until the next push; fixed in serving.params)
+    for measured in (report["serving"], settled):
+        ctr = measured["expected_ctr_top10"]
+        assert ctr["served"] > ctr["random"], measured
+        assert measured["served_beats_random_share"] > 0.5, measured
     assert settled["requests"] == QUERIES and settled["degraded_answers"] == 0
     assert 0.5 < report["model"]["eval_auc"] <= report["model"]["oracle_auc"] + 0.05
 

@@ -394,3 +394,48 @@ def test_reload_does_not_rebuild_an_unchanged_champion_named_differently_from_it
     assert handle.reload() == (True, "recsys-dlrm/3")
     assert loads == ["3", "4"] and handle.current.version == "recsys-dlrm/4"
     assert handle.reload(force=True)[0] is False and loads == ["3", "4", "4"]
+
+
+def test_rows_of_tables_created_after_start_are_read_without_a_version_change():
+    """Serving starts before the trainer: the tables it wants appear later, with no further push.
+
+    This was the "near random right after the champion swap" of the demo: the reader knew no
+    tables, so every lookup returned initial rows until some later push moved the version.
+    """
+    store = _store()
+
+    class NoTablesYet(MemoryReader):
+        def __init__(self, store) -> None:
+            super().__init__(store)
+            self.tables = {}
+
+    opened = []
+
+    def reopen():
+        opened.append(MemoryReader(store))
+        return opened[-1]
+
+    rows = RowFetcher(NoTablesYet(store), max_rows=1000, poll_s=0.05, reopen=reopen, init_std=0.01)
+    ids = {"item_id": np.array([item_id_key("good"), item_id_key("bad")])}
+    vectors, version = rows.lookup(ids, {"item_id": DIM})
+    assert version == store.version()
+    assert opened, "a lookup of an unknown table should look for it again"
+    np.testing.assert_array_equal(vectors["item_id"], np.array([[1.0] * DIM, [-1.0] * DIM], np.float32))
+    # once found, lookups do not reopen again
+    rows.lookup(ids, {"item_id": DIM})
+    assert len(opened) == 1
+
+
+def test_reopen_for_a_table_that_never_appears_is_rate_limited():
+    store = _store()
+    opened = []
+
+    def reopen():
+        opened.append(MemoryReader(store))
+        return opened[-1]
+
+    rows = RowFetcher(MemoryReader(store), max_rows=1000, poll_s=10.0, reopen=reopen, init_std=0.01)
+    for _ in range(20):
+        vectors, _ = rows.lookup({"not_pushed_yet": np.array([1, 2])}, {"not_pushed_yet": DIM})
+        assert vectors["not_pushed_yet"].shape == (2, DIM)
+    assert len(opened) == 1
