@@ -109,11 +109,6 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
         "FEAST_DATA_DIR": str(run_dir / "feast"),
         "MLFLOW_TRACKING_URI": tracking,
         "SERVING_ADMIN_TOKEN": token,
-        # The DAG's reload_serving task compares serving's "<model>/<version>" answer with the bare
-        # registry version and fails the run (dags/recsys_ops/training.py); until both sides agree the
-        # demo points that task at an address nothing listens on (reported "not running", not an
-        # error) and serving follows the alias poll below instead.
-        "SERVING_RELOAD_URLS": json.dumps(["http://127.0.0.1:9"]),
         "SERVING_RELOAD_POLL_S": "1",
         "AIRFLOW_TRAINING_SCHEDULE": "",
         "AIRFLOW_FEATURES_SCHEDULE": "",
@@ -345,9 +340,8 @@ def query_serving(s: Settings, config: DemoConfig, sim: Any, version: str, repor
                   settled: bool = False) -> None:
     """Latency and expected CTR of served top 10s; ``settled``: again after the freshness probes.
 
-    Both are kept because they differ: right after the champion swap the served top 10 has been
-    measured barely better than random, a minute later far better (a serving-side staleness to
-    find; the demo reports it rather than hiding it behind a wait).
+    Both are kept: they once differed (serving kept the initial rows of tables created after it
+    started until the next push; fixed in serving.params), and the two figures show it stays fixed.
     """
     import httpx
     import numpy as np
