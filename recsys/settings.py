@@ -154,8 +154,12 @@ class Settings(BaseSettings):
                                                "its sample went out (re-emitted after a crash, see README)")
     stream_idle_advance_s: float = Field(5.0, gt=0, description="a partition idle this long (wall time) advances its "
                                          "event-time watermark with the wall clock, so windows close on a quiet stream")
-    stream_batch_size: int = Field(2000, ge=1, le=100_000, description="records the worker handles per batch")
-    stream_batch_within_s: float = Field(0.1, gt=0, description="longest wait to fill a batch")
+    stream_batch_size: int = Field(2000, ge=1, le=100_000, description="most records the worker handles per batch "
+                                   "(one fetch from Kafka)")
+    stream_max_in_flight_batches: int = Field(4, ge=1, le=64, description="batches the worker processes ahead "
+                                              "while Kafka acknowledges the outputs of earlier ones")
+    stream_fetch_max_wait_ms: int = Field(100, ge=1, le=10_000, description="longest a fetch waits on the broker "
+                                          "for new records (one fetch per broker is in flight at a time)")
     stream_commit_interval_s: float = Field(1.0, gt=0, description="how often the worker commits offsets")
     stream_session_timeout_s: float = Field(30.0, ge=6, description="Kafka group session timeout of a worker: how "
                                             "soon the partitions of a dead worker move to the others")

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import orjson
 
 from feature_repo.contract import SCHEMA_VERSION, InvalidEvent, RejectReason, parse_event, sample_id
-from feature_repo.spec import EncodedEntity, encode_item, encode_user, join_features, validate_encoded
+from feature_repo.spec import EncodedEntity, encode_item, encode_user, validate_encoded
 from streaming import metrics
 
 log = logging.getLogger("streaming.processor")
@@ -88,6 +88,15 @@ class DictKV(dict):
 
     def delete(self, partition: int, key: str) -> None:
         self.pop(key, None)
+
+
+class Record(Protocol):
+    """What the processor reads of a Kafka record (Faust's ``Message`` is one, as is ``RawRecord``)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
 
 
 @dataclass(frozen=True)
@@ -142,12 +151,6 @@ class _PartitionState:
 
 def encoded_to_state(entity: EncodedEntity, ts: float) -> dict[str, Any]:
     return {"ts": ts, "sp": entity.sparse, "dn": entity.dense}
-
-
-def state_to_encoded(kind: str, entity_id: str, value: Mapping[str, Any] | None) -> EncodedEntity | None:
-    if not value:
-        return None
-    return EncodedEntity(kind, entity_id, {k: list(v) for k, v in value["sp"].items()}, dict(value["dn"]))  # type: ignore[arg-type]
 
 
 def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
@@ -232,7 +235,7 @@ class Processor:
 
     # ------------------------------------------------------------------ batches
 
-    def process_batch(self, records: Iterable[RawRecord]) -> BatchResult:
+    def process_batch(self, records: Iterable[Record]) -> BatchResult:
         result = BatchResult()
         touched: set[int] = set()
         now = self.wall()
@@ -272,7 +275,7 @@ class Processor:
         self.flush_metrics()
         return out
 
-    def _process(self, record: RawRecord, state: _PartitionState, result: BatchResult, now: float) -> None:
+    def _process(self, record: Record, state: _PartitionState, result: BatchResult, now: float) -> None:
         c = self.config
         if record.value is None:
             self._deadletter(record, MISSING_KEY, "record has no value (tombstone)", result.out)
@@ -336,9 +339,11 @@ class Processor:
         """
         user = self.users.get(user_id)
         item = self.items.get(item_id)
-        if user is None or item is None:
-            return join_features(state_to_encoded("user", user_id, user), state_to_encoded("item", item_id, item),
-                                 user_id, item_id)
+        # no profile known (yet): its id feature and the "missing" encoding of the rest, as join_features gives
+        if user is None:
+            user = encoded_to_state(encode_user(user_id), 0.0)
+        if item is None:
+            item = encoded_to_state(encode_item(item_id), 0.0)
         return {**user["sp"], **item["sp"]}, {**user["dn"], **item["dn"]}
 
     # ------------------------------------------------------------------ the joiner
@@ -359,7 +364,7 @@ class Processor:
         heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
         self.tally[("open", "")] += 1
 
-    def _click(self, event: Any, record: RawRecord, state: _PartitionState, out: list[Outgoing], now: float) -> None:
+    def _click(self, event: Any, record: Record, state: _PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
         entry = self.joins.get(sid)
         if entry is None:
@@ -413,7 +418,7 @@ class Processor:
 
     # ------------------------------------------------------------------ side topics
 
-    def _deadletter(self, record: RawRecord, reason: str, message: str, out: list[Outgoing]) -> None:
+    def _deadletter(self, record: Record, reason: str, message: str, out: list[Outgoing]) -> None:
         self.tally[("dead", reason)] += 1
         log.info("dead-lettered", extra={"fields": {"reason": reason, "message": message[:200],
                                                     "partition": record.partition, "offset": record.offset}})
@@ -423,7 +428,7 @@ class Processor:
             ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
         )))
 
-    def _late(self, record: RawRecord, sid: str, reason: str, out: list[Outgoing]) -> None:
+    def _late(self, record: Record, sid: str, reason: str, out: list[Outgoing]) -> None:
         self.tally[("late", reason)] += 1
         out.append(Outgoing("late", record.key, record.value or b"", (
             ("reason", reason.encode()), ("sample_id", sid.encode()),

@@ -287,3 +287,19 @@ def test_a_quiet_partition_taken_after_restart_closes_its_windows_and_reemits():
     assert samples_of(restored.advance_idle()) == []
     clock.now += WINDOW + 3
     assert [(s.item_id, s.label) for s in samples_of(restored.advance_idle())] == [("i2", 0)]
+
+
+@pytest.mark.parametrize("known", ["none", "user", "item", "both"])
+def test_stream_features_equal_join_features_in_spec_order_whether_profiles_are_known_or_not(known):
+    proc, _ = make()
+    user = encode_user("u7", {"gender": "F", "age": 31, "occupation": "writer", "zip": "90210"})
+    item = encode_item("i9", {"genres": ["drama", "comedy"]})
+    if known in ("user", "both"):
+        proc.users.put(0, "u7", {"ts": T0, "sp": user.sparse, "dn": user.dense})
+    if known in ("item", "both"):
+        proc.items.put(0, "i9", {"ts": T0, "sp": item.sparse, "dn": item.dense})
+    sparse, dense = proc.features_for("u7", "i9")
+    expected_sparse, expected_dense = join_features(user if known in ("user", "both") else None,
+                                                    item if known in ("item", "both") else None, "u7", "i9")
+    assert list(sparse.items()) == list(expected_sparse.items())
+    assert list(dense.items()) == list(expected_dense.items())
