@@ -31,7 +31,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -40,6 +41,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
+from feature_repo.spec import EncodedEntity
 from recsys.settings import Settings, get_settings
 from streaming import metrics
 from streaming.processor import BatchResult, Outgoing, Processor, ProcessorConfig
@@ -135,12 +137,16 @@ class TableKV:
         self.table = table
         self.topic = table.changelog_topic.get_topic_name()
         self.pending = pending
+        self._dict: Any = None
 
     @property
     def _data(self) -> Any:
-        store = self.table.data
-        # the memory store's plain dict: Mapping.get through the store cost ~1 us a lookup
-        return getattr(store, "data", store)
+        data = self._dict
+        if data is None:
+            store = self.table.data  # created once per table, cleared in place on recovery
+            # the memory store's plain dict: Mapping.get through the store cost ~1 us a lookup
+            data = self._dict = getattr(store, "data", store)
+        return data
 
     def get(self, key: str) -> Any:
         return self._data.get(key)
@@ -177,50 +183,59 @@ def data_dir(settings: Settings):
     return settings.stream_data_dir or settings.run_dir / "stream"
 
 
-class FeatureWriter:
-    """Writes the batches' encoded profiles to Feast: one online push and one parquet append per entity and write.
+class _WriteLane:
+    """Rows waiting for one kind of write, and the single task that writes them, one write at a time.
 
-    ``submit`` merges a batch's profiles into what is pending (the newest per id wins) and returns
-    a future of the write that will carry them; one writer task writes whatever is pending, one
-    write at a time, so writes stay in order and, when Feast is slower than the stream, one write
-    carries many batches. Feast (and torch behind it) is imported in a thread at start-up, so
-    the event loop keeps heartbeating to Kafka meanwhile.
+    ``add`` returns a future of the write that will carry the rows; while a write runs, what
+    arrives waits and goes in the next one, so a slow store costs fewer, larger writes rather than
+    a queue. ``newest_only``: keep the latest row per id (the online store holds nothing else);
+    otherwise every row is kept (the offline store keeps each version for point-in-time joins).
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._store: asyncio.Future | None = None
-        self._opened: Any = None
-        self._pending = BatchResult()
+    def __init__(self, name: str, write: Callable[[str, list[tuple[EncodedEntity, float]]], None],
+                 newest_only: bool, ready: Callable[[], Awaitable[None]]) -> None:
+        self.name = name
+        self._write = write
+        self._ready = ready
+        self.newest_only = newest_only
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feast-{name}")
+        self._pending: dict[str, dict[str, tuple[EncodedEntity, float]] | list[tuple[EncodedEntity, float]]] = {}
         self._waiters: list[asyncio.Future] = []
         self._wake: asyncio.Event | None = None
-        self._writer: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None
 
-    def submit(self, result: BatchResult) -> asyncio.Future:
-        if not result.users and not result.items:
-            return _done()
-        for pending, rows in ((self._pending.users, result.users), (self._pending.items, result.items)):
+    def add(self, entity: str, rows: dict[str, tuple[EncodedEntity, float]]) -> asyncio.Future:
+        if self.newest_only:
+            pending = self._pending.setdefault(entity, {})
             for entity_id, row in rows.items():
-                current = pending.get(entity_id)
+                current = pending.get(entity_id)  # type: ignore[union-attr]
                 if current is None or current[1] <= row[1]:
-                    pending[entity_id] = row
+                    pending[entity_id] = row  # type: ignore[index]
+        else:
+            self._pending.setdefault(entity, []).extend(rows.values())  # type: ignore[union-attr]
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
-        if self._writer is None:
+        if self._task is None:
             self._wake = asyncio.Event()
-            self._writer = asyncio.ensure_future(self._write_pending())
+            self._task = asyncio.ensure_future(self._run())
         self._wake.set()  # type: ignore[union-attr]
         return future
 
-    async def _write_pending(self) -> None:
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()  # type: ignore[union-attr]
             self._wake.clear()  # type: ignore[union-attr]
-            result, self._pending = self._pending, BatchResult()
+            pending, self._pending = self._pending, {}
             waiters, self._waiters = self._waiters, []
             try:
-                await self.write(result)
+                await self._ready()
+                for entity, rows in pending.items():
+                    rows_list = list(rows.values()) if isinstance(rows, dict) else rows
+                    if rows_list:
+                        await loop.run_in_executor(self._executor, self._write, entity, rows_list)
             except Exception as exc:  # noqa: BLE001 - every batch waiting on this write learns of it
+                log.error("feature write failed", extra={"fields": {"store": self.name, "error": repr(exc)[:300]}})
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_exception(exc)
@@ -228,6 +243,31 @@ class FeatureWriter:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+
+class FeatureWriter:
+    """Writes the batches' encoded profiles to Feast: online pushes and offline parquet appends, in two lanes.
+
+    The lanes run side by side (one thread each), so a parquet append never delays the next
+    online push: the online store is what serving reads, and its freshness is the figure that
+    matters. A batch counts as written once both lanes carried it. The store is opened before
+    the worker starts (``open_now``) or, under ``faust -A ... worker``, in a thread at start-up
+    so the event loop keeps heartbeating to Kafka meanwhile.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: asyncio.Future | None = None
+        self._opened: Any = None
+        self._online = _WriteLane("online", self._write_online, newest_only=True, ready=self._ready)
+        self._offline = _WriteLane("offline", self._write_offline, newest_only=False, ready=self._ready)
+
+    def submit(self, result: BatchResult) -> asyncio.Future:
+        futures = []
+        for entity, rows in (("user", result.users), ("item", result.items)):
+            if rows:
+                futures += [self._online.add(entity, rows), self._offline.add(entity, rows)]
+        return asyncio.gather(*futures) if futures else _done()
 
     def start(self) -> None:
         if self._store is None and self._opened is None:
@@ -249,29 +289,33 @@ class FeatureWriter:
                                                           "seconds": round(time.perf_counter() - started, 2)}})
         return opened
 
-    async def write(self, result: BatchResult) -> None:
-        if not result.users and not result.items:
-            return
-        self.start()
-        store = self._opened if self._opened is not None else await self._store  # type: ignore[misc]
-        await asyncio.get_running_loop().run_in_executor(None, self._write, store, result)
+    async def _ready(self) -> None:
+        if self._opened is None:
+            self.start()
+            self._opened = await self._store  # type: ignore[misc]
 
-    def _write(self, store: Any, result: BatchResult) -> None:
+    def _frame(self, entity: str, rows: list[tuple[EncodedEntity, float]]) -> Any:
         from feature_repo import store as fs
 
-        created = time.time()
-        for entity, rows in (("user", result.users), ("item", result.items)):
-            if not rows:
-                continue
-            frame = fs.rows_frame(entity, [e for e, _ in rows.values()], [t for _, t in rows.values()], created)
-            started = time.perf_counter()
-            fs.push_online(store, entity, frame)
-            metrics.FEATURE_PUSH_SECONDS.labels("online").observe(time.perf_counter() - started)
-            started = time.perf_counter()
-            fs.write_offline(self.settings.feast_data_dir, entity, frame)
-            metrics.FEATURE_PUSH_SECONDS.labels("offline").observe(time.perf_counter() - started)
-            metrics.FEATURE_ROWS.labels(entity, "online").inc(len(frame))
-            metrics.FEATURE_ROWS.labels(entity, "offline").inc(len(frame))
+        return fs.rows_frame(entity, [e for e, _ in rows], [t for _, t in rows], time.time())
+
+    def _write_online(self, entity: str, rows: list[tuple[EncodedEntity, float]]) -> None:
+        from feature_repo import store as fs
+
+        frame = self._frame(entity, rows)
+        started = time.perf_counter()
+        fs.push_online(self._opened, entity, frame)
+        metrics.FEATURE_PUSH_SECONDS.labels("online").observe(time.perf_counter() - started)
+        metrics.FEATURE_ROWS.labels(entity, "online").inc(len(frame))
+
+    def _write_offline(self, entity: str, rows: list[tuple[EncodedEntity, float]]) -> None:
+        from feature_repo import store as fs
+
+        frame = self._frame(entity, rows)
+        started = time.perf_counter()
+        fs.write_offline(self.settings.feast_data_dir, entity, frame)
+        metrics.FEATURE_PUSH_SECONDS.labels("offline").observe(time.perf_counter() - started)
+        metrics.FEATURE_ROWS.labels(entity, "offline").inc(len(frame))
 
 
 class StreamWorker:

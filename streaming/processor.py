@@ -383,18 +383,25 @@ class Processor:
 
     def _resolve(self, p: int, sid: str, entry: dict[str, Any], status: str, state: _PartitionState,
                  now: float) -> Outgoing:
-        resolved = {**entry, "st": status, "at": now}
-        self.joins.put(p, sid, resolved)
+        label = 1 if status == POSITIVE else 0
+        sample = self._sample(sid, entry, label)
+        # a resolved entry keeps what later records need (status, times, partition) and the sample as sent,
+        # embedded pre-serialised: the changelog does not serialise the features a second time
+        self.joins.put(p, sid, {"st": status, "p": entry["p"], "ts": entry["ts"], "u": entry["u"], "at": now,
+                                "smp": orjson.Fragment(sample.value)})
         heapq.heappush(state.resolved_heap, (now, sid))
         self.tally[("open", "")] -= 1
-        return self._sample(sid, resolved, 1 if status == POSITIVE else 0)
+        return sample
 
     def _sample(self, sid: str, entry: Mapping[str, Any], label: int, count: bool = True) -> Outgoing:
+        """The sample of an open entry, or the one a resolved entry stored (re-emitted as it was sent)."""
         if count:
             self.tally[("samples", str(label))] += 1
             if self.tally[("samples", str(label))] % 16 == 1:  # sampled: a histogram observation costs ~10 us
                 metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
-        return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))
+        stored = entry.get("smp")  # a Fragment in this process, a dict once restored from the changelog
+        value = orjson.dumps(stored) if stored is not None else sample_bytes(sid, entry, label)
+        return Outgoing("samples", entry["u"].encode(), value)
 
     def _expire(self, p: int, state: _PartitionState, out: list[Outgoing], now: float) -> None:
         heap = state.open_heap

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import orjson
 import pytest
@@ -15,6 +14,11 @@ from streaming.processor import (
 
 T0 = 1_700_000_000.0
 WINDOW = 10.0
+
+
+def restored_from_changelog(table: DictKV) -> DictKV:
+    """A table as a new process restores it: every value through its JSON changelog record."""
+    return DictKV({key: orjson.loads(orjson.dumps(value)) for key, value in table.items()})
 
 
 class Clock:
@@ -114,7 +118,7 @@ def test_client_retry_is_dropped_but_a_redelivery_of_the_same_offset_is_processe
     assert len(samples_of(result.out)) == 1
     assert proc.dedup["c1"][:2] == [0, retry.offset]
     # after a crash the same record (same offset) comes again: it is not a duplicate
-    restored = Processor(proc.config, copy.deepcopy(proc.dedup), DictKV(), DictKV(), DictKV(), wall=proc.wall)
+    restored = Processor(proc.config, restored_from_changelog(proc.dedup), DictKV(), DictKV(), DictKV(), wall=proc.wall)
     restored.process_batch([first])
     assert restored.joins[sample_id("r1", "i1")]["st"] == "o"
 
@@ -210,7 +214,7 @@ def test_restart_reemits_resolved_samples_and_keeps_labels():
                         feed.event(**click("c1", T0 + 1, item="i1")),
                         feed.event(**impression("e3", T0 + 30, req="r2"))])
     # a new process restores the tables (the emissions may not have reached Kafka) and takes partition 0
-    restored = Processor(proc.config, copy.deepcopy(proc.dedup), copy.deepcopy(proc.joins), DictKV(), DictKV(),
+    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins), DictKV(), DictKV(),
                          wall=clock)
     out = restored.process_batch([])
     assert out.out == []  # a partition is taken on its first record
@@ -279,7 +283,7 @@ def test_a_quiet_partition_taken_after_restart_closes_its_windows_and_reemits():
     proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
                         feed.event(**click("c1", T0 + 1, item="i1"))])
     # restart: nothing left to read on partition 0, one impression still waits for its window
-    restored = Processor(proc.config, copy.deepcopy(proc.dedup), copy.deepcopy(proc.joins), DictKV(), DictKV(),
+    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins), DictKV(), DictKV(),
                          wall=clock)
     out = restored.take_quiet_partition(0, feed.offset)
     assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]  # re-emitted
