@@ -367,20 +367,27 @@ class StreamWorker:
         await sent
 
     async def _quiet_partitions(self) -> list[tuple[int, int]]:
-        """Assigned partitions not taken yet that have nothing to read: after a restart their impressions
-        still wait for windows to close (and their resolved samples for re-emission)."""
+        """Assigned partitions not taken yet whose committed offset is their end: after a restart their
+        impressions still wait for windows to close (and their resolved samples for re-emission).
+
+        The committed offset, not the consumer's position: the position moves as soon as the
+        consumer thread hands records over, before this worker has processed them, and a
+        partition taken as quiet then would close windows from restored state that is ahead of
+        the records still to be re-read (the crash test's positives-turned-negatives).
+        """
         consumer = self.app.consumer
         if not self.ready or self.app.rebalancing or self.app.in_recovery:
             return []
         quiet = []
         try:
+            committed_offsets = consumer._committed_offset  # Faust's: refreshed from Kafka at each assignment
             for tp in consumer.assignment():
                 if tp.topic != self.settings.topic_events or tp.partition in self.processor.partitions:
                     continue
-                position = await consumer.position(tp)
+                committed = committed_offsets.get(tp) or 0
                 highwater = consumer.highwater(tp)
-                if position is not None and highwater is not None and position >= highwater:
-                    quiet.append((tp.partition, position))
+                if highwater is not None and committed >= highwater:
+                    quiet.append((tp.partition, committed))
         except Exception:  # a rebalance under way: try again on the next tick
             return []
         return quiet

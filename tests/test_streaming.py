@@ -307,3 +307,49 @@ def test_stream_features_equal_join_features_in_spec_order_whether_profiles_are_
                                                     item if known in ("item", "both") else None, "u7", "i9")
     assert list(sparse.items()) == list(expected_sparse.items())
     assert list(dense.items()) == list(expected_dense.items())
+
+
+class _FakeTable:
+    def __init__(self, name: str) -> None:
+        self.data = {}
+        self.changelog_topic = type("Topic", (), {"get_topic_name": lambda _self: f"app-{name}-changelog"})()
+
+
+class _FakeConsumer:
+    def __init__(self, topic: str) -> None:
+        from faust.types import TP
+
+        self.tps = [TP(topic, p) for p in range(3)]
+        self._committed_offset = {}
+        self.positions: dict = {}
+        self.highwaters: dict = {}
+
+    def assignment(self):
+        return set(self.tps)
+
+    async def position(self, tp):
+        return self.positions.get(tp)
+
+    def highwater(self, tp):
+        return self.highwaters.get(tp)
+
+
+def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_taken_as_quiet():
+    """The crash-test bug: the consumer's position moves when records are handed over, before they are
+    processed; taking the partition as quiet then closed windows from restored state ahead of them."""
+    import asyncio
+
+    from recsys.settings import Settings
+    from streaming.app import StreamWorker
+
+    settings = Settings(topic_events="events.t")
+    consumer = _FakeConsumer("events.t")
+    app = type("App", (), {"consumer": consumer, "rebalancing": False, "in_recovery": False})()
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+    worker.ready = True
+    p0, p1, p2 = consumer.tps
+    consumer.highwaters = {p0: 100, p1: 50, p2: 0}
+    consumer.positions = {p0: 100, p1: 50, p2: 0}  # everything handed over...
+    consumer._committed_offset = {p0: 40, p1: 50}  # ...but only p1's records (and empty p2) are done
+    quiet = asyncio.run(worker._quiet_partitions())
+    assert sorted(quiet) == [(1, 50), (2, 0)]
