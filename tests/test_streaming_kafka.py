@@ -312,3 +312,30 @@ def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
     assert set(recovered) == set(uninterrupted) == set(expected)
     labels = {sid: s.label for sid, s in recovered.items()}
     assert labels == {sid: s.label for sid, s in uninterrupted.items()} == expected
+
+
+def _partitions_taken(worker: Worker) -> set[int]:
+    taken = set()
+    for line in worker.log.read_text(errors="replace").splitlines():
+        if '"took partition"' in line:  # JSON log lines; Faust's console codes may precede one
+            taken.add(orjson.loads(line[line.index("{"):])["partition"])
+    return taken
+
+
+@pytest.mark.slow
+def test_two_workers_in_one_group_share_the_partitions_and_make_every_sample(make_setup):
+    sim, records = simulation(requests=800, seed=5)
+    expected = truth_labels(sim)
+    setup = make_setup(idle_advance_s=5.0)
+    first, second = setup.start_worker(), setup.start_worker()  # same app id: one consumer group
+    publisher = setup.publish_paced(records, seconds=15.0)
+    publisher.join(120)
+    setup.wait_for("the stream to drain", lambda: len(samples_by_id(setup.bootstrap, setup.samples))
+                   >= len(expected), timeout=240)
+    time.sleep(7)  # longer than the session timeout: a worker that left the group would be seen below
+    assert [w.proc.poll() for w in (first, second)] == [None, None], [w.tail() for w in (first, second)]
+    got = samples_by_id(setup.bootstrap, setup.samples)
+    assert {sid: s.label for sid, s in got.items()} == expected
+    taken = [_partitions_taken(first), _partitions_taken(second)]
+    assert all(taken), f"each worker should process some partitions, took {taken}"
+    assert taken[0] | taken[1] == set(range(PARTITIONS))
