@@ -39,7 +39,9 @@ import faust
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP, Message
+from faust.types import TP
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 from feature_repo.spec import EncodedEntity
 from recsys.settings import Settings, get_settings
@@ -74,7 +76,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     """
 
     batch_topics: frozenset[str] = frozenset()  # set by create_app on a subclass per app
-    on_batch: Any = None  # async (list[Message]) -> awaitable that completes once the batch is durable
+    on_batch: Any = None  # async (list of aiokafka records) -> awaitable that completes once the batch is durable
     max_in_flight: int = 4  # batches processed whose sends Kafka has not acknowledged yet
     fetch_max_wait_ms: int = 100
 
@@ -89,24 +91,43 @@ class BatchConsumer(faust_aiokafka.Consumer):
         batch_topics = self.batch_topics
         # Processing is ordered (one batch after another); only the wait for Kafka's acknowledgements
         # overlaps the next batches. Offsets are acknowledged oldest batch first.
-        in_flight: deque[tuple[asyncio.Future, list[Message]]] = deque()
+        in_flight: deque[tuple[asyncio.Future, dict[TP, list[int]]]] = deque()
         try:
             while not (self._stopped.is_set() or fetcher._stopped.is_set()):
-                batch: list[Message] = []
-                async for tp, message in self.getmany(timeout=1.0):
-                    offset = message.offset
-                    last = read_offset[tp]
-                    if last is not None and offset < last:
-                        continue  # already read (Faust's loop drops these too)
-                    if last and offset - last > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, last + 1, offset)  # compacted or aborted offsets: nothing to ack
-                    if tp.topic in batch_topics:
-                        batch.append(message)
-                    else:
-                        await callback(message)
-                    read_offset[tp] = offset
+                # Faust's getmany, a partition at a time instead of a record at a time: the same
+                # flow, generation and active-partition checks, and the events stay aiokafka records
+                records, active = await self._wait_next_records(1.0)
+                generation = self.app.consumer_generation_id
+                if records is None or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    await self.perform_seek()  # what Faust's getmany does when flow stopped
+                    continue
+                batch: list[Any] = []
+                offsets: dict[TP, list[int]] = {}
+                for tp, tp_records in records.items():
+                    if not self.flow_active or self.app.consumer_generation_id != generation:
+                        break
+                    if active is not None and tp not in active and tp not in self._buffered_partitions:
+                        continue
+                    self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    for record in tp_records:
+                        offset = record.offset
+                        last = read_offset[tp]
+                        if last is not None and offset < last:
+                            continue  # already read (Faust's loop drops these too)
+                        if last and offset - last > 1 and acks_enabled_for(tp.topic):
+                            await self._add_gap(tp, last + 1, offset)  # compacted/aborted offsets: nothing to ack
+                        if tp.topic in batch_topics:
+                            batch.append(record)
+                            offsets.setdefault(tp, []).append(offset)
+                        else:
+                            if self.app.consumer_generation_id != generation:
+                                break
+                            await callback(self._to_message(tp, record))
+                        read_offset[tp] = offset
                 if batch:
-                    in_flight.append((asyncio.ensure_future(await self.on_batch(batch)), batch))
+                    in_flight.append((asyncio.ensure_future(await self.on_batch(batch)), offsets))
                 while in_flight and (len(in_flight) >= self.max_in_flight or in_flight[0][0].done()):
                     await self._ack_oldest(in_flight)
                 await self.sleep(0)
@@ -114,15 +135,28 @@ class BatchConsumer(faust_aiokafka.Consumer):
             while in_flight:  # a rebalance or stop: what was processed is still sent and acknowledged
                 await self._ack_oldest(in_flight)
 
-    async def _ack_oldest(self, in_flight: deque[tuple[asyncio.Future, list[Message]]]) -> None:
-        done, messages = in_flight[0]
+    async def _ack_oldest(self, in_flight: deque[tuple[asyncio.Future, dict[TP, list[int]]]]) -> None:
+        done, offsets = in_flight[0]
         await asyncio.shield(done)
         in_flight.popleft()
-        for message in messages:
-            self.ack(message)
+        self._ack_offsets(offsets)
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()
+
+    def _ack_offsets(self, offsets: dict[TP, list[int]]) -> None:
+        """Faust's ``Consumer.ack`` for a batch of offsets at once: they become committable."""
+        with ack_lock:
+            for tp, tp_offsets in offsets.items():
+                if not self.app.topics.acks_enabled_for(tp.topic):
+                    continue
+                committed = self._committed_offset[tp]
+                index = self._acked_index[tp]
+                fresh = [o for o in tp_offsets if (committed is None or o >= committed) and o not in index]
+                index.update(fresh)
+                self._acked[tp].extend(fresh)
+                self._n_acked += len(fresh)
+        notify(self._waiting_for_ack)
 
 
 class TableKV:
@@ -345,7 +379,7 @@ class StreamWorker:
             return False
         return highwater is not None and next_offset >= highwater
 
-    async def handle_batch(self, messages: list[Message]) -> asyncio.Future:
+    async def handle_batch(self, messages: list[Any]) -> asyncio.Future:
         """Process a batch and hand its outputs to Kafka; the returned future completes once all are durable."""
         started = time.perf_counter()
         async with self.lock:
