@@ -20,27 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.settings import Settings, get_settings
+from recsys.cli_support import console, fail, load_settings
+from recsys.settings import Settings
 
 app = typer.Typer(no_args_is_help=True)
-console = Console(stderr=True)
 out = Console()
 
 # compact hash buckets need values as large as a row and more entries than Redis' defaults
 REDIS_ARGS = ["--hash-max-listpack-value", "4096", "--hash-max-listpack-entries", "1024"]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except Exception as exc:  # pydantic ValidationError: bad RECSYS_PS_* values
-        _fail(f"invalid settings: {exc}", 2)
-        raise
 
 
 def _local_port(url: str) -> int:
@@ -64,7 +51,7 @@ def up() -> None:
     """Start the shards and replicas of the settings on 127.0.0.1, and a replicator per replica."""
     from recsys import services
 
-    s = _settings()
+    s = load_settings()
     try:
         for name, url in _servers(s):
             port = _local_port(url)
@@ -79,7 +66,7 @@ def up() -> None:
             cmd = [sys.executable, "-m", "paramserver.cli", "replicate", "--replica", spec]
             services._spawn(s.run_dir, name, cmd, 0, f"replicate --replica {spec}")  # noqa: SLF001
     except (services.ServiceError, typer.BadParameter) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_status(s)
 
 
@@ -88,7 +75,7 @@ def down() -> None:
     """Stop the shards, replicas and replicators that `recsys ps up` started."""
     from recsys import services
 
-    s = _settings()
+    s = load_settings()
     entries = [e for e in services.status(s.run_dir) if e.name.startswith("ps-")]
     # replicators first, so none of them logs errors about servers going away
     for entry in sorted(entries, key=lambda e: not e.name.startswith("ps-replicator")):
@@ -103,7 +90,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
 ) -> None:
     """Shards (applied version, memory, keys), the committed version, and each replica's version and lag."""
-    _print_status(_settings(), as_json)
+    _print_status(load_settings(), as_json)
 
 
 def collect_status(s: Settings) -> dict:
@@ -161,7 +148,7 @@ def replicate(
     from paramserver.rows import ParamServerError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    s = _settings()
+    s = load_settings()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.is_set():
@@ -192,13 +179,13 @@ def snapshot(path: Annotated[Path, typer.Argument(help="snapshot folder (increme
     from paramserver.redis_store import RedisStore
     from paramserver.rows import ParamServerError
 
-    s = _settings()
+    s = load_settings()
     try:
         with RedisStore(s.ps_shards, [], namespace=s.ps_namespace, timeout=s.ps_timeout_s) as store:
             started = time.perf_counter()
             info = store.snapshot(path)
     except (ParamServerError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"{info.kind} snapshot at version {info.version} into {info.path}: {info.rows} rows "
               f"in {time.perf_counter() - started:.2f}s")
 
@@ -211,14 +198,14 @@ def restore(path: Annotated[Path, typer.Argument(exists=True, file_okay=False, h
     from paramserver.redis_store import RedisStore
     from paramserver.rows import ParamServerError, TableConfig
 
-    s = _settings()
+    s = load_settings()
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         tables = [TableConfig(**cfg) for cfg in manifest["tables"].values()]
         with RedisStore(s.ps_shards, tables, namespace=s.ps_namespace, timeout=s.ps_timeout_s) as store:
             version = store.restore(path)
     except (ParamServerError, OSError, ValueError, KeyError, TypeError) as exc:
-        _fail(f"cannot restore {path}: {exc}")
+        fail(f"cannot restore {path}: {exc}")
     out.print(f"restored version {version} from {path}")
 
 

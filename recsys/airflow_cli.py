@@ -6,19 +6,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.settings import Settings, get_settings
+from recsys.cli_support import console, load_settings
 
 app = typer.Typer(no_args_is_help=True)
-console = Console(stderr=True)
 out = Console()
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except Exception as exc:  # pydantic ValidationError: a bad RECSYS_* variable
-        console.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command("up")
@@ -26,7 +17,7 @@ def up() -> None:
     """Start api-server (UI), dag-processor, triggerer and scheduler on 127.0.0.1; harmless when running."""
     from recsys import airflow_local, services
 
-    s = _settings()
+    s = load_settings()
     console.print(f"starting Airflow (home {airflow_local.layout(s).home}); this takes 20-60 s ...")
     try:
         result = airflow_local.up(s)
@@ -46,7 +37,7 @@ def down() -> None:
     """Stop the Airflow services that `recsys airflow up` started."""
     from recsys import airflow_local
 
-    for component, stopped in airflow_local.down(_settings()):
+    for component, stopped in airflow_local.down(load_settings()):
         console.print(f"airflow {component}: {'stopped' if stopped else 'was not running'}")
 
 
@@ -55,7 +46,7 @@ def status() -> None:
     """Show the Airflow services, their PIDs and health as the api-server reports it."""
     from recsys import airflow_local
 
-    s = _settings()
+    s = load_settings()
     entries, report = airflow_local.status(s)
     table = Table("service", "pid", "process", "health", "log")
     keys = {"api-server": "metadatabase", **airflow_local.HEALTH_KEYS}

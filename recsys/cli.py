@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.settings import Settings, get_settings
+from recsys.cli_support import console, fail, load_settings
+from recsys.settings import Settings
 
-console = Console(stderr=True)
 out = Console()
 
 app = typer.Typer(
@@ -33,19 +33,6 @@ services_app = typer.Typer(help="Start, stop and inspect the local Kafka and Red
 events_app = typer.Typer(help="Inspect the event topics.", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 app.add_typer(events_app, name="events")
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except Exception as exc:  # pydantic ValidationError: a bad RECSYS_* variable
-        console.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
 
 
 def _all_topics(settings: Settings) -> dict[str, int]:
@@ -65,7 +52,7 @@ def services_up(
     from recsys import services
     from recsys.kafka import ensure_topics
 
-    s = _settings()
+    s = load_settings()
     try:
         if kafka:
             console.print(f"kafka {s.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.kafka_port} ...")
@@ -77,7 +64,7 @@ def services_up(
         if redis:
             services.start_redis(s.run_dir, s.redis_port, timeout=s.service_start_timeout_s)
     except services.ServiceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_status(s)
 
 
@@ -86,7 +73,7 @@ def services_down() -> None:
     """Stop every service this project started under the run directory."""
     from recsys import services
 
-    s = _settings()
+    s = load_settings()
     for entry in services.status(s.run_dir):
         stopped = services.stop(s.run_dir, entry.name)
         console.print(f"{entry.name}: {'stopped' if stopped else 'was not running'}")
@@ -95,7 +82,7 @@ def services_down() -> None:
 @services_app.command("status")
 def services_status() -> None:
     """Show the services started from this run directory and whether they run."""
-    _print_status(_settings())
+    _print_status(load_settings())
 
 
 def _print_status(s: Settings) -> None:
@@ -119,11 +106,11 @@ def topics() -> None:
     """Create the project's topics (events, samples, dead letters, late clicks) if missing."""
     from recsys.kafka import KafkaUnavailable, ensure_topics
 
-    s = _settings()
+    s = load_settings()
     try:
         created = asyncio.run(ensure_topics(s.kafka_bootstrap, _all_topics(s)))
     except KafkaUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"created: {', '.join(created) or 'none (all exist)'}")
 
 
@@ -135,7 +122,7 @@ def events_summary(
     from feature_repo.contract import InvalidEvent, parse_event
     from recsys.kafka import KafkaUnavailable, read_topic
 
-    s = _settings()
+    s = load_settings()
     name = topic or s.topic_events
     counts: Counter[str] = Counter()
 
@@ -151,7 +138,7 @@ def events_summary(
     try:
         asyncio.run(run())
     except KafkaUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     table = Table("kind", "records", title=f"{name}: {sum(counts.values())} records")
     for kind, count in sorted(counts.items()):
         table.add_row(kind, str(count))
@@ -183,12 +170,12 @@ def simulate(
     from recsys.publish import publish, write_jsonl
     from recsys.simulator import SimConfig, Simulation
 
-    s = _settings()
+    s = load_settings()
     try:
         config = SimConfig(users=users, items=items, requests=requests, slate_size=slate_size, seed=seed,
                            start_time=start_time, requests_per_second=requests_per_second, bad_fraction=bad_fraction)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     sim = Simulation(config)
     estimated = users + items + requests * slate_size
     started = time.perf_counter()
@@ -200,7 +187,7 @@ def simulate(
             result = asyncio.run(publish(sim.records(), s.kafka_bootstrap, topic or s.topic_events, rate=rate,
                                          total=estimated, show_progress=sys.stderr.isatty()))
         except KafkaUnavailable as exc:
-            _fail(str(exc))
+            fail(str(exc))
         console.print(f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s)")
     if truth_file is not None:
         with open(truth_file, "wb") as handle:
@@ -231,12 +218,12 @@ def replay(
     from recsys.kafka import KafkaUnavailable
     from recsys.publish import publish, read_jsonl, rebase
 
-    s = _settings()
+    s = load_settings()
     if dataset is not None or file is None:
         from recsys.movielens import replay_command
 
         if file is not None or dataset is None or rate > 0 or not rebase_time:
-            _fail("give either FILE or --dataset; with --dataset, pace with --speedup (not --rate/--no-rebase)", 2)
+            fail("give either FILE or --dataset; with --dataset, pace with --speedup (not --rate/--no-rebase)", 2)
         raise typer.Exit(replay_command(dataset, s.kafka_bootstrap, topic or s.topic_events, s.cache_dir,
                                         s.max_event_age_s, speedup, pace, limit))
     errors: list[str] = []
@@ -247,7 +234,7 @@ def replay(
         result = asyncio.run(publish(records, s.kafka_bootstrap, topic or s.topic_events, rate=rate,
                                      show_progress=sys.stderr.isatty()))
     except KafkaUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for error in errors[:20]:
         console.print(f"[yellow]skipped[/yellow] {error}")
     if len(errors) > 20:

@@ -13,17 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from recsys.cli_support import load_settings
+
 app = typer.Typer(no_args_is_help=True)
-
-
-def _settings():
-    from recsys.settings import get_settings
-
-    try:
-        return get_settings()
-    except Exception as exc:  # a bad RECSYS_* variable
-        typer.echo(f"invalid configuration: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("worker")
@@ -36,7 +28,7 @@ def worker(
     from recsys.kafka import KafkaUnavailable, ensure_topics
     from streaming import logs
 
-    s = _settings()
+    s = load_settings()
     if loglevel not in {"debug", "info", "warning", "error", "critical"}:
         typer.echo(f"unknown log level {loglevel!r}", err=True)
         raise typer.Exit(2)
@@ -79,7 +71,7 @@ def feast_apply() -> None:
     """Register the Feast definitions (entities, push sources, feature views) in the configured store."""
     from feature_repo import store as fs
 
-    s = _settings()
+    s = load_settings()
     os.environ.setdefault("RECSYS_FEAST_DATA_DIR", str(s.feast_data_dir))
     fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=True)
     typer.echo(f"applied feature views user_features, item_features to {s.feast_data_dir} "
@@ -97,7 +89,7 @@ def features(
     if not users and not items:
         typer.echo("give at least one --user or --item", err=True)
         raise typer.Exit(2)
-    s = _settings()
+    s = load_settings()
     store = fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=False)
     out = {}
     for entity, ids in (("user", users or []), ("item", items or [])):

@@ -19,19 +19,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from recsys.cli_support import console, fail
+
 app = typer.Typer(invoke_without_command=True, add_completion=False)
-console = Console(stderr=True)
 out = Console()
 
 # settings fields the options below override in the ranks' environment
 _OVERRIDES = {"ranks": "RECSYS_TRAIN_RANKS", "epochs": "RECSYS_TRAIN_EPOCHS",
               "batch_size": "RECSYS_TRAIN_BATCH_SIZE", "backend": "RECSYS_TRAIN_BACKEND",
               "topic": "RECSYS_TOPIC_SAMPLES"}
-
-
-def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def preflight(settings: Any) -> None:
@@ -118,11 +114,11 @@ def train(
     fields = {"ranks": "train_ranks", "epochs": "train_epochs", "batch_size": "train_batch_size",
               "backend": "train_backend", "topic": "topic_samples"}
     if topic is not None and not re.match(r"^[A-Za-z0-9._-]{1,249}$", topic):
-        _fail(f"invalid topic name {topic!r}: use 1-249 characters of [A-Za-z0-9._-]", 2)
+        fail(f"invalid topic name {topic!r}: use 1-249 characters of [A-Za-z0-9._-]", 2)
     try:
         settings = Settings(**{fields[name]: value for name, value in overrides.items()})
     except ValidationError as exc:
-        _fail(f"invalid configuration: {exc}", 2)
+        fail(f"invalid configuration: {exc}", 2)
     # the ranks read their settings from the environment: hand them the overrides there
     env = dict(os.environ)
     env.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
@@ -130,11 +126,11 @@ def train(
         try:
             preflight(settings)
         except RuntimeError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
     code, outcome, _ = launch(settings.train_ranks, env, truth)
     if outcome is None:
-        _fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
+        fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
               "dies before its push leaves the parameter service and the recorded offsets unchanged: rerun it to "
               "train the same window.")
     if as_json:
