@@ -162,7 +162,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
 class TableKV:
     """A Faust table as the processor's KV: reads from its store, writes with an explicit changelog partition.
 
-    Changelog records are queued here and sent by ``StreamWorker.send`` with the batch's other
+    Changelog records are queued here and sent by ``StreamWorker.submit`` with the batch's other
     outputs, all awaited before the batch is acknowledged: Faust's own per-write ``send_soon``
     buffer drains one record at a time and held the worker under 1k events/s.
     """
@@ -353,7 +353,8 @@ class FeatureWriter:
 
 
 class StreamWorker:
-    """Glue between Faust and the processor: batches in, sends and feature writes out, one batch at a time."""
+    """Glue between Faust and the processor: batches in (processed one after another), outputs and feature
+    writes handed on; ``BatchConsumer`` acknowledges a batch once its returned future completes."""
 
     def __init__(self, app: faust.App, settings: Settings, tables: dict[str, Any]) -> None:
         self.app = app
