@@ -35,19 +35,28 @@ async def _start(client, bootstrap: str, close) -> None:
         raise unreachable(bootstrap, exc) from exc
 
 
-async def ensure_topics(bootstrap: str, topics: dict[str, int], replication: int = 1) -> list[str]:
-    """Create the topics that do not exist yet (name -> partitions); returns the names created."""
+async def ensure_topics(bootstrap: str, topics: dict[str, int], replication: int = 1,
+                        configs: dict[str, dict[str, str]] | None = None, wait_s: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet (name -> partitions, optional per-topic configs);
+    return the names created once the broker lists every wanted topic (at most ``wait_s``)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await _start(admin, bootstrap, admin.close)
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(name, partitions, replication) for name, partitions in topics.items() if name not in existing]
+        wanted = [NewTopic(name, partitions, replication, topic_configs=(configs or {}).get(name, {}))
+                  for name, partitions in topics.items() if name not in existing]
         if not wanted:
             return []
         try:
             await admin.create_topics(wanted)
         except TopicAlreadyExistsError:
             pass  # a concurrent creator won; the topic is there, which is all we need
+        # a client that subscribes right after creation may otherwise not find the topic in its metadata
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while not set(topics) <= set(await admin.list_topics()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
         return [topic.name for topic in wanted]
     finally:
         await admin.close()

@@ -33,19 +33,6 @@ def worker(
         typer.echo(f"unknown log level {loglevel!r}", err=True)
         raise typer.Exit(2)
     logs.configure(s.stream_log_level)
-    if create_topics:
-        try:
-            asyncio.run(ensure_topics(s.kafka_bootstrap, {name: s.topic_partitions for name in (
-                s.topic_events, s.topic_samples, s.topic_deadletter, s.topic_late)}))
-        except KafkaUnavailable as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-    # Faust, Feast and torch leave millions of long-lived objects; the cyclic GC traversed them
-    # again and again while the tables grew (~30% of the worker's CPU). Freeze what exists now and
-    # collect the young generation less often: table entries are plain dicts and lists, no cycles.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 20)
     if s.stream_metrics_port:
         from prometheus_client import start_http_server
 
@@ -55,12 +42,31 @@ def worker(
     from streaming.app import app as faust_app
     from streaming.app import worker as stream_worker
 
+    if create_topics:
+        topics = {name: s.topic_partitions for name in (s.topic_events, s.topic_samples, s.topic_deadletter,
+                                                        s.topic_late)}
+        # the tables' changelogs too, compacted as Faust makes them: when Faust created them itself on a
+        # fresh broker, its consumer sometimes did not find the new `items` changelog in its metadata,
+        # ignored it, and the GlobalTable's recovery then never finished (the worker never read a record)
+        changelogs = {table.changelog_topic.get_topic_name(): s.topic_partitions for table in faust_app.tables.values()}
+        try:
+            asyncio.run(ensure_topics(s.kafka_bootstrap, {**topics, **changelogs},
+                                      configs={name: {"cleanup.policy": "compact"} for name in changelogs}))
+        except KafkaUnavailable as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
     try:
         stream_worker.features.open_now()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
         typer.echo(f"error: cannot open the feature store ({s.feast_online_store} online store, "
                    f"{s.feast_data_dir}): {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
+    # Faust, Feast and torch leave millions of long-lived objects; the cyclic GC traversed them
+    # again and again while the tables grew (~30% of the worker's CPU). Freeze what exists now and
+    # collect the young generation less often: table entries are plain dicts and lists, no cycles.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
     # Faust's worker owns the event loop and signal handling from here on
     Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()

@@ -280,6 +280,28 @@ def test_late_clicks_and_client_retries(make_setup):
     assert dict(late.headers)["sample_id"] == sample_id("r1", "b").encode()
     assert orjson.loads(late.value)["event_id"] == "c2"
     assert setup.count(setup.samples) == 3  # the retried impression and click made nothing twice
+    # the worker created its tables' changelogs itself before Faust started, compacted as Faust would
+    policies = asyncio.run(cleanup_policies(setup.bootstrap, [
+        f"stream-test-{setup.tag}-{table}-changelog" for table in ("dedup", "joins", "users", "items")]))
+    assert set(policies.values()) == {"compact"}, policies
+
+
+async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+        policies = {}
+        for response in responses:
+            for resource in response.resources:
+                name, entries = resource[3], resource[4]
+                policies[name] = next(entry[1] for entry in entries if entry[0] == "cleanup.policy")
+        return policies
+    finally:
+        await admin.close()
 
 
 @pytest.mark.slow
