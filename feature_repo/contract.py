@@ -187,12 +187,12 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024, max_future_skew_s: fl
     if len(raw) > max_bytes:
         raise InvalidEvent(RejectReason.OVERSIZED, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent(RejectReason.NOT_UTF8, f"not valid UTF-8 at byte {exc.start}") from None
-    try:
-        data = orjson.loads(text)
+        data = orjson.loads(raw)  # checks UTF-8 too; the failure is told apart below
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as not_utf8:
+            raise InvalidEvent(RejectReason.NOT_UTF8, f"not valid UTF-8 at byte {not_utf8.start}") from None
         raise InvalidEvent(RejectReason.BAD_JSON, f"invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(data).__name__}")

@@ -183,7 +183,9 @@ class TableKV:
         return data
 
     def get(self, key: str) -> Any:
-        return self._data.get(key)
+        get = self._data.get
+        self.get = get  # type: ignore[method-assign]  # later lookups go straight to the dict (hot path)
+        return get(key)
 
     def put(self, partition: int, key: str, value: Any) -> None:
         self._data[key] = value
@@ -369,6 +371,7 @@ class StreamWorker:
         self.lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[tuple[str, bytes], int] = {}
+        self._changelog_handed: asyncio.Future | None = None  # the last submit's changelog, once handed over
         # True from the end of table recovery (on_rebalance_complete) to the next rebalance: only then do
         # the tables hold every restored record of the assigned partitions
         self.ready = False
@@ -394,11 +397,9 @@ class StreamWorker:
     async def tick(self) -> None:
         quiet = await self._quiet_partitions()
         async with self.lock:
-            out: list[Outgoing] = []
             for partition, position in quiet:
-                out += self.processor.take_quiet_partition(partition, position)
-            out += self.processor.advance_idle()
-            sent = await self.submit(out)
+                self.processor.take_quiet_partition(partition, position)
+            sent = await self.submit(self.processor.advance_idle())
         await sent
 
     async def _quiet_partitions(self) -> list[tuple[int, int]]:
@@ -428,11 +429,13 @@ class StreamWorker:
         return quiet
 
     async def submit(self, out: list[Outgoing]) -> asyncio.Future:
-        """Hand the outputs and the queued changelog records to the producer, in record batches per partition.
+        """Hand the outputs to the producer now, and the queued changelog records once Kafka acknowledged them.
 
-        Returns a future that completes once Kafka acknowledged all of them. One aiokafka
-        ``send`` per record cost ~30 us and a future each; a record batch per partition costs
-        a few us a record.
+        Returns a future that completes once Kafka acknowledged both. The order is what lets a
+        restored worker trust its tables: a changelog record saying an impression is resolved
+        is written only after its sample is durable, so recovery never has to re-emit samples
+        (or keep them in the table to do so). Changelog records of successive submits are handed
+        over in submit order, so a key's older value never lands after a newer one.
         """
         changelog = list(self.changelog.items())
         self.changelog.clear()
@@ -440,16 +443,42 @@ class StreamWorker:
             return _done()
         producer = self.app.producer._ensure_producer()  # aiokafka's producer, started by Faust
         by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list]]] = {}
+        counts: dict[str, int] = {}
+        partitions = self._partitions
+        for message in out:
+            topic = self.topics[message.kind]
+            counts[message.kind] = counts.get(message.kind, 0) + 1
+            partition = partitions.get((topic, message.key))
+            if partition is None:
+                partition = await self._partition_for(producer, topic, message.key)
+            by_partition.setdefault((topic, partition), []).append((message.key, message.value, list(message.headers)))
+        outputs_acked = await self._send(producer, by_partition)
+        for kind, count in counts.items():
+            metrics.RECORDS_OUT.labels(kind).inc(count)
+        handed = asyncio.ensure_future(
+            self._send_changelog(producer, changelog, outputs_acked, self._changelog_handed))
+        self._changelog_handed = handed
+        return asyncio.ensure_future(_acked(handed))
+
+    async def _send_changelog(self, producer: Any, changelog: list[tuple[tuple[str, str], tuple[int, Any]]],
+                              outputs_acked: asyncio.Future, previous: asyncio.Future | None) -> asyncio.Future:
+        """Once ``outputs_acked`` and the previous submit's changelog was handed over: hand these; their acks."""
+        await outputs_acked
+        if previous is not None:
+            await previous
+        by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list]]] = {}
         dumps = orjson.dumps
         for (topic, key), (partition, value) in changelog:
             by_partition.setdefault((topic, partition), []).append(
                 (dumps(key), None if value is None else dumps(value), []))
-        counts: dict[str, int] = {}
-        for message in out:
-            topic = self.topics[message.kind]
-            counts[message.kind] = counts.get(message.kind, 0) + 1
-            partition = await self._partition_for(producer, topic, message.key)
-            by_partition.setdefault((topic, partition), []).append((message.key, message.value, list(message.headers)))
+        metrics.RECORDS_OUT.labels("changelog").inc(len(changelog))
+        return await self._send(producer, by_partition)
+
+    @staticmethod
+    async def _send(producer: Any, by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list]]]
+                    ) -> asyncio.Future:
+        """Append the records to aiokafka record batches per partition (a few us a record, against ~30 us
+        and a future per ``producer.send``); a future of Kafka's acknowledgement of all of them."""
         futures = []
         for (topic, partition), records in by_partition.items():
             batch = producer.create_batch()
@@ -459,10 +488,7 @@ class StreamWorker:
                     batch = producer.create_batch()
                     batch.append(timestamp=None, key=key, value=value, headers=headers)
             futures.append(await producer.send_batch(batch, topic, partition=partition))
-        for kind, count in counts.items():
-            metrics.RECORDS_OUT.labels(kind).inc(count)
-        metrics.RECORDS_OUT.labels("changelog").inc(len(changelog))
-        return asyncio.gather(*futures)
+        return asyncio.gather(*futures) if futures else _done()
 
     async def _partition_for(self, producer: Any, topic: str, key: bytes | None) -> int:
         """The partition Kafka's default partitioner gives ``key`` (murmur2), as ``producer.send`` would."""
@@ -480,6 +506,10 @@ class StreamWorker:
                 self._partitions.clear()
             self._partitions[(topic, key)] = partition
         return partition
+
+
+async def _acked(handed: Awaitable[asyncio.Future]) -> None:
+    await (await handed)
 
 
 def _done() -> asyncio.Future:

@@ -10,7 +10,6 @@ RECORDS_OUT = Counter("recsys_stream_records_out_total", "records written, by de
 DEADLETTERED = Counter("recsys_stream_deadlettered_total", "records sent to the dead-letter topic", ["reason"])
 DUPLICATES = Counter("recsys_stream_duplicates_dropped_total", "client retries dropped by event id", ["event_type"])
 SAMPLES = Counter("recsys_stream_samples_total", "labelled samples emitted (first emission)", ["label"])
-REEMITTED = Counter("recsys_stream_samples_reemitted_total", "samples re-emitted after taking over a partition")
 LATE_CLICKS = Counter("recsys_stream_late_clicks_total", "clicks routed to the late topic", ["reason"])
 OPEN_IMPRESSIONS = Gauge("recsys_stream_open_impressions", "impressions waiting for a click")
 STALE_PROFILES = Counter("recsys_stream_stale_profiles_total", "profiles older than the one already known")

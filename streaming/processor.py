@@ -20,9 +20,12 @@ partially durable):
   restored ahead of them); a click joins only while the watermark before it has not passed
   the impression's deadline, and expiry runs after every batch, before its offsets can be
   committed, so a window decision taken before the commit is in the restored state;
-* on taking a partition, the worker re-emits the samples of impressions already resolved
-  in the restored state (their emission may not have reached Kafka); resolved entries are
-  kept ``resolved_retention_s`` of wall time for this, far longer than a commit interval.
+* the app writes a batch's changelog records only after Kafka acknowledged the batch's
+  samples (``StreamWorker.submit``), so a restored entry that says "resolved" always had its
+  sample durable; a crash between the two leaves the entry open and the record that resolved
+  it uncommitted, so it is resolved again on re-delivery (same id, same label). Resolved
+  entries are therefore small (status and times) and are kept ``resolved_retention_s`` of
+  wall time only to tell late clicks and impression retries apart.
 
 The one input that is not replayed identically is wall time: a partition that holds open
 impressions, has been read to its end and has been idle for ``idle_advance_s`` advances its
@@ -38,9 +41,9 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -108,14 +111,18 @@ class RawRecord:
     timestamp_ms: int | None = None
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    """A record for Kafka: ``kind`` is samples, deadletter or late."""
+class Outgoing(NamedTuple):
+    """A record for Kafka: ``kind`` is samples, deadletter or late (a tuple: ~3x cheaper to build than a dataclass)."""
 
     kind: str
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+
+
+# most event ids per de-duplication chunk (one changelog record): ids are <= 256 chars, so a chunk stays
+# far below Kafka's 1 MB record limit
+DEDUP_CHUNK_IDS = 1000
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,9 @@ class _PartitionState:
     next_offset: int = -1  # offset after the last record handled
     open_heap: list[tuple[float, str]] = field(default_factory=list)  # (deadline, sample id)
     resolved_heap: list[tuple[float, str]] = field(default_factory=list)  # (resolved wall time, sample id)
-    dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (event time, event id)
+    dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (newest event time, chunk key)
+    chunk: dict[str, Any] | None = None  # the event ids first seen in the current batch, not yet in the table
+    chunk_key: str = ""
 
 
 def encoded_to_state(entity: EncodedEntity, ts: float) -> dict[str, Any]:
@@ -171,6 +180,11 @@ class Processor:
         # caught-up partition counts as idle: a busy or restarting worker must not close windows early.
         self.caught_up = caught_up
         self.dedup, self.joins, self.users, self.items = dedup, joins, users, items
+        # event id -> (partition, offset) where it was first seen; rebuilt from the ``dedup`` table, which holds
+        # chunks of ids (one changelog record per batch and partition rather than one per event)
+        self.seen: dict[str, tuple[int, int]] = {}
+        self._unknown_users: dict[str, dict[str, Any]] = {}
+        self._unknown_items: dict[str, dict[str, Any]] = {}
         self.wall = wall
         self.partitions: dict[int, _PartitionState] = {}
         # per-batch counts, added to the Prometheus metrics once per batch (per-event .inc() took ~30% of the CPU)
@@ -178,70 +192,76 @@ class Processor:
 
     # ------------------------------------------------------------------ partitions
 
-    def _partition(self, p: int, out: list[Outgoing]) -> _PartitionState:
-        state = self.partitions.get(p)
-        if state is None:
-            state = self.partitions[p] = self._take_partition(p, out)
-        return state
-
-    def _take_partition(self, p: int, out: list[Outgoing]) -> _PartitionState:
-        """Rebuild the in-memory indexes of a partition from its restored tables; re-emit resolved samples."""
-        state = _PartitionState(anchor_wall=self.wall(), last_arrival_wall=self.wall())
-        reemitted = 0
+    def _take_partitions(self, partitions: set[int]) -> None:
+        """Rebuild the in-memory indexes of partitions from their restored tables (one pass over the tables)."""
+        now = self.wall()
+        states = {p: _PartitionState(anchor_wall=now, last_arrival_wall=now) for p in partitions}
         for sid, entry in list(self.joins.items()):
-            if entry.get("p") != p:
+            state = states.get(entry.get("p"))
+            if state is None:
                 continue
             if entry["st"] == OPEN:
                 state.open_heap.append((entry["ts"] + self.config.attribution_window_s, sid))
             else:
                 state.resolved_heap.append((entry.get("at", 0.0), sid))
-                out.append(self._sample(sid, entry, 1 if entry["st"] == POSITIVE else 0, count=False))
-                reemitted += 1
-        heapq.heapify(state.open_heap)
-        heapq.heapify(state.resolved_heap)
-        seen = sorted((v[2], k) for k, v in self.dedup.items() if v[0] == p)
-        state.dedup_queue.extend(seen)
-        metrics.REEMITTED.inc(reemitted)
-        metrics.OPEN_IMPRESSIONS.inc(len(state.open_heap))
-        log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
-                                                         "reemitted": reemitted, "dedup_ids": len(seen)}})
-        return state
+        chunks: dict[int, list[tuple[float, str]]] = {p: [] for p in partitions}
+        seen = self.seen
+        for key, chunk in list(self.dedup.items()):
+            p = chunk["p"] if isinstance(chunk, dict) else None  # (records of an older layout are skipped)
+            if p in states:
+                chunks[p].append((chunk["ts"], key))
+                for event_id, offset in zip(chunk["ids"], chunk["off"]):
+                    seen[event_id] = (p, offset)
+        for p, state in states.items():
+            heapq.heapify(state.open_heap)
+            heapq.heapify(state.resolved_heap)
+            state.dedup_queue.extend(sorted(chunks[p]))
+            metrics.OPEN_IMPRESSIONS.inc(len(state.open_heap))
+            log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
+                                                             "resolved": len(state.resolved_heap),
+                                                             "dedup_chunks": len(chunks[p])}})
+        self.partitions.update(states)
 
-    def take_quiet_partition(self, p: int, position: int) -> list[Outgoing]:
+    def take_quiet_partition(self, p: int, position: int) -> None:
         """Take a partition that has nothing left to read (its committed offset is its end).
 
         No record will rebuild its watermark, so it starts from the restored tables: every record
         of the partition was committed, so nothing in them is ahead of the input.
         """
-        out: list[Outgoing] = []
         if p in self.partitions:
-            return out
-        state = self.partitions[p] = self._take_partition(p, out)
+            return
+        self._take_partitions({p})
+        state = self.partitions[p]
         times = [entry["ts"] for _, entry in self.joins.items() if entry.get("p") == p]
-        times += [seen[2] for _, seen in self.dedup.items() if seen[0] == p]
+        times += [chunk["ts"] for _, chunk in self.dedup.items() if isinstance(chunk, dict) and chunk["p"] == p]
         if times:
             state.watermark = max(times)
         state.next_offset = position
         self.flush_metrics()
-        return out
 
     def release_partitions(self, partitions: Iterable[int]) -> None:
         """Forget the in-memory indexes of revoked partitions (another worker now owns them)."""
+        released = set()
         for p in partitions:
             state = self.partitions.pop(p, None)
             if state is not None:
+                released.add(p)
                 metrics.OPEN_IMPRESSIONS.dec(sum(1 for _, sid in state.open_heap
                                                  if (self.joins.get(sid) or {}).get("st") == OPEN))
+        if released:
+            self.seen = {event_id: where for event_id, where in self.seen.items() if where[0] not in released}
 
     # ------------------------------------------------------------------ batches
 
-    def process_batch(self, records: Iterable[Record]) -> BatchResult:
+    def process_batch(self, records: Sequence[Record]) -> BatchResult:
         result = BatchResult()
-        touched: set[int] = set()
+        touched = {record.partition for record in records}
+        if not touched.issubset(self.partitions):
+            self._take_partitions(touched.difference(self.partitions))
+        partitions = self.partitions
         now = self.wall()
         for record in records:
-            state = self._partition(record.partition, result.out)
-            touched.add(record.partition)
+            state = partitions[record.partition]
             state.last_arrival_wall = now
             state.next_offset = record.offset + 1
             try:
@@ -251,7 +271,10 @@ class Processor:
                                                                  "offset": record.offset}})
                 self._deadletter(record, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", result.out)
         for p in touched:
-            self._expire(p, self.partitions[p], result.out, now)
+            state = partitions[p]
+            if state.chunk is not None:
+                self._close_chunk(p, state)
+            self._expire(p, state, result.out, now)
         self.flush_metrics()
         return result
 
@@ -298,15 +321,24 @@ class Processor:
         if event.timestamp > state.watermark:
             state.watermark = event.timestamp
             state.anchor_wall = now
-        seen = self.dedup.get(event.event_id)
+        seen = self.seen.get(event.event_id)
         if seen is not None:
             if seen[0] != p or seen[1] != record.offset:
                 self.tally[("dup", kind)] += 1
                 return
             # same partition and offset: a re-delivery after a crash, processed again (idempotently)
         else:
-            self.dedup.put(p, event.event_id, [p, record.offset, event.timestamp])
-            state.dedup_queue.append((event.timestamp, event.event_id))
+            self.seen[event.event_id] = (p, record.offset)
+            chunk = state.chunk
+            if chunk is None or len(chunk["ids"]) >= DEDUP_CHUNK_IDS:
+                if chunk is not None:
+                    self._close_chunk(p, state)
+                chunk = state.chunk = {"p": p, "ts": event.timestamp, "ids": [], "off": []}
+                state.chunk_key = f"{p}:{record.offset}"
+            chunk["ids"].append(event.event_id)
+            chunk["off"].append(record.offset)
+            if event.timestamp > chunk["ts"]:
+                chunk["ts"] = event.timestamp
         if kind == "impression":
             self._impression(event, p, state)
         elif kind == "click":
@@ -341,10 +373,21 @@ class Processor:
         item = self.items.get(item_id)
         # no profile known (yet): its id feature and the "missing" encoding of the rest, as join_features gives
         if user is None:
-            user = encoded_to_state(encode_user(user_id), 0.0)
+            user = self._unknown(self._unknown_users, user_id, encode_user)
         if item is None:
-            item = encoded_to_state(encode_item(item_id), 0.0)
+            item = self._unknown(self._unknown_items, item_id, encode_item)
         return {**user["sp"], **item["sp"]}, {**user["dn"], **item["dn"]}
+
+    @staticmethod
+    def _unknown(cache: dict[str, dict[str, Any]], entity_id: str,
+                 encode: Callable[[str], EncodedEntity]) -> dict[str, Any]:
+        """The state of an entity without a profile, cached: hashing its id is most of an impression's encoding."""
+        state = cache.get(entity_id)
+        if state is None:
+            if len(cache) >= 100_000:
+                cache.clear()
+            state = cache[entity_id] = encoded_to_state(encode(entity_id), 0.0)
+        return state
 
     # ------------------------------------------------------------------ the joiner
 
@@ -385,23 +428,18 @@ class Processor:
                  now: float) -> Outgoing:
         label = 1 if status == POSITIVE else 0
         sample = self._sample(sid, entry, label)
-        # a resolved entry keeps what later records need (status, times, partition) and the sample as sent,
-        # embedded pre-serialised: the changelog does not serialise the features a second time
-        self.joins.put(p, sid, {"st": status, "p": entry["p"], "ts": entry["ts"], "u": entry["u"], "at": now,
-                                "smp": orjson.Fragment(sample.value)})
+        # what later records need (status, times, partition): the sample itself is durable before this is
+        self.joins.put(p, sid, {"st": status, "p": entry["p"], "ts": entry["ts"], "at": now})
         heapq.heappush(state.resolved_heap, (now, sid))
         self.tally[("open", "")] -= 1
         return sample
 
-    def _sample(self, sid: str, entry: Mapping[str, Any], label: int, count: bool = True) -> Outgoing:
-        """The sample of an open entry, or the one a resolved entry stored (re-emitted as it was sent)."""
-        if count:
-            self.tally[("samples", str(label))] += 1
-            if self.tally[("samples", str(label))] % 16 == 1:  # sampled: a histogram observation costs ~10 us
-                metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
-        stored = entry.get("smp")  # a Fragment in this process, a dict once restored from the changelog
-        value = orjson.dumps(stored) if stored is not None else sample_bytes(sid, entry, label)
-        return Outgoing("samples", entry["u"].encode(), value)
+    def _sample(self, sid: str, entry: Mapping[str, Any], label: int) -> Outgoing:
+        """The sample of an open entry."""
+        self.tally[("samples", str(label))] += 1
+        if self.tally[("samples", str(label))] % 16 == 1:  # sampled: a histogram observation costs ~10 us
+            metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
+        return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))
 
     def _expire(self, p: int, state: _PartitionState, out: list[Outgoing], now: float) -> None:
         heap = state.open_heap
@@ -418,10 +456,24 @@ class Processor:
                 self.joins.delete(p, sid)
         queue = state.dedup_queue
         horizon = state.watermark - self.config.dedup_window_s
+        seen = self.seen
         while queue and queue[0][0] < horizon:
-            _, event_id = queue.popleft()
-            self.dedup.delete(p, event_id)
+            _, key = queue.popleft()
+            chunk = self.dedup.get(key)
+            if chunk is None:
+                continue
+            for event_id, offset in zip(chunk["ids"], chunk["off"]):
+                if seen.get(event_id) == (p, offset):
+                    del seen[event_id]
+            self.dedup.delete(p, key)
         metrics.WATERMARK_LAG.labels(str(p)).set(max(0.0, now - state.watermark) if state.watermark > -math.inf else 0)
+
+    def _close_chunk(self, p: int, state: _PartitionState) -> None:
+        """Write the ids first seen since the last chunk as one ``dedup`` record, keyed by partition and first offset."""
+        chunk = state.chunk
+        self.dedup.put(p, state.chunk_key, chunk)
+        state.dedup_queue.append((chunk["ts"], state.chunk_key))  # type: ignore[index]
+        state.chunk = None
 
     # ------------------------------------------------------------------ side topics
 

@@ -116,11 +116,26 @@ def test_client_retry_is_dropped_but_a_redelivery_of_the_same_offset_is_processe
     retry_again = RawRecord(0, feed.offset, b"u1", retry.value)  # same event id, later offset: a client retry
     result = proc.process_batch([retry, retry_again])
     assert len(samples_of(result.out)) == 1
-    assert proc.dedup["c1"][:2] == [0, retry.offset]
+    assert proc.seen["c1"] == (0, retry.offset)
+    # the table holds the ids in one chunk per batch and partition, keyed by the chunk's first offset
+    assert sorted(proc.dedup) == [f"0:{first.offset}", f"0:{retry.offset}"]
     # after a crash the same record (same offset) comes again: it is not a duplicate
     restored = Processor(proc.config, restored_from_changelog(proc.dedup), DictKV(), DictKV(), DictKV(), wall=proc.wall)
     restored.process_batch([first])
     assert restored.joins[sample_id("r1", "i1")]["st"] == "o"
+    # and the retry is still one (without the restored ids it would join the impression: a second sample)
+    assert restored.process_batch([retry_again]).out == []
+
+
+def test_dedup_chunks_are_capped(monkeypatch):
+    from streaming import processor
+
+    monkeypatch.setattr(processor, "DEDUP_CHUNK_IDS", 2)
+    proc, _ = make()
+    feed = Feed(partition=1)
+    proc.process_batch([feed.event(**impression(f"e{n}", T0, req=f"r{n}")) for n in range(5)])
+    assert {key: chunk["ids"] for key, chunk in proc.dedup.items()} == {
+        "1:0": ["e0", "e1"], "1:2": ["e2", "e3"], "1:4": ["e4"]}
 
 
 def test_click_in_window_is_positive_and_silence_is_negative():
@@ -207,22 +222,33 @@ def test_sample_features_take_the_latest_stream_profiles_at_impression_time():
     validate_encoded(sample.sparse, sample.dense)
 
 
-def test_restart_reemits_resolved_samples_and_keeps_labels():
+def test_a_restart_resolves_again_what_had_not_reached_the_changelog_and_nothing_that_had():
     proc, clock = make()
     feed = Feed()
-    proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
-                        feed.event(**click("c1", T0 + 1, item="i1")),
-                        feed.event(**impression("e3", T0 + 30, req="r2"))])
-    # a new process restores the tables (the emissions may not have reached Kafka) and takes partition 0
-    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins), DictKV(), DictKV(),
-                         wall=clock)
-    out = restored.process_batch([])
-    assert out.out == []  # a partition is taken on its first record
-    out = restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out
-    assert sorted((s.item_id, s.label) for s in samples_of(out)) == [("i1", 1), ("i2", 0)]
+    proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2"))])
+    # the tables as a restarted worker restores them if it crashed after the next batch's samples were
+    # acknowledged but before its changelog records were (the app sends them in that order)
+    dedup_before, joins_before = restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins)
+    second = [feed.event(**click("c1", T0 + 1, item="i1")), feed.event(**impression("e3", T0 + 30, req="r2"))]
+    first_run = samples_of(proc.process_batch(second).out)
+    assert sorted((s.item_id, s.label) for s in first_run) == [("i1", 1), ("i2", 0)]
+    # the resolved entries keep what later records need, not the sample (it is durable before they are)
+    assert set(proc.joins[sample_id("r1", "i1")]) == {"st", "p", "ts", "at"}
+
+    # that batch's offsets were never committed: its records come again and resolve the same way
+    replay = Processor(proc.config, dedup_before, joins_before, DictKV(), DictKV(), wall=clock)
+    again = samples_of(replay.process_batch(second).out)
+    assert sorted((s.sample_id, s.label) for s in again) == sorted((s.sample_id, s.label) for s in first_run)
+
+    # once the changelog holds the resolutions, a restarted worker emits nothing again for them
+    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins),
+                         DictKV(), DictKV(), wall=clock)
+    assert samples_of(restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out) == []
+    late = restored.process_batch([feed.event(**click("c2", T0 + 32, item="i2"))]).out
+    assert [headers_dict(o.headers)["reason"] for o in late if o.kind == "late"] == ["after_negative"]
     # resolved entries are forgotten after their retention (wall time)
     clock.now += 31
-    restored.process_batch([feed.event(**impression("e5", T0 + 32, req="r4"))])
+    restored.process_batch([feed.event(**impression("e5", T0 + 33, req="r4"))])
     assert sample_id("r1", "i1") not in restored.joins
 
 
@@ -231,7 +257,8 @@ def test_dedup_ids_expire_after_the_window():
     feed = Feed()
     proc.process_batch([feed.event(**impression("e1", T0))])
     proc.process_batch([feed.event(**impression("e2", T0 + 61, req="r2"))])
-    assert "e1" not in proc.dedup and "e2" in proc.dedup
+    assert "e1" not in proc.seen and "e2" in proc.seen
+    assert list(proc.dedup) == ["0:1"]  # e1's chunk is gone from the table (a tombstone in its changelog)
 
 
 def test_sample_wire_format_is_the_contract_sample():
@@ -277,7 +304,7 @@ def test_a_partition_not_read_to_its_end_is_not_idle():
     assert [s.label for s in samples_of(proc.advance_idle())] == [0]
 
 
-def test_a_quiet_partition_taken_after_restart_closes_its_windows_and_reemits():
+def test_a_quiet_partition_taken_after_restart_closes_its_windows():
     proc, clock = make()
     feed = Feed()
     proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
@@ -285,8 +312,7 @@ def test_a_quiet_partition_taken_after_restart_closes_its_windows_and_reemits():
     # restart: nothing left to read on partition 0, one impression still waits for its window
     restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins), DictKV(), DictKV(),
                          wall=clock)
-    out = restored.take_quiet_partition(0, feed.offset)
-    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]  # re-emitted
+    restored.take_quiet_partition(0, feed.offset)
     clock.now += 1
     assert samples_of(restored.advance_idle()) == []
     clock.now += WINDOW + 3
@@ -353,3 +379,73 @@ def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_take
     consumer._committed_offset = {p0: 40, p1: 50}  # ...but only p1's records (and empty p2) are done
     quiet = asyncio.run(worker._quiet_partitions())
     assert sorted(quiet) == [(1, 50), (2, 0)]
+
+
+class _FakeProducer:
+    """aiokafka's producer as StreamWorker.submit uses it; each handed batch waits for the test to ack it."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.handed: list[tuple[str, list, object]] = []  # (topic, records, ack future)
+        partitions = {0, 1, 2, 3}
+        self.client = SimpleNamespace(cluster=SimpleNamespace(partitions_for_topic=lambda topic: partitions,
+                                                              available_partitions_for_topic=lambda topic: partitions))
+
+    def create_batch(self):
+        records: list = []
+        return type("Batch", (), {"records": records, "append": lambda _self, **record: records.append(record) or 1})()
+
+    async def send_batch(self, batch, topic, partition):
+        import asyncio
+
+        ack = asyncio.get_running_loop().create_future()
+        self.handed.append((topic, batch.records, ack))
+        return ack
+
+    def topics_handed(self) -> list[str]:
+        return [topic for topic, _, _ in self.handed]
+
+    def ack(self, topic_part: str) -> None:
+        for topic, _, ack in self.handed:
+            if topic_part in topic and not ack.done():
+                ack.set_result(None)
+
+
+def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in_submit_order():
+    """What lets a restored worker trust "resolved" in its tables: the sample was durable first."""
+    import asyncio
+
+    from recsys.settings import Settings
+    from streaming.app import StreamWorker
+    from streaming.processor import Outgoing
+
+    settings = Settings(topic_samples="samples.t")
+    producer = _FakeProducer()
+    app = type("App", (), {"producer": type("P", (), {"_ensure_producer": lambda _self: producer})()})()
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+
+    async def scenario() -> None:
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        worker.changelog[("app-joins-changelog", "s1")] = (0, {"st": "p"})
+        first = await worker.submit([Outgoing("samples", b"u1", b"sample-1")])
+        worker.changelog[("app-joins-changelog", "s1")] = (0, {"st": "n"})  # the same key, newer value
+        second = await worker.submit([Outgoing("samples", b"u2", b"sample-2")])
+        await settle()
+        assert producer.topics_handed() == ["samples.t", "samples.t"]  # no changelog record yet
+        producer.handed[1][2].set_result(None)  # the second batch's sample is acknowledged first...
+        await settle()
+        assert producer.topics_handed() == ["samples.t", "samples.t"]  # ...its changelog waits for the first's
+        producer.handed[0][2].set_result(None)
+        await settle()
+        changelog_values = [r["value"] for topic, records, _ in producer.handed if "changelog" in topic for r in records]
+        assert changelog_values == [b'{"st":"p"}', b'{"st":"n"}']
+        assert not first.done() and not second.done()  # durable only once the changelog is acknowledged too
+        producer.ack("changelog")
+        await settle()
+        assert first.done() and second.done()
+
+    asyncio.run(scenario())
