@@ -328,7 +328,7 @@ def test_stream_features_equal_join_features_in_spec_order_whether_profiles_are_
         proc.users.put(0, "u7", {"ts": T0, "sp": user.sparse, "dn": user.dense})
     if known in ("item", "both"):
         proc.items.put(0, "i9", {"ts": T0, "sp": item.sparse, "dn": item.dense})
-    sparse, dense = proc.features_for("u7", "i9")
+    sparse, dense = (orjson.loads(orjson.dumps(part)) for part in proc.features_for("u7", "i9"))
     expected_sparse, expected_dense = join_features(user if known in ("user", "both") else None,
                                                     item if known in ("item", "both") else None, "u7", "i9")
     assert list(sparse.items()) == list(expected_sparse.items())
