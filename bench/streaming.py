@@ -123,14 +123,24 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeout: float = 240.0) -> float:
+def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path,
+                      timeout: float = 240.0) -> tuple[float, dict[str, float]]:
+    """The worker's raw events/s, and the records it wrote per destination (samples, changelog, ...)."""
     env, port = worker_env(bootstrap, events, tmp, RECSYS_STREAM_ATTRIBUTION_WINDOW_S="2")
     log = tmp / f"worker-{env['RECSYS_STREAM_APP_ID']}.log"
     proc = start_worker(env, log)
     try:
-        return rate_from_counter(proc, port, total, log, timeout)
+        rate = rate_from_counter(proc, port, total, log, timeout)
+        time.sleep(1.0)  # the last batches' changelog records go out once their samples are acknowledged
+        return rate, records_out(port)
     finally:
         stop_worker(proc)
+
+
+def records_out(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return {match.group(1): float(match.group(2)) for match in
+            re.finditer(r'^recsys_stream_records_out_total{destination="([^"]+)"} ([0-9.e+-]+)$', text, re.M)}
 
 
 def rate_from_counter(proc: subprocess.Popen, port: int, total: int, log: Path, timeout: float) -> float:
@@ -339,10 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         base, work, noop = [], [], []
         for repeat in range(0 if args.skip_throughput else args.repeats):
             base.append(asyncio.run(passthrough(bootstrap, events, len(records))))
-            work.append(worker_throughput(bootstrap, events, len(records), tmp))
+            rate, written = worker_throughput(bootstrap, events, len(records), tmp)
+            work.append(rate)
             noop.append(noop_throughput(bootstrap, events, len(records), tmp))
             print(f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s, "
                   f"Faust no-op reader {noop[-1]:,.0f} ev/s", flush=True)
+            if repeat == 0:
+                print("  records written per raw event: " + ", ".join(
+                    f"{destination} {count / len(records):.2f}" for destination, count in sorted(written.items())),
+                    flush=True)
         if not args.skip_throughput:
             w, b, f = statistics.median(work), statistics.median(base), statistics.median(noop)
             print(f"throughput (median of {args.repeats}): worker {w:,.0f} raw events/s; "

@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     stream_attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
     stream_dedup_window_s: float = Field(3600.0, gt=0, description="event time an event id is remembered for "
                                          "de-duplicating client retries")
-    stream_resolved_retention_s: float = Field(60.0, gt=0, description="wall time a joined impression is kept after "
-                                               "its sample went out (re-emitted after a crash, see README)")
+    stream_resolved_retention_s: float = Field(60.0, gt=0, description="wall time a resolved impression's status is "
+                                               "kept, to tell late clicks and impression retries apart")
     stream_idle_advance_s: float = Field(5.0, gt=0, description="a partition idle this long (wall time) advances its "
                                          "event-time watermark with the wall clock, so windows close on a quiet stream")
     stream_batch_size: int = Field(2000, ge=1, le=100_000, description="most records the worker handles per batch "

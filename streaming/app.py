@@ -15,7 +15,7 @@ take the per-record path), and offset commits from acknowledged offsets.
 ``Processor`` does the work; state lives in four Faust tables changelogged to Kafka
 (``<app id>-<table>-changelog``):
 
-* ``dedup``  event id -> [partition, offset, event time]   (client-retry de-duplication)
+* ``dedup``  "partition:first offset" -> event ids first seen in one batch (client-retry de-duplication)
 * ``joins``  sample id -> impression and its join status     (the attribution window)
 * ``users``  user id -> latest encoded user features         (co-partitioned with the events)
 * ``items``  item id -> latest encoded item features         (a GlobalTable: items are keyed
