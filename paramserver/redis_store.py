@@ -143,6 +143,14 @@ class _Raw:
                 if isinstance(reply, hiredis.ReplyError):
                     raise ShardUnavailable(f"shard {self.url}: {reply}")
 
+    def _send(self, payload: bytes) -> socket.socket:
+        """Send ``payload`` on the connection, opening it first if needed (the caller holds the lock)."""
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
+        self._sock.sendall(payload)
+        return self._sock
+
     def _exchange(self, payload: bytes, count: int) -> list:
         assert self._sock is not None
         self._sock.sendall(payload)
@@ -171,11 +179,7 @@ class _Raw:
         stride = len(head) + row_bytes + 2
         with self.lock:
             try:
-                if self._sock is None:
-                    self._connect()
-                sock = self._sock
-                assert sock is not None
-                sock.sendall(payload)
+                sock = self._send(payload)
                 buf = bytearray(n * stride + 512)
                 view = memoryview(buf)
                 filled = 0
@@ -261,11 +265,7 @@ class _Raw:
         """
         with self.lock:
             try:
-                if self._sock is None:
-                    self._connect()
-                sock = self._sock
-                assert sock is not None
-                sock.sendall(payload)
+                sock = self._send(payload)
                 buf = bytearray()
                 seen = 0
                 while seen < lines:
