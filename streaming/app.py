@@ -44,11 +44,31 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
 from feature_repo.spec import EncodedEntity
+from recsys.kafka import ensure_topics
 from recsys.settings import Settings, get_settings
 from streaming import metrics
 from streaming.processor import BatchResult, Outgoing, Processor, ProcessorConfig
 
 log = logging.getLogger("streaming.app")
+
+
+class StreamApp(faust.App):
+    """Faust's App that creates its tables' changelog topics before its consumer and tables start.
+
+    When Faust created them itself on a fresh broker, its consumer sometimes did not find the
+    new ``items`` changelog in its metadata, ignored it, and the GlobalTable's recovery never
+    finished: the worker never read a record. Created here (compacted, as Faust makes them, and
+    listed by the broker before going on), both ``recsys stream worker`` and
+    ``faust -A streaming.app worker`` get them.
+    """
+
+    kafka_bootstrap: str = ""
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        changelogs = {table.changelog_topic.get_topic_name(): table.partitions for table in self.tables.values()}
+        await ensure_topics(self.kafka_bootstrap, changelogs,
+                            configs={name: {"cleanup.policy": "compact"} for name in changelogs})
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -523,7 +543,7 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
     brokers = ";".join(f"kafka://{server.strip()}" for server in s.kafka_bootstrap.split(","))
     folder = data_dir(s)
     folder.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = StreamApp(
         s.stream_app_id, broker=brokers, store="memory://", datadir=str(folder),
         processing_guarantee="at_least_once", topic_partitions=s.topic_partitions, topic_replication_factor=1,
         table_standby_replicas=0, broker_commit_interval=s.stream_commit_interval_s,
@@ -534,6 +554,7 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
         stream_wait_empty=False, web_enabled=False, worker_redirect_stdouts=False, autodiscover=False,
         key_serializer="raw", value_serializer="raw",
     )
+    app.kafka_bootstrap = s.kafka_bootstrap
     events = app.topic(s.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.topic_partitions)
     table_options = {"partitions": s.topic_partitions,
                      "schema": faust.Schema(key_serializer="json", value_serializer="json")}

@@ -45,13 +45,8 @@ def worker(
     if create_topics:
         topics = {name: s.topic_partitions for name in (s.topic_events, s.topic_samples, s.topic_deadletter,
                                                         s.topic_late)}
-        # the tables' changelogs too, compacted as Faust makes them: when Faust created them itself on a
-        # fresh broker, its consumer sometimes did not find the new `items` changelog in its metadata,
-        # ignored it, and the GlobalTable's recovery then never finished (the worker never read a record)
-        changelogs = {table.changelog_topic.get_topic_name(): s.topic_partitions for table in faust_app.tables.values()}
-        try:
-            asyncio.run(ensure_topics(s.kafka_bootstrap, {**topics, **changelogs},
-                                      configs={name: {"cleanup.policy": "compact"} for name in changelogs}))
+        try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
+            asyncio.run(ensure_topics(s.kafka_bootstrap, topics))
         except KafkaUnavailable as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -37,13 +37,19 @@ BAD_REASON = {"non_utf8": "not_utf8"}  # simulator's name -> contract reason whe
 ALL_WORKERS: list["Worker"] = []  # every worker of the running test, for the failure report
 
 
-class Worker:
-    """One `recsys stream worker` subprocess with its log file."""
+LAUNCHERS = {
+    "recsys": [sys.executable, "-m", "recsys.cli", "stream", "worker"],
+    "faust": [sys.executable, "-m", "faust", "-A", "streaming.app", "worker", "-l", "warn"],  # Faust's own CLI
+}
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+
+class Worker:
+    """One stream worker subprocess (`recsys stream worker` unless told otherwise) with its log file."""
+
+    def __init__(self, env: dict[str, str], log: Path, launcher: str = "recsys") -> None:
         self.log = log
         self.handle = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], env=env,
+        self.proc = subprocess.Popen(LAUNCHERS[launcher], env=env,
                                      cwd=PROJECT_ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         ALL_WORKERS.append(self)
@@ -92,8 +98,8 @@ class Setup:
         asyncio.run(ensure_topics(bootstrap, {t: PARTITIONS for t in (self.events, self.samples, self.deadletter,
                                                                        self.late)}))
 
-    def start_worker(self) -> Worker:
-        worker = Worker(self.env, self.tmp / f"worker-{self.tag}-{len(self.workers)}.log")
+    def start_worker(self, launcher: str = "recsys") -> Worker:
+        worker = Worker(self.env, self.tmp / f"worker-{self.tag}-{len(self.workers)}.log", launcher)
         self.workers.append(worker)
         return worker
 
@@ -254,7 +260,8 @@ def test_stream_makes_labelled_samples_features_and_dead_letters(make_setup, red
     assert list((setup.feast_dir / "offline" / "user").glob("date=*/part-*.parquet"))
 
 
-def test_late_clicks_and_client_retries(make_setup):
+@pytest.mark.parametrize("launcher", ["recsys", "faust"])
+def test_late_clicks_and_client_retries(make_setup, launcher):
     setup = make_setup()
     now = time.time()
 
@@ -273,7 +280,7 @@ def test_late_clicks_and_client_retries(make_setup):
         event(event_type="click", event_id="c2", timestamp=now - 49, request_id="r1", user_id="u1", item_id="b"),
     ]
     asyncio.run(produce_all(setup.bootstrap, setup.events, records))
-    setup.start_worker()
+    setup.start_worker(launcher)
     setup.wait_for("three samples and a late click",
                    lambda: setup.count(setup.samples) >= 3 and setup.count(setup.late) >= 1, timeout=150)
     samples = samples_by_id(setup.bootstrap, setup.samples)
@@ -284,7 +291,7 @@ def test_late_clicks_and_client_retries(make_setup):
     assert dict(late.headers)["sample_id"] == sample_id("r1", "b").encode()
     assert orjson.loads(late.value)["event_id"] == "c2"
     assert setup.count(setup.samples) == 3  # the retried impression and click made nothing twice
-    # the worker created its tables' changelogs itself before Faust started, compacted as Faust would
+    # the app created its tables' changelogs before its consumer started, compacted as Faust would
     policies = asyncio.run(cleanup_policies(setup.bootstrap, [
         f"stream-test-{setup.tag}-{table}-changelog" for table in ("dedup", "joins", "users", "items")]))
     assert set(policies.values()) == {"compact"}, policies
