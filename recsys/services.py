@@ -122,6 +122,18 @@ def _process_matches(pid: int, marker: str) -> bool:
     return state != "Z"
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None when no such live process: with the PID it names one
+    process, not a later one that got the same PID."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
 def _recorded_alive(run_dir: Path, name: str) -> dict | None:
     record = _read_pid_file(run_dir, name)
     if record and _process_matches(record["pid"], record["marker"]):

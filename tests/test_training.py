@@ -226,3 +226,38 @@ def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -
         assert probs.shape == (len(split.eval),) and ((probs > 0) & (probs < 1)).all()
     finally:
         dist.destroy_process_group()
+
+
+def test_runs_whose_job_process_is_gone_are_marked_killed_by_the_next_job(tmp_path) -> None:
+    """A SIGKILLed job cannot end its MLflow run; the next job on the host closes it (real MLflow store)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from recsys.settings import PROJECT_ROOT
+    from training.tracking import TAG_ABANDONED, TAG_PROCESS, Tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = ("import sys, time; from training.tracking import Tracking; "
+           "print(Tracking(sys.argv[1], 'jobs').start_run('t', {}), flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", job, uri], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
+    try:
+        dead = proc.stdout.readline().decode().strip()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    tracking = Tracking(uri, "jobs")
+    alive = tracking.start_run("t", {})  # this test's own process: still running
+    host = socket.gethostname()
+    reused = tracking.client.create_run(tracking.experiment_id, tags={TAG_PROCESS: f"{host}/{os.getpid()}/1"}).info.run_id
+    elsewhere = tracking.client.create_run(tracking.experiment_id, tags={TAG_PROCESS: "other-host/1/1"}).info.run_id
+    untagged = tracking.client.create_run(tracking.experiment_id).info.run_id
+
+    # the PID of `reused` is alive but belongs to a process started at another time: it is gone too
+    assert sorted(tracking.close_abandoned_runs()) == sorted([dead, reused])
+    status = {run_id: tracking.client.get_run(run_id).info.status for run_id in (dead, reused, alive, elsewhere, untagged)}
+    assert status == {dead: "KILLED", reused: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
+    assert "is gone" in tracking.client.get_run(dead).data.tags[TAG_ABANDONED]
+    assert tracking.close_abandoned_runs() == []

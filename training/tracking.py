@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ TAG_TOPIC = "recsys_topic"
 TAG_COMMITTED = "recsys_committed"
 TAG_OFFSETS = "recsys_offsets_end"
 TAG_PS_VERSION = "recsys_ps_version"
+TAG_PROCESS = "recsys_process"  # host/pid/start ticks of the job that owns a RUNNING run
+TAG_ABANDONED = "recsys_abandoned"
 CHALLENGER = "challenger"
 DENSE_ARTIFACT_DIR = "dense"
 DENSE_FILE = "dense.pt"
@@ -46,6 +49,12 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
         db = Path(uri[len("sqlite:///"):])
         return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
     return None
+
+
+def _this_process() -> str:
+    from recsys.services import process_start_ticks
+
+    return f"{socket.gethostname()}/{os.getpid()}/{process_start_ticks(os.getpid())}"
 
 
 class Tracking:
@@ -83,10 +92,36 @@ class Tracking:
         raw = json.loads(runs[0].data.tags[TAG_OFFSETS])
         return {int(p): int(o) for p, o in raw.items()}, runs[0].info.run_id
 
+    def close_abandoned_runs(self) -> list[str]:
+        """Mark KILLED the RUNNING runs whose job process on this host is gone (SIGKILL, OOM, a lost node).
+
+        Such a run never committed offsets, so nothing is lost; left RUNNING it would read as a
+        job in progress forever. Runs of other hosts, and runs without the process tag, are left alone.
+        """
+        from recsys.services import process_start_ticks
+
+        try:
+            runs = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=200)
+        except Exception as exc:
+            raise self.unreachable(exc) from exc
+        closed = []
+        for run in runs:
+            host, _, pid_start = run.data.tags.get(TAG_PROCESS, "").partition("/")
+            pid, _, ticks = pid_start.partition("/")
+            if host != socket.gethostname() or not pid.isdigit() or not ticks.isdigit():
+                continue
+            if process_start_ticks(int(pid)) == int(ticks):
+                continue  # still running
+            self.client.set_tag(run.info.run_id, TAG_ABANDONED, f"process {pid} on {host} is gone")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+        return closed
+
     def start_run(self, topic: str, params: Mapping[str, Any], name: str | None = None) -> str:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={TAG_TOPIC: topic})
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={TAG_TOPIC: topic, TAG_PROCESS: _this_process()})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 

@@ -106,6 +106,8 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             # a bad truth file fails the job before anything is trained or pushed
             truth = load_truth(truth_path) if truth_path is not None else None
             tracking = Tracking(s.mlflow_tracking_uri, s.train_experiment)
+            for run_id in tracking.close_abandoned_runs():
+                print(f"marked run {run_id} KILLED: its job process is gone", file=sys.stderr)
             start, previous = tracking.last_offsets(topic)
             end = asyncio.run(end_offsets(s.kafka_bootstrap, topic))
             plan = {"start": start, "end": end, "previous_run": previous}
