@@ -9,6 +9,7 @@ rows of one version.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -31,6 +32,19 @@ class _Cache:
     version: int
     rows: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     size: int = 0
+
+
+def _evict_least_recent(cache: _Cache, count: int) -> None:
+    """Drop about ``count`` least recently used rows, from every table in proportion to its share of the cache.
+
+    A quarter of the bound goes at once, so a full cache does not evict on every request.
+    """
+    total = sum(len(rows) for rows in cache.rows.values()) or 1
+    for rows in cache.rows.values():
+        # list(islice(...)) runs in C under the GIL: no other request thread changes the dict meanwhile
+        for key in list(itertools.islice(rows, min(len(rows), -(-count * len(rows) // total)))):
+            rows.pop(key, None)
+    cache.size = sum(len(rows) for rows in cache.rows.values())
 
 
 class RowReader:
@@ -171,11 +185,12 @@ class RowFetcher:
             found: dict[int, np.ndarray] = {}
             missing = []
             for key in dict.fromkeys(keys):  # a few hundred ids: plain dicts beat np.unique's sort
-                vec = table_cache.get(key)
+                vec = table_cache.pop(key, None)
                 if vec is None:
                     missing.append(key)
                 else:
                     found[key] = vec
+                    table_cache[key] = vec  # re-inserted: each table dict stays in least-recently-used order
             hits += len(found)
             misses += len(missing)
             if missing:
@@ -188,10 +203,7 @@ class RowFetcher:
                     found[key] = vec
                 if rows.version == cache.version and self.max_rows > 0:
                     if cache.size + len(missing) > self.max_rows:
-                        # simple bound: start the version's cache over rather than track recency per row
-                        cache.rows.clear()
-                        cache.size = 0
-                        table_cache = cache.rows.setdefault(table, {})
+                        _evict_least_recent(cache, cache.size + len(missing) - self.max_rows + self.max_rows // 4)
                     for key, vec in zip(missing, rows.weights):
                         table_cache[key] = vec
                     cache.size += len(missing)

@@ -439,3 +439,23 @@ def test_reopen_for_a_table_that_never_appears_is_rate_limited():
         vectors, _ = rows.lookup({"not_pushed_yet": np.array([1, 2])}, {"not_pushed_yet": DIM})
         assert vectors["not_pushed_yet"].shape == (2, DIM)
     assert len(opened) == 1
+
+
+def test_a_full_row_cache_evicts_the_least_recently_used_rows():
+    store = _store()
+    reader = MemoryReader(store)
+    rows = RowFetcher(reader, max_rows=8, poll_s=10.0)
+    table = "item_id"
+
+    def pulls_for(ids: list[int]) -> int:
+        before = reader.pulls
+        rows.lookup({table: np.array(ids)})
+        return reader.pulls - before
+
+    rows.lookup({table: np.array(list(range(8)))})  # (the first lookup also learns the version)
+    assert pulls_for(list(range(8))) == 0  # cache full: rows 0..7
+    assert pulls_for([0, 1, 2]) == 0  # hits: now the most recently used
+    assert pulls_for([8]) == 1  # over the bound: the least recently used quarter and more (3..5) go
+    assert pulls_for([0, 1, 2, 8]) == 0  # kept: recently used (a cache that starts over would pull again)
+    assert pulls_for([3]) == 1  # evicted
+    assert rows._cache.size <= 8
