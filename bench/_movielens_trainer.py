@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from recsys import movielens
-from recsys.settings import get_settings
-from recsys.simulator import roc_auc
+from traffic import movielens
+from core.settings import get_settings
+from core.metrics import roc_auc
 
 
 def to_columns(fa: movielens.FeatureArrays):
@@ -50,11 +50,11 @@ def fit_predict(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarra
     rank, world, device = trainer.init_distributed("gloo")
     columns = to_columns(fa)
     ws = working_set(columns, np.sort(train))
-    config = ModelConfig.from_spec(SPEC, s.train_embedding_dim, s.train_dense_arch, s.train_over_arch)
-    hp = trainer.HParams(epochs=1, batch_size=s.train_batch_size, embedding_lr=s.train_embedding_lr,
-                         dense_lr=s.train_dense_lr, seed=seed)
+    config = ModelConfig.from_spec(SPEC, s.train.embedding_dim, s.train.dense_arch, s.train.over_arch)
+    hp = trainer.HParams(epochs=1, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr,
+                         dense_lr=s.train.dense_lr, seed=seed)
     sharded = trainer.build_sharded(config, ws.rows, hp, device)
-    store = open_store("memory", table_configs(config.embedding_dim, s.train_init_std))
+    store = open_store("memory", table_configs(config.embedding_dim, s.train.init_std))
     try:
         for table in sharded.owned(rank):
             rows = store.pull(table, ws.ids[table])

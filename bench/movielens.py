@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recsys import movielens
-from recsys.settings import get_settings
-from recsys.simulator import roc_auc
+from traffic import movielens
+from core.settings import get_settings
+from core.metrics import roc_auc
 
 # Table 2 of the AutoInt paper, MovieLens-1M
 PAPER = {"AutoInt": (0.8456, 0.3797), "LR": (0.7716, 0.4424), "FM": (0.8252, 0.3998)}
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     started = time.perf_counter()
     try:
-        data = movielens.load(args.dataset, settings.cache_dir, args.limit)
+        data = movielens.load(args.dataset, settings.local.cache_dir, args.limit)
     except movielens.DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

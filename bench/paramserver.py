@@ -30,8 +30,8 @@ import redis
 
 from paramserver import FailoverReader, Replicator, Rows, TableConfig
 from paramserver.redis_store import RedisStore, _applied
-from recsys import services
-from recsys.settings import get_settings
+from local_services import services
+from core.settings import get_settings
 
 BATCH = 4096
 DIM = 64
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("paramserver").setLevel(logging.ERROR)  # failover warnings are the expected outcome here
     if args.rows < BATCH or args.repeats < 1:
         parser.error("--rows must be >= 4096 and --repeats >= 1")
-    rpb = args.rows_per_bucket or get_settings().ps_rows_per_bucket
+    rpb = args.rows_per_bucket or get_settings().ps.rows_per_bucket
     parts = set(args.only or ["throughput", "memory", "lag", "failover"])
     with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
         run_dir = Path(tmp)

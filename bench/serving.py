@@ -140,7 +140,7 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
     from paramserver import Rows, TableConfig, open_store
-    from recsys.simulator import SimConfig, World
+    from traffic.simulator import SimConfig, World
     from training.model import DenseArch, ModelConfig, save_dense
 
     world = World(SimConfig(users=USERS, items=ITEMS))
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("rate in (0, 5000], seconds in [1, 60], repeats in [1, 10], candidates in [1, 1000], "
                      "workers in [1, 8]")
 
-    from recsys import services
-    from recsys.kafka import ensure_topics
-    from recsys.settings import Settings
+    from local_services import services
+    from core.kafka import ensure_topics
+    from core.settings import Settings
 
     defaults = Settings()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             started.append("bench-feast")
             kafka_port, controller = services.free_port(), services.free_port()
             print("starting Kafka, Redis (parameter replica, Feast online store) on loopback ...", flush=True)
-            services.start_kafka(run_dir, defaults.cache_dir, defaults.kafka_version, kafka_port, controller,
+            services.start_kafka(run_dir, defaults.local.cache_dir, defaults.local.kafka_version, kafka_port, controller,
                                  name="bench-kafka", timeout=120)
             started.append("bench-kafka")
             bootstrap = f"127.0.0.1:{kafka_port}"

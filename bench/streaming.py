@@ -32,10 +32,10 @@ from pathlib import Path
 
 import orjson
 
-from recsys import services
-from recsys.kafka import ensure_topics, start_producer
-from recsys.settings import PROJECT_ROOT, Settings
-from recsys.simulator import SimConfig, Simulation
+from local_services import services
+from core.kafka import ensure_topics, start_producer
+from core.settings import PROJECT_ROOT, Settings
+from traffic.simulator import SimConfig, Simulation
 
 PARTITIONS = 4
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
     kafka_port, controller_port = services.free_port(), services.free_port()
     print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
-    services.start_kafka(tmp, defaults.cache_dir, defaults.kafka_version, kafka_port, controller_port,
+    services.start_kafka(tmp, defaults.local.cache_dir, defaults.local.kafka_version, kafka_port, controller_port,
                          name="kafka-bench", timeout=120)
     bootstrap = f"127.0.0.1:{kafka_port}"
     try:

@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
-    from recsys import services
-    from recsys.simulator import SimConfig
+    from local_services import services
+    from traffic.simulator import SimConfig
     from training.data import to_columns
-    from training.synthetic import simulate_samples
+    from traffic.synthetic import simulate_samples
 
     print(f"simulating {args.requests} requests ...", file=sys.stderr)
     synthetic = simulate_samples(SimConfig(users=5000, items=2000, requests=args.requests, seed=1))

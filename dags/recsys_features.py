@@ -13,7 +13,7 @@ from airflow.sdk import dag, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recsys.settings import Settings  # noqa: E402
+from core.settings import Settings  # noqa: E402
 
 _defaults = Settings()
 
@@ -21,7 +21,7 @@ _defaults = Settings()
 @dag(
     dag_id="recsys_features",
     description="Feast: materialize the offline store into the online store, compact the offline parquet files",
-    schedule=_defaults.airflow_features_schedule or None,
+    schedule=_defaults.airflow.features_schedule or None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -39,7 +39,7 @@ def recsys_features() -> None:
     def compact_offline(entity: str) -> dict:
         from recsys_ops import features
 
-        return features.compact_offline(Settings().feast_data_dir, entity)
+        return features.compact_offline(Settings().feast.data_dir, entity)
 
     # compaction after materialization: both read the same files, never at the same time
     materialize() >> compact_offline.expand(entity=["user", "item"])

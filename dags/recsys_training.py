@@ -16,7 +16,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # recsys_ops, in task processes too
 
-from recsys.settings import Settings  # noqa: E402  (pydantic only: cheap)
+from core.settings import Settings  # noqa: E402  (pydantic only: cheap)
 
 _defaults = Settings()
 
@@ -24,19 +24,19 @@ _defaults = Settings()
 @dag(
     dag_id="recsys_training",
     description="train on new samples, evaluate, gate, promote (MLflow alias champion), publish, reload serving",
-    schedule=_defaults.airflow_training_schedule or None,
+    schedule=_defaults.airflow.training_schedule or None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "ranks": Param(_defaults.train_ranks, type="integer", minimum=1, maximum=512,
+        "ranks": Param(_defaults.train.ranks, type="integer", minimum=1, maximum=512,
                        description="torchrun ranks of `recsys train`"),
-        "epochs": Param(_defaults.train_epochs, type="integer", minimum=1, maximum=1000,
+        "epochs": Param(_defaults.train.epochs, type="integer", minimum=1, maximum=1000,
                         description="passes over the window's training samples"),
-        "min_new_samples": Param(_defaults.gate_min_new_samples, type="integer", minimum=1,
+        "min_new_samples": Param(_defaults.gate.min_new_samples, type="integer", minimum=1,
                                  description="skip the run when fewer new samples arrived since the last job"),
-        "tolerance": Param(_defaults.gate_tolerance, type="number", minimum=0, maximum=1,
+        "tolerance": Param(_defaults.gate.tolerance, type="number", minimum=0, maximum=1,
                            description="promote unless the challenger's AUC is worse than the champion's by more"),
     },
     tags=["recsys", "training"],
@@ -60,7 +60,7 @@ def recsys_training() -> None:
         ctx = get_current_context()
         s = Settings()
         outcome = training.train(s, f"{ctx['dag'].dag_id}__{ctx['run_id']}", int(ctx["params"]["ranks"]),
-                                 int(ctx["params"]["epochs"]), s.run_dir / "airflow" / "train-outcomes")
+                                 int(ctx["params"]["epochs"]), s.local.run_dir / "airflow" / "train-outcomes")
         if outcome.get("status") != "trained":
             raise AirflowSkipException(f"nothing trained: {outcome.get('message', outcome.get('status'))}")
         return {k: outcome[k] for k in ("run_id", "model_name", "model_version", "ps_version") if k in outcome}
@@ -91,7 +91,7 @@ def recsys_training() -> None:
         from recsys_ops import training
 
         s = Settings()
-        return training.wait_for_replicas(s, int(trained["ps_version"]), s.publish_timeout_s)
+        return training.wait_for_replicas(s, int(trained["ps_version"]), s.gate.publish_timeout_s)
 
     @task
     def reload_serving(promoted: dict, published: dict) -> dict:

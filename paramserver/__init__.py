@@ -48,35 +48,35 @@ def open_store(backend: str, tables: list[TableConfig], shards: list[str] | None
         options = _redis_defaults()
         options.update(kw)
         if shards is None:
-            from recsys.settings import get_settings
+            from core.settings import get_settings
 
-            shards = get_settings().ps_shards
+            shards = get_settings().ps.shards
         return RedisStore(list(shards), tables, **options)  # type: ignore[arg-type]
     raise ValueError(f"unknown parameter-store backend {backend!r}: use 'memory' or 'redis'")
 
 
 def _redis_defaults() -> dict[str, object]:
-    from recsys.settings import get_settings
+    from core.settings import get_settings
 
     s = get_settings()
-    return {"namespace": s.ps_namespace, "rows_per_bucket": s.ps_rows_per_bucket, "timeout": s.ps_timeout_s,
-            "lock_ttl_s": s.ps_lock_ttl_s, "lock_wait_s": s.ps_lock_wait_s, "log_retention_s": s.ps_log_retention_s}
+    return {"namespace": s.ps.namespace, "rows_per_bucket": s.ps.rows_per_bucket, "timeout": s.ps.timeout_s,
+            "lock_ttl_s": s.ps.lock_ttl_s, "lock_wait_s": s.ps.lock_wait_s, "log_retention_s": s.ps.log_retention_s}
 
 
 def open_reader(replicas: list[str] | None = None, tables: list[TableConfig] | None = None,
                 **kw: object) -> FailoverReader:
-    """A reader over inference replicas, nearest first (default: settings.ps_replicas).
+    """A reader over inference replicas, nearest first (default: settings.ps.replicas).
 
     Each replica is a Redis URL, or several comma-separated URLs for a sharded replica.
     """
-    from recsys.settings import get_settings
+    from core.settings import get_settings
 
     s = get_settings()
-    urls = list(replicas if replicas is not None else s.ps_replicas)
+    urls = list(replicas if replicas is not None else s.ps.replicas)
     options = _redis_defaults()
-    options["timeout"] = s.ps_failover_timeout_s
+    options["timeout"] = s.ps.failover_timeout_s
     options.update(kw)
-    probe_s = float(options.pop("probe_s", s.ps_failover_probe_s))  # type: ignore[arg-type]
+    probe_s = float(options.pop("probe_s", s.ps.failover_probe_s))  # type: ignore[arg-type]
     return FailoverReader([u.split(",") for u in urls], tables or [], probe_s=probe_s, **options)
 
 

@@ -59,7 +59,7 @@ class TableConfig:
     storage_dtype: str = "float32"
     init_std: float = 0.01
     seed: int = 0
-    # expected number of rows; sizes the hash buckets (rows per bucket ~ settings.ps_rows_per_bucket)
+    # expected number of rows; sizes the hash buckets (rows per bucket ~ settings.ps.rows_per_bucket)
     capacity: int = 1_000_000
 
     def __post_init__(self) -> None:

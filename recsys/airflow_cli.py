@@ -1,4 +1,4 @@
-"""`recsys airflow up|down|status`: the local Airflow that runs the project's DAGs (see recsys.airflow_local)."""
+"""`recsys airflow up|down|status`: the local Airflow that runs the project's DAGs (see local_services.airflow)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.cli_support import console, load_settings
+from core.cli_support import console, load_settings
 
 app = typer.Typer(no_args_is_help=True)
 out = Console()
@@ -15,7 +15,8 @@ out = Console()
 @app.command("up")
 def up() -> None:
     """Start api-server (UI), dag-processor, triggerer and scheduler on 127.0.0.1; harmless when running."""
-    from recsys import airflow_local, services
+    from local_services import airflow as airflow_local
+    from local_services import services
 
     s = load_settings()
     console.print(f"starting Airflow (home {airflow_local.layout(s).home}); this takes 20-60 s ...")
@@ -35,7 +36,7 @@ def up() -> None:
 @app.command("down")
 def down() -> None:
     """Stop the Airflow services that `recsys airflow up` started."""
-    from recsys import airflow_local
+    from local_services import airflow as airflow_local
 
     for component, stopped in airflow_local.down(load_settings()):
         console.print(f"airflow {component}: {'stopped' if stopped else 'was not running'}")
@@ -44,7 +45,7 @@ def down() -> None:
 @app.command("status")
 def status() -> None:
     """Show the Airflow services, their PIDs and health as the api-server reports it."""
-    from recsys import airflow_local
+    from local_services import airflow as airflow_local
 
     s = load_settings()
     entries, report = airflow_local.status(s)
@@ -56,7 +57,7 @@ def status() -> None:
         table.add_row(component, str(entry.pid), "[green]running[/green]" if entry.running else "[red]stopped[/red]",
                       state, str(entry.log_file))
     if not entries:
-        table.add_row("-", "-", "not started", "-", str(s.run_dir))
+        table.add_row("-", "-", "not started", "-", str(s.local.run_dir))
     out.print(table)
     if report is not None:
         out.print(f"UI: {airflow_local.base_url(s)}")

@@ -17,8 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys.cli_support import console, fail, load_settings
-from recsys.settings import Settings
+from core.cli_support import console, fail, load_settings
+from core.settings import Settings
+from paramserver import cli as ps_cli
+from recsys import airflow_cli, demo
+from serving import cli as serve_cli
+from streaming import cli as stream_cli
+from training import cli as train_cli
 
 out = Console()
 
@@ -36,8 +41,8 @@ app.add_typer(events_app, name="events")
 
 
 def _all_topics(settings: Settings) -> dict[str, int]:
-    return {name: settings.topic_partitions for name in
-            (settings.topic_events, settings.topic_samples, settings.topic_deadletter, settings.topic_late)}
+    return {name: settings.kafka.topic_partitions for name in
+            (settings.kafka.topic_events, settings.kafka.topic_samples, settings.kafka.topic_deadletter, settings.kafka.topic_late)}
 
 
 # --------------------------------------------------------------------------- services
@@ -49,20 +54,20 @@ def services_up(
     redis: Annotated[bool, typer.Option(help="start Redis")] = True,
 ) -> None:
     """Start Kafka (KRaft) and Redis on 127.0.0.1; harmless when they already run."""
-    from recsys import services
-    from recsys.kafka import ensure_topics
+    from local_services import services
+    from core.kafka import ensure_topics
 
     s = load_settings()
     try:
         if kafka:
-            console.print(f"kafka {s.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.kafka_port} ...")
-            services.start_kafka(s.run_dir, s.cache_dir, s.kafka_version, s.kafka_port, s.kafka_controller_port,
-                                 partitions=s.topic_partitions, timeout=s.service_start_timeout_s)
-            created = asyncio.run(ensure_topics(s.kafka_bootstrap, _all_topics(s)))
+            console.print(f"kafka {s.local.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.local.kafka_port} ...")
+            services.start_kafka(s.local.run_dir, s.local.cache_dir, s.local.kafka_version, s.local.kafka_port, s.local.kafka_controller_port,
+                                 partitions=s.kafka.topic_partitions, timeout=s.local.service_start_timeout_s)
+            created = asyncio.run(ensure_topics(s.kafka.bootstrap, _all_topics(s)))
             if created:
                 console.print(f"created topics: {', '.join(created)}")
         if redis:
-            services.start_redis(s.run_dir, s.redis_port, timeout=s.service_start_timeout_s)
+            services.start_redis(s.local.run_dir, s.local.redis_port, timeout=s.local.service_start_timeout_s)
     except services.ServiceError as exc:
         fail(str(exc))
     _print_status(s)
@@ -71,11 +76,11 @@ def services_up(
 @services_app.command("down")
 def services_down() -> None:
     """Stop every service this project started under the run directory."""
-    from recsys import services
+    from local_services import services
 
     s = load_settings()
-    for entry in services.status(s.run_dir):
-        stopped = services.stop(s.run_dir, entry.name)
+    for entry in services.status(s.local.run_dir):
+        stopped = services.stop(s.local.run_dir, entry.name)
         console.print(f"{entry.name}: {'stopped' if stopped else 'was not running'}")
 
 
@@ -86,15 +91,15 @@ def services_status() -> None:
 
 
 def _print_status(s: Settings) -> None:
-    from recsys import services
+    from local_services import services
 
     table = Table("service", "address", "pid", "state", "log")
-    entries = services.status(s.run_dir)
+    entries = services.status(s.local.run_dir)
     for entry in entries:
         table.add_row(entry.name, entry.address, str(entry.pid), "[green]running[/green]" if entry.running
                       else "[red]stopped[/red]", str(entry.log_file))
     if not entries:
-        table.add_row("-", "-", "-", "nothing started", str(s.run_dir))
+        table.add_row("-", "-", "-", "nothing started", str(s.local.run_dir))
     out.print(table)
 
 
@@ -104,11 +109,11 @@ def _print_status(s: Settings) -> None:
 @app.command("topics")
 def topics() -> None:
     """Create the project's topics (events, samples, dead letters, late clicks) if missing."""
-    from recsys.kafka import KafkaUnavailable, ensure_topics
+    from core.kafka import KafkaUnavailable, ensure_topics
 
     s = load_settings()
     try:
-        created = asyncio.run(ensure_topics(s.kafka_bootstrap, _all_topics(s)))
+        created = asyncio.run(ensure_topics(s.kafka.bootstrap, _all_topics(s)))
     except KafkaUnavailable as exc:
         fail(str(exc))
     out.print(f"created: {', '.join(created) or 'none (all exist)'}")
@@ -120,17 +125,17 @@ def events_summary(
 ) -> None:
     """Read a topic from the beginning to its current end and count records by event type and reject reason."""
     from feature_repo.contract import InvalidEvent, parse_event
-    from recsys.kafka import KafkaUnavailable, read_topic
+    from core.kafka import KafkaUnavailable, read_topic
 
     s = load_settings()
-    name = topic or s.topic_events
+    name = topic or s.kafka.topic_events
     counts: Counter[str] = Counter()
 
     async def run() -> None:
-        async for record in read_topic(s.kafka_bootstrap, name):
+        async for record in read_topic(s.kafka.bootstrap, name):
             try:
-                event = parse_event(record.value or b"", max_bytes=s.max_event_bytes,
-                                    max_future_skew_s=s.max_future_skew_s, max_age_s=s.max_event_age_s)
+                event = parse_event(record.value or b"", max_bytes=s.events.max_event_bytes,
+                                    max_future_skew_s=s.events.max_future_skew_s, max_age_s=s.events.max_event_age_s)
                 counts[event.event_type] += 1
             except InvalidEvent as exc:
                 counts[f"invalid:{exc.reason.value}"] += 1
@@ -166,9 +171,9 @@ def simulate(
     """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL."""
     import orjson
 
-    from recsys.kafka import KafkaUnavailable
-    from recsys.publish import publish, write_jsonl
-    from recsys.simulator import SimConfig, Simulation
+    from core.kafka import KafkaUnavailable
+    from traffic.recording import publish, write_jsonl
+    from traffic.simulator import SimConfig, Simulation
 
     s = load_settings()
     try:
@@ -184,7 +189,7 @@ def simulate(
         console.print(f"wrote {written} records to {out_file}")
     else:
         try:
-            result = asyncio.run(publish(sim.records(), s.kafka_bootstrap, topic or s.topic_events, rate=rate,
+            result = asyncio.run(publish(sim.records(), s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate,
                                          total=estimated, show_progress=sys.stderr.isatty()))
         except KafkaUnavailable as exc:
             fail(str(exc))
@@ -215,23 +220,23 @@ def replay(
     limit: Annotated[Optional[int], typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
     """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka (malformed lines are reported and skipped)."""
-    from recsys.kafka import KafkaUnavailable
-    from recsys.publish import publish, read_jsonl, rebase
+    from core.kafka import KafkaUnavailable
+    from traffic.recording import publish, read_jsonl, rebase
 
     s = load_settings()
     if dataset is not None or file is None:
-        from recsys.movielens import replay_command
+        from traffic.movielens import replay_command
 
         if file is not None or dataset is None or rate > 0 or not rebase_time:
             fail("give either FILE or --dataset; with --dataset, pace with --speedup (not --rate/--no-rebase)", 2)
-        raise typer.Exit(replay_command(dataset, s.kafka_bootstrap, topic or s.topic_events, s.cache_dir,
-                                        s.max_event_age_s, speedup, pace, limit))
+        raise typer.Exit(replay_command(dataset, s.kafka.bootstrap, topic or s.kafka.topic_events, s.local.cache_dir,
+                                        s.events.max_event_age_s, speedup, pace, limit))
     errors: list[str] = []
     records = read_jsonl(file, errors)
     if rebase_time:
         records = rebase(records, time.time())
     try:
-        result = asyncio.run(publish(records, s.kafka_bootstrap, topic or s.topic_events, rate=rate,
+        result = asyncio.run(publish(records, s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate,
                                      show_progress=sys.stderr.isatty()))
     except KafkaUnavailable as exc:
         fail(str(exc))
@@ -245,23 +250,41 @@ def replay(
         raise typer.Exit(3)
 
 
-# --------------------------------------------------------------------------- rooms that arrive with later issues
+# --------------------------------------------------------------------------- the rooms' own commands
+
+app.add_typer(stream_cli.app, name="stream", help="The Faust stream worker: validation, features, samples.")
+app.add_typer(ps_cli.app, name="ps", help="The parameter service: shards, replicas, status.")
+app.add_typer(train_cli.app, name="train", help="Train the model against the parameter service.")
+app.add_typer(serve_cli.app, name="serve", help="The recommendation API.")
+app.add_typer(demo.app, name="demo", help="The whole loop on local services, measured: report under reports/.")
+app.add_typer(airflow_cli.app, name="airflow", help="Local Airflow (api-server, scheduler, dag-processor, triggerer).")
 
 
-def _register_room(name: str, module: str, help_text: str) -> None:
-    """Mount a room's own Typer app (``<room>/cli.py``: ``app``) under ``recsys <name>``."""
-    import importlib
+@ps_cli.app.command("up")
+def ps_up() -> None:
+    """Start the shards and replicas of the settings on 127.0.0.1, and a replicator per replica."""
+    from local_services import paramserver as local_ps
+    from local_services import services
 
-    room = importlib.import_module(module)
-    app.add_typer(room.app, name=name, help=help_text)
+    s = load_settings()
+    try:
+        for note in local_ps.up(s):
+            console.print(note)
+    except (services.ServiceError, ValueError) as exc:
+        fail(str(exc))
+    ps_cli.print_status(s)
 
 
-_register_room("stream", "streaming.cli", "The Faust stream worker: validation, features, samples.")
-_register_room("ps", "paramserver.cli", "The parameter service: shards, replicas, status.")
-_register_room("train", "training.cli", "Train the model against the parameter service.")
-_register_room("serve", "serving.cli", "The recommendation API.")
-_register_room("demo", "recsys.demo", "The whole loop on local services, measured: report under reports/.")
-_register_room("airflow", "recsys.airflow_cli", "Local Airflow (api-server, scheduler, dag-processor, triggerer).")
+@ps_cli.app.command("down")
+def ps_down() -> None:
+    """Stop the shards, replicas and replicators that `recsys ps up` started."""
+    from local_services import paramserver as local_ps
+
+    stopped = local_ps.down(load_settings())
+    for name, was_running in stopped:
+        console.print(f"{name}: {'stopped' if was_running else 'was not running'}")
+    if not stopped:
+        console.print("nothing was started by `recsys ps up`")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from recsys.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings
 
 console = Console(stderr=True)
 TRAINING_DAG = "recsys_training"
@@ -88,7 +88,7 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
     only when triggered; serving polls the champion alias every second.
     """
     base = Settings()
-    rp = base.redis_port
+    rp = base.local.redis_port
     token_file = run_dir / "demo" / "serving_admin_token"
     if token_file.exists():
         token = token_file.read_text().strip()
@@ -101,7 +101,7 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
                 else f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     wanted = {
         "RUN_DIR": str(run_dir),
-        "KAFKA_BOOTSTRAP": f"127.0.0.1:{base.kafka_port}",
+        "KAFKA_BOOTSTRAP": f"127.0.0.1:{base.local.kafka_port}",
         "REDIS_URL": f"redis://127.0.0.1:{rp}/0",
         "PS_SHARDS": json.dumps([f"redis://127.0.0.1:{rp + 1}/0"]),
         "PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{rp + 2}/0", f"redis://127.0.0.1:{rp + 3}/0"]),
@@ -174,24 +174,25 @@ def quantiles(values: list[float]) -> dict[str, Any]:
 
 
 def start_services(s: Settings, config: DemoConfig, report: Report) -> None:
-    from recsys import airflow_local, services
-    from recsys.kafka import ensure_topics
+    from local_services import airflow as airflow_local
+    from local_services import services
+    from core.kafka import ensure_topics
 
-    _step(f"Kafka on 127.0.0.1:{s.kafka_port}, Redis on 127.0.0.1:{s.redis_port} (logs under {s.run_dir}/logs)")
-    services.start_kafka(s.run_dir, s.cache_dir, s.kafka_version, s.kafka_port, s.kafka_controller_port,
-                         partitions=s.topic_partitions, timeout=s.service_start_timeout_s)
-    asyncio.run(ensure_topics(s.kafka_bootstrap, {t: s.topic_partitions for t in (
-        s.topic_events, s.topic_samples, s.topic_deadletter, s.topic_late)}))
-    services.start_redis(s.run_dir, s.redis_port, timeout=s.service_start_timeout_s)
+    _step(f"Kafka on 127.0.0.1:{s.local.kafka_port}, Redis on 127.0.0.1:{s.local.redis_port} (logs under {s.local.run_dir}/logs)")
+    services.start_kafka(s.local.run_dir, s.local.cache_dir, s.local.kafka_version, s.local.kafka_port, s.local.kafka_controller_port,
+                         partitions=s.kafka.topic_partitions, timeout=s.local.service_start_timeout_s)
+    asyncio.run(ensure_topics(s.kafka.bootstrap, {t: s.kafka.topic_partitions for t in (
+        s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter, s.kafka.topic_late)}))
+    services.start_redis(s.local.run_dir, s.local.redis_port, timeout=s.local.service_start_timeout_s)
 
-    _step(f"parameter service: training copy {s.ps_shards}, inference replicas {s.ps_replicas} + replicators")
+    _step(f"parameter service: training copy {s.ps.shards}, inference replicas {s.ps.replicas} + replicators")
     _run(_recsys_cmd("ps", "up"), "recsys ps up", 180)
 
     def mlflow_then_serving() -> None:
         if config.mlflow_server:
-            services.start_mlflow(s.run_dir, config.mlflow_port, timeout=config.stage_timeout_s)
-        port = s.serving_port
-        services.start_command(s.run_dir, "serving", _recsys_cmd("serve", "--port", str(port)), port=port,
+            services.start_mlflow(s.local.run_dir, config.mlflow_port, timeout=config.stage_timeout_s)
+        port = s.serving.port
+        services.start_command(s.local.run_dir, "serving", _recsys_cmd("serve", "--port", str(port)), port=port,
                                marker=f"serve --port {port}", cwd=PROJECT_ROOT, timeout=config.stage_timeout_s,
                                ready=lambda: services.http_ok(f"http://127.0.0.1:{port}/healthz"))
 
@@ -200,38 +201,38 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> None:
 
     _step("starting MLflow, serving and Airflow in the background; the stream worker now")
     report.urls = {"airflow_ui": airflow_local.base_url(s),
-                   "mlflow_ui": s.mlflow_tracking_uri if config.mlflow_server else f"(no server) {s.mlflow_tracking_uri}",
+                   "mlflow_ui": s.mlflow.tracking_uri if config.mlflow_server else f"(no server) {s.mlflow.tracking_uri}",
                    "airflow_login": f"admin, password in {airflow_local.layout(s).passwords_file}",
-                   "serving_docs": f"http://127.0.0.1:{s.serving_port}/docs"}
+                   "serving_docs": f"http://127.0.0.1:{s.serving.port}/docs"}
     _BACKGROUND["serving"] = _Background("MLflow + serving start", mlflow_then_serving)
     _BACKGROUND["airflow"] = _Background("recsys airflow up", airflow)
     # Faust retitles its process ("[Faust:Worker] -running- <app id> ... <data dir>"), so the command
     # line is not a marker that outlives start-up; the data dir is, and `services down` finds it by it
-    services.start_command(s.run_dir, "stream-worker", _recsys_cmd("stream", "worker"),
-                           marker=str(s.stream_data_dir or s.run_dir / "stream"), cwd=PROJECT_ROOT)
+    services.start_command(s.local.run_dir, "stream-worker", _recsys_cmd("stream", "worker"),
+                           marker=str(s.stream_data_dir), cwd=PROJECT_ROOT)
 
 
 _BACKGROUND: dict[str, _Background] = {}
 
 
 async def _topic_total(bootstrap: str, topic: str) -> int:
-    from recsys.kafka import end_offsets
+    from core.kafka import end_offsets
 
     return sum((await end_offsets(bootstrap, topic)).values())
 
 
 def simulate_and_stream(s: Settings, config: DemoConfig, report: Report) -> Any:
-    from recsys.publish import publish
-    from recsys.simulator import SimConfig, Simulation
+    from traffic.recording import publish
+    from traffic.simulator import SimConfig, Simulation
 
-    totals = {t: asyncio.run(_topic_total(s.kafka_bootstrap, t)) for t in
-              (s.topic_events, s.topic_samples, s.topic_deadletter, s.topic_late)}
+    totals = {t: asyncio.run(_topic_total(s.kafka.bootstrap, t)) for t in
+              (s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter, s.kafka.topic_late)}
     sim_config = SimConfig(users=config.users, items=config.items, requests=config.requests, seed=config.seed,
                            bad_fraction=config.bad_fraction)
     sim = Simulation(sim_config)
     _step(f"simulating {config.requests} requests of {config.users} users over {config.items} items into Kafka "
           f"({config.bad_fraction:.0%} malformed records injected)")
-    result = asyncio.run(publish(sim.records(), s.kafka_bootstrap, s.topic_events, rate=config.rate,
+    result = asyncio.run(publish(sim.records(), s.kafka.bootstrap, s.kafka.topic_events, rate=config.rate,
                                  show_progress=sys.stderr.isatty()))
     impressions, bad = len(sim.truth), sum(sim.stats.bad.values())
     report.counts.update({
@@ -245,15 +246,15 @@ def simulate_and_stream(s: Settings, config: DemoConfig, report: Report) -> Any:
     deadline = time.monotonic() + config.stage_timeout_s
     seen: dict[str, int] = {}
     while True:
-        seen = {t: asyncio.run(_topic_total(s.kafka_bootstrap, t)) - totals[t] for t in totals}
-        if seen[s.topic_samples] >= impressions and seen[s.topic_deadletter] >= bad:
+        seen = {t: asyncio.run(_topic_total(s.kafka.bootstrap, t)) - totals[t] for t in totals}
+        if seen[s.kafka.topic_samples] >= impressions and seen[s.kafka.topic_deadletter] >= bad:
             break
         if time.monotonic() > deadline:
             raise DemoError(f"stream worker did not catch up in {config.stage_timeout_s:.0f}s: {seen} "
-                            f"(see {s.run_dir}/logs/stream-worker.log)")
+                            f"(see {s.local.run_dir}/logs/stream-worker.log)")
         time.sleep(2.0)
-    report.counts.update({"events_in": seen[s.topic_events], "deadlettered": seen[s.topic_deadletter],
-                          "samples": seen[s.topic_samples], "late_clicks": seen[s.topic_late]})
+    report.counts.update({"events_in": seen[s.kafka.topic_events], "deadlettered": seen[s.kafka.topic_deadletter],
+                          "samples": seen[s.kafka.topic_samples], "late_clicks": seen[s.kafka.topic_late]})
     console.print(report.counts)
     return sim
 
@@ -261,7 +262,7 @@ def simulate_and_stream(s: Settings, config: DemoConfig, report: Report) -> Any:
 def run_training_dag(s: Settings, config: DemoConfig, report: Report) -> None:
     import httpx
 
-    from recsys import airflow_local
+    from local_services import airflow as airflow_local
 
     _BACKGROUND["airflow"].result(config.stage_timeout_s)
     _BACKGROUND["serving"].result(config.stage_timeout_s)
@@ -293,21 +294,21 @@ def run_training_dag(s: Settings, config: DemoConfig, report: Report) -> None:
     console.print(report.dag)
     if state != "success":
         raise DemoError(f"training DAG run {run_id} {state}: {report.dag['tasks']} "
-                        f"(task logs under {s.run_dir}/airflow/logs)")
+                        f"(task logs under {s.local.run_dir}/airflow/logs)")
 
 
 def champion(s: Settings, report: Report) -> tuple[Any, str]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=s.mlflow_tracking_uri)
+    client = MlflowClient(tracking_uri=s.mlflow.tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(s.train_model_name, "champion")
+        mv = client.get_model_version_by_alias(s.train.model_name, "champion")
     except Exception as exc:  # noqa: BLE001 (MlflowException: no alias)
-        raise DemoError(f"no champion of {s.train_model_name} after the DAG run: {exc}") from exc
+        raise DemoError(f"no champion of {s.train.model_name} after the DAG run: {exc}") from exc
     run = client.get_run(mv.run_id)
     history = client.get_metric_history(mv.run_id, "loss")
     report.model.update({
-        "name": s.train_model_name, "champion_version": mv.version, "run_id": mv.run_id,
+        "name": s.train.model_name, "champion_version": mv.version, "run_id": mv.run_id,
         "eval_auc": run.data.metrics.get("eval_auc"), "eval_logloss": run.data.metrics.get("eval_logloss"),
         "train_samples": run.data.metrics.get("train_samples"), "eval_samples": run.data.metrics.get("eval_samples"),
         "gate": mv.tags.get("recsys_gate"), "ps_version": mv.tags.get("ps_version"),
@@ -346,8 +347,8 @@ def query_serving(s: Settings, config: DemoConfig, sim: Any, version: str, repor
     import httpx
     import numpy as np
 
-    base = f"http://127.0.0.1:{s.serving_port}"
-    expected = f"{s.serving_model_name}/{version}"
+    base = f"http://127.0.0.1:{s.serving.port}"
+    expected = f"{s.serving.model_name}/{version}"
     _step(f"serving at {base}: waiting for {expected}, then {config.query_users} recommendation requests")
     _wait_served(base, expected, config.stage_timeout_s)
     world, n_items = sim.world, sim.config.items
@@ -407,11 +408,11 @@ async def _probe_features_and_samples(s: Settings, probes: int, timeout: float) 
     from feature_repo.contract import Sample, sample_id
     from feature_repo.spec import encode_user
     from feature_repo.store import open_store, read_online
-    from recsys.kafka import end_offsets, start_producer
+    from core.kafka import end_offsets, start_producer
 
-    store = await asyncio.to_thread(open_store, s.feast_data_dir, s.feast_online_store,
-                                    s.feast_redis_url or s.redis_url, False)
-    producer = await start_producer(s.kafka_bootstrap)
+    store = await asyncio.to_thread(open_store, s.feast.data_dir, s.feast.online_store,
+                                    s.feast_redis_url, False)
+    producer = await start_producer(s.kafka.bootstrap)
     tag = uuid.uuid4().hex[:8]
     feature_times, sample_times = [], []
     try:
@@ -422,7 +423,7 @@ async def _probe_features_and_samples(s: Settings, probes: int, timeout: float) 
                        "occupation": "writer", "zip_code": f"{10000 + i}"}
             expected = encode_user(user, profile).sparse
             sent = time.perf_counter()
-            await producer.send_and_wait(s.topic_events, json.dumps(profile).encode(), key=user.encode())
+            await producer.send_and_wait(s.kafka.topic_events, json.dumps(profile).encode(), key=user.encode())
             while True:
                 got = (await asyncio.to_thread(read_online, store, "user", [user]))[user]
                 if got is not None and got.sparse == expected:
@@ -432,11 +433,11 @@ async def _probe_features_and_samples(s: Settings, probes: int, timeout: float) 
                     raise DemoError(f"profile of {user} never reached the online store within {timeout:.0f}s")
                 await asyncio.sleep(0.01)
 
-        ends = await end_offsets(s.kafka_bootstrap, s.topic_samples)
-        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+        ends = await end_offsets(s.kafka.bootstrap, s.kafka.topic_samples)
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka.bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            tps = [TopicPartition(s.topic_samples, p) for p in ends]
+            tps = [TopicPartition(s.kafka.topic_samples, p) for p in ends]
             consumer.assign(tps)
             for tp in tps:
                 consumer.seek(tp, ends[tp.partition])
@@ -448,9 +449,9 @@ async def _probe_features_and_samples(s: Settings, probes: int, timeout: float) 
                           "item_id": item}
                 impression = {**common, "event_type": "impression", "event_id": f"{request}-imp", "position": 0}
                 click = {**common, "event_type": "click", "event_id": f"{request}-click"}
-                await producer.send_and_wait(s.topic_events, json.dumps(impression).encode(), key=user.encode())
+                await producer.send_and_wait(s.kafka.topic_events, json.dumps(impression).encode(), key=user.encode())
                 sent = time.perf_counter()
-                await producer.send_and_wait(s.topic_events, json.dumps(click).encode(), key=user.encode())
+                await producer.send_and_wait(s.kafka.topic_events, json.dumps(click).encode(), key=user.encode())
                 found = False
                 while not found:
                     batches = await consumer.getmany(timeout_ms=50)
@@ -477,9 +478,9 @@ def _probe_replicas(s: Settings, probes: int, timeout: float) -> tuple[list[floa
     from paramserver.redis_store import RedisStore
     from paramserver.rows import Rows, TableConfig
 
-    source = RedisStore(s.ps_shards, [TableConfig(PROBE_TABLE, dim=4, capacity=1024)], namespace=s.ps_namespace)
-    replicas = {spec: RedisStore(spec.split(","), [], namespace=s.ps_namespace, configure_servers=False)
-                for spec in s.ps_replicas}
+    source = RedisStore(s.ps.shards, [TableConfig(PROBE_TABLE, dim=4, capacity=1024)], namespace=s.ps.namespace)
+    replicas = {spec: RedisStore(spec.split(","), [], namespace=s.ps.namespace, configure_servers=False)
+                for spec in s.ps.replicas}
     if not replicas:
         raise DemoError("no inference replicas configured (RECSYS_PS_REPLICAS)")
     slowest, per_replica = [], {spec: [] for spec in replicas}
@@ -512,23 +513,23 @@ def _probe_champion(s: Settings, client: Any, version: str, probes: int, timeout
     The copy is a second registered version with the same artifacts (tag ``demo_probe_copy_of``), so
     every alias move is a real champion change for serving; the alias ends on the trained champion.
     """
-    name = s.train_model_name
+    name = s.train.model_name
     mv = client.get_model_version(name, version)
     copy = client.create_model_version(name, mv.source, run_id=mv.run_id,
                                        tags={"demo_probe_copy_of": str(version), "role": "demo-probe"},
                                        description=f"demo freshness probe: a copy of version {version}")
-    base = f"http://127.0.0.1:{s.serving_port}"
+    base = f"http://127.0.0.1:{s.serving.port}"
     times = []
     try:
         for i in range(probes):
             target = str(copy.version) if i % 2 == 0 else str(version)
             client.set_registered_model_alias(name, "champion", target)
             sent = time.perf_counter()
-            _wait_served(base, f"{s.serving_model_name}/{target}", timeout)
+            _wait_served(base, f"{s.serving.model_name}/{target}", timeout)
             times.append(time.perf_counter() - sent)
     finally:
         client.set_registered_model_alias(name, "champion", str(version))
-    _wait_served(base, f"{s.serving_model_name}/{version}", timeout)
+    _wait_served(base, f"{s.serving.model_name}/{version}", timeout)
     return times
 
 
@@ -543,7 +544,7 @@ def measure_freshness(s: Settings, config: DemoConfig, client: Any, version: str
         **quantiles(slowest), "per_replica": {spec: quantiles(v) for spec, v in per_replica.items()}}
     report.freshness["champion_to_serving_reload"] = {
         **quantiles(_probe_champion(s, client, version, config.probes, timeout)),
-        "how": f"alias moved in the registry; serving polls it every {s.serving_reload_poll_s:g}s"}
+        "how": f"alias moved in the registry; serving polls it every {s.serving.reload_poll_s:g}s"}
     for key, label in CHAINS.items():
         f = report.freshness[key]
         console.print(f"{label}: median {f['median_s'] * 1000:.0f} ms, p99 {f['p99_s'] * 1000:.0f} ms (n={f['n']})")
@@ -663,17 +664,18 @@ def write_report(report: Report, out_dir: Path) -> Path:
 
 
 def stop_everything(s: Settings) -> None:
-    from recsys import airflow_local, services
+    from local_services import airflow as airflow_local
+    from local_services import services
 
     airflow_local.down(s)
-    entries = services.status(s.run_dir)
+    entries = services.status(s.local.run_dir)
     order = ["serving", "stream-worker", "ps-replicator", "mlflow", "ps-", "redis", "kafka"]
 
     def rank(name: str) -> int:
         return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order))
 
     for entry in sorted(entries, key=lambda e: rank(e.name)):
-        services.stop(s.run_dir, entry.name)
+        services.stop(s.local.run_dir, entry.name)
 
 
 def run_demo(config: DemoConfig) -> tuple[Report, Path]:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from recsys.settings import Settings
+from core.settings import Settings
 from serving.features import FeatureSource
 from serving.impressions import ImpressionLogger
 from serving.metrics import Metrics
@@ -140,11 +140,11 @@ def create_app(settings: Settings, components: Components | None = None,
         if comps.rows is not None:
             comps.rows.on_lookup = metrics.row_lookup
             comps.rows.start()
-        index = comps.index if comps.index is not None else PopularityIndex(settings.serving_retrieval_half_life_s)
+        index = comps.index if comps.index is not None else PopularityIndex(settings.serving.retrieval_half_life_s)
         ranker = Ranker(comps.model, comps.rows, comps.features, index, metrics,
-                        settings.serving_retrieval_candidates)
-        impressions = ImpressionLogger(settings.kafka_bootstrap, settings.topic_events,
-                                       settings.serving_impression_buffer,
+                        settings.serving.retrieval_candidates)
+        impressions = ImpressionLogger(settings.kafka.bootstrap, settings.kafka.topic_events,
+                                       settings.serving.impression_buffer,
                                        on_sent=metrics.impressions_sent.inc,
                                        on_dropped=metrics.impressions_dropped.inc)
         if comps.log_impressions:
@@ -152,10 +152,10 @@ def create_app(settings: Settings, components: Components | None = None,
         stop = asyncio.Event()
         tasks = []
         if comps.follow_stream:
-            tasks.append(asyncio.create_task(follow_events(index, settings.kafka_bootstrap, settings.topic_events,
-                                                           settings.serving_retrieval_lookback, stop)))
-        if settings.serving_reload_poll_s > 0:
-            tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving_reload_poll_s, stop)))
+            tasks.append(asyncio.create_task(follow_events(index, settings.kafka.bootstrap, settings.kafka.topic_events,
+                                                           settings.serving.retrieval_lookback, stop)))
+        if settings.serving.reload_poll_s > 0:
+            tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving.reload_poll_s, stop)))
         state.update(components=comps, ranker=ranker, impressions=impressions, index=index)
         try:
             yield
@@ -201,10 +201,10 @@ def create_app(settings: Settings, components: Components | None = None,
     async def recommend(body: RecommendRequest, r: Ranker = Depends(ranker)) -> RecommendResponse:
         """Rank the candidates (or the retrieval stage's items) for a user; the top k are logged as impressions."""
         started = time.perf_counter()
-        if body.k > settings.serving_max_k:
-            raise _limit_error(["k"], f"k must be at most {settings.serving_max_k}", body.k)
-        if body.candidate_item_ids is not None and len(body.candidate_item_ids) > settings.serving_max_candidates:
-            raise _limit_error(["candidate_item_ids"], f"at most {settings.serving_max_candidates} candidates",
+        if body.k > settings.serving.max_k:
+            raise _limit_error(["k"], f"k must be at most {settings.serving.max_k}", body.k)
+        if body.candidate_item_ids is not None and len(body.candidate_item_ids) > settings.serving.max_candidates:
+            raise _limit_error(["candidate_item_ids"], f"at most {settings.serving.max_candidates} candidates",
                                len(body.candidate_item_ids))
         ranking = await run_in_threadpool(r.recommend, body.user_id, body.k, body.candidate_item_ids)
         if ranking.items and state["components"].log_impressions:
@@ -220,8 +220,8 @@ def create_app(settings: Settings, components: Components | None = None,
     async def score(body: ScoreRequest, r: Ranker = Depends(ranker)) -> ScoreResponse:
         """Scores of given (user, item) pairs with the current model; nothing is logged."""
         started = time.perf_counter()
-        if len(body.pairs) > settings.serving_max_pairs:
-            raise _limit_error(["pairs"], f"at most {settings.serving_max_pairs} pairs", len(body.pairs))
+        if len(body.pairs) > settings.serving.max_pairs:
+            raise _limit_error(["pairs"], f"at most {settings.serving.max_pairs} pairs", len(body.pairs))
         users = [p.user_id for p in body.pairs]
         items = [p.item_id for p in body.pairs]
         scored = await run_in_threadpool(r.score_pairs, users, items)
@@ -273,7 +273,7 @@ def create_app(settings: Settings, components: Components | None = None,
         return Health(status="ok")
 
     def admin(authorization: str | None = Header(None, description="Bearer <serving admin token>")) -> None:
-        token = settings.serving_admin_token
+        token = settings.serving.admin_token
         if not token:
             raise HTTPException(403, "admin endpoints are disabled (RECSYS_SERVING_ADMIN_TOKEN is not set)")
         scheme, _, given = (authorization or "").partition(" ")
@@ -297,7 +297,7 @@ def create_app(settings: Settings, components: Components | None = None,
             raise HTTPException(503, f"reload failed: {type(exc).__name__}: {str(exc)[:200]}") from None
         return ReloadResponse(changed=changed, model_version=comps.model.current.version, previous_version=previous)
 
-    app.add_middleware(BodyLimit, limit=settings.serving_max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes)
     app.state.serving = state
     app.state.metrics = metrics
     return app

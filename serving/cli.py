@@ -20,22 +20,16 @@ def serve(
     import logging
 
     import uvicorn
-    from pydantic import ValidationError
+    from core.cli_support import load_settings
 
-    from recsys.settings import get_settings
-
-    try:
-        settings = get_settings()
-    except ValidationError as exc:
-        typer.echo(f"invalid configuration: {exc}", err=True)
-        raise typer.Exit(2) from None
+    settings = load_settings()
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         typer.echo(f"unknown log level {log_level!r}", err=True)
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host = host or settings.serving_host
-    port = port or settings.serving_port
-    workers = workers or settings.serving_workers
+    host = host or settings.serving.host
+    port = port or settings.serving.port
+    workers = workers or settings.serving.workers
     typer.echo(f"serving on http://{host}:{port} (docs: /docs)", err=True)
     uvicorn.run("serving.asgi:app", host=host, port=port, workers=workers, log_level=log_level,
                 access_log=False, lifespan="on")

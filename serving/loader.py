@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class MlflowLoader:
 
 def mlflow_loader(settings: Settings) -> MlflowLoader | None:
     try:
-        return MlflowLoader(settings.mlflow_tracking_uri, settings.serving_model_name, settings.serving_model_alias)
+        return MlflowLoader(settings.mlflow.tracking_uri, settings.serving.model_name, settings.serving.model_alias)
     except Exception as exc:  # noqa: BLE001 - no registry: serve with the fallback scorer (flagged in /readyz)
         log.error("MLflow registry unavailable: %s", exc)
         return None

@@ -6,7 +6,7 @@ Heavy imports (feast pulls in torch, mlflow) happen here, once, at start-up.
 from __future__ import annotations
 
 import logging
-from recsys.settings import Settings
+from core.settings import Settings
 from serving.app import Components
 from serving.features import FeastFeatures, FeatureSource
 from serving.metrics import Metrics
@@ -18,15 +18,15 @@ log = logging.getLogger(__name__)
 
 def replica_urls(settings: Settings) -> list[str]:
     """Inference replicas, nearest first; without any, the training copy (all shards as one replica)."""
-    return list(settings.ps_replicas) or [",".join(settings.ps_shards)]
+    return list(settings.ps.replicas) or [",".join(settings.ps.shards)]
 
 
 def open_rows(settings: Settings, replicas: list[str] | None = None) -> RowFetcher:
     from paramserver import open_reader
 
     urls = replicas or replica_urls(settings)
-    return RowFetcher(open_reader(urls, []), settings.serving_param_cache_rows, settings.serving_param_version_poll_s,
-                      reopen=lambda: open_reader(urls, []), init_std=settings.train_init_std)
+    return RowFetcher(open_reader(urls, []), settings.serving.param_cache_rows, settings.serving.param_version_poll_s,
+                      reopen=lambda: open_reader(urls, []), init_std=settings.train.init_std)
 
 
 def open_features(settings: Settings) -> FeatureSource | None:
@@ -34,15 +34,15 @@ def open_features(settings: Settings) -> FeatureSource | None:
     try:
         from feature_repo.store import open_store
 
-        redis_url = settings.feast_redis_url or settings.redis_url
-        store = open_store(settings.feast_data_dir, settings.feast_online_store, redis_url, apply=False)
+        redis_url = settings.feast_redis_url
+        store = open_store(settings.feast.data_dir, settings.feast.online_store, redis_url, apply=False)
         try:
             views = {v.name for v in store.list_feature_views()}
         except Exception:  # noqa: BLE001 - no registry yet
             views = set()
         if not {"user_features", "item_features"} <= views:
-            store = open_store(settings.feast_data_dir, settings.feast_online_store, redis_url, apply=True)
-        return FeastFeatures(store, item_ttl_s=settings.serving_item_feature_ttl_s)
+            store = open_store(settings.feast.data_dir, settings.feast.online_store, redis_url, apply=True)
+        return FeastFeatures(store, item_ttl_s=settings.serving.item_feature_ttl_s)
     except Exception as exc:  # noqa: BLE001 - serve degraded (flagged) rather than not at all
         log.error("feature store unavailable, serving without features: %s", exc)
         return None
@@ -55,7 +55,7 @@ def model_handle(settings: Settings, rows: RowFetcher | None) -> ModelHandle:
         tables = {name: cfg.dim for name, cfg in rows.table_configs().items()} if rows is not None else {}
         return EmbeddingDotScorer(tables)
 
-    return ModelHandle(mlflow_loader(settings), fallback if settings.serving_allow_fallback_scorer else None)
+    return ModelHandle(mlflow_loader(settings), fallback if settings.serving.allow_fallback_scorer else None)
 
 
 def build_components(settings: Settings, metrics: Metrics) -> Components:

@@ -44,8 +44,8 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
 from feature_repo.spec import EncodedEntity
-from recsys.kafka import ensure_topics
-from recsys.settings import Settings, get_settings
+from core.kafka import ensure_topics
+from core.settings import Settings, get_settings
 from streaming import metrics
 from streaming.processor import BatchResult, Outgoing, Processor, ProcessorConfig
 
@@ -229,14 +229,14 @@ class TableKV:
 
 def processor_config(settings: Settings) -> ProcessorConfig:
     return ProcessorConfig(
-        attribution_window_s=settings.stream_attribution_window_s, dedup_window_s=settings.stream_dedup_window_s,
-        resolved_retention_s=settings.stream_resolved_retention_s, idle_advance_s=settings.stream_idle_advance_s,
-        max_event_bytes=settings.max_event_bytes, max_future_skew_s=settings.max_future_skew_s,
-        max_event_age_s=settings.max_event_age_s, source_topic=settings.topic_events)
+        attribution_window_s=settings.stream.attribution_window_s, dedup_window_s=settings.stream.dedup_window_s,
+        resolved_retention_s=settings.stream.resolved_retention_s, idle_advance_s=settings.stream.idle_advance_s,
+        max_event_bytes=settings.events.max_event_bytes, max_future_skew_s=settings.events.max_future_skew_s,
+        max_event_age_s=settings.events.max_event_age_s, source_topic=settings.kafka.topic_events)
 
 
 def data_dir(settings: Settings):
-    return settings.stream_data_dir or settings.run_dir / "stream"
+    return settings.stream_data_dir
 
 
 class _WriteLane:
@@ -339,9 +339,9 @@ class FeatureWriter:
 
         s = self.settings
         started = time.perf_counter()
-        opened = fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url)
-        log.info("feature store ready", extra={"fields": {"online_store": s.feast_online_store,
-                                                          "data_dir": str(s.feast_data_dir),
+        opened = fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url)
+        log.info("feature store ready", extra={"fields": {"online_store": s.feast.online_store,
+                                                          "data_dir": str(s.feast.data_dir),
                                                           "seconds": round(time.perf_counter() - started, 2)}})
         return opened
 
@@ -369,7 +369,7 @@ class FeatureWriter:
 
         frame = self._frame(entity, rows)
         started = time.perf_counter()
-        fs.write_offline(self.settings.feast_data_dir, entity, frame)
+        fs.write_offline(self.settings.feast.data_dir, entity, frame)
         metrics.FEATURE_PUSH_SECONDS.labels("offline").observe(time.perf_counter() - started)
         metrics.FEATURE_ROWS.labels(entity, "offline").inc(len(frame))
 
@@ -386,8 +386,8 @@ class StreamWorker:
         self.processor = Processor(processor_config(settings), kv["dedup"], kv["joins"], kv["users"], kv["items"],
                                    caught_up=self.caught_up)
         self.features = FeatureWriter(settings)
-        self.topics = {"samples": settings.topic_samples, "deadletter": settings.topic_deadletter,
-                       "late": settings.topic_late}
+        self.topics = {"samples": settings.kafka.topic_samples, "deadletter": settings.kafka.topic_deadletter,
+                       "late": settings.kafka.topic_late}
         self.lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[tuple[str, bytes], int] = {}
@@ -398,7 +398,7 @@ class StreamWorker:
 
     def caught_up(self, partition: int, next_offset: int) -> bool:
         try:
-            highwater = self.app.consumer.highwater(TP(self.settings.topic_events, partition))
+            highwater = self.app.consumer.highwater(TP(self.settings.kafka.topic_events, partition))
         except Exception:  # not assigned (any more), consumer restarting: not known to be caught up
             return False
         return highwater is not None and next_offset >= highwater
@@ -438,7 +438,7 @@ class StreamWorker:
         try:
             committed_offsets = consumer._committed_offset  # Faust's: refreshed from Kafka at each assignment
             for tp in consumer.assignment():
-                if tp.topic != self.settings.topic_events or tp.partition in self.processor.partitions:
+                if tp.topic != self.settings.kafka.topic_events or tp.partition in self.processor.partitions:
                     continue
                 committed = committed_offsets.get(tp) or 0
                 highwater = consumer.highwater(tp)
@@ -540,23 +540,23 @@ def _done() -> asyncio.Future:
 
 def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorker]:
     s = settings or get_settings()
-    brokers = ";".join(f"kafka://{server.strip()}" for server in s.kafka_bootstrap.split(","))
+    brokers = ";".join(f"kafka://{server.strip()}" for server in s.kafka.bootstrap.split(","))
     folder = data_dir(s)
     folder.mkdir(parents=True, exist_ok=True)
     app = StreamApp(
-        s.stream_app_id, broker=brokers, store="memory://", datadir=str(folder),
-        processing_guarantee="at_least_once", topic_partitions=s.topic_partitions, topic_replication_factor=1,
-        table_standby_replicas=0, broker_commit_interval=s.stream_commit_interval_s,
-        broker_session_timeout=s.stream_session_timeout_s, broker_heartbeat_interval=min(3.0, s.stream_session_timeout_s / 3),
-        broker_max_poll_records=s.stream_batch_size, stream_buffer_maxsize=max(4096, 2 * s.stream_batch_size),
+        s.stream.app_id, broker=brokers, store="memory://", datadir=str(folder),
+        processing_guarantee="at_least_once", topic_partitions=s.kafka.topic_partitions, topic_replication_factor=1,
+        table_standby_replicas=0, broker_commit_interval=s.stream.commit_interval_s,
+        broker_session_timeout=s.stream.session_timeout_s, broker_heartbeat_interval=min(3.0, s.stream.session_timeout_s / 3),
+        broker_max_poll_records=s.stream.batch_size, stream_buffer_maxsize=max(4096, 2 * s.stream.batch_size),
         consumer_max_fetch_size=8 * 1024**2,
         consumer_auto_offset_reset="earliest", producer_linger=0.005, producer_max_batch_size=256 * 1024,
         stream_wait_empty=False, web_enabled=False, worker_redirect_stdouts=False, autodiscover=False,
         key_serializer="raw", value_serializer="raw",
     )
-    app.kafka_bootstrap = s.kafka_bootstrap
-    events = app.topic(s.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.topic_partitions)
-    table_options = {"partitions": s.topic_partitions,
+    app.kafka_bootstrap = s.kafka.bootstrap
+    events = app.topic(s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions)
+    table_options = {"partitions": s.kafka.topic_partitions,
                      "schema": faust.Schema(key_serializer="json", value_serializer="json")}
     tables = {
         "dedup": app.Table("dedup", **table_options),
@@ -570,17 +570,17 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
     # set before the consumer exists (Faust creates it when the worker starts)
     app.topics.add(events)
     app.transport.Consumer = type("EventsBatchConsumer", (BatchConsumer,), {
-        "batch_topics": frozenset({s.topic_events}), "on_batch": worker.handle_batch,
-        "max_in_flight": s.stream_max_in_flight_batches, "fetch_max_wait_ms": s.stream_fetch_max_wait_ms})
+        "batch_topics": frozenset({s.kafka.topic_events}), "on_batch": worker.handle_batch,
+        "max_in_flight": s.stream.max_in_flight_batches, "fetch_max_wait_ms": s.stream.fetch_max_wait_ms})
 
-    @app.timer(interval=max(0.2, min(1.0, s.stream_idle_advance_s / 2)))
+    @app.timer(interval=max(0.2, min(1.0, s.stream.idle_advance_s / 2)))
     async def idle_windows() -> None:
         await worker.tick()
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         worker.ready = False
-        worker.processor.release_partitions(tp.partition for tp in revoked if tp.topic == s.topic_events)
+        worker.processor.release_partitions(tp.partition for tp in revoked if tp.topic == s.kafka.topic_events)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:

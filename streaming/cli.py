@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from recsys.cli_support import load_settings
+from core.cli_support import load_settings
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -25,36 +25,36 @@ def worker(
                                                 help="create the topics (RECSYS_TOPIC_PARTITIONS) first")] = True,
 ) -> None:
     """Run one Faust stream worker (workers with one RECSYS_STREAM_APP_ID form one consumer group; see README)."""
-    from recsys.kafka import KafkaUnavailable, ensure_topics
+    from core.kafka import KafkaUnavailable, ensure_topics
     from streaming import logs
 
     s = load_settings()
     if loglevel not in {"debug", "info", "warning", "error", "critical"}:
         typer.echo(f"unknown log level {loglevel!r}", err=True)
         raise typer.Exit(2)
-    logs.configure(s.stream_log_level)
-    if s.stream_metrics_port:
+    logs.configure(s.stream.log_level)
+    if s.stream.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(s.stream_metrics_port, addr="127.0.0.1")
+        start_http_server(s.stream.metrics_port, addr="127.0.0.1")
     from faust.worker import Worker
 
     from streaming.app import app as faust_app
     from streaming.app import worker as stream_worker
 
     if create_topics:
-        topics = {name: s.topic_partitions for name in (s.topic_events, s.topic_samples, s.topic_deadletter,
-                                                        s.topic_late)}
+        topics = {name: s.kafka.topic_partitions for name in (s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter,
+                                                        s.kafka.topic_late)}
         try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
-            asyncio.run(ensure_topics(s.kafka_bootstrap, topics))
+            asyncio.run(ensure_topics(s.kafka.bootstrap, topics))
         except KafkaUnavailable as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
     try:
         stream_worker.features.open_now()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
-        typer.echo(f"error: cannot open the feature store ({s.feast_online_store} online store, "
-                   f"{s.feast_data_dir}): {type(exc).__name__}: {exc}", err=True)
+        typer.echo(f"error: cannot open the feature store ({s.feast.online_store} online store, "
+                   f"{s.feast.data_dir}): {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
     # Faust, Feast and torch leave millions of long-lived objects; the cyclic GC traversed them
     # again and again while the tables grew (~30% of the worker's CPU). Freeze what exists now and
@@ -73,10 +73,10 @@ def feast_apply() -> None:
     from feature_repo import store as fs
 
     s = load_settings()
-    os.environ.setdefault("RECSYS_FEAST_DATA_DIR", str(s.feast_data_dir))
-    fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=True)
-    typer.echo(f"applied feature views user_features, item_features to {s.feast_data_dir} "
-               f"(online store: {s.feast_online_store})")
+    os.environ.setdefault("RECSYS_FEAST_DATA_DIR", str(s.feast.data_dir))
+    fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url, apply=True)
+    typer.echo(f"applied feature views user_features, item_features to {s.feast.data_dir} "
+               f"(online store: {s.feast.online_store})")
 
 
 @app.command("features")
@@ -91,7 +91,7 @@ def features(
         typer.echo("give at least one --user or --item", err=True)
         raise typer.Exit(2)
     s = load_settings()
-    store = fs.open_store(s.feast_data_dir, s.feast_online_store, s.feast_redis_url or s.redis_url, apply=False)
+    store = fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url, apply=False)
     out = {}
     for entity, ids in (("user", users or []), ("item", items or [])):
         for entity_id, encoded in fs.read_online(store, entity, ids).items():

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recsys.services import free_port
-from recsys.settings import PROJECT_ROOT
+from core.procs import free_port
+from core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,7 +35,7 @@ def _recsys(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
 @pytest.fixture
 def airflow_up(kafka_bootstrap: str, tmp_path: Path):  # noqa: ANN201
     """`recsys airflow up` in a private run directory; `recsys airflow down` afterwards."""
-    from recsys.kafka import ensure_topics
+    from core.kafka import ensure_topics
 
     tag = uuid.uuid4().hex[:8]
     topic = f"samples.{tag}"

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from recsys import airflow_local
-from recsys.services import free_port
-from recsys.settings import PROJECT_ROOT, Settings
+from local_services import airflow as airflow_local
+from core.procs import free_port
+from core.settings import PROJECT_ROOT, Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -56,7 +55,7 @@ def dags_test(s: Settings, dag_id: str, conf: str | None = None,
 def airflow_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated Airflow metadata DB for the module (the DAGs' runs do not interfere)."""
     run_dir = tmp_path_factory.mktemp("airflow-e2e")
-    airflow_local.migrate(Settings(run_dir=run_dir))
+    airflow_local.migrate(Settings().override(local={"run_dir": run_dir}))
     return run_dir
 
 
@@ -67,16 +66,17 @@ def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, airflow_run_
     tag = uuid.uuid4().hex[:8]
     feast_redis = redis_factory("feast")
     shard, replica = redis_factory(f"ps-shard-{tag}"), redis_factory(f"ps-replica-{tag}")
-    s = Settings(
-        kafka_bootstrap=kafka_bootstrap, redis_url=feast_redis.url, ps_shards=[shard.url], ps_replicas=[replica.url],
-        topic_events=f"events.{tag}", topic_samples=f"samples.{tag}", topic_deadletter=f"dead.{tag}",
-        topic_late=f"late.{tag}", run_dir=airflow_run_dir, cache_dir=PROJECT_ROOT / ".cache",
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", feast_data_dir=tmp_path / "feast",
-        feast_online_store="redis", feast_redis_url=feast_redis.url, train_experiment=f"airflow-e2e-{tag}",
-        train_model_name=f"recsys-e2e-{tag}", serving_model_name=f"recsys-e2e-{tag}",
-        serving_reload_urls=["http://127.0.0.1:9"], publish_timeout_s=60.0, train_epochs=1,
-        airflow_port=free_port(),
-    )
+    s = Settings().override(
+            kafka={"bootstrap": kafka_bootstrap, "topic_events": f"events.{tag}", "topic_samples": f"samples.{tag}", "topic_deadletter": f"dead.{tag}", "topic_late": f"late.{tag}"},
+            local={"redis_url": feast_redis.url, "run_dir": airflow_run_dir, "cache_dir": PROJECT_ROOT / ".cache"},
+            ps={"shards": [shard.url], "replicas": [replica.url]},
+            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            feast={"data_dir": tmp_path / "feast", "online_store": "redis", "redis_url": feast_redis.url},
+            train={"experiment": f"airflow-e2e-{tag}", "model_name": f"recsys-e2e-{tag}", "epochs": 1},
+            serving={"model_name": f"recsys-e2e-{tag}", "reload_urls": ["http://127.0.0.1:9"]},
+            gate={"publish_timeout_s": 60.0},
+            airflow={"port": free_port()},
+        )
     return s
 
 
@@ -91,19 +91,19 @@ def test_features_dag_materializes_and_compacts(airflow_settings: Settings) -> N
     items = [encode_item(f"i{i}", {"genres": ["Drama"], "year": 1999, "title": f"t{i}"}) for i in range(4)]
     # the stream worker's way of writing the offline store: many small files
     for i in range(3):
-        write_offline(s.feast_data_dir, "user", rows_frame("user", users[2 * i:2 * i + 2], [now - 60 + i] * 2))
+        write_offline(s.feast.data_dir, "user", rows_frame("user", users[2 * i:2 * i + 2], [now - 60 + i] * 2))
     for i in range(2):
-        write_offline(s.feast_data_dir, "item", rows_frame("item", items[2 * i:2 * i + 2], [now - 60 + i] * 2))
+        write_offline(s.feast.data_dir, "item", rows_frame("item", items[2 * i:2 * i + 2], [now - 60 + i] * 2))
     state, tasks, output = dags_test(s, "recsys_features")
     assert state == "success", output[-4000:]
     assert set(tasks.values()) == {"success"}, tasks
 
-    store = open_store(s.feast_data_dir, "redis", s.feast_redis_url, apply=False)
+    store = open_store(s.feast.data_dir, "redis", s.feast_redis_url, apply=False)
     online = read_online(store, "user", [f"u{i}" for i in range(6)])
     assert all(online[f"u{i}"] is not None and online[f"u{i}"].sparse == users[i].sparse for i in range(6)), online
     assert read_online(store, "item", ["i3"])["i3"].sparse == items[3].sparse
     for entity, rows in (("user", 6), ("item", 4)):
-        files = list((s.feast_data_dir / "offline" / entity).rglob("*.parquet"))
+        files = list((s.feast.data_dir / "offline" / entity).rglob("*.parquet"))
         assert len(files) == 1 and files[0].name.startswith("part-compacted-"), files
 
 
@@ -130,16 +130,16 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
     import os
 
     from paramserver.replication import replica_status
-    from recsys.simulator import SimConfig
+    from traffic.simulator import SimConfig
     from recsys_ops.gate import TAG_GATE, champion_version, client_for
-    from training.synthetic import produce_samples, simulate_samples
+    from traffic.synthetic import produce_samples, simulate_samples
 
     s = airflow_settings
     forced = {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9", "RECSYS_TRAIN_SEED": "11"}
-    replicator = subprocess.Popen([sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps_replicas[0]],
+    replicator = subprocess.Popen([sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps.replicas[0]],
                                   env={**os.environ, **recsys_env(s)}, cwd=PROJECT_ROOT,
                                   stdout=open(tmp_path / "replicator.log", "wb"), stderr=subprocess.STDOUT)
-    client = client_for(s.mlflow_tracking_uri)
+    client = client_for(s.mlflow.tracking_uri)
     versions = []
     try:
         # one simulated world, its traffic cut by time into three batches: each run sees new
@@ -149,7 +149,7 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
         ordered = sorted(synthetic.samples, key=lambda sample: sample.event_time)
         third = len(ordered) // 3
         for batch in range(3):
-            produce_samples(s.kafka_bootstrap, s.topic_samples, ordered[batch * third:(batch + 1) * third])
+            produce_samples(s.kafka.bootstrap, s.kafka.topic_samples, ordered[batch * third:(batch + 1) * third])
             state, tasks, output = dags_test(s, "recsys_training", conf=json.dumps({"epochs": 1}),
                                              extra_env=forced if batch in (0, 2) else None)
             assert state == "success", output[-6000:]
@@ -159,9 +159,9 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
             print(f"run {batch + 1}: v{trained['model_version']} {evaluation}")
             if batch < 2:  # promoted: the first champion, then the better challenger
                 assert set(tasks.values()) == {"success"}, tasks
-                assert champion_version(client, s.train_model_name) == trained["model_version"]
+                assert champion_version(client, s.train.model_name) == trained["model_version"]
                 assert _xcom(s, "recsys_training", "publish")["ps_version"] == trained["ps_version"]
-                status = replica_status(None, [s.ps_replicas[0]], namespace=s.ps_namespace)
+                status = replica_status(None, [s.ps.replicas[0]], namespace=s.ps.namespace)
                 assert status["version"] >= trained["ps_version"]
                 assert _xcom(s, "recsys_training", "reload_serving") == {"http://127.0.0.1:9": "not running"}
             if batch == 0:
@@ -173,10 +173,10 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
                 assert tasks["evaluate"] == "success" and tasks["gate"] == "success", tasks
                 assert {tasks[t] for t in ("promote", "publish", "reload_serving")} == {"skipped"}, tasks
                 assert evaluation["champion_version"] == versions[1]
-                assert evaluation["challenger_auc_same_rows"] < evaluation["champion_auc"] - s.gate_tolerance
-                assert champion_version(client, s.train_model_name) == versions[1]
-                assert client.get_model_version(s.train_model_name, versions[2]).tags[TAG_GATE] == "refused"
-        assert client.get_model_version(s.train_model_name, versions[0]).tags["role"] == "retired"
+                assert evaluation["challenger_auc_same_rows"] < evaluation["champion_auc"] - s.gate.tolerance
+                assert champion_version(client, s.train.model_name) == versions[1]
+                assert client.get_model_version(s.train.model_name, versions[2]).tags[TAG_GATE] == "refused"
+        assert client.get_model_version(s.train.model_name, versions[0]).tags["role"] == "retired"
     finally:
         replicator.terminate()
         replicator.wait(timeout=30)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "dags"))
 

@@ -6,12 +6,12 @@ import json
 import stat
 from pathlib import Path
 
-from recsys import airflow_local
-from recsys.settings import Settings
+from local_services import airflow as airflow_local
+from core.settings import Settings
 
 
 def test_env_binds_loopback_and_shares_a_long_jwt_secret(tmp_path: Path) -> None:
-    s = Settings(run_dir=tmp_path, airflow_port=18123)
+    s = Settings().override(local={"run_dir": tmp_path}, airflow={"port": 18123})
     env = airflow_local.airflow_env(s)
     assert env["AIRFLOW__API__HOST"] == "127.0.0.1"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:18123/execution/"
@@ -29,12 +29,15 @@ def test_env_binds_loopback_and_shares_a_long_jwt_secret(tmp_path: Path) -> None
 
 
 def test_postgres_url_is_passed_through(tmp_path: Path) -> None:
-    s = Settings(run_dir=tmp_path, airflow_db_url="postgresql+psycopg2://airflow@127.0.0.1:5432/airflow")
+    s = Settings().override(
+            local={"run_dir": tmp_path},
+            airflow={"db_url": "postgresql+psycopg2://airflow@127.0.0.1:5432/airflow"},
+        )
     assert airflow_local.airflow_env(s)["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
 
 
 def test_admin_password_generated_once(tmp_path: Path) -> None:
-    s = Settings(run_dir=tmp_path)
+    s = Settings().override(local={"run_dir": tmp_path})
     password, new = airflow_local.ensure_admin_password(s)
     assert new and len(password) >= 12
     again, new_again = airflow_local.ensure_admin_password(s)

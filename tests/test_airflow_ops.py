@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from recsys.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "dags"))
 

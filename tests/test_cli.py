@@ -9,7 +9,7 @@ import sys
 import orjson
 import pytest
 
-from recsys.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT
 
 
 def recsys(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def test_bad_configuration_is_reported(tmp_path) -> None:
 
 
 def test_unreachable_kafka_is_a_clear_error(tmp_path) -> None:
-    from recsys.services import free_port
+    from core.procs import free_port
 
     done = recsys("simulate", "--requests", "5", env={"RECSYS_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
     assert done.returncode == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT
 
 DAGS = PROJECT_ROOT / "dags"
 HEAVY = ("torch", "torchrec", "feast", "mlflow", "pandas", "faust", "fbgemm_gpu")

@@ -13,7 +13,7 @@ import typer.main
 import yaml
 
 from recsys.cli import app
-from recsys.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings, environment_names
 
 COMPOSE = PROJECT_ROOT / "docker" / "compose.yaml"
 EXPECTED = {"kafka", "redis-train", "redis-replica-a", "redis-replica-b", "postgres", "mlflow", "airflow-api-server",
@@ -80,7 +80,7 @@ def test_other_entrypoints_are_installed_commands(compose: dict) -> None:
 
 def test_every_environment_variable_is_a_setting_with_a_valid_value(compose: dict,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    fields = {f"RECSYS_{name.upper()}" for name in Settings.model_fields}
+    fields = environment_names()
     for name, service in app_services(compose).items():
         recsys_env = {k: interpolate(str(v)) for k, v in service["environment"].items() if k.startswith("RECSYS_")}
         assert recsys_env, name
@@ -92,8 +92,8 @@ def test_every_environment_variable_is_a_setting_with_a_valid_value(compose: dic
         for key, value in recsys_env.items():
             monkeypatch.setenv(key, value)
         settings = Settings()  # raises on any invalid value
-        assert settings.kafka_bootstrap == "kafka:19092"
-        assert len(settings.ps_replicas) == 2
+        assert settings.kafka.bootstrap == "kafka:19092"
+        assert len(settings.ps.replicas) == 2
 
 
 def test_serving_instances_each_read_their_own_replica_first(compose: dict) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from recsys.demo import CHAINS, quantiles
-from recsys.services import free_port
-from recsys.settings import PROJECT_ROOT
+from core.procs import free_port
+from core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

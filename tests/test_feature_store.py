@@ -17,7 +17,7 @@ import pytest
 from feature_repo.spec import (
     AGE_BOUNDARIES, GENDER_ALIASES, GENRES, OCCUPATIONS, SPEC, encode_item, encode_user, join_features,
 )
-from recsys.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT
 from streaming.processor import DictKV, Processor, ProcessorConfig, RawRecord
 
 pytestmark = pytest.mark.integration

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from feature_repo.contract import parse_event
-from recsys.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, read_topic
-from recsys.publish import publish
-from recsys.simulator import SimConfig, Simulation
+from core.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, read_topic
+from traffic.recording import publish
+from traffic.simulator import SimConfig, Simulation
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +89,7 @@ async def test_bounded_read_respects_start_and_stop_offsets(kafka_bootstrap: str
 
 
 async def test_unreachable_broker_gives_a_clear_error() -> None:
-    from recsys.services import free_port
+    from core.procs import free_port
 
     with pytest.raises(KafkaUnavailable, match="recsys services up"):
         await asyncio.wait_for(ensure_topics(f"127.0.0.1:{free_port()}", {"x": 1}), timeout=60)

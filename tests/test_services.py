@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from recsys import services
-from recsys.settings import PROJECT_ROOT
+from local_services import services
+from core.settings import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

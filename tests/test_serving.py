@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from feature_repo.spec import encode_item, encode_user, item_id_key, user_id_key
 from paramserver import Rows, ShardUnavailable, TableConfig, open_store
-from recsys.settings import Settings
+from core.settings import Settings
 from serving.app import Components, create_app
 from serving.features import StaticFeatures, assemble
 from serving.model import EmbeddingDotScorer, ModelHandle
@@ -57,8 +57,10 @@ class MemoryReader:
 
 
 def _settings(**kw) -> Settings:
-    return Settings(serving_admin_token=TOKEN, serving_reload_poll_s=0, serving_max_candidates=50,
-                    serving_max_k=20, serving_max_body_bytes=4096, serving_param_version_poll_s=0.05, **kw)
+    return Settings().override(
+               serving={"admin_token": TOKEN, "reload_poll_s": 0, "max_candidates": 50, "max_k": 20, "max_body_bytes": 4096, "param_version_poll_s": 0.05},
+               **kw,
+           )
 
 
 def _store():
@@ -209,7 +211,7 @@ def test_admin_reload_requires_token(client):
 def test_admin_disabled_without_token(parts):
     _, _, rows, features, model = parts
     comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
-    settings = Settings(serving_reload_poll_s=0)
+    settings = Settings().override(serving={"reload_poll_s": 0})
     with TestClient(create_app(settings, comps)) as c:
         assert c.post("/admin/reload", headers={"Authorization": "Bearer anything-at-all-here"}).status_code == 403
 
@@ -347,7 +349,7 @@ def test_model_poll_picks_up_a_new_champion(parts):
 
     model = ModelHandle(Loader(), None)
     comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
-    settings = Settings(serving_reload_poll_s=0.05, serving_param_version_poll_s=0.05)
+    settings = Settings().override(serving={"reload_poll_s": 0.05, "param_version_poll_s": 0.05})
     with TestClient(create_app(settings, comps)) as c:
         first = c.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]}).json()
         champion["version"] = "2"

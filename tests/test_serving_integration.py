@@ -20,9 +20,9 @@ import uvicorn
 from feature_repo.contract import Impression, parse_event
 from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, join_features, user_id_key
 from paramserver import Replicator, Rows, TableConfig, open_reader, open_store
-from recsys import services
-from recsys.kafka import ensure_topics, read_topic
-from recsys.settings import Settings
+from local_services import services
+from core.kafka import ensure_topics, read_topic
+from core.settings import Settings
 from serving.app import Components, create_app
 from serving.features import FeastFeatures, StaticFeatures
 from serving.model import EmbeddingDotScorer, ModelHandle
@@ -94,8 +94,8 @@ PROFILE = {"gender": "F", "age": 41, "occupation": "writer", "zip_code": "94110"
 ITEM_PROFILE = {"genres": ["drama", "war"], "year": 1999}
 
 
-def _settings(base: Settings, **kw) -> Settings:
-    return base.model_copy(update={"serving_admin_token": TOKEN, "serving_reload_poll_s": 0, **kw})
+def _settings(base: Settings, **serving) -> Settings:
+    return base.override(serving={"admin_token": TOKEN, "reload_poll_s": 0, **serving})
 
 
 USERS = [f"u{i}" for i in range(20)]
@@ -108,9 +108,9 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
     train, near, far = redis_factory("serve-fo-train"), redis_factory("serve-fo-near"), redis_factory("serve-fo-far")
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [near.url, far.url])
-    settings = _settings(test_settings, serving_param_cache_rows=0)  # no cache: every request reads a replica
+    settings = _settings(test_settings, param_cache_rows=0)  # no cache: every request reads a replica
     reader = open_reader([near.url, far.url], [], timeout=0.3, probe_s=0.2)
-    rows = RowFetcher(reader, settings.serving_param_cache_rows, settings.serving_param_version_poll_s)
+    rows = RowFetcher(reader, settings.serving.param_cache_rows, settings.serving.param_version_poll_s)
     model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
     comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False,
                        log_impressions=False)
@@ -161,7 +161,7 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
     train, replica = redis_factory("serve-imp-train"), redis_factory("serve-imp-replica")
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [replica.url])
-    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 2}))
+    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
     settings = _settings(test_settings)
     comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
                        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=FeastFeatures(feast_store),
@@ -180,7 +180,7 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
             time.sleep(0.1)
 
     async def read_all() -> list:
-        return [r async for r in read_topic(settings.kafka_bootstrap, settings.topic_events)]
+        return [r async for r in read_topic(settings.kafka.bootstrap, settings.kafka.topic_events)]
 
     records = asyncio.run(read_all())
     events = [parse_event(r.value) for r in records]
@@ -208,7 +208,7 @@ def _register_dense_version(client, settings: Settings, name: str, seed: int, tm
     torch.manual_seed(seed)
     config = ModelConfig.from_spec(SPEC, DIM, (16, DIM), (16,))
     path = save_dense(tmp_path / f"dense-{seed}" / "dense.pt", config, DenseArch(config).state_dict())
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(path), "dense")
     mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/dense", run_id=run.info.run_id)
@@ -225,13 +225,13 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
     tables = [TableConfig(name, DIM) for name in SPEC.sparse_names]
     _seed_training_copy(train.url, USERS, ITEMS, tables[:1] + tables[5:6])
     _replicate(train.url, [replica.url])
-    settings = _settings(test_settings, serving_model_name="serve-reload-test")
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
-    client.create_registered_model(settings.serving_model_name)
-    v1 = _register_dense_version(client, settings, settings.serving_model_name, 1, tmp_path)
-    v2 = _register_dense_version(client, settings, settings.serving_model_name, 2, tmp_path)
-    client.set_registered_model_alias(settings.serving_model_name, "champion", v1)
-    loader = MlflowLoader(settings.mlflow_tracking_uri, settings.serving_model_name, "champion")
+    settings = _settings(test_settings, model_name="serve-reload-test")
+    client = MlflowClient(tracking_uri=settings.mlflow.tracking_uri)
+    client.create_registered_model(settings.serving.model_name)
+    v1 = _register_dense_version(client, settings, settings.serving.model_name, 1, tmp_path)
+    v2 = _register_dense_version(client, settings, settings.serving.model_name, 2, tmp_path)
+    client.set_registered_model_alias(settings.serving.model_name, "champion", v1)
+    loader = MlflowLoader(settings.mlflow.tracking_uri, settings.serving.model_name, "champion")
     comps = Components(model=ModelHandle(loader, None), rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
                        features=StaticFeatures(), follow_stream=False, log_impressions=False)
     results: list[tuple[int, str, float]] = []
@@ -250,7 +250,7 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(hammer, s) for s in range(4)]
             time.sleep(1.0)
-            client.set_registered_model_alias(settings.serving_model_name, "champion", v2)
+            client.set_registered_model_alias(settings.serving.model_name, "champion", v2)
             r = httpx.post(f"{base}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             swapped_at = time.perf_counter()
             time.sleep(1.0)
@@ -277,8 +277,8 @@ def test_schemathesis_finds_no_server_error(redis_factory, test_settings, feast_
     train, replica = redis_factory("serve-st-train"), redis_factory("serve-st-replica")
     _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [replica.url])
-    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 1}))
-    settings = _settings(test_settings, serving_max_candidates=200, serving_max_pairs=200)
+    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 1}))
+    settings = _settings(test_settings, max_candidates=200, max_pairs=200)
     comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
                        rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
                        features=FeastFeatures(feast_store), follow_stream=True)
@@ -327,28 +327,28 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     pytest.importorskip("training.worker", reason="the trainer (issue #5) is not in this checkout")
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
-    from recsys.simulator import SimConfig, World
+    from traffic.simulator import SimConfig, World
     from serving.loader import MlflowLoader
-    from training.synthetic import produce_samples, simulate_samples
+    from traffic.synthetic import produce_samples, simulate_samples
 
     config = SimConfig(users=150, items=200, requests=2000, slate_size=10, seed=11)
     synthetic = simulate_samples(config)
     world = World(config)
-    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_samples: 2}))
-    produce_samples(test_settings.kafka_bootstrap, test_settings.topic_samples, synthetic.samples)
+    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_samples: 2}))
+    produce_samples(test_settings.kafka.bootstrap, test_settings.kafka.topic_samples, synthetic.samples)
     train, replica, feast_redis = (redis_factory("serve-q-train"), redis_factory("serve-q-replica"),
                                    redis_factory("serve-q-feast"))
     model_name = "serve-quality-dlrm"
-    env = {**__import__("os").environ, "RECSYS_KAFKA_BOOTSTRAP": test_settings.kafka_bootstrap,
-           "RECSYS_TOPIC_SAMPLES": test_settings.topic_samples, "RECSYS_PS_SHARDS": json.dumps([train.url]),
-           "RECSYS_MLFLOW_TRACKING_URI": test_settings.mlflow_tracking_uri, "RECSYS_TRAIN_MODEL_NAME": model_name,
+    env = {**__import__("os").environ, "RECSYS_KAFKA_BOOTSTRAP": test_settings.kafka.bootstrap,
+           "RECSYS_TOPIC_SAMPLES": test_settings.kafka.topic_samples, "RECSYS_PS_SHARDS": json.dumps([train.url]),
+           "RECSYS_MLFLOW_TRACKING_URI": test_settings.mlflow.tracking_uri, "RECSYS_TRAIN_MODEL_NAME": model_name,
            "RECSYS_TRAIN_EPOCHS": "3", "RECSYS_RUN_DIR": str(tmp_path / "run")}
     job = subprocess.run([sys.executable, "-m", "training.worker", "--result", str(tmp_path / "result.json")],
                          env=env, capture_output=True, text=True, timeout=400)
     assert job.returncode == 0, job.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "trained", result
-    client = MlflowClient(tracking_uri=test_settings.mlflow_tracking_uri)
+    client = MlflowClient(tracking_uri=test_settings.mlflow.tracking_uri)
     client.set_registered_model_alias(model_name, "champion", result["model_version"])  # what orchestration does
     _replicate(train.url, [replica.url])
 
@@ -358,8 +358,8 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
                                                    for i, u in enumerate(world.user_ids)], [now] * config.users))
     push_online(feast, "item", rows_frame("item", [encode_item(it, world.item_profile(j, "e", now))
                                                    for j, it in enumerate(world.item_ids)], [now] * config.items))
-    settings = _settings(test_settings, serving_model_name=model_name, serving_max_candidates=1000)
-    comps = Components(model=ModelHandle(MlflowLoader(settings.mlflow_tracking_uri, model_name, "champion"), None),
+    settings = _settings(test_settings, model_name=model_name, max_candidates=1000)
+    comps = Components(model=ModelHandle(MlflowLoader(settings.mlflow.tracking_uri, model_name, "champion"), None),
                        rows=RowFetcher(open_reader([replica.url], []), 100_000, 0.5), features=FeastFeatures(feast),
                        follow_stream=False, log_impressions=False)
     rng = np.random.default_rng(5)
@@ -414,10 +414,10 @@ def test_feature_store_down_gives_degraded_answer(redis_factory, services_run_di
 
 def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
     """Without candidates, the items come from what the events topic says is popular and recent."""
-    from recsys.kafka import produce_all
+    from core.kafka import produce_all
 
     replica = redis_factory("serve-retr-replica")
-    asyncio.run(ensure_topics(test_settings.kafka_bootstrap, {test_settings.topic_events: 2}))
+    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
     now = time.time()
     events = [{"schema_version": 1, "event_type": "item_profile", "event_id": f"p{j}", "timestamp": now,
                "item_id": f"stream-item-{j}", "genres": ["comedy" if j < 3 else "horror"]} for j in range(6)]
@@ -425,7 +425,7 @@ def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
                 "request_id": "r", "user_id": "fan", "item_id": "stream-item-1"} for n in range(3)]
     records = [(e.get("user_id", e["item_id"]).encode(), __import__("orjson").dumps(e)) for e in events]
     records.append((b"junk", b"{not json"))  # a malformed record must not stop the follower
-    asyncio.run(produce_all(test_settings.kafka_bootstrap, test_settings.topic_events, records))
+    asyncio.run(produce_all(test_settings.kafka.bootstrap, test_settings.kafka.topic_events, records))
     settings = _settings(test_settings)
     comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
                        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=StaticFeatures(),

@@ -7,8 +7,9 @@ import orjson
 import pytest
 
 from feature_repo.contract import InvalidEvent, RejectReason, parse_event
-from recsys.publish import read_jsonl, rebase, write_jsonl
-from recsys.simulator import BAD_KINDS, SimConfig, Simulation, roc_auc
+from traffic.recording import read_jsonl, rebase, write_jsonl
+from traffic.simulator import BAD_KINDS, SimConfig, Simulation
+from core.metrics import roc_auc
 
 START = 1_800_000_000.0
 EXPECTED_REASON = {

@@ -365,10 +365,10 @@ def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_take
     processed; taking the partition as quiet then closed windows from restored state ahead of them."""
     import asyncio
 
-    from recsys.settings import Settings
+    from core.settings import Settings
     from streaming.app import StreamWorker
 
-    settings = Settings(topic_events="events.t")
+    settings = Settings().override(kafka={"topic_events": "events.t"})
     consumer = _FakeConsumer("events.t")
     app = type("App", (), {"consumer": consumer, "rebalancing": False, "in_recovery": False})()
     worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
@@ -416,11 +416,11 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
     """What lets a restored worker trust "resolved" in its tables: the sample was durable first."""
     import asyncio
 
-    from recsys.settings import Settings
+    from core.settings import Settings
     from streaming.app import StreamWorker
     from streaming.processor import Outgoing
 
-    settings = Settings(topic_samples="samples.t")
+    settings = Settings().override(kafka={"topic_samples": "samples.t"})
     producer = _FakeProducer()
     app = type("App", (), {"producer": type("P", (), {"_ensure_producer": lambda _self: producer})()})()
     worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})

@@ -25,9 +25,9 @@ from feast.errors import FeatureViewNotFoundException
 
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features
-from recsys.kafka import end_offsets, ensure_topics, produce_all
-from recsys.settings import PROJECT_ROOT
-from recsys.simulator import SimConfig, Simulation
+from core.kafka import end_offsets, ensure_topics, produce_all
+from core.settings import PROJECT_ROOT
+from traffic.simulator import SimConfig, Simulation
 
 pytestmark = pytest.mark.integration
 

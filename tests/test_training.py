@@ -13,7 +13,8 @@ import torch
 
 from feature_repo.contract import Sample
 from feature_repo.spec import SPEC, encode_item, encode_user, join_features
-from recsys.simulator import SimConfig, roc_auc
+from traffic.simulator import SimConfig
+from core.metrics import roc_auc
 from training.data import (
     gather_jagged,
     parse_samples,
@@ -24,7 +25,7 @@ from training.data import (
 )
 from training.model import DLRM, POSITION_FEATURE, ModelConfig, load_dense, save_dense
 from training.params import conflicting_ids, table_configs
-from training.synthetic import simulate_samples
+from traffic.synthetic import simulate_samples
 from training.worker import JobFailed, eval_metrics, load_truth
 
 
@@ -236,7 +237,7 @@ def test_runs_whose_job_process_is_gone_are_marked_killed_by_the_next_job(tmp_pa
     import subprocess
     import sys
 
-    from recsys.settings import PROJECT_ROOT
+    from core.settings import PROJECT_ROOT
     from training.tracking import TAG_ABANDONED, TAG_PROCESS, Tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from recsys.cli import app
-from recsys.services import free_port
+from core.procs import free_port
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def test_bad_options_are_rejected() -> None:
 def test_bad_backend_setting_is_a_clear_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     result = runner.invoke(app, ["train", "--backend", "mpi"])
     assert result.exit_code == 2
-    assert "invalid configuration" in result.output and "train_backend" in result.output
+    assert "invalid configuration" in result.output and "RECSYS_TRAIN_BACKEND" in result.output
 
 
 @pytest.mark.integration

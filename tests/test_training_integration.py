@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from feature_repo.spec import SPEC
-from recsys.kafka import end_offsets, ensure_topics
-from recsys.settings import PROJECT_ROOT
-from recsys.simulator import SimConfig
+from core.kafka import end_offsets, ensure_topics
+from core.settings import PROJECT_ROOT
+from traffic.simulator import SimConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ def train(env: Env, *args: str, **extra: str) -> tuple[int, dict | None, str]:
 
 
 def produce(env: Env, config: SimConfig, extra: list[bytes] | None = None):
-    from training.synthetic import produce_samples, simulate_samples
+    from traffic.synthetic import produce_samples, simulate_samples
 
     synthetic = simulate_samples(config)
     produce_samples(env.kafka, env.topic, synthetic.samples, extra)
@@ -84,7 +84,7 @@ def env(kafka_bootstrap, redis_factory, tmp_path_factory) -> Env:
 
 @pytest.fixture(scope="module")
 def first_job(env: Env):
-    from training.synthetic import write_truth
+    from traffic.synthetic import write_truth
 
     synthetic = produce(env, QUALITY_SIM)
     truth = env.tmp / "truth.jsonl"
@@ -185,7 +185,7 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
     bad = [b"not json", b'{"sample_id": "x"}']
     synthetic = produce(env, second, extra=bad)
     # a duplicate delivery of one sample (producer retry) must count once
-    from training.synthetic import produce_samples
+    from traffic.synthetic import produce_samples
 
     produce_samples(env.kafka, env.topic, synthetic.samples[:1])
     code, outcome, log = train(env)
@@ -207,11 +207,14 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
     # nothing new since: the job ends cleanly, saying so (in-process: this exit happens before any collective)
     import torch
 
-    from recsys.settings import Settings
+    from core.settings import Settings
     from training.worker import run_job
 
-    settings = Settings(kafka_bootstrap=env.kafka, ps_shards=[env.redis_url], ps_namespace=env.namespace,
-                        topic_samples=env.topic, mlflow_tracking_uri=env.mlflow_uri)
+    settings = Settings().override(
+                   kafka={"bootstrap": env.kafka, "topic_samples": env.topic},
+                   ps={"shards": [env.redis_url], "namespace": env.namespace},
+                   mlflow={"tracking_uri": env.mlflow_uri},
+               )
     again = run_job(settings, 0, 1, torch.device("cpu"))
     assert again["status"] == "no_new_samples"
     assert "no new samples" in again["message"]

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from recsys.cli_support import console, fail
+from core.cli_support import console, fail
 
 app = typer.Typer(invoke_without_command=True, add_completion=False)
 out = Console()
@@ -34,23 +34,23 @@ def preflight(settings: Any) -> None:
     """Raise RuntimeError with an actionable message when Kafka, the parameter service or MLflow is unusable."""
     import asyncio
 
-    from recsys.kafka import KafkaUnavailable, end_offsets
+    from core.kafka import KafkaUnavailable, end_offsets
     from training.params import open_training_store, table_configs
 
     try:
-        asyncio.run(end_offsets(settings.kafka_bootstrap, settings.topic_samples))
+        asyncio.run(end_offsets(settings.kafka.bootstrap, settings.kafka.topic_samples))
     except KafkaUnavailable as exc:
         raise RuntimeError(str(exc)) from None
     try:
-        store = open_training_store(settings.ps_shards, table_configs(settings.train_embedding_dim,
-                                                                      settings.train_init_std),
-                                    namespace=settings.ps_namespace)
+        store = open_training_store(settings.ps.shards, table_configs(settings.train.embedding_dim,
+                                                                      settings.train.init_std),
+                                    namespace=settings.ps.namespace)
         store.version()
         store.close()
     except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: all need the same advice
-        raise RuntimeError(f"the parameter service {settings.ps_shards} is unusable ({type(exc).__name__}: {exc}). "
+        raise RuntimeError(f"the parameter service {settings.ps.shards} is unusable ({type(exc).__name__}: {exc}). "
                            "Start it with `recsys ps up` or point RECSYS_PS_SHARDS at running shards.") from None
-    check_tracking_uri(settings.mlflow_tracking_uri)
+    check_tracking_uri(settings.mlflow.tracking_uri)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -77,7 +77,7 @@ def check_tracking_uri(uri: str) -> None:
 def launch(ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None,
            capture: bool = False) -> tuple[int, dict[str, Any] | None, str]:
     """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output)."""
-    from recsys.services import free_port
+    from core.procs import free_port
 
     with tempfile.TemporaryDirectory(prefix="recsys-train-") as tmp:
         result = result_path or Path(tmp) / "result.json"
@@ -107,28 +107,28 @@ def train(
     """Train on the samples that arrived since the last job; push rows, log and register the model."""
     from pydantic import ValidationError
 
-    from recsys.settings import Settings
+    from core.settings import Settings, describe_error
 
     given = {"ranks": ranks, "epochs": epochs, "batch_size": batch_size, "backend": backend, "topic": topic}
     overrides = {name: value for name, value in given.items() if value is not None}
-    fields = {"ranks": "train_ranks", "epochs": "train_epochs", "batch_size": "train_batch_size",
-              "backend": "train_backend", "topic": "topic_samples"}
     if topic is not None and not re.match(r"^[A-Za-z0-9._-]{1,249}$", topic):
         fail(f"invalid topic name {topic!r}: use 1-249 characters of [A-Za-z0-9._-]", 2)
-    try:
-        settings = Settings(**{fields[name]: value for name, value in overrides.items()})
-    except ValidationError as exc:
-        fail(f"invalid configuration: {exc}", 2)
-    # the ranks read their settings from the environment: hand them the overrides there
+    # the ranks read their settings from the environment: the options become variables there, and this
+    # process validates them the same way
     env = dict(os.environ)
     env.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
+    os.environ.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        fail(f"invalid configuration: {describe_error(exc)}", 2)
     if check:
         try:
             preflight(settings)
         except RuntimeError as exc:
             fail(str(exc))
     env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
-    code, outcome, _ = launch(settings.train_ranks, env, truth)
+    code, outcome, _ = launch(settings.train.ranks, env, truth)
     if outcome is None:
         fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
               "dies before its push leaves the parameter service and the recorded offsets unchanged: rerun it to "

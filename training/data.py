@@ -234,7 +234,7 @@ def partition(rows: np.ndarray, world: int, rank: int) -> np.ndarray:
 
 
 async def _read_values(bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int]) -> list[bytes | None]:
-    from recsys.kafka import read_topic
+    from core.kafka import read_topic
 
     return [record.value async for record in read_topic(bootstrap, topic, dict(start), dict(stop))]
 

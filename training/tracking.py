@@ -52,7 +52,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def _this_process() -> str:
-    from recsys.services import process_start_ticks
+    from core.procs import process_start_ticks
 
     return f"{socket.gethostname()}/{os.getpid()}/{process_start_ticks(os.getpid())}"
 
@@ -98,7 +98,7 @@ class Tracking:
         Such a run never committed offsets, so nothing is lost; left RUNNING it would read as a
         job in progress forever. Runs of other hosts, and runs without the process tag, are left alone.
         """
-        from recsys.services import process_start_ticks
+        from core.procs import process_start_ticks
 
         closed = []
         try:

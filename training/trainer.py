@@ -42,7 +42,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:  # not under torchrun: a private single-rank group
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from recsys.services import free_port
+            from core.procs import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from feature_repo.spec import SPEC
-from recsys.settings import Settings
+from core.settings import Settings
 
 
 class JobFailed(RuntimeError):
@@ -47,7 +47,7 @@ def _redact(url: str) -> str:
 
 
 def load_truth(path: Path) -> dict[str, float]:
-    """sample id -> true click probability, from `recsys simulate --truth` or training.synthetic.write_truth."""
+    """sample id -> true click probability, from `recsys simulate --truth` or traffic.synthetic.write_truth."""
     import orjson
 
     from feature_repo.contract import sample_id
@@ -67,7 +67,7 @@ def load_truth(path: Path) -> dict[str, float]:
 
 
 def eval_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from recsys.simulator import roc_auc
+    from core.metrics import roc_auc
 
     p = np.clip(predictions.astype(np.float64), 1e-7, 1 - 1e-7)
     y = labels.astype(np.float64)
@@ -85,7 +85,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     """Run one job on this rank; rank 0 returns the outcome (other ranks return a short status)."""
     import torch.distributed as dist
 
-    from recsys.kafka import KafkaUnavailable, end_offsets
+    from core.kafka import KafkaUnavailable, end_offsets
     from training import trainer
     from training.data import read_window, split_by_time, to_columns, window_size, working_set
     from training.model import ModelConfig, dense_state_dict, save_dense
@@ -93,7 +93,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     from training.tracking import DENSE_ARTIFACT_DIR, DENSE_FILE, MANIFEST_FILE, Tracking, TrackingUnavailable
 
     timings: dict[str, float] = {}
-    topic = s.topic_samples
+    topic = s.kafka.topic_samples
     tracking: Tracking | None = None
     truth: dict[str, float] | None = None
 
@@ -105,15 +105,15 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         try:
             # a bad truth file fails the job before anything is trained or pushed
             truth = load_truth(truth_path) if truth_path is not None else None
-            tracking = Tracking(s.mlflow_tracking_uri, s.train_experiment)
+            tracking = Tracking(s.mlflow.tracking_uri, s.train.experiment)
             for run_id in tracking.close_abandoned_runs():
                 print(f"marked run {run_id} KILLED: its job process is gone", file=sys.stderr)
             start, previous = tracking.last_offsets(topic)
-            end = asyncio.run(end_offsets(s.kafka_bootstrap, topic))
+            end = asyncio.run(end_offsets(s.kafka.bootstrap, topic))
             plan = {"start": start, "end": end, "previous_run": previous}
             if end and window_size(start, end):
                 t0 = time.perf_counter()
-                samples, stats = read_window(s.kafka_bootstrap, topic, start, end)
+                samples, stats = read_window(s.kafka.bootstrap, topic, start, end)
                 plan["columns"] = to_columns(samples) if samples else None
                 plan["stats"] = stats
                 timings["read_s"] = time.perf_counter() - t0
@@ -126,7 +126,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     start, end = plan["start"], plan["end"]
     if not end:
         return {"status": "no_new_samples",
-                "message": f"topic {topic} has no partitions at {s.kafka_bootstrap} (not created yet?): nothing to train"}
+                "message": f"topic {topic} has no partitions at {s.kafka.bootstrap} (not created yet?): nothing to train"}
     if window_size(start, end) == 0:
         return {"status": "no_new_samples", "offsets": {"start": start, "end": end},
                 "message": f"no new samples on {topic} since the last job (offsets {end}): nothing to train"}
@@ -134,22 +134,22 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     if rank == 0 and stats.rejected:
         print(f"skipped {sum(stats.rejected.values())} invalid records: {dict(stats.rejected)}; "
               f"e.g. {stats.examples[0]}", file=sys.stderr)
-    config = ModelConfig.from_spec(SPEC, s.train_embedding_dim, s.train_dense_arch, s.train_over_arch)
-    tables = table_configs(config.embedding_dim, s.train_init_std)
+    config = ModelConfig.from_spec(SPEC, s.train.embedding_dim, s.train.dense_arch, s.train.over_arch)
+    tables = table_configs(config.embedding_dim, s.train.init_std)
     try:
-        store = open_training_store(s.ps_shards, tables, namespace=s.ps_namespace)
+        store = open_training_store(s.ps.shards, tables, namespace=s.ps.namespace)
     except Exception as exc:  # ShardUnavailable, TableMismatch, bad URL
-        raise JobFailed(f"parameter service {[_redact(u) for u in s.ps_shards]} is unusable "
+        raise JobFailed(f"parameter service {[_redact(u) for u in s.ps.shards]} is unusable "
                         f"({type(exc).__name__}: {exc}). Start it with `recsys ps up` or set RECSYS_PS_SHARDS.") from None
 
     run_id = None
-    hp = trainer.HParams(epochs=s.train_epochs, batch_size=s.train_batch_size, embedding_lr=s.train_embedding_lr,
-                         dense_lr=s.train_dense_lr, seed=s.train_seed)
-    params = {"ranks": world, "backend": s.train_backend, "topic": topic, "epochs": hp.epochs,
+    hp = trainer.HParams(epochs=s.train.epochs, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr,
+                         dense_lr=s.train.dense_lr, seed=s.train.seed)
+    params = {"ranks": world, "backend": s.train.backend, "topic": topic, "epochs": hp.epochs,
               "batch_size": hp.batch_size, "embedding_lr": hp.embedding_lr, "dense_lr": hp.dense_lr,
               "embedding_dim": config.embedding_dim, "dense_arch": list(config.dense_arch),
-              "over_arch": list(config.over_arch), "eval_fraction": s.train_eval_fraction,
-              "init_std": s.train_init_std, "seed": hp.seed, "feature_spec_hash": config.spec_hash,
+              "over_arch": list(config.over_arch), "eval_fraction": s.train.eval_fraction,
+              "init_std": s.train.init_std, "seed": hp.seed, "feature_spec_hash": config.spec_hash,
               "previous_run": plan["previous_run"]}
     try:
         if rank == 0:
@@ -168,7 +168,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             return {"status": "no_valid_samples", "run_id": run_id, "read": stats.to_dict(),
                     "message": f"{stats.records} new records on {topic}, none a valid sample: window consumed"}
 
-        split = split_by_time(len(columns), s.train_eval_fraction)
+        split = split_by_time(len(columns), s.train.eval_fraction)
         ws = working_set(columns, split.train)
 
         # 3. shard and pull ----------------------------------------------------------------
@@ -205,7 +205,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
         result = trainer.train(sharded, columns, ws.local, split.train, hp, rank, world, device, on_step,
-                               s.train_crash_after_steps)
+                               s.train.crash_after_steps)
         if progress is not None:
             progress.close()
         timings["train_s"] = result.seconds
@@ -247,7 +247,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         if truth is not None:
             known = [i for i, r in enumerate(split.eval) if columns.sample_ids[r] in truth]
             if known:
-                from recsys.simulator import roc_auc
+                from core.metrics import roc_auc
 
                 probs = np.array([truth[columns.sample_ids[split.eval[i]]] for i in known])
                 metrics["eval_oracle_auc"] = roc_auc(probs, labels[known])
@@ -263,11 +263,11 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             **{f"time_{k}": v for k, v in timings.items()},
         })
         manifest = {
-            "run_id": run_id, "topic": topic, "kafka_bootstrap": s.kafka_bootstrap,
+            "run_id": run_id, "topic": topic, "kafka_bootstrap": s.kafka.bootstrap,
             "offsets": {"start": {str(p): o for p, o in start.items()}, "end": {str(p): o for p, o in end.items()}},
             "read": stats.to_dict(), "train_samples": int(len(split.train)), "eval_samples": int(len(split.eval)),
             "eval_start_time": float(columns.event_time[split.eval[0]]) if len(split.eval) else None,
-            "ps_shards": [_redact(u) for u in s.ps_shards], "ps_version_pulled": base_version,
+            "ps_shards": [_redact(u) for u in s.ps.shards], "ps_version_pulled": base_version,
             "ps_version_pushed": new_version, "rows_pulled": rows_pulled, "rows_pushed": rows_pushed,
             "table_owners": sharded.owners, "feature_spec_hash": config.spec_hash, "model_config": config.to_dict(),
             "tables": [t.to_dict() for t in tables], "hparams": params, "world_size": world,
@@ -282,12 +282,12 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             path = save_dense(Path(tmp) / DENSE_FILE, config, dense_weights,
                               extra={"ps_version": new_version, "run_id": run_id, "tables": manifest["tables"]})
             source = tracking.log_file(run_id, path, DENSE_ARTIFACT_DIR)
-        model_version = tracking.register(run_id, s.train_model_name, source, {
+        model_version = tracking.register(run_id, s.train.model_name, source, {
             "ps_version": str(new_version), "run_id": run_id, "feature_spec_hash": config.spec_hash,
             "eval_auc": f"{metrics.get('eval_auc', float('nan')):.4f}"})
         tracking.finish(run_id)
         trainer.broadcast_from_rank0("done", rank, world)
-        return {"status": "trained", "run_id": run_id, "model_name": s.train_model_name,
+        return {"status": "trained", "run_id": run_id, "model_name": s.train.model_name,
                 "model_version": model_version, "ps_version_before": base_version, "ps_version": new_version,
                 "offsets": manifest["offsets"], "rows_pulled": rows_pulled, "rows_pushed": rows_pushed,
                 "metrics": metrics, "timings_s": timings}
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     from training import trainer
 
-    rank, world, device = trainer.init_distributed(settings.train_backend)
+    rank, world, device = trainer.init_distributed(settings.train.backend)
     code = 0
     try:
         outcome = run_job(settings, rank, world, device, args.truth)

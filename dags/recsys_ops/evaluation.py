@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.settings import Settings
+from core.settings import Settings
 
 
 def _manifest(client: Any, run_id: str) -> dict[str, Any]:
@@ -48,18 +48,18 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     """AUC of each ``{label: model version}`` on the evaluation set of ``challenger_run_id``."""
     import torch
 
-    from recsys.simulator import roc_auc
+    from core.metrics import roc_auc
     from recsys_ops.gate import client_for
     from training.data import read_window, split_by_time, to_columns
     from training.model import load_dense
     from training.params import open_training_store, table_configs
 
-    client = client_for(s.mlflow_tracking_uri)
+    client = client_for(s.mlflow.tracking_uri)
     manifest = _manifest(client, challenger_run_id)
     start = {int(p): int(o) for p, o in manifest["offsets"]["start"].items()}
     end = {int(p): int(o) for p, o in manifest["offsets"]["end"].items()}
     fraction = float(manifest["hparams"]["eval_fraction"])
-    samples, _stats = read_window(s.kafka_bootstrap, manifest["topic"], start, end)
+    samples, _stats = read_window(s.kafka.bootstrap, manifest["topic"], start, end)
     columns = to_columns(samples)
     rows = split_by_time(len(columns), fraction).eval
     if len(rows) == 0:
@@ -69,7 +69,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, version in versions.items():
-            config, arch, _extra = load_dense(_dense_artifact(client, s.mlflow_tracking_uri, s.train_model_name, str(version), Path(tmp)))
+            config, arch, _extra = load_dense(_dense_artifact(client, s.mlflow.tracking_uri, s.train.model_name, str(version), Path(tmp)))
             models[label] = (config, arch)
     first = next(iter(models.values()))[0]
     for label, (config, _arch) in models.items():
@@ -77,7 +77,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
             raise ValueError(f"version {versions[label]} has another feature layout; AUCs would not be comparable")
 
     # pooled rows [n_eval, n_sparse, D]: MEAN pooling, as the model's tables pool
-    store = open_training_store(s.ps_shards, table_configs(first.embedding_dim, s.train_init_std))
+    store = open_training_store(s.ps.shards, table_configs(first.embedding_dim, s.train.init_std))
     try:
         pooled = np.zeros((len(rows), len(first.sparse_features), first.embedding_dim), np.float32)
         version_read = store.version()

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from recsys.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,14 @@ ENTITIES = ("user", "item")
 
 
 def _redis_url(s: Settings) -> str | None:
-    return s.feast_redis_url or s.redis_url
+    return s.feast_redis_url
 
 
 def materialize(s: Settings, lookback: timedelta = timedelta(days=365)) -> dict[str, Any]:
     """``materialize_incremental`` up to now: idempotent, a rerun writes the same latest rows again."""
     from feature_repo.store import open_store
 
-    store = open_store(s.feast_data_dir, s.feast_online_store, _redis_url(s), apply=True)
+    store = open_store(s.feast.data_dir, s.feast.online_store, _redis_url(s), apply=True)
     end = datetime.now(timezone.utc)
     views = [v.name for v in store.list_feature_views()]
     # views never materialized start from `lookback` ago (Feast needs a start for the first interval)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,21 @@ def _last_offsets(s: Settings) -> dict[int, int]:
     """End offsets of the newest committed training job (recorded by the trainer on its MLflow run)."""
     from training.tracking import Tracking
 
-    offsets, _run = Tracking(s.mlflow_tracking_uri, s.train_experiment).last_offsets(s.topic_samples)
+    offsets, _run = Tracking(s.mlflow.tracking_uri, s.train.experiment).last_offsets(s.kafka.topic_samples)
     return offsets
 
 
 def count_new_samples(s: Settings) -> dict[str, Any]:
     """Records on the samples topic that no committed training job has consumed yet."""
-    from recsys.kafka import KafkaUnavailable, end_offsets
+    from core.kafka import KafkaUnavailable, end_offsets
 
     try:
-        end = asyncio.run(end_offsets(s.kafka_bootstrap, s.topic_samples))
+        end = asyncio.run(end_offsets(s.kafka.bootstrap, s.kafka.topic_samples))
     except KafkaUnavailable as exc:
         raise TaskFailed(str(exc)) from None
     start = _last_offsets(s)
     new = sum(max(0, offset - start.get(partition, 0)) for partition, offset in end.items())
-    return {"topic": s.topic_samples, "new": new, "start": {str(p): o for p, o in start.items()},
+    return {"topic": s.kafka.topic_samples, "new": new, "start": {str(p): o for p, o in start.items()},
             "end": {str(p): o for p, o in end.items()}}
 
 
@@ -107,8 +107,8 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     """
     from recsys_ops import gate
 
-    client = gate.client_for(s.mlflow_tracking_uri)
-    name = s.train_model_name
+    client = gate.client_for(s.mlflow.tracking_uri)
+    name = s.train.model_name
     version = client.get_model_version(name, str(model_version))
     run = client.get_run(version.run_id)
     champion = gate.champion_version(client, name)
@@ -142,12 +142,12 @@ def gate_decision(s: Settings, model_version: str, tolerance: float) -> dict[str
     """recsys_ops.gate's verdict on the challenger (recorded as a version tag); no alias moves here."""
     from recsys_ops import gate
 
-    client = gate.client_for(s.mlflow_tracking_uri)
+    client = gate.client_for(s.mlflow.tracking_uri)
     try:
-        decision = gate.evaluate_gate(client, s.train_model_name, str(model_version), tolerance)
+        decision = gate.evaluate_gate(client, s.train.model_name, str(model_version), tolerance)
     except gate.GateError as exc:
         raise TaskFailed(str(exc)) from None
-    client.set_model_version_tag(s.train_model_name, str(model_version), gate.TAG_GATE,
+    client.set_model_version_tag(s.train.model_name, str(model_version), gate.TAG_GATE,
                                  "passed" if decision.promote else "refused")
     log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
     return decision.as_dict()
@@ -157,9 +157,9 @@ def promote(s: Settings, decision: dict[str, Any]) -> dict[str, Any]:
     """Move the ``champion`` alias to a challenger that passed the gate (idempotent)."""
     from recsys_ops import gate
 
-    client = gate.client_for(s.mlflow_tracking_uri)
-    promoted = gate.promote(client, s.train_model_name, gate.Decision(**decision))
-    return {"champion": gate.champion_version(client, s.train_model_name), "promoted": promoted}
+    client = gate.client_for(s.mlflow.tracking_uri)
+    promoted = gate.promote(client, s.train.model_name, gate.Decision(**decision))
+    return {"champion": gate.champion_version(client, s.train.model_name), "promoted": promoted}
 
 
 # --------------------------------------------------------------------------- publish and reload
@@ -169,14 +169,14 @@ def wait_for_replicas(s: Settings, ps_version: int, timeout_s: float, poll_s: fl
     """Block until every inference replica (RECSYS_PS_REPLICAS) has applied ``ps_version``."""
     from paramserver.replication import replica_status
 
-    replicas = [spec.split(",") for spec in s.ps_replicas]
+    replicas = [spec.split(",") for spec in s.ps.replicas]
     if not replicas:
         log.warning("no inference replicas configured (RECSYS_PS_REPLICAS): nothing to wait for")
         return {"ps_version": ps_version, "replicas": {}}
     deadline = time.monotonic() + timeout_s
     while True:
-        states = {",".join(urls): replica_status(None, urls, timeout=min(2.0, s.ps_timeout_s),
-                                                 namespace=s.ps_namespace) for urls in replicas}
+        states = {",".join(urls): replica_status(None, urls, timeout=min(2.0, s.ps.timeout_s),
+                                                 namespace=s.ps.namespace) for urls in replicas}
         behind = {name: st.get("version", st.get("error")) for name, st in states.items()
                   if not st.get("up") or int(st.get("version", -1)) < ps_version}
         if not behind:
@@ -195,8 +195,8 @@ def reload_serving(s: Settings, model_version: str | None) -> dict[str, Any]:
     """
     import httpx
 
-    urls = s.serving_reload_urls or [f"http://{s.serving_host}:{s.serving_port}"]
-    headers = {"Authorization": f"Bearer {s.serving_admin_token}"} if s.serving_admin_token else {}
+    urls = s.serving.reload_urls or [f"http://{s.serving.host}:{s.serving.port}"]
+    headers = {"Authorization": f"Bearer {s.serving.admin_token}"} if s.serving.admin_token else {}
     results: dict[str, Any] = {}
     for url in urls:
         try:

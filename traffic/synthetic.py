@@ -15,7 +15,8 @@ import orjson
 
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import EncodedEntity, encode_item, encode_user, join_features
-from recsys.simulator import SimConfig, Simulation, roc_auc
+from traffic.simulator import SimConfig, Simulation
+from core.metrics import roc_auc
 
 
 @dataclass
@@ -72,7 +73,7 @@ def write_truth(path, synthetic: SyntheticSamples) -> None:
 
 def produce_samples(bootstrap: str, topic: str, samples: list[Sample], extra: list[bytes] | None = None) -> int:
     """Publish the samples (keyed by user id) and any extra raw records to ``topic``; returns the count."""
-    from recsys.kafka import produce_all
+    from core.kafka import produce_all
 
     records = [(s.user_id.encode(), s.to_json()) for s in samples] + [(b"raw", raw) for raw in extra or []]
     return asyncio.run(produce_all(bootstrap, topic, records))

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from recsys.kafka import start_producer
-from recsys.simulator import SimRecord
+from core.kafka import start_producer
+from traffic.simulator import SimRecord
 
 # Acknowledgements are awaited in windows of this many sends: bounded memory, full batches.
 ACK_WINDOW = 20_000

@@ -7,7 +7,7 @@ the services are started one by one rather than with ``airflow standalone`` (whi
 log servers to 0.0.0.0); the scheduler and triggerer skip their log servers because the
 api-server reads task logs from the same local folder.
 
-The processes are tracked with the PID files of ``recsys.services`` (same run directory), so
+The processes are tracked with the PID files of ``local_services.services`` (same run directory), so
 ``recsys airflow down`` stops exactly what ``up`` started. Backs ``recsys airflow up|down|status``
 and the tests. Airflow itself is imported only by the child processes, never here.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from recsys import services
-from recsys.settings import PROJECT_ROOT, Settings
+from local_services import services
+from core.settings import PROJECT_ROOT, Settings
 
 ADMIN_USER = "admin"
 # start order: the api-server first (the others report to its execution API), scheduler last
@@ -64,11 +64,11 @@ class AirflowLayout:
 
 
 def layout(settings: Settings) -> AirflowLayout:
-    return AirflowLayout(settings.run_dir.resolve() / "airflow")
+    return AirflowLayout(settings.local.run_dir.resolve() / "airflow")
 
 
 def base_url(settings: Settings) -> str:
-    return f"http://{services.LOCALHOST}:{settings.airflow_port}"
+    return f"http://{services.LOCALHOST}:{settings.airflow.port}"
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -113,15 +113,15 @@ def airflow_env(settings: Settings, dags_folder: Path | None = None) -> dict[str
     """The environment of every Airflow process (services, `airflow dags test`): this process's own plus config."""
     paths = layout(settings)
     keys = _secrets(paths)
-    db_url = settings.airflow_db_url or f"sqlite:///{paths.db}"
+    db_url = settings.airflow.db_url or f"sqlite:///{paths.db}"
     url = base_url(settings)
     env = dict(os.environ)
     env.update({
         "AIRFLOW_HOME": str(paths.home),
         "AIRFLOW__CORE__DAGS_FOLDER": str((dags_folder or PROJECT_ROOT / "dags").resolve()),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": settings.airflow_executor,
-        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
+        "AIRFLOW__CORE__EXECUTOR": settings.airflow.executor,
+        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow.parallelism),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
         "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
@@ -129,7 +129,7 @@ def airflow_env(settings: Settings, dags_folder: Path | None = None) -> dict[str
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(paths.passwords_file),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
         "AIRFLOW__API__HOST": services.LOCALHOST,
-        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__API__PORT": str(settings.airflow.port),
         "AIRFLOW__API__BASE_URL": url,
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
@@ -168,7 +168,7 @@ def _service_name(component: str) -> str:
 
 def _component_cmd(settings: Settings, component: str) -> list[str]:
     if component == "api-server":
-        args = airflow_cmd("api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow_port),
+        args = airflow_cmd("api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow.port),
                            "--workers", "1")
     elif component in ("scheduler", "triggerer"):
         args = airflow_cmd(component, "--skip-serve-logs")
@@ -176,7 +176,7 @@ def _component_cmd(settings: Settings, component: str) -> list[str]:
         args = airflow_cmd(component)
     # Airflow rewrites its process titles (setproctitle), so the PID file tracks a small supervisor
     # whose command line names this run directory; stopping its process group stops Airflow's too.
-    return [sys.executable, "-m", "recsys.airflow_local", str(layout(settings).pid_arg(component)), "--", *args]
+    return [sys.executable, "-m", "local_services.airflow", str(layout(settings).pid_arg(component)), "--", *args]
 
 
 def health(settings: Settings, timeout: float = 2.0) -> dict | None:
@@ -211,20 +211,20 @@ def up(settings: Settings, dags_folder: Path | None = None) -> UpResult:
     paths = layout(settings)
     password, created = ensure_admin_password(settings)
     (paths.home / "pids").mkdir(parents=True, exist_ok=True)
-    running = {e.name for e in services.status(settings.run_dir) if e.running}
-    if _service_name("api-server") not in running and services.port_open(settings.airflow_port):
-        raise AirflowError(f"port {settings.airflow_port} is taken by another process; "
+    running = {e.name for e in services.status(settings.local.run_dir) if e.running}
+    if _service_name("api-server") not in running and services.port_open(settings.airflow.port):
+        raise AirflowError(f"port {settings.airflow.port} is taken by another process; "
                            "choose another with RECSYS_AIRFLOW_PORT")
     migrate(settings)
     env = airflow_env(settings, dags_folder)
     started = []
-    deadline = time.monotonic() + settings.airflow_start_timeout_s
+    deadline = time.monotonic() + settings.airflow.start_timeout_s
     for component in COMPONENTS:
         name = _service_name(component)
         if name in running:
             continue
-        port = settings.airflow_port if component == "api-server" else 0
-        services._spawn(settings.run_dir, name, _component_cmd(settings, component), port,  # noqa: SLF001
+        port = settings.airflow.port if component == "api-server" else 0
+        services.spawn(settings.local.run_dir, name, _component_cmd(settings, component), port,  # noqa: SLF001
                         str(paths.pid_arg(component)), cwd=PROJECT_ROOT, env=env)
         started.append(component)
         if component == "api-server":
@@ -239,27 +239,27 @@ def _wait_healthy(settings: Settings, components: list[str], deadline: float) ->
         report = health(settings)
         if all(_healthy(report, c) for c in components):
             return
-        alive = {e.name: e for e in services.status(settings.run_dir)}
+        alive = {e.name: e for e in services.status(settings.local.run_dir)}
         for component in components:
             entry = alive.get(_service_name(component))
             if entry is not None and not entry.running:
                 raise AirflowError(f"airflow {component} exited during start-up; last log lines:\n"
                                    f"{services._tail(entry.log_file, 30)}")  # noqa: SLF001
         time.sleep(1.0)
-    raise AirflowError(f"Airflow not healthy after {settings.airflow_start_timeout_s:.0f}s: {report}; "
-                       f"logs under {settings.run_dir / 'logs'}")
+    raise AirflowError(f"Airflow not healthy after {settings.airflow.start_timeout_s:.0f}s: {report}; "
+                       f"logs under {settings.local.run_dir / 'logs'}")
 
 
 def down(settings: Settings) -> list[tuple[str, bool]]:
     """Stop the components `up` started (scheduler first, so no task is handed to a stopping api-server)."""
-    return [(component, services.stop(settings.run_dir, _service_name(component), timeout=30.0))
+    return [(component, services.stop(settings.local.run_dir, _service_name(component), timeout=30.0))
             for component in reversed(COMPONENTS)]
 
 
 def status(settings: Settings) -> tuple[list[services.ServiceStatus], dict | None]:
     """PID-file state of every component, and the api-server's health report (None when unreachable)."""
     names = {_service_name(c) for c in COMPONENTS}
-    entries = [e for e in services.status(settings.run_dir) if e.name in names]
+    entries = [e for e in services.status(settings.local.run_dir) if e.name in names]
     return entries, health(settings) if any(e.running for e in entries) else None
 
 
@@ -274,7 +274,7 @@ def api_token(settings: Settings, password: str | None = None) -> str:
 
 
 def _supervise(argv: list[str]) -> int:
-    """``python -m recsys.airflow_local MARKER -- CMD...``: run CMD, pass SIGTERM/SIGINT on, exit with its code."""
+    """``python -m local_services.airflow MARKER -- CMD...``: run CMD, pass SIGTERM/SIGINT on, exit with its code."""
     import signal
 
     cmd = argv[argv.index("--") + 1:]

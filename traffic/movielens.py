@@ -36,7 +36,7 @@ import orjson
 
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import EncodedEntity, encode_item, encode_user, join_features
-from recsys.simulator import SimRecord
+from traffic.simulator import SimRecord
 
 # MovieLens-1M codes its occupations 0..20 (README of the original release); the names go
 # on the wire as a client would send them, and the feature spec folds them onto its vocabulary.
@@ -435,8 +435,8 @@ async def publish_events(records: Iterable[SimRecord], bootstrap: str, topic: st
     """Send the records; paced, each one no earlier than its event time (wall clock). Returns the count."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from recsys.kafka import start_producer
-    from recsys.publish import ACK_WINDOW
+    from core.kafka import start_producer
+    from traffic.recording import ACK_WINDOW
 
     producer = await start_producer(bootstrap)
     progress = Progress(TextColumn("replaying to {task.fields[topic]}"), BarColumn(), MofNCompleteColumn(),
@@ -546,7 +546,7 @@ def replay_command(dataset: str, bootstrap: str, topic: str, cache_dir: Path, ma
     """`recsys replay --dataset NAME`: fetch, convert and publish; returns the process exit code."""
     from rich.console import Console
 
-    from recsys.kafka import KafkaUnavailable
+    from core.kafka import KafkaUnavailable
 
     console = Console(stderr=True)
     try:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-LOCALHOST = "127.0.0.1"
+from core.procs import LOCALHOST, free_port, process_start_ticks  # noqa: F401  (re-exported for the fixtures)
+
 
 KAFKA_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -75,11 +76,6 @@ class ServiceStatus:
         return f"{LOCALHOST}:{self.port}" if self.port else "-"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
 
 
 def port_open(port: int, host: str = LOCALHOST, timeout: float = 0.5) -> bool:
@@ -122,16 +118,6 @@ def _process_matches(pid: int, marker: str) -> bool:
     return state != "Z"
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), None when no such live process: with the PID it names one
-    process, not a later one that got the same PID."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-        return None
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def _recorded_alive(run_dir: Path, name: str) -> dict | None:
@@ -141,7 +127,7 @@ def _recorded_alive(run_dir: Path, name: str) -> dict | None:
     return None
 
 
-def _spawn(run_dir: Path, name: str, cmd: list[str], port: int, marker: str, cwd: Path | None = None,
+def spawn(run_dir: Path, name: str, cmd: list[str], port: int, marker: str, cwd: Path | None = None,
            env: dict[str, str] | None = None) -> dict:
     log_file = _log_file(run_dir, name)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +235,7 @@ def start_redis(run_dir: Path, port: int, name: str = "redis", timeout: float = 
     marker = f"{LOCALHOST}:{port}"
     cmd = [binary, "--bind", LOCALHOST, "--port", str(port), "--save", "", "--appendonly", "no",
            "--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "yes", *(extra_args or [])]
-    record = _spawn(run_dir, name, cmd, port, marker)
+    record = spawn(run_dir, name, cmd, port, marker)
     _wait_until(lambda: redis_ping(port), timeout, f"redis {name}", _log_file(run_dir, name), record["pid"])
     return record
 
@@ -360,7 +346,7 @@ def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, control
            f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(props)]
     log_file = _log_file(run_dir, name)
     offset = log_file.stat().st_size if log_file.exists() else 0
-    record = _spawn(run_dir, name, cmd, port, marker)
+    record = spawn(run_dir, name, cmd, port, marker)
 
     def ready() -> bool:
         if not port_open(port):
@@ -390,7 +376,7 @@ def start_command(run_dir: Path, name: str, cmd: list[str], *, port: int = 0, ma
         return record
     if port and port_open(port):
         raise ServiceError(f"{name}: port {port} is already taken by another process")
-    record = _spawn(run_dir, name, cmd, port, marker, cwd=cwd, env=env)
+    record = spawn(run_dir, name, cmd, port, marker, cwd=cwd, env=env)
     if ready is not None:
         _wait_until(ready, timeout, name, _log_file(run_dir, name), record["pid"])
     return record

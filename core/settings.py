@@ -1,0 +1,371 @@
+"""The typed settings of the project: one model per room, composed into one ``Settings``.
+
+Values come from environment variables with the ``RECSYS_`` prefix (``RECSYS_KAFKA_BOOTSTRAP=host:9092``);
+each room's model reads the variables of its own prefix (``RECSYS_PS_*``, ``RECSYS_SERVING_*``, ...). Lists
+are given as JSON (``RECSYS_PS_SHARDS='["redis://127.0.0.1:6380/0"]'``). A ``RECSYS_*`` variable that no
+model knows is reported (``unknown_variables``; the CLI and ``load`` warn), so a misspelling is never
+silently ignored.
+
+Every default is written here and only here: rooms build their own config objects from their section
+(``HParams.from_settings``, ``ProcessorConfig.from_settings``, ...), never with defaults of their own.
+
+This module is a leaf of the foundation: it imports nothing of ours, so every room may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "RECSYS_"
+
+
+def _section(prefix: str) -> SettingsConfigDict:
+    # extra="forbid": a misspelled keyword argument fails; unknown *environment* variables are not
+    # extras to pydantic-settings (it reads only the names it knows), so `unknown_variables` checks those.
+    return SettingsConfigDict(env_prefix=ENV_PREFIX + prefix, extra="forbid", populate_by_name=True)
+
+
+def _env(name: str) -> str:
+    """The environment variable of a field that does not follow its section's prefix (kept for compatibility)."""
+    return ENV_PREFIX + name.upper()
+
+
+class KafkaSettings(BaseSettings):
+    """Where the brokers are and what the topics are called (every room that reads or writes Kafka)."""
+
+    model_config = _section("KAFKA_")
+
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    topic_events: str = Field("recsys.events", validation_alias=_env("topic_events"))
+    topic_samples: str = Field("recsys.samples", validation_alias=_env("topic_samples"))
+    topic_deadletter: str = Field("recsys.events.deadletter", validation_alias=_env("topic_deadletter"))
+    topic_late: str = Field("recsys.events.late", validation_alias=_env("topic_late"))
+    topic_partitions: int = Field(4, ge=1, le=1024, validation_alias=_env("topic_partitions"))
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    def all_topics(self) -> dict[str, int]:
+        """Every topic of the project with its partition count."""
+        return {name: self.topic_partitions for name in
+                (self.topic_events, self.topic_samples, self.topic_deadletter, self.topic_late)}
+
+
+class EventSettings(BaseSettings):
+    """Limits of the event contract, shared by the stream worker and every producer."""
+
+    model_config = _section("")
+
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="larger raw events are rejected as oversized")
+    max_future_skew_s: float = Field(300.0, ge=0, description="events further in the future are rejected")
+    max_event_age_s: float = Field(30 * 24 * 3600.0, gt=0, description="older events are rejected")
+
+
+class ParamServerSettings(BaseSettings):
+    """The parameter service: shards of the training copy, inference replicas, timeouts."""
+
+    model_config = _section("PS_")
+
+    shards: list[str] = Field(
+        default_factory=lambda: ["redis://127.0.0.1:6379/0"],
+        description="Redis URLs of the training copy of the parameter service, one per shard",
+    )
+    replicas: list[str] = Field(default_factory=list, description="Redis URLs of inference replicas, nearest first")
+    namespace: str = Field("ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+                           description="key prefix of the parameter service in its Redis servers")
+    rows_per_bucket: int = Field(24, ge=1, le=4096,
+                                 description="target rows per Redis hash bucket (memory vs lookup cost)")
+    timeout_s: float = Field(5.0, gt=0, description="socket timeout of parameter-service requests")
+    lock_ttl_s: float = Field(30.0, gt=0, description="lease of the push lock; a push outliving it aborts")
+    lock_wait_s: float = Field(60.0, gt=0, description="how long a push waits for the push lock")
+    log_retention_s: float = Field(300.0, ge=0, description="how long the per-version delta log is kept")
+    failover_timeout_s: float = Field(0.3, gt=0, description="per-replica timeout before a reader moves on")
+    failover_probe_s: float = Field(0.5, gt=0, description="how often a reader probes a failed nearer replica")
+    replicator_poll_s: float = Field(0.05, gt=0, description="replicator wait for new versions per round")
+
+    @field_validator("shards")
+    @classmethod
+    def _at_least_one_shard(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("the parameter service needs at least one shard")
+        return value
+
+
+class MlflowSettings(BaseSettings):
+    """Where runs, checkpoints and the model registry live."""
+
+    model_config = _section("MLFLOW_")
+
+    tracking_uri: str = Field(
+        default_factory=lambda: f"sqlite:///{PROJECT_ROOT / '.run' / 'mlflow.db'}",
+        description="MLflow tracking URI (a server URL or a sqlite:/// path)",
+    )
+
+
+class FeastSettings(BaseSettings):
+    """The feature store every component reads and the stream worker writes."""
+
+    model_config = _section("FEAST_")
+
+    repo_path: Path = Field(PROJECT_ROOT / "feature_repo", description="Feast repository folder")
+    data_dir: Path = Field(PROJECT_ROOT / "feature_repo" / "data",
+                           description="Feast registry, SQLite online store and offline parquet (git-ignored)")
+    online_store: str = Field("sqlite", pattern=r"^(sqlite|redis)$", description="Feast online store kind")
+    redis_url: str | None = Field(None, description="Redis of the Feast online store (default: RECSYS_REDIS_URL)")
+
+
+class LocalSettings(BaseSettings):
+    """Services the project starts itself on 127.0.0.1 (tests, demo): where their files go, their ports."""
+
+    model_config = _section("")
+
+    run_dir: Path = Field(PROJECT_ROOT / ".run", description="logs, PID files and data of local services")
+    cache_dir: Path = Field(PROJECT_ROOT / ".cache", description="downloaded artifacts (Kafka jars, datasets)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis of the local services (tests, demo)")
+    redis_port: int = Field(6379, ge=1, le=65535)
+    kafka_version: str = "4.1.1"
+    kafka_port: int = Field(9092, ge=1, le=65535)
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+    service_start_timeout_s: float = Field(90.0, gt=0)
+
+
+class TrainingSettings(BaseSettings):
+    """The batch trainer: ranks, model shape, optimisers, evaluation split, MLflow names."""
+
+    model_config = _section("TRAIN_")
+
+    ranks: int = Field(1, ge=1, le=512, description="torchrun ranks of `recsys train` (per node)")
+    backend: str = Field("auto", pattern=r"^(auto|gloo|nccl)$",
+                         description="torch.distributed backend; auto: nccl with CUDA, else gloo")
+    batch_size: int = Field(512, ge=1, le=1 << 20, description="samples per step and rank")
+    epochs: int = Field(4, ge=1, le=1000, description="passes over the window's training samples")
+    embedding_dim: int = Field(16, ge=1, le=4096, description="dimension of every embedding table")
+    dense_arch: list[int] = Field(default_factory=lambda: [32, 16],
+                                  description="bottom MLP layer sizes; the last equals the embedding dim")
+    over_arch: list[int] = Field(default_factory=lambda: [64, 32],
+                                 description="top MLP hidden layer sizes (a final 1-unit layer is added)")
+    embedding_lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate of the embeddings")
+    dense_lr: float = Field(0.01, gt=0, description="Adam learning rate of the dense part")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of the window (by event time) "
+                                 "held out for evaluation")
+    init_std: float = Field(0.05, ge=0, description="std of the deterministic initial embedding rows")
+    seed: int = Field(0, description="seed of dense initialisation and batch order")
+    experiment: str = Field("recsys-training", min_length=1, description="MLflow experiment of training runs")
+    model_name: str = Field("recsys-dlrm", min_length=1, description="registered MLflow model of the trainer")
+    crash_after_steps: int | None = Field(None, ge=0, description="fault injection for tests: rank 0 kills "
+                                          "itself (SIGKILL) after this many steps")
+
+
+class ServingSettings(BaseSettings):
+    """The recommendation API: address, limits, caches, what it loads and how often it looks again."""
+
+    model_config = _section("SERVING_")
+
+    host: str = Field("127.0.0.1", description="address `recsys serve` binds to")
+    port: int = Field(8000, ge=1, le=65535, description="port of `recsys serve`")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    admin_token: str | None = Field(None, min_length=16, description="bearer token of the admin endpoints "
+                                    "(reload); unset: admin endpoints answer 403")
+    model_name: str = Field("recsys-dlrm", description="registered MLflow model that serving loads")
+    model_alias: str = Field("champion", description="registry alias of the model serving loads")
+    reload_poll_s: float = Field(30.0, ge=0, description="how often serving checks the alias for a new "
+                                 "version (0: only on POST /admin/reload)")
+    allow_fallback_scorer: bool = Field(True, description="without a champion, rank by the dot product of "
+                                        "user and item embeddings from the parameter service")
+    max_k: int = Field(100, ge=1, le=10_000, description="largest k of /v1/recommend")
+    max_candidates: int = Field(1000, ge=1, le=100_000, description="most candidates of one request")
+    max_pairs: int = Field(1000, ge=1, le=100_000, description="most (user, item) pairs of /v1/score")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
+    param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
+    param_version_poll_s: float = Field(1.0, gt=0, description="how often the cache checks the "
+                                        "replica's parameter version")
+    item_feature_ttl_s: float = Field(30.0, ge=0, description="how long item features read from Feast "
+                                      "are reused (0: read every candidate on every request)")
+    impression_buffer: int = Field(10_000, ge=1, description="impressions buffered for Kafka; beyond it "
+                                   "they are dropped and counted")
+    retrieval_candidates: int = Field(200, ge=1, le=100_000, description="candidates the retrieval stage "
+                                      "supplies when a request has none")
+    retrieval_half_life_s: float = Field(3600.0, gt=0, description="half-life of item popularity")
+    retrieval_lookback: int = Field(50_000, ge=0, description="records per partition of the events topic "
+                                    "the retrieval stage reads back at start-up")
+    reload_urls: list[str] = Field(default_factory=list, description="base URLs of serving replicas told "
+                                   "to reload after a promotion; empty: http://host:port of these settings")
+
+
+class AirflowSettings(BaseSettings):
+    """The local Airflow of `recsys airflow up` and the schedules of the DAGs."""
+
+    model_config = _section("AIRFLOW_")
+
+    port: int = Field(8080, ge=1, le=65535, description="port of the local Airflow api-server (UI) on 127.0.0.1")
+    db_url: str | None = Field(None, description="Airflow metadata DB (SQLAlchemy URL, e.g. PostgreSQL); "
+                               "unset: SQLite under <run_dir>/airflow")
+    executor: str = Field("LocalExecutor", pattern=r"^(LocalExecutor|SequentialExecutor|CeleryExecutor|"
+                          r"KubernetesExecutor)$", description="Airflow executor of `recsys airflow up`")
+    parallelism: int = Field(4, ge=1, le=1024, description="task instances running at once")
+    start_timeout_s: float = Field(180.0, gt=0, description="how long `recsys airflow up` waits for health")
+    training_schedule: str | None = Field("@hourly", description="schedule of the training DAG (cron or "
+                                          "preset; empty: manual only)")
+    features_schedule: str | None = Field("@hourly", description="schedule of the features DAG")
+
+
+class GateSettings(BaseSettings):
+    """The model lifecycle: when a challenger is promoted, when a run is skipped, how long publication waits."""
+
+    model_config = _section("GATE_")
+
+    tolerance: float = Field(0.002, ge=0, le=1, description="a challenger is promoted unless its AUC is "
+                             "worse than the champion's by more than this, on the same evaluation set")
+    min_new_samples: int = Field(1, ge=1, description="training runs skip when fewer new samples arrived")
+    publish_timeout_s: float = Field(300.0, gt=0, validation_alias=_env("publish_timeout_s"),
+                                     description="how long publication waits for every inference replica "
+                                     "to apply the pushed parameter version")
+
+
+class StreamSettings(BaseSettings):
+    """The Faust stream worker: windows, batches, Kafka consumer options, its metrics and logs."""
+
+    model_config = _section("STREAM_")
+
+    app_id: str = Field("recsys-stream", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                        description="Faust app id: consumer group and prefix of its changelog topics")
+    data_dir: Path | None = Field(None, description="Faust table data of the worker (default: run_dir/stream)")
+    attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
+    dedup_window_s: float = Field(3600.0, gt=0, description="event time an event id is remembered for "
+                                  "de-duplicating client retries")
+    resolved_retention_s: float = Field(60.0, gt=0, description="wall time a resolved impression's status is "
+                                        "kept, to tell late clicks and impression retries apart")
+    idle_advance_s: float = Field(5.0, gt=0, description="a partition idle this long (wall time) advances its "
+                                  "event-time watermark with the wall clock, so windows close on a quiet stream")
+    batch_size: int = Field(2000, ge=1, le=100_000, description="most records the worker handles per batch "
+                            "(one fetch from Kafka)")
+    max_in_flight_batches: int = Field(4, ge=1, le=64, description="batches the worker processes ahead "
+                                       "while Kafka acknowledges the outputs of earlier ones")
+    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000, description="longest a fetch waits on the broker "
+                                   "for new records (one fetch per broker is in flight at a time)")
+    commit_interval_s: float = Field(1.0, gt=0, description="how often the worker commits offsets")
+    session_timeout_s: float = Field(30.0, ge=6, description="Kafka group session timeout of a worker: how "
+                                     "soon the partitions of a dead worker move to the others")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)")
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+
+
+SECTIONS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings,
+    "events": EventSettings,
+    "ps": ParamServerSettings,
+    "mlflow": MlflowSettings,
+    "feast": FeastSettings,
+    "local": LocalSettings,
+    "train": TrainingSettings,
+    "serving": ServingSettings,
+    "airflow": AirflowSettings,
+    "gate": GateSettings,
+    "stream": StreamSettings,
+}
+
+SectionT = TypeVar("SectionT", bound=BaseSettings)
+
+
+class Settings(BaseModel):
+    """Every room's settings, composed. Pass it (or the one section a function needs) in explicitly."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    ps: ParamServerSettings = Field(default_factory=ParamServerSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    feast: FeastSettings = Field(default_factory=FeastSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    train: TrainingSettings = Field(default_factory=TrainingSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+    def override(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some fields of some sections replaced, validated like the environment's values:
+        ``s.override(serving={"port": 8001}, ps={"shards": [url]})``."""
+        update = {}
+        for name, values in sections.items():
+            if name not in SECTIONS:
+                raise ValueError(f"no settings section {name!r}; known: {', '.join(SECTIONS)}")
+            current = getattr(self, name)
+            update[name] = type(current)(**{**current.model_dump(), **values})
+        return self.model_copy(update=update)
+
+    @property
+    def feast_redis_url(self) -> str:
+        """Redis of the Feast online store: RECSYS_FEAST_REDIS_URL, else the local services' Redis."""
+        return self.feast.redis_url or self.local.redis_url
+
+    @property
+    def stream_data_dir(self) -> Path:
+        """Faust table data of the worker: RECSYS_STREAM_DATA_DIR, else <run_dir>/stream."""
+        return self.stream.data_dir or self.local.run_dir / "stream"
+
+
+def environment_names() -> set[str]:
+    """Every environment variable some section reads."""
+    names = set()
+    for section in SECTIONS.values():
+        names.update(env_name(section, field_name) for field_name in section.model_fields)
+    return names
+
+
+def env_name(section: type[BaseSettings], field_name: str) -> str:
+    """The environment variable that sets ``field_name`` of ``section``."""
+    alias = section.model_fields[field_name].validation_alias
+    return alias.upper() if isinstance(alias, str) else (section.model_config.get("env_prefix", "") + field_name).upper()
+
+
+def describe_error(exc: ValidationError) -> str:
+    """A settings validation error in the user's terms: the environment variable, the problem, the value."""
+    section = next((cls for cls in SECTIONS.values() if cls.__name__ == exc.title), None)
+    lines = []
+    for error in exc.errors():
+        field_name = str(error["loc"][0]) if error["loc"] else ""
+        where = env_name(section, field_name) if section and field_name in section.model_fields else field_name
+        lines.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(lines)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``RECSYS_*`` variables of the environment that no settings section reads (misspellings)."""
+    known = environment_names()
+    env = os.environ if environ is None else environ
+    return sorted(name for name in env if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+
+
+class UnknownSettingWarning(UserWarning):
+    """A RECSYS_* environment variable that no settings section reads."""
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of the environment; warns (UnknownSettingWarning) about RECSYS_* variables nobody reads."""
+    for name in unknown_variables(environ):
+        warnings.warn(f"{name} is set but no setting reads it (misspelt?); it is ignored",
+                      UnknownSettingWarning, stacklevel=2)
+    return Settings()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (entry points only; pass them on)."""
+    return load()

@@ -1,0 +1,1 @@
+"""Local services the project starts itself on 127.0.0.1: Kafka, Redis, MLflow, Airflow, parameter-service servers."""

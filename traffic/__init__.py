@@ -1,0 +1,1 @@
+"""Traffic: the simulator (open and closed loop), dataset replays and recordings."""
