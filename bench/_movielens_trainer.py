@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from traffic import movielens
-from core.settings import get_settings
 from core.metrics import roc_auc
+from core.settings import get_settings
+from traffic import movielens
 
 
 def to_columns(fa: movielens.FeatureArrays):
@@ -26,22 +26,29 @@ def to_columns(fa: movielens.FeatureArrays):
     dense = np.zeros((len(fa), fa.dense.shape[1] + 1), dtype=np.float32)
     dense[:, :-1] = fa.dense
     dense[:, -1] = position_value(0)
-    return Columns(sample_ids=fa.sample_ids(), labels=fa.labels.astype(np.float32), event_time=fa.event_time,
-                   dense=dense, lengths=dict(fa.lengths), values=dict(fa.values))
+    return Columns(
+        sample_ids=fa.sample_ids(),
+        labels=fa.labels.astype(np.float32),
+        event_time=fa.event_time,
+        dense=dense,
+        lengths=dict(fa.lengths),
+        values=dict(fa.values),
+    )
 
 
-def fit_predict(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarray, test: np.ndarray,
-                epochs: int, seed: int) -> tuple[np.ndarray, str]:
+def fit_predict(
+    fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarray, test: np.ndarray, epochs: int, seed: int
+) -> tuple[np.ndarray, str]:
     """Train epoch by epoch; return the test predictions of the epoch with the best validation AUC."""
+    import logging
+    import warnings
+
     from feature_repo.spec import SPEC
     from paramserver import open_store
     from training import trainer
     from training.data import working_set
     from training.model import ModelConfig
     from training.params import table_configs
-
-    import logging
-    import warnings
 
     # the planner's advice about dry runs and deprecations is noise in a benchmark's output
     logging.getLogger("torchrec").setLevel(logging.ERROR)
@@ -51,8 +58,9 @@ def fit_predict(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarra
     columns = to_columns(fa)
     ws = working_set(columns, np.sort(train))
     config = ModelConfig.from_spec(SPEC, s.train.embedding_dim, s.train.dense_arch, s.train.over_arch)
-    hp = trainer.HParams(epochs=1, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr,
-                         dense_lr=s.train.dense_lr, seed=seed)
+    hp = trainer.HParams(
+        epochs=1, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr, dense_lr=s.train.dense_lr, seed=seed
+    )
     sharded = trainer.build_sharded(config, ws.rows, hp, device)
     store = open_store("memory", table_configs(config.embedding_dim, s.train.init_std))
     try:
@@ -65,16 +73,22 @@ def fit_predict(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarra
     best: tuple[float, int, np.ndarray] | None = None
     for epoch in range(epochs):
         started = time.perf_counter()
-        order_seed = trainer.HParams(epochs=1, batch_size=hp.batch_size, embedding_lr=hp.embedding_lr,
-                                     dense_lr=hp.dense_lr, seed=seed + epoch)
+        order_seed = trainer.HParams(
+            epochs=1, batch_size=hp.batch_size, embedding_lr=hp.embedding_lr, dense_lr=hp.dense_lr, seed=seed + epoch
+        )
         result = trainer.train(sharded, columns, ws.local, train, order_seed, rank, world, device)
         valid_auc = roc_auc(trainer.predict(sharded, columns, ws.local, valid, 8192, device), fa.labels[valid])
-        print(f"  epoch {epoch + 1}: train loss {np.mean(result.losses):.4f}, valid AUC {valid_auc:.4f} "
-              f"({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+        print(
+            f"  epoch {epoch + 1}: train loss {np.mean(result.losses):.4f}, valid AUC {valid_auc:.4f} "
+            f"({time.perf_counter() - started:.0f}s)",
+            file=sys.stderr,
+        )
         if best is not None and valid_auc <= best[0]:
             break  # the usual early stop: embeddings of ids seen once overfit after the first passes
         best = (valid_auc, epoch + 1, trainer.predict(sharded, columns, ws.local, test, 8192, device))
     assert best is not None
-    note = (f"dim {config.embedding_dim}, batch {hp.batch_size}, lr {hp.embedding_lr}/{hp.dense_lr}, "
-            f"best epoch {best[1]} of {epochs} by valid AUC")
+    note = (
+        f"dim {config.embedding_dim}, batch {hp.batch_size}, lr {hp.embedding_lr}/{hp.dense_lr}, "
+        f"best epoch {best[1]} of {epochs} by valid AUC"
+    )
     return best[2], note

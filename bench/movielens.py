@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from traffic import movielens
-from core.settings import get_settings
 from core.metrics import roc_auc
+from core.settings import get_settings
+from traffic import movielens
 
 # Table 2 of the AutoInt paper, MovieLens-1M
 PAPER = {"AutoInt": (0.8456, 0.3797), "LR": (0.7716, 0.4424), "FM": (0.8252, 0.3998)}
@@ -57,8 +57,12 @@ def one_hot(fa: movielens.FeatureArrays):
         values = fa.values[name]
         _, cols = np.unique(values, return_inverse=True)
         rows = np.repeat(np.arange(n), lengths)
-        blocks.append(sparse.csr_matrix((np.ones(len(values), dtype=np.float32), (rows, cols)),
-                                        shape=(n, int(cols.max()) + 1 if len(cols) else 0)))
+        blocks.append(
+            sparse.csr_matrix(
+                (np.ones(len(values), dtype=np.float32), (rows, cols)),
+                shape=(n, int(cols.max()) + 1 if len(cols) else 0),
+            )
+        )
     blocks.append(sparse.csr_matrix(fa.dense))
     return sparse.hstack(blocks, format="csr")
 
@@ -71,53 +75,86 @@ def baseline_lr(x, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.nda
     return model.predict_proba(x[test])[:, 1]
 
 
-def train_ours(fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarray, test: np.ndarray,
-               epochs: int, seed: int) -> tuple[np.ndarray, str]:
+def train_ours(
+    fa: movielens.FeatureArrays, train: np.ndarray, valid: np.ndarray, test: np.ndarray, epochs: int, seed: int
+) -> tuple[np.ndarray, str]:
     """Test predictions of the project's model trained by the project's trainer; raises ImportError before it lands."""
     from bench._movielens_trainer import fit_predict
 
     return fit_predict(fa, train, valid, test, epochs=epochs, seed=seed)
 
 
-def run_split(name: str, fa: movielens.FeatureArrays, split: tuple[np.ndarray, np.ndarray, np.ndarray],
-              x, epochs: int, seed: int, repeats: int) -> list[Figure]:
+def run_split(
+    name: str,
+    fa: movielens.FeatureArrays,
+    split: tuple[np.ndarray, np.ndarray, np.ndarray],
+    x,
+    epochs: int,
+    seed: int,
+    repeats: int,
+) -> list[Figure]:
     """The baseline once (it is deterministic), then ours ``repeats`` times with different training seeds (median)."""
     train, valid, test = split
     y = fa.labels
     figures = []
     started = time.perf_counter()
     p = baseline_lr(x, y, train, test)
-    figures.append(Figure(name, "logistic regression (baseline, same run)", roc_auc(p, y[test]), log_loss(p, y[test]),
-                          time.perf_counter() - started))
+    figures.append(
+        Figure(
+            name,
+            "logistic regression (baseline, same run)",
+            roc_auc(p, y[test]),
+            log_loss(p, y[test]),
+            time.perf_counter() - started,
+        )
+    )
     runs: list[tuple[float, float, float, str]] = []
     for repeat in range(repeats):
         started = time.perf_counter()
         try:
             p, note = train_ours(fa, train, valid, test, epochs, seed + 1000 * repeat)
         except ImportError as exc:
-            print(f"[{name}] the project's trainer is not available ({exc}); only the baseline was measured",
-                  file=sys.stderr)
+            print(
+                f"[{name}] the project's trainer is not available ({exc}); only the baseline was measured",
+                file=sys.stderr,
+            )
             return figures
         runs.append((roc_auc(p, y[test]), log_loss(p, y[test]), time.perf_counter() - started, note))
-        print(f"[{name}] run {repeat + 1}/{repeats}: test AUC {runs[-1][0]:.4f}, log loss {runs[-1][1]:.4f}",
-              file=sys.stderr)
+        print(
+            f"[{name}] run {repeat + 1}/{repeats}: test AUC {runs[-1][0]:.4f}, log loss {runs[-1][1]:.4f}",
+            file=sys.stderr,
+        )
     aucs = [r[0] for r in runs]
-    note = runs[0][3] + (f"; median of {repeats} training seeds (AUC {min(aucs):.4f}..{max(aucs):.4f})"
-                         if repeats > 1 else "")
-    figures.append(Figure(name, "ours: DLRM via training/ (project trainer)", float(np.median(aucs)),
-                          float(np.median([r[1] for r in runs])), float(np.median([r[2] for r in runs])), note))
+    note = runs[0][3] + (
+        f"; median of {repeats} training seeds (AUC {min(aucs):.4f}..{max(aucs):.4f})" if repeats > 1 else ""
+    )
+    figures.append(
+        Figure(
+            name,
+            "ours: DLRM via training/ (project trainer)",
+            float(np.median(aucs)),
+            float(np.median([r[1] for r in runs])),
+            float(np.median([r[2] for r in runs])),
+            note,
+        )
+    )
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench movielens", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench movielens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", choices=sorted(movielens.DATASETS), default="movielens-1m")
     parser.add_argument("--split", choices=("random", "time", "both"), default="both")
     parser.add_argument("--seed", type=int, default=2019, help="seed of the random split and of training")
     parser.add_argument("--epochs", type=int, default=3, help="most training epochs (best validation AUC kept)")
-    parser.add_argument("--repeats", type=int, default=1, help="training runs per split (median reported); "
-                        "the data split itself stays fixed by --seed")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="training runs per split (median reported); the data split itself stays fixed by --seed",
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N ratings by time (quick runs)")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
@@ -134,16 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fa = movielens.feature_arrays(data)
     x = one_hot(fa)
-    print(f"{args.dataset}: {len(data):,} ratings -> {len(fa):,} samples (3s dropped), positive share "
-          f"{fa.labels.mean():.3f}; prepared in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    print(
+        f"{args.dataset}: {len(data):,} ratings -> {len(fa):,} samples (3s dropped), positive share "
+        f"{fa.labels.mean():.3f}; prepared in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+    )
 
     figures: list[Figure] = []
     if args.split in ("random", "both"):
-        figures += run_split("random 8:1:1", fa, movielens.random_split(len(fa), args.seed), x, args.epochs, args.seed,
-                            args.repeats)
+        figures += run_split(
+            "random 8:1:1", fa, movielens.random_split(len(fa), args.seed), x, args.epochs, args.seed, args.repeats
+        )
     if args.split in ("time", "both"):
-        figures += run_split("time-ordered 8:1:1", fa, movielens.time_split(fa.event_time), x, args.epochs, args.seed,
-                            args.repeats)
+        figures += run_split(
+            "time-ordered 8:1:1", fa, movielens.time_split(fa.event_time), x, args.epochs, args.seed, args.repeats
+        )
 
     print(f"\n{args.dataset}, AutoInt protocol (rating>3 positive, <3 negative, 3 dropped; seed {args.seed})")
     print(f"{'split':<20} {'model':<44} {'test AUC':>9} {'log loss':>9} {'seconds':>8}")
@@ -155,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     ours = {f.split: f for f in figures if f.model.startswith("ours")}
     base = {f.split: f for f in figures if not f.model.startswith("ours")}
     for split, f in ours.items():
-        print(f"{split}: ours/baseline AUC ratio {f.auc / base[split].auc:.3f}"
-              + (f", ours/paper AutoInt {f.auc / PAPER['AutoInt'][0]:.3f}"
-                 if args.dataset == "movielens-1m" and split.startswith("random") else ""))
+        print(
+            f"{split}: ours/baseline AUC ratio {f.auc / base[split].auc:.3f}"
+            + (
+                f", ours/paper AutoInt {f.auc / PAPER['AutoInt'][0]:.3f}"
+                if args.dataset == "movielens-1m" and split.startswith("random")
+                else ""
+            )
+        )
     if not ours:
         print("\nthe project's model was not measured: the trainer (training/, issue #5) has not landed its Python API")
         return 3

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from core.settings import get_settings
+from local_services import services
 from paramserver import FailoverReader, Replicator, Rows, TableConfig
 from paramserver.redis_store import RedisStore, _applied
-from local_services import services
-from core.settings import get_settings
 
 BATCH = 4096
 DIM = 64
@@ -39,15 +39,21 @@ DIM = 64
 
 def _start(run_dir: Path, name: str, extra: list[str] | None = None) -> str:
     port = services.free_port()
-    services.start_redis(run_dir, port, name=name,
-                         extra_args=["--hash-max-listpack-value", "4096", "--hash-max-listpack-entries", "1024",
-                                     *(extra or [])])
+    services.start_redis(
+        run_dir,
+        port,
+        name=name,
+        extra_args=["--hash-max-listpack-value", "4096", "--hash-max-listpack-entries", "1024", *(extra or [])],
+    )
     return f"redis://127.0.0.1:{port}/0"
 
 
 def _rows(config: TableConfig, ids: np.ndarray, rng: np.random.Generator) -> Rows:
-    return Rows(ids, rng.standard_normal((len(ids), config.dim)).astype(np.float32) * 0.01,
-                rng.random((len(ids), config.state_dim)).astype(np.float32))
+    return Rows(
+        ids,
+        rng.standard_normal((len(ids), config.dim)).astype(np.float32) * 0.01,
+        rng.random((len(ids), config.state_dim)).astype(np.float32),
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -64,7 +70,7 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
     all_ids = rng.choice(2**62, size=n_rows, replace=False).astype(np.int64)
     store = RedisStore(urls, [config], namespace="bench", log_retention_s=5.0, rows_per_bucket=rows_per_bucket)
     for start in range(0, n_rows, BATCH):
-        store.push({"user": _rows(config, all_ids[start:start + BATCH], rng)})
+        store.push({"user": _rows(config, all_ids[start : start + BATCH], rng)})
     clients = [redis.Redis.from_url(u) for u in urls]
     pool = ThreadPoolExecutor(max_workers=2)
     shard_of, _ = store._route(config, all_ids)
@@ -73,7 +79,7 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
     for s, client in enumerate(clients):
         idx = np.flatnonzero(shard_of == s)
         for start in range(0, len(idx), 5000):
-            chunk = idx[start:start + 5000]
+            chunk = idx[start : start + 5000]
             client.mset({b"raw:%d" % all_ids[j]: data[j].tobytes() for j in chunk.tolist()})
 
     def raw_get(ids: np.ndarray) -> np.ndarray:
@@ -88,6 +94,7 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
         def one(s: int) -> None:
             sel = np.flatnonzero(shards == s)
             clients[s].mset({b"raw:%d" % ids[j]: rows[j].tobytes() for j in sel.tolist()})
+
         list(pool.map(one, range(2)))
 
     pull_t, mget_t, push_t, mset_t = [], [], [], []
@@ -114,8 +121,10 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
     for i in range(2):
         services.stop(run_dir, f"bench-tp-{i}")
     return {
-        "pull_rows_s": BATCH / _median(pull_t), "mget_rows_s": BATCH / _median(mget_t),
-        "push_rows_s": BATCH / _median(push_t), "mset_rows_s": BATCH / _median(mset_t),
+        "pull_rows_s": BATCH / _median(pull_t),
+        "mget_rows_s": BATCH / _median(mget_t),
+        "push_rows_s": BATCH / _median(push_t),
+        "mset_rows_s": BATCH / _median(mset_t),
     }
 
 
@@ -131,7 +140,7 @@ def bench_memory(run_dir: Path, n_rows: int, dtype: str, rows_per_bucket: int) -
     store = RedisStore([url], [config], namespace="mem", log_retention_s=0.0, rows_per_bucket=rows_per_bucket)
     before = int(client.info("memory")["used_memory"])
     for start in range(0, n_rows, BATCH):
-        store.push({"user": _rows(config, ids[start:start + BATCH], rng)})
+        store.push({"user": _rows(config, ids[start : start + BATCH], rng)})
     # the delta log is held for the retention period, not per stored row: measure it, then drop it
     with_log = int(client.info("memory")["used_memory"])
     log_keys = list(client.scan_iter(match="mem:log:*", count=1000))
@@ -146,8 +155,12 @@ def bench_memory(run_dir: Path, n_rows: int, dtype: str, rows_per_bucket: int) -
     per_key = (int(client.info("memory")["used_memory"]) - after) / n_rows
     store.close()
     services.stop(run_dir, f"bench-mem-{dtype}")
-    return {"bytes_per_row": per_row, "key_per_row_bytes": per_key, "payload_bytes": config.row_bytes,
-            "log_bytes_per_row": (with_log - after) / n_rows}
+    return {
+        "bytes_per_row": per_row,
+        "key_per_row_bytes": per_key,
+        "payload_bytes": config.row_bytes,
+        "log_bytes_per_row": (with_log - after) / n_rows,
+    }
 
 
 # --------------------------------------------------------------------------- 3. replication lag
@@ -232,9 +245,15 @@ def bench_lag(run_dir: Path, seconds: float, rows_per_s: int = 20_000, pushes_pe
     native = [native_seen[v] - acked[v] for v in acked if v in native_seen]
     for name in ("bench-lag-0", "bench-lag-1", "bench-lag-replica", "bench-lag-native"):
         services.stop(run_dir, name)
-    return {"rows_per_s": achieved, "versions": len(acked), "visible": len(lags),
-            "p50": float(np.percentile(lags, 50)), "p99": float(np.percentile(lags, 99)),
-            "native_p50": float(np.percentile(native, 50)), "native_p99": float(np.percentile(native, 99))}
+    return {
+        "rows_per_s": achieved,
+        "versions": len(acked),
+        "visible": len(lags),
+        "p50": float(np.percentile(lags, 50)),
+        "p99": float(np.percentile(lags, 99)),
+        "native_p50": float(np.percentile(native, 50)),
+        "native_p99": float(np.percentile(native, 99)),
+    }
 
 
 # --------------------------------------------------------------------------- 4. failover
@@ -279,8 +298,9 @@ def bench_failover(run_dir: Path, trials: int) -> dict:
                 break
         results[mode].append(time.perf_counter() - started)
         if mode == "kill":
-            services.start_redis(run_dir, near_port, name="bench-fo-near",
-                                 extra_args=["--hash-max-listpack-value", "4096"])
+            services.start_redis(
+                run_dir, near_port, name="bench-fo-near", extra_args=["--hash-max-listpack-value", "4096"]
+            )
             with RedisStore([near_url], [], namespace="fo") as replica:
                 Replicator(source, replica).step()
         else:
@@ -293,9 +313,15 @@ def bench_failover(run_dir: Path, trials: int) -> dict:
     source.close()
     for name in ("bench-fo-src", "bench-fo-near", "bench-fo-far"):
         services.stop(run_dir, name)
-    return {"kill_s": _median(results["kill"]), "freeze_s": _median(results["freeze"]),
-            "max_s": max(results["kill"] + results["freeze"]), "normal_read_s": _median(normal),
-            "failed_reads": failed, "trials": trials, "timeout_s": 0.3}
+    return {
+        "kill_s": _median(results["kill"]),
+        "freeze_s": _median(results["freeze"]),
+        "max_s": max(results["kill"] + results["freeze"]),
+        "normal_read_s": _median(normal),
+        "failed_reads": failed,
+        "trials": trials,
+        "timeout_s": 0.3,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-seconds", type=float, default=15.0, help="duration of the 20k rows/s load")
     parser.add_argument("--failover-trials", type=int, default=5)
     parser.add_argument("--rows-per-bucket", type=int, default=None, help="default: RECSYS_PS_ROWS_PER_BUCKET")
-    parser.add_argument("--only", choices=["throughput", "memory", "lag", "failover"], action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "memory", "lag", "failover"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("paramserver").setLevel(logging.ERROR)  # failover warnings are the expected outcome here
     if args.rows < BATCH or args.repeats < 1:
@@ -318,33 +348,43 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if "throughput" in parts:
                 tp = bench_throughput(run_dir, args.rows, args.repeats, rpb)
-                print(f"pull  {tp['pull_rows_s']:>12,.0f} rows/s   raw MGET {tp['mget_rows_s']:>12,.0f} rows/s   "
-                  f"ratio {tp['pull_rows_s'] / tp['mget_rows_s']:.2f}  (target >= 0.7; batches of {BATCH}, dim {DIM},"
-                  f" 2 shards, median of {args.repeats})")
-                print(f"push  {tp['push_rows_s']:>12,.0f} rows/s   raw MSET {tp['mset_rows_s']:>12,.0f} rows/s   "
-                  f"ratio {tp['push_rows_s'] / tp['mset_rows_s']:.2f}  (target >= 0.7; one version per batch)")
+                print(
+                    f"pull  {tp['pull_rows_s']:>12,.0f} rows/s   raw MGET {tp['mget_rows_s']:>12,.0f} rows/s   "
+                    f"ratio {tp['pull_rows_s'] / tp['mget_rows_s']:.2f}  (target >= 0.7; batches of {BATCH}, dim {DIM},"
+                    f" 2 shards, median of {args.repeats})"
+                )
+                print(
+                    f"push  {tp['push_rows_s']:>12,.0f} rows/s   raw MSET {tp['mset_rows_s']:>12,.0f} rows/s   "
+                    f"ratio {tp['push_rows_s'] / tp['mset_rows_s']:.2f}  (target >= 0.7; one version per batch)"
+                )
             for dtype in ("float32", "float16") if "memory" in parts else ():
                 mem = bench_memory(run_dir, args.rows, dtype, rpb)
-                print(f"memory {dtype}: {mem['bytes_per_row']:.1f} B/row = {mem['bytes_per_row'] / (DIM * 4):.3f}x "
-                      f"dim*4 ({DIM * 4} B; payload {mem['payload_bytes']} B incl. state)   one key per row "
-                      f"{mem['key_per_row_bytes']:.1f} B/row = {mem['key_per_row_bytes'] / (DIM * 4):.3f}x   "
-                      f"ratio {mem['bytes_per_row'] / mem['key_per_row_bytes']:.2f}; delta log while retained "
-                      f"+{mem['log_bytes_per_row']:.0f} B/row written"
-                      + ("  (target <= 1.2x)" if dtype == "float32" else ""))
+                print(
+                    f"memory {dtype}: {mem['bytes_per_row']:.1f} B/row = {mem['bytes_per_row'] / (DIM * 4):.3f}x "
+                    f"dim*4 ({DIM * 4} B; payload {mem['payload_bytes']} B incl. state)   one key per row "
+                    f"{mem['key_per_row_bytes']:.1f} B/row = {mem['key_per_row_bytes'] / (DIM * 4):.3f}x   "
+                    f"ratio {mem['bytes_per_row'] / mem['key_per_row_bytes']:.2f}; delta log while retained "
+                    f"+{mem['log_bytes_per_row']:.0f} B/row written"
+                    + ("  (target <= 1.2x)" if dtype == "float32" else "")
+                )
             if "lag" in parts:
                 lag = bench_lag(run_dir, args.lag_seconds)
-                print(f"replication lag at {lag['rows_per_s']:,.0f} row updates/s: p99 {lag['p99'] * 1000:.1f} ms "
-                  f"(p50 {lag['p50'] * 1000:.1f} ms; {lag['visible']}/{lag['versions']} versions)   "
-                  f"native REPLICAOF of one shard p99 {lag['native_p99'] * 1000:.1f} ms (p50 "
-                  f"{lag['native_p50'] * 1000:.1f} ms)   ratio {lag['p99'] / max(lag['native_p99'], 1e-6):.1f}  "
-                  f"(target p99 <= 1 s)")
+                print(
+                    f"replication lag at {lag['rows_per_s']:,.0f} row updates/s: p99 {lag['p99'] * 1000:.1f} ms "
+                    f"(p50 {lag['p50'] * 1000:.1f} ms; {lag['visible']}/{lag['versions']} versions)   "
+                    f"native REPLICAOF of one shard p99 {lag['native_p99'] * 1000:.1f} ms (p50 "
+                    f"{lag['native_p50'] * 1000:.1f} ms)   ratio {lag['p99'] / max(lag['native_p99'], 1e-6):.1f}  "
+                    f"(target p99 <= 1 s)"
+                )
             if "failover" in parts:
                 fo = bench_failover(run_dir, args.failover_trials)
-                print(f"failover when the nearest replica dies: killed {fo['kill_s'] * 1000:.1f} ms, frozen "
-                      f"(SIGSTOP, {fo['timeout_s']} s timeout) {fo['freeze_s'] * 1000:.1f} ms (medians of "
-                      f"{fo['trials']}; max {fo['max_s'] * 1000:.1f} ms; {fo['failed_reads']} failed reads)   "
-                      f"normal read {fo['normal_read_s'] * 1000:.2f} ms   ratio (frozen) "
-                      f"{fo['freeze_s'] / fo['normal_read_s']:.0f}  (target <= 1 s)")
+                print(
+                    f"failover when the nearest replica dies: killed {fo['kill_s'] * 1000:.1f} ms, frozen "
+                    f"(SIGSTOP, {fo['timeout_s']} s timeout) {fo['freeze_s'] * 1000:.1f} ms (medians of "
+                    f"{fo['trials']}; max {fo['max_s'] * 1000:.1f} ms; {fo['failed_reads']} failed reads)   "
+                    f"normal read {fo['normal_read_s'] * 1000:.2f} ms   ratio (frozen) "
+                    f"{fo['freeze_s'] / fo['normal_read_s']:.0f}  (target <= 1 s)"
+                )
         finally:
             for entry in services.status(run_dir):
                 services.stop(run_dir, entry.name)

@@ -97,14 +97,19 @@ async def _load(port: int, payloads: list[bytes], rate: float | None, seconds: f
     while not conns.empty():
         conns.get_nowait()[1].close()
     lat = np.array(latencies) * 1000.0
-    return {"requests": len(latencies), "errors": errors, "seconds": elapsed,
-            "throughput": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "throughput": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+    }
 
 
-def _load_process(port: int, payloads: list[bytes], rate: float | None, seconds: float, connections: int,
-                  out: multiprocessing.Queue) -> None:
+def _load_process(
+    port: int, payloads: list[bytes], rate: float | None, seconds: float, connections: int, out: multiprocessing.Queue
+) -> None:
     out.put(asyncio.run(_load(port, payloads, rate, seconds, connections)))
 
 
@@ -120,8 +125,10 @@ def run_load(port: int, payloads: list[bytes], rate: float | None, seconds: floa
 
 def _post(path: str, body: dict) -> bytes:
     data = json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
 
 
 def _get(path: str) -> bytes:
@@ -146,18 +153,38 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
     world = World(SimConfig(users=USERS, items=ITEMS))
     now = time.time()
     feast = open_feast(run_dir / "feast", "redis", feast_url, apply=True)
-    push_online(feast, "user", rows_frame("user", [encode_user(u, world.user_profile(i, "e", now))
-                                                   for i, u in enumerate(world.user_ids)], [now] * USERS))
-    push_online(feast, "item", rows_frame("item", [encode_item(it, world.item_profile(j, "e", now))
-                                                   for j, it in enumerate(world.item_ids)], [now] * ITEMS))
+    push_online(
+        feast,
+        "user",
+        rows_frame(
+            "user",
+            [encode_user(u, world.user_profile(i, "e", now)) for i, u in enumerate(world.user_ids)],
+            [now] * USERS,
+        ),
+    )
+    push_online(
+        feast,
+        "item",
+        rows_frame(
+            "item",
+            [encode_item(it, world.item_profile(j, "e", now)) for j, it in enumerate(world.item_ids)],
+            [now] * ITEMS,
+        ),
+    )
     rng = np.random.default_rng(0)
     store = open_store("redis", [TableConfig(name, DIM, init_std=0.05) for name in SPEC.sparse_names], shards=[ps_url])
     users = np.array([user_id_key(u) for u in world.user_ids], np.int64)
     items = np.array([item_id_key(i) for i in world.item_ids], np.int64)
-    store.push({"user_id": Rows(users, rng.normal(0, 0.1, (USERS, DIM)).astype(np.float32),
-                                np.zeros((USERS, 1), np.float32)),
-                "item_id": Rows(items, rng.normal(0, 0.1, (ITEMS, DIM)).astype(np.float32),
-                                np.zeros((ITEMS, 1), np.float32))})
+    store.push(
+        {
+            "user_id": Rows(
+                users, rng.normal(0, 0.1, (USERS, DIM)).astype(np.float32), np.zeros((USERS, 1), np.float32)
+            ),
+            "item_id": Rows(
+                items, rng.normal(0, 0.1, (ITEMS, DIM)).astype(np.float32), np.zeros((ITEMS, 1), np.float32)
+            ),
+        }
+    )
     store.close()
     torch.manual_seed(0)
     config = ModelConfig.from_spec(SPEC, DIM, (32, DIM), (64, 32))
@@ -211,14 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--candidates", type=int, default=100)
     args = parser.parse_args(argv)
-    if not (0 < args.rate <= 5000 and 1 <= args.seconds <= 60 and 1 <= args.repeats <= 10
-            and 1 <= args.candidates <= 1000 and 1 <= args.workers <= 8):
-        parser.error("rate in (0, 5000], seconds in [1, 60], repeats in [1, 10], candidates in [1, 1000], "
-                     "workers in [1, 8]")
+    if not (
+        0 < args.rate <= 5000
+        and 1 <= args.seconds <= 60
+        and 1 <= args.repeats <= 10
+        and 1 <= args.candidates <= 1000
+        and 1 <= args.workers <= 8
+    ):
+        parser.error(
+            "rate in (0, 5000], seconds in [1, 60], repeats in [1, 10], candidates in [1, 1000], workers in [1, 8]"
+        )
 
-    from local_services import services
     from core.kafka import ensure_topics
     from core.settings import Settings
+    from local_services import services
 
     defaults = Settings()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -233,8 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             started.append("bench-feast")
             kafka_port, controller = services.free_port(), services.free_port()
             print("starting Kafka, Redis (parameter replica, Feast online store) on loopback ...", flush=True)
-            services.start_kafka(run_dir, defaults.local.cache_dir, defaults.local.kafka_version, kafka_port, controller,
-                                 name="bench-kafka", timeout=120)
+            services.start_kafka(
+                run_dir,
+                defaults.local.cache_dir,
+                defaults.local.kafka_version,
+                kafka_port,
+                controller,
+                name="bench-kafka",
+                timeout=120,
+            )
             started.append("bench-kafka")
             bootstrap = f"127.0.0.1:{kafka_port}"
             asyncio.run(ensure_topics(bootstrap, {"bench.events": 1}))
@@ -243,23 +283,43 @@ def main(argv: list[str] | None = None) -> int:
             print("seeding parameters, features and the champion model ...", flush=True)
             _seed(run_dir, ps_url, feast_url, tracking)
             port = services.free_port()
-            env = {**os.environ, "RECSYS_PS_REPLICAS": json.dumps([ps_url]), "RECSYS_PS_SHARDS": json.dumps([ps_url]),
-                   "RECSYS_FEAST_DATA_DIR": str(run_dir / "feast"), "RECSYS_FEAST_ONLINE_STORE": "redis",
-                   "RECSYS_FEAST_REDIS_URL": feast_url, "RECSYS_MLFLOW_TRACKING_URI": tracking,
-                   "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": "bench.events",
-                   "RECSYS_SERVING_MODEL_NAME": MODEL_NAME, "RECSYS_RUN_DIR": str(run_dir)}
-            proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port),
-                                     "--workers", str(args.workers)], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=open(run_dir / "server.log", "wb"))
+            env = {
+                **os.environ,
+                "RECSYS_PS_REPLICAS": json.dumps([ps_url]),
+                "RECSYS_PS_SHARDS": json.dumps([ps_url]),
+                "RECSYS_FEAST_DATA_DIR": str(run_dir / "feast"),
+                "RECSYS_FEAST_ONLINE_STORE": "redis",
+                "RECSYS_FEAST_REDIS_URL": feast_url,
+                "RECSYS_MLFLOW_TRACKING_URI": tracking,
+                "RECSYS_KAFKA_BOOTSTRAP": bootstrap,
+                "RECSYS_TOPIC_EVENTS": "bench.events",
+                "RECSYS_SERVING_MODEL_NAME": MODEL_NAME,
+                "RECSYS_RUN_DIR": str(run_dir),
+            }
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), "--workers", str(args.workers)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(run_dir / "server.log", "wb"),
+            )
             ready = _wait_ready(port, proc)
-            print(f"server ready: model {ready['model_version']}, parameter version {ready['parameter_version']}",
-                  flush=True)
+            print(
+                f"server ready: model {ready['model_version']}, parameter version {ready['parameter_version']}",
+                flush=True,
+            )
 
             rng = np.random.default_rng(1)
-            recommend = [_post("/v1/recommend", {
-                "user_id": f"u{int(rng.integers(USERS))}", "k": 10,
-                "candidate_item_ids": [f"i{j}" for j in rng.choice(ITEMS, args.candidates, replace=False)]})
-                for _ in range(2000)]
+            recommend = [
+                _post(
+                    "/v1/recommend",
+                    {
+                        "user_id": f"u{int(rng.integers(USERS))}",
+                        "k": 10,
+                        "candidate_item_ids": [f"i{j}" for j in rng.choice(ITEMS, args.candidates, replace=False)],
+                    },
+                )
+                for _ in range(2000)
+            ]
             ping = [_get("/v1/ping")]
             run_load(port, recommend, args.rate, 3.0)  # warm-up: caches, connections, lazy imports
             open_loop: dict[str, list[dict]] = {"recommend": [], "ping": []}
@@ -268,13 +328,19 @@ def main(argv: list[str] | None = None) -> int:
                 for name, payloads in (("recommend", recommend), ("ping", ping)):
                     res = run_load(port, payloads, args.rate, args.seconds)
                     open_loop[name].append(res)
-                    print(f"  open loop {args.rate:.0f}/s {name:9s} run {r + 1}: p50 {res['p50_ms']:.2f} ms, "
-                          f"p99 {res['p99_ms']:.2f} ms, {res['requests']} ok, {res['errors']} errors", flush=True)
+                    print(
+                        f"  open loop {args.rate:.0f}/s {name:9s} run {r + 1}: p50 {res['p50_ms']:.2f} ms, "
+                        f"p99 {res['p99_ms']:.2f} ms, {res['requests']} ok, {res['errors']} errors",
+                        flush=True,
+                    )
                 for name, payloads in (("recommend", recommend), ("ping", ping)):
                     res = run_load(port, payloads, None, min(args.seconds, 5.0), connections=16)
                     closed[name].append(res)
-                    print(f"  closed loop (16 in flight) {name:9s} run {r + 1}: {res['throughput']:.0f} req/s, "
-                          f"p50 {res['p50_ms']:.2f} ms, {res['errors']} errors", flush=True)
+                    print(
+                        f"  closed loop (16 in flight) {name:9s} run {r + 1}: {res['throughput']:.0f} req/s, "
+                        f"p50 {res['p50_ms']:.2f} ms, {res['errors']} errors",
+                        flush=True,
+                    )
             metrics = __import__("httpx").get(f"http://127.0.0.1:{port}/metrics").text
         finally:
             if proc is not None:
@@ -293,21 +359,31 @@ def main(argv: list[str] | None = None) -> int:
     ping_p50, ping_p99 = med(open_loop["ping"], "p50_ms"), med(open_loop["ping"], "p99_ms")
     rec_tp, ping_tp = med(closed["recommend"], "throughput"), med(closed["ping"], "throughput")
     errors = sum(r["errors"] for runs in (*open_loop.values(), *closed.values()) for r in runs)
-    sent = next((line for line in metrics.splitlines() if line.startswith("recsys_serving_impressions_sent_total")),
-                "impressions: ?")
+    sent = next(
+        (line for line in metrics.splitlines() if line.startswith("recsys_serving_impressions_sent_total")),
+        "impressions: ?",
+    )
     print()
-    print(f"serving benchmark (medians of {args.repeats} runs; {args.candidates} candidates, k=10, DLRM champion, "
-          f"Feast + parameter replica on Redis, impressions to Kafka; {args.workers} server worker(s); "
-          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(
+        f"serving benchmark (medians of {args.repeats} runs; {args.candidates} candidates, k=10, DLRM champion, "
+        f"Feast + parameter replica on Redis, impressions to Kafka; {args.workers} server worker(s); "
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+    )
     print(f"  /v1/recommend at {args.rate:.0f} req/s: p50 {rec_p50:.2f} ms, p99 {rec_p99:.2f} ms")
     print(f"  baseline /v1/ping at {args.rate:.0f} req/s: p50 {ping_p50:.2f} ms, p99 {ping_p99:.2f} ms")
     print(f"  ratio recommend/ping: p50 {rec_p50 / ping_p50:.1f}x, p99 {rec_p99 / ping_p99:.1f}x")
-    print(f"  throughput (16 in flight): /v1/recommend {rec_tp:.0f} req/s, /v1/ping {ping_tp:.0f} req/s "
-          f"(ratio {rec_tp / ping_tp:.2f}x)")
+    print(
+        f"  throughput (16 in flight): /v1/recommend {rec_tp:.0f} req/s, /v1/ping {ping_tp:.0f} req/s "
+        f"(ratio {rec_tp / ping_tp:.2f}x)"
+    )
     print(f"  target p99 <= 20 ms at 200 req/s: {'met' if rec_p99 <= 20 and args.rate >= 200 else 'NOT met'}")
     print(f"  failed requests: {errors}; {sent}")
-    print("  server-side mean per request (all runs): " + ", ".join(
-        f"{stage} {_mean_ms(metrics, 'recsys_serving_stage_seconds', stage=stage):.2f} ms"
-        for stage in ("features", "rows", "score")) +
-        f"; whole /v1/recommend handler {_mean_ms(metrics, 'recsys_serving_request_seconds', endpoint='recommend'):.2f} ms")
+    print(
+        "  server-side mean per request (all runs): "
+        + ", ".join(
+            f"{stage} {_mean_ms(metrics, 'recsys_serving_stage_seconds', stage=stage):.2f} ms"
+            for stage in ("features", "rows", "score")
+        )
+        + f"; whole /v1/recommend handler {_mean_ms(metrics, 'recsys_serving_request_seconds', endpoint='recommend'):.2f} ms"
+    )
     return 0 if errors == 0 else 1

@@ -17,11 +17,12 @@ import time
 import uuid
 from pathlib import Path
 
-from local_services import services
 from core.kafka import ensure_topics, start_producer
-from traffic.recording import publish
 from core.settings import Settings
+from local_services import services
+from traffic.recording import publish
 from traffic.simulator import SimConfig, Simulation
+
 
 async def bare_producer(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> float:
     producer = await start_producer(bootstrap)
@@ -74,8 +75,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         run_dir = Path(tmp)
         port = services.free_port()
-        services.start_kafka(run_dir, defaults.local.cache_dir, defaults.local.kafka_version, port, services.free_port(),
-                             name="kafka-bench")
+        services.start_kafka(
+            run_dir,
+            defaults.local.cache_dir,
+            defaults.local.kafka_version,
+            port,
+            services.free_port(),
+            name="kafka-bench",
+        )
         try:
             asyncio.run(run(f"127.0.0.1:{port}", args.requests, args.repeats))
         finally:

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import orjson
 
-from local_services import services
 from core.kafka import ensure_topics, start_producer
 from core.settings import PROJECT_ROOT, Settings
+from local_services import services
 from traffic.simulator import SimConfig, Simulation
 
 PARTITIONS = 4
@@ -57,8 +57,14 @@ async def passthrough(bootstrap: str, source: str, total: int) -> float:
 
     target = f"bench.passthrough.{uuid.uuid4().hex[:8]}"
     await ensure_topics(bootstrap, {target: PARTITIONS})
-    consumer = AIOKafkaConsumer(source, bootstrap_servers=bootstrap, group_id=f"bench-pt-{uuid.uuid4().hex[:8]}",
-                                enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=2000)
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-pt-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=2000,
+    )
     producer = await start_producer(bootstrap)
     await consumer.start()
     try:
@@ -100,18 +106,33 @@ def metric(port: int, name: str) -> float:
 def worker_env(bootstrap: str, events: str, tmp: Path, **extra: str) -> tuple[dict[str, str], int]:
     tag = uuid.uuid4().hex[:8]
     port = services.free_port()
-    env = {**os.environ, "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": events,
-           "RECSYS_TOPIC_SAMPLES": f"bench.samples.{tag}", "RECSYS_TOPIC_DEADLETTER": f"bench.dead.{tag}",
-           "RECSYS_TOPIC_LATE": f"bench.late.{tag}", "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
-           "RECSYS_STREAM_APP_ID": f"bench-{tag}", "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
-           "RECSYS_FEAST_DATA_DIR": str(tmp / f"feast-{tag}"), "RECSYS_STREAM_METRICS_PORT": str(port),
-           "RECSYS_STREAM_LOG_LEVEL": "warning", **extra}
+    env = {
+        **os.environ,
+        "RECSYS_KAFKA_BOOTSTRAP": bootstrap,
+        "RECSYS_TOPIC_EVENTS": events,
+        "RECSYS_TOPIC_SAMPLES": f"bench.samples.{tag}",
+        "RECSYS_TOPIC_DEADLETTER": f"bench.dead.{tag}",
+        "RECSYS_TOPIC_LATE": f"bench.late.{tag}",
+        "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
+        "RECSYS_STREAM_APP_ID": f"bench-{tag}",
+        "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
+        "RECSYS_FEAST_DATA_DIR": str(tmp / f"feast-{tag}"),
+        "RECSYS_STREAM_METRICS_PORT": str(port),
+        "RECSYS_STREAM_LOG_LEVEL": "warning",
+        **extra,
+    }
     return env, port
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], env=env, cwd=PROJECT_ROOT,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "stream", "worker"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -123,8 +144,9 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path,
-                      timeout: float = 240.0) -> tuple[float, dict[str, float]]:
+def worker_throughput(
+    bootstrap: str, events: str, total: int, tmp: Path, timeout: float = 240.0
+) -> tuple[float, dict[str, float]]:
     """The worker's raw events/s, and the records it wrote per destination (samples, changelog, ...)."""
     env, port = worker_env(bootstrap, events, tmp, RECSYS_STREAM_ATTRIBUTION_WINDOW_S="2")
     log = tmp / f"worker-{env['RECSYS_STREAM_APP_ID']}.log"
@@ -139,8 +161,10 @@ def worker_throughput(bootstrap: str, events: str, total: int, tmp: Path,
 
 def records_out(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    return {match.group(1): float(match.group(2)) for match in
-            re.finditer(r'^recsys_stream_records_out_total{destination="([^"]+)"} ([0-9.e+-]+)$', text, re.M)}
+    return {
+        match.group(1): float(match.group(2))
+        for match in re.finditer(r'^recsys_stream_records_out_total{destination="([^"]+)"} ([0-9.e+-]+)$', text, re.M)
+    }
 
 
 def rate_from_counter(proc: subprocess.Popen, port: int, total: int, log: Path, timeout: float) -> float:
@@ -167,11 +191,19 @@ def noop_worker() -> None:
     from prometheus_client import Counter, start_http_server
 
     env = os.environ
-    app = faust.App(env["BENCH_APP_ID"], broker=f"kafka://{env['BENCH_BOOTSTRAP']}", store="memory://",
-                    datadir=env["BENCH_DATA_DIR"],
-                    web_enabled=False, broker_max_poll_records=2000, stream_buffer_maxsize=4096,
-                    consumer_auto_offset_reset="earliest", worker_redirect_stdouts=False, autodiscover=False,
-                    broker_commit_interval=1.0)
+    app = faust.App(
+        env["BENCH_APP_ID"],
+        broker=f"kafka://{env['BENCH_BOOTSTRAP']}",
+        store="memory://",
+        datadir=env["BENCH_DATA_DIR"],
+        web_enabled=False,
+        broker_max_poll_records=2000,
+        stream_buffer_maxsize=4096,
+        consumer_auto_offset_reset="earliest",
+        worker_redirect_stdouts=False,
+        autodiscover=False,
+        broker_commit_interval=1.0,
+    )
     topic = app.topic(env["BENCH_TOPIC"], key_serializer="raw", value_serializer="raw")
     seen = Counter("recsys_stream_records_in", "records read by the no-op worker")
 
@@ -186,13 +218,23 @@ def noop_worker() -> None:
 
 def noop_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeout: float = 180.0) -> float:
     port = services.free_port()
-    env = {**os.environ, "BENCH_APP_ID": f"bench-noop-{uuid.uuid4().hex[:8]}", "BENCH_BOOTSTRAP": bootstrap,
-           "BENCH_TOPIC": events, "BENCH_PORT": str(port)}
+    env = {
+        **os.environ,
+        "BENCH_APP_ID": f"bench-noop-{uuid.uuid4().hex[:8]}",
+        "BENCH_BOOTSTRAP": bootstrap,
+        "BENCH_TOPIC": events,
+        "BENCH_PORT": str(port),
+    }
     env["BENCH_DATA_DIR"] = str(tmp / f"{env['BENCH_APP_ID']}-data")
     log = tmp / f"noop-{env['BENCH_APP_ID']}.log"
-    proc = subprocess.Popen([sys.executable, "-c", "from bench.streaming import noop_worker; noop_worker()"],
-                            env=env, cwd=PROJECT_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from bench.streaming import noop_worker; noop_worker()"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         return rate_from_counter(proc, port, total, log, timeout)
     finally:
@@ -219,7 +261,9 @@ def feast_floor(tmp: Path, n: int = 200) -> list[float]:
     return delays
 
 
-def freshness(bootstrap: str, tmp: Path, rate: float, seconds: float, probe_every: int = 25) -> tuple[list[float], float]:
+def freshness(
+    bootstrap: str, tmp: Path, rate: float, seconds: float, probe_every: int = 25
+) -> tuple[list[float], float]:
     """Publish user profiles at ``rate``/s to a running worker; delays until probes are readable online."""
     from feature_repo import store as fs
 
@@ -302,8 +346,17 @@ def freshness(bootstrap: str, tmp: Path, rate: float, seconds: float, probe_ever
 
 
 def profile(user_id: str, ts: float) -> dict:
-    return {"schema_version": 1, "event_type": "user_profile", "event_id": f"p-{user_id}-{ts}", "timestamp": ts,
-            "user_id": user_id, "gender": "F", "age": 33, "occupation": "writer", "zip_code": "10001"}
+    return {
+        "schema_version": 1,
+        "event_type": "user_profile",
+        "event_id": f"p-{user_id}-{ts}",
+        "timestamp": ts,
+        "user_id": user_id,
+        "gender": "F",
+        "age": 33,
+        "occupation": "writer",
+        "zip_code": "10001",
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -323,12 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
     kafka_port, controller_port = services.free_port(), services.free_port()
     print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
-    services.start_kafka(tmp, defaults.local.cache_dir, defaults.local.kafka_version, kafka_port, controller_port,
-                         name="kafka-bench", timeout=120)
+    services.start_kafka(
+        tmp,
+        defaults.local.cache_dir,
+        defaults.local.kafka_version,
+        kafka_port,
+        controller_port,
+        name="kafka-bench",
+        timeout=120,
+    )
     bootstrap = f"127.0.0.1:{kafka_port}"
     try:
-        sim = Simulation(SimConfig(users=2000, items=1000, requests=args.requests, slate_size=10, seed=3,
-                                   bad_fraction=0.01))
+        sim = Simulation(
+            SimConfig(users=2000, items=1000, requests=args.requests, slate_size=10, seed=3, bad_fraction=0.01)
+        )
         records = list(sim.records())
         events = f"bench.events.{uuid.uuid4().hex[:8]}"
         asyncio.run(ensure_topics(bootstrap, {events: PARTITIONS}))
@@ -343,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
 
         asyncio.run(preload())
         size = sum(len(r.value) for r in records) / len(records)
-        print(f"pre-loaded {len(records)} records (mean {size:.0f} B; {len(sim.truth)} impressions, "
-              f"{sum(sim.stats.bad.values())} malformed) into {PARTITIONS} partitions", flush=True)
+        print(
+            f"pre-loaded {len(records)} records (mean {size:.0f} B; {len(sim.truth)} impressions, "
+            f"{sum(sim.stats.bad.values())} malformed) into {PARTITIONS} partitions",
+            flush=True,
+        )
 
         base, work, noop = [], [], []
         for repeat in range(0 if args.skip_throughput else args.repeats):
@@ -352,25 +416,36 @@ def main(argv: list[str] | None = None) -> int:
             rate, written = worker_throughput(bootstrap, events, len(records), tmp)
             work.append(rate)
             noop.append(noop_throughput(bootstrap, events, len(records), tmp))
-            print(f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s, "
-                  f"Faust no-op reader {noop[-1]:,.0f} ev/s", flush=True)
+            print(
+                f"  repeat {repeat + 1}: worker {work[-1]:,.0f} ev/s, passthrough {base[-1]:,.0f} ev/s, "
+                f"Faust no-op reader {noop[-1]:,.0f} ev/s",
+                flush=True,
+            )
             if repeat == 0:
-                print("  records written per raw event: " + ", ".join(
-                    f"{destination} {count / len(records):.2f}" for destination, count in sorted(written.items())),
-                    flush=True)
+                print(
+                    "  records written per raw event: "
+                    + ", ".join(
+                        f"{destination} {count / len(records):.2f}" for destination, count in sorted(written.items())
+                    ),
+                    flush=True,
+                )
         if not args.skip_throughput:
             w, b, f = statistics.median(work), statistics.median(base), statistics.median(noop)
-            print(f"throughput (median of {args.repeats}): worker {w:,.0f} raw events/s; "
-                  f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x; "
-                  f"(Faust take_events reader doing nothing: {f:,.0f} events/s)")
+            print(
+                f"throughput (median of {args.repeats}): worker {w:,.0f} raw events/s; "
+                f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x; "
+                f"(Faust take_events reader doing nothing: {f:,.0f} events/s)"
+            )
 
         if not args.skip_freshness:
             floor = feast_floor(tmp)
             delays, achieved = freshness(bootstrap, tmp, args.rate, args.seconds)
-            print(f"freshness at {achieved:,.0f} events/s published ({len(delays)} probes): "
-                  f"p50 {percentile(delays, 50) * 1000:.0f} ms, p99 {percentile(delays, 99) * 1000:.0f} ms "
-                  f"from publication to online-readable; baseline direct Feast push+read p50 "
-                  f"{percentile(floor, 50) * 1000:.1f} ms, p99 {percentile(floor, 99) * 1000:.1f} ms")
+            print(
+                f"freshness at {achieved:,.0f} events/s published ({len(delays)} probes): "
+                f"p50 {percentile(delays, 50) * 1000:.0f} ms, p99 {percentile(delays, 99) * 1000:.0f} ms "
+                f"from publication to online-readable; baseline direct Feast push+read p50 "
+                f"{percentile(floor, 50) * 1000:.1f} ms, p99 {percentile(floor, 99) * 1000:.1f} ms"
+            )
         return 0
     finally:
         services.stop(tmp, "kafka-bench")

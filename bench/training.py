@@ -121,8 +121,9 @@ def embbag_reference(columns, dim: int, batch_size: int, repeats: int, threads: 
     rates = []
     for _ in range(repeats):
         torch.manual_seed(0)
-        tables = torch.nn.ModuleDict({n: torch.nn.EmbeddingBag(r, dim, mode="mean", sparse=True)
-                                      for n, r in _full_rows(SPEC).items()})
+        tables = torch.nn.ModuleDict(
+            {n: torch.nn.EmbeddingBag(r, dim, mode="mean", sparse=True) for n, r in _full_rows(SPEC).items()}
+        )
         arch = DenseArch(config)
         sparse_opt = torch.optim.Adagrad(tables.parameters(), lr=0.1)
         dense_opt = torch.optim.Adam(arch.parameters(), lr=0.01)
@@ -130,7 +131,7 @@ def embbag_reference(columns, dim: int, batch_size: int, repeats: int, threads: 
         order = np.random.default_rng(0).permutation(len(columns))
         t0 = time.perf_counter()
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             pooled = []
             for name in config.sparse_features:
                 lengths, values = gather_jagged(columns.lengths[name], columns.offsets[name], local[name], index)
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from local_services import services
     from traffic.simulator import SimConfig
-    from training.data import to_columns
     from traffic.synthetic import simulate_samples
+    from training.data import to_columns
 
     print(f"simulating {args.requests} requests ...", file=sys.stderr)
     synthetic = simulate_samples(SimConfig(users=5000, items=2000, requests=args.requests, seed=1))
@@ -181,13 +182,34 @@ def main(argv: list[str] | None = None) -> int:
         services.start_redis(run_dir, port, name="redis-bench-training")
         try:
             out = run_dir / "result.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={args.ranks}",
-                   "--master-addr=127.0.0.1", f"--master-port={services.free_port()}", "-m", "bench.training",
-                   "--worker", "--data", str(data), "--redis", f"redis://127.0.0.1:{port}/0", "--out", str(out),
-                   "--repeats", str(args.repeats), "--batch-size", str(args.batch_size), "--dim", str(args.dim)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=1",
+                f"--nproc-per-node={args.ranks}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={services.free_port()}",
+                "-m",
+                "bench.training",
+                "--worker",
+                "--data",
+                str(data),
+                "--redis",
+                f"redis://127.0.0.1:{port}/0",
+                "--out",
+                str(out),
+                "--repeats",
+                str(args.repeats),
+                "--batch-size",
+                str(args.batch_size),
+                "--dim",
+                str(args.dim),
+            ]
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-            print(f"training {len(columns)} samples x {args.repeats} repeats on {args.ranks} ranks ...",
-                  file=sys.stderr)
+            print(
+                f"training {len(columns)} samples x {args.repeats} repeats on {args.ranks} ranks ...", file=sys.stderr
+            )
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
@@ -200,15 +222,21 @@ def main(argv: list[str] | None = None) -> int:
 
     ps_rates = [r["samples"] / (r["pull"] + r["train"] + r["push"]) for r in results["ps"]]
     dmp_rates = [r["samples"] / r["train"] for r in results["dmp"]]
-    shares = {k: statistics.median(r[k] / (r["pull"] + r["train"] + r["push"]) for r in results["ps"])
-              for k in ("pull", "train", "push")}
+    shares = {
+        k: statistics.median(r[k] / (r["pull"] + r["train"] + r["push"]) for r in results["ps"])
+        for k in ("pull", "train", "push")
+    }
     ps, dmp, bag = statistics.median(ps_rates), statistics.median(dmp_rates), statistics.median(embbag)
-    print(f"training throughput, {len(columns)} samples, {args.ranks} ranks x batch {args.batch_size}, dim {args.dim}, "
-          f"medians of {args.repeats} repeats (1 epoch each)")
-    print(f"  parameter-service trainer (pull + train + push): {ps:,.0f} samples/s "
-          f"(pull {shares['pull']:.1%}, train {shares['train']:.1%}, push {shares['push']:.1%}; "
-          f"median times pull {statistics.median(r['pull'] for r in results['ps']):.3f}s, "
-          f"push {statistics.median(r['push'] for r in results['ps']):.3f}s)")
+    print(
+        f"training throughput, {len(columns)} samples, {args.ranks} ranks x batch {args.batch_size}, dim {args.dim}, "
+        f"medians of {args.repeats} repeats (1 epoch each)"
+    )
+    print(
+        f"  parameter-service trainer (pull + train + push): {ps:,.0f} samples/s "
+        f"(pull {shares['pull']:.1%}, train {shares['train']:.1%}, push {shares['push']:.1%}; "
+        f"median times pull {statistics.median(r['pull'] for r in results['ps']):.3f}s, "
+        f"push {statistics.median(r['push'] for r in results['ps']):.3f}s)"
+    )
     print(f"  baseline: plain TorchRec DMP, tables in memory:  {dmp:,.0f} samples/s")
     print(f"  ratio parameter-service / plain DMP: {ps / dmp:.2f}x (target >= 0.8x)")
     print(f"  reference: single-process nn.EmbeddingBag ({args.ranks} threads): {bag:,.0f} samples/s")

@@ -35,16 +35,24 @@ async def _start(client, bootstrap: str, close) -> None:
         raise unreachable(bootstrap, exc) from exc
 
 
-async def ensure_topics(bootstrap: str, topics: dict[str, int], replication: int = 1,
-                        configs: dict[str, dict[str, str]] | None = None, wait_s: float = 30.0) -> list[str]:
+async def ensure_topics(
+    bootstrap: str,
+    topics: dict[str, int],
+    replication: int = 1,
+    configs: dict[str, dict[str, str]] | None = None,
+    wait_s: float = 30.0,
+) -> list[str]:
     """Create the topics that do not exist yet (name -> partitions, optional per-topic configs);
     return the names created once the broker lists every wanted topic (at most ``wait_s``)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await _start(admin, bootstrap, admin.close)
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(name, partitions, replication, topic_configs=(configs or {}).get(name, {}))
-                  for name, partitions in topics.items() if name not in existing]
+        wanted = [
+            NewTopic(name, partitions, replication, topic_configs=(configs or {}).get(name, {}))
+            for name, partitions in topics.items()
+            if name not in existing
+        ]
         if not wanted:
             return []
         try:
@@ -95,8 +103,13 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, start: dict[int, int] | None = None,
-                     stop: dict[int, int] | None = None, batch_timeout_ms: int = 500) -> AsyncIterator[TopicRecord]:
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    start: dict[int, int] | None = None,
+    stop: dict[int, int] | None = None,
+    batch_timeout_ms: int = 500,
+) -> AsyncIterator[TopicRecord]:
     """Read ``topic`` from ``start`` (default: the beginning) up to ``stop`` (default: the end offsets now).
 
     A bounded read: it ends once every partition reached its stop offset, so callers
@@ -107,8 +120,13 @@ async def read_topic(bootstrap: str, topic: str, start: dict[int, int] | None = 
     remaining = {p: end for p, end in stop.items() if end > start.get(p, 0)}
     if not remaining:
         return
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000,
-                                fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
     await _start(consumer, bootstrap, consumer.stop)
     try:
         tps = {p: TopicPartition(topic, p) for p in remaining}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
     scores = np.asarray(scores, dtype=np.float64)

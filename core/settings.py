@@ -62,8 +62,10 @@ class KafkaSettings(BaseSettings):
 
     def all_topics(self) -> dict[str, int]:
         """Every topic of the project with its partition count."""
-        return {name: self.topic_partitions for name in
-                (self.topic_events, self.topic_samples, self.topic_deadletter, self.topic_late)}
+        return {
+            name: self.topic_partitions
+            for name in (self.topic_events, self.topic_samples, self.topic_deadletter, self.topic_late)
+        }
 
 
 class EventSettings(BaseSettings):
@@ -86,10 +88,12 @@ class ParamServerSettings(BaseSettings):
         description="Redis URLs of the training copy of the parameter service, one per shard",
     )
     replicas: list[str] = Field(default_factory=list, description="Redis URLs of inference replicas, nearest first")
-    namespace: str = Field("ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$",
-                           description="key prefix of the parameter service in its Redis servers")
-    rows_per_bucket: int = Field(24, ge=1, le=4096,
-                                 description="target rows per Redis hash bucket (memory vs lookup cost)")
+    namespace: str = Field(
+        "ps", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="key prefix of the parameter service in its Redis servers"
+    )
+    rows_per_bucket: int = Field(
+        24, ge=1, le=4096, description="target rows per Redis hash bucket (memory vs lookup cost)"
+    )
     timeout_s: float = Field(5.0, gt=0, description="socket timeout of parameter-service requests")
     lock_ttl_s: float = Field(30.0, gt=0, description="lease of the push lock; a push outliving it aborts")
     lock_wait_s: float = Field(60.0, gt=0, description="how long a push waits for the push lock")
@@ -123,8 +127,10 @@ class FeastSettings(BaseSettings):
     model_config = _section("FEAST_")
 
     repo_path: Path = Field(PROJECT_ROOT / "feature_repo", description="Feast repository folder")
-    data_dir: Path = Field(PROJECT_ROOT / "feature_repo" / "data",
-                           description="Feast registry, SQLite online store and offline parquet (git-ignored)")
+    data_dir: Path = Field(
+        PROJECT_ROOT / "feature_repo" / "data",
+        description="Feast registry, SQLite online store and offline parquet (git-ignored)",
+    )
     online_store: str = Field("sqlite", pattern=r"^(sqlite|redis)$", description="Feast online store kind")
     redis_url: str | None = Field(None, description="Redis of the Feast online store (default: RECSYS_REDIS_URL)")
 
@@ -150,25 +156,30 @@ class TrainingSettings(BaseSettings):
     model_config = _section("TRAIN_")
 
     ranks: int = Field(1, ge=1, le=512, description="torchrun ranks of `recsys train` (per node)")
-    backend: str = Field("auto", pattern=r"^(auto|gloo|nccl)$",
-                         description="torch.distributed backend; auto: nccl with CUDA, else gloo")
+    backend: str = Field(
+        "auto", pattern=r"^(auto|gloo|nccl)$", description="torch.distributed backend; auto: nccl with CUDA, else gloo"
+    )
     batch_size: int = Field(512, ge=1, le=1 << 20, description="samples per step and rank")
     epochs: int = Field(4, ge=1, le=1000, description="passes over the window's training samples")
     embedding_dim: int = Field(16, ge=1, le=4096, description="dimension of every embedding table")
-    dense_arch: list[int] = Field(default_factory=lambda: [32, 16],
-                                  description="bottom MLP layer sizes; the last equals the embedding dim")
-    over_arch: list[int] = Field(default_factory=lambda: [64, 32],
-                                 description="top MLP hidden layer sizes (a final 1-unit layer is added)")
+    dense_arch: list[int] = Field(
+        default_factory=lambda: [32, 16], description="bottom MLP layer sizes; the last equals the embedding dim"
+    )
+    over_arch: list[int] = Field(
+        default_factory=lambda: [64, 32], description="top MLP hidden layer sizes (a final 1-unit layer is added)"
+    )
     embedding_lr: float = Field(0.1, gt=0, description="row-wise Adagrad learning rate of the embeddings")
     dense_lr: float = Field(0.01, gt=0, description="Adam learning rate of the dense part")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="newest share of the window (by event time) "
-                                 "held out for evaluation")
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="newest share of the window (by event time) held out for evaluation"
+    )
     init_std: float = Field(0.05, ge=0, description="std of the deterministic initial embedding rows")
     seed: int = Field(0, description="seed of dense initialisation and batch order")
     experiment: str = Field("recsys-training", min_length=1, description="MLflow experiment of training runs")
     model_name: str = Field("recsys-dlrm", min_length=1, description="registered MLflow model of the trainer")
-    crash_after_steps: int | None = Field(None, ge=0, description="fault injection for tests: rank 0 kills "
-                                          "itself (SIGKILL) after this many steps")
+    crash_after_steps: int | None = Field(
+        None, ge=0, description="fault injection for tests: rank 0 kills itself (SIGKILL) after this many steps"
+    )
 
 
 class ServingSettings(BaseSettings):
@@ -179,32 +190,49 @@ class ServingSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `recsys serve` binds to")
     port: int = Field(8000, ge=1, le=65535, description="port of `recsys serve`")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
-    admin_token: str | None = Field(None, min_length=16, description="bearer token of the admin endpoints "
-                                    "(reload); unset: admin endpoints answer 403")
+    admin_token: str | None = Field(
+        None,
+        min_length=16,
+        description="bearer token of the admin endpoints (reload); unset: admin endpoints answer 403",
+    )
     model_name: str = Field("recsys-dlrm", description="registered MLflow model that serving loads")
     model_alias: str = Field("champion", description="registry alias of the model serving loads")
-    reload_poll_s: float = Field(30.0, ge=0, description="how often serving checks the alias for a new "
-                                 "version (0: only on POST /admin/reload)")
-    allow_fallback_scorer: bool = Field(True, description="without a champion, rank by the dot product of "
-                                        "user and item embeddings from the parameter service")
+    reload_poll_s: float = Field(
+        30.0, ge=0, description="how often serving checks the alias for a new version (0: only on POST /admin/reload)"
+    )
+    allow_fallback_scorer: bool = Field(
+        True,
+        description="without a champion, rank by the dot product of "
+        "user and item embeddings from the parameter service",
+    )
     max_k: int = Field(100, ge=1, le=10_000, description="largest k of /v1/recommend")
     max_candidates: int = Field(1000, ge=1, le=100_000, description="most candidates of one request")
     max_pairs: int = Field(1000, ge=1, le=100_000, description="most (user, item) pairs of /v1/score")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
     param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
-    param_version_poll_s: float = Field(1.0, gt=0, description="how often the cache checks the "
-                                        "replica's parameter version")
-    item_feature_ttl_s: float = Field(30.0, ge=0, description="how long item features read from Feast "
-                                      "are reused (0: read every candidate on every request)")
-    impression_buffer: int = Field(10_000, ge=1, description="impressions buffered for Kafka; beyond it "
-                                   "they are dropped and counted")
-    retrieval_candidates: int = Field(200, ge=1, le=100_000, description="candidates the retrieval stage "
-                                      "supplies when a request has none")
+    param_version_poll_s: float = Field(
+        1.0, gt=0, description="how often the cache checks the replica's parameter version"
+    )
+    item_feature_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        description="how long item features read from Feast are reused (0: read every candidate on every request)",
+    )
+    impression_buffer: int = Field(
+        10_000, ge=1, description="impressions buffered for Kafka; beyond it they are dropped and counted"
+    )
+    retrieval_candidates: int = Field(
+        200, ge=1, le=100_000, description="candidates the retrieval stage supplies when a request has none"
+    )
     retrieval_half_life_s: float = Field(3600.0, gt=0, description="half-life of item popularity")
-    retrieval_lookback: int = Field(50_000, ge=0, description="records per partition of the events topic "
-                                    "the retrieval stage reads back at start-up")
-    reload_urls: list[str] = Field(default_factory=list, description="base URLs of serving replicas told "
-                                   "to reload after a promotion; empty: http://host:port of these settings")
+    retrieval_lookback: int = Field(
+        50_000, ge=0, description="records per partition of the events topic the retrieval stage reads back at start-up"
+    )
+    reload_urls: list[str] = Field(
+        default_factory=list,
+        description="base URLs of serving replicas told "
+        "to reload after a promotion; empty: http://host:port of these settings",
+    )
 
 
 class AirflowSettings(BaseSettings):
@@ -213,14 +241,20 @@ class AirflowSettings(BaseSettings):
     model_config = _section("AIRFLOW_")
 
     port: int = Field(8080, ge=1, le=65535, description="port of the local Airflow api-server (UI) on 127.0.0.1")
-    db_url: str | None = Field(None, description="Airflow metadata DB (SQLAlchemy URL, e.g. PostgreSQL); "
-                               "unset: SQLite under <run_dir>/airflow")
-    executor: str = Field("LocalExecutor", pattern=r"^(LocalExecutor|SequentialExecutor|CeleryExecutor|"
-                          r"KubernetesExecutor)$", description="Airflow executor of `recsys airflow up`")
+    db_url: str | None = Field(
+        None, description="Airflow metadata DB (SQLAlchemy URL, e.g. PostgreSQL); unset: SQLite under <run_dir>/airflow"
+    )
+    executor: str = Field(
+        "LocalExecutor",
+        pattern=r"^(LocalExecutor|SequentialExecutor|CeleryExecutor|"
+        r"KubernetesExecutor)$",
+        description="Airflow executor of `recsys airflow up`",
+    )
     parallelism: int = Field(4, ge=1, le=1024, description="task instances running at once")
     start_timeout_s: float = Field(180.0, gt=0, description="how long `recsys airflow up` waits for health")
-    training_schedule: str | None = Field("@hourly", description="schedule of the training DAG (cron or "
-                                          "preset; empty: manual only)")
+    training_schedule: str | None = Field(
+        "@hourly", description="schedule of the training DAG (cron or preset; empty: manual only)"
+    )
     features_schedule: str | None = Field("@hourly", description="schedule of the features DAG")
 
 
@@ -229,12 +263,20 @@ class GateSettings(BaseSettings):
 
     model_config = _section("GATE_")
 
-    tolerance: float = Field(0.002, ge=0, le=1, description="a challenger is promoted unless its AUC is "
-                             "worse than the champion's by more than this, on the same evaluation set")
+    tolerance: float = Field(
+        0.002,
+        ge=0,
+        le=1,
+        description="a challenger is promoted unless its AUC is "
+        "worse than the champion's by more than this, on the same evaluation set",
+    )
     min_new_samples: int = Field(1, ge=1, description="training runs skip when fewer new samples arrived")
-    publish_timeout_s: float = Field(300.0, gt=0, validation_alias=_env("publish_timeout_s"),
-                                     description="how long publication waits for every inference replica "
-                                     "to apply the pushed parameter version")
+    publish_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        validation_alias=_env("publish_timeout_s"),
+        description="how long publication waits for every inference replica to apply the pushed parameter version",
+    )
 
 
 class StreamSettings(BaseSettings):
@@ -242,25 +284,50 @@ class StreamSettings(BaseSettings):
 
     model_config = _section("STREAM_")
 
-    app_id: str = Field("recsys-stream", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-                        description="Faust app id: consumer group and prefix of its changelog topics")
+    app_id: str = Field(
+        "recsys-stream",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Faust app id: consumer group and prefix of its changelog topics",
+    )
     data_dir: Path | None = Field(None, description="Faust table data of the worker (default: run_dir/stream)")
     attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
-    dedup_window_s: float = Field(3600.0, gt=0, description="event time an event id is remembered for "
-                                  "de-duplicating client retries")
-    resolved_retention_s: float = Field(60.0, gt=0, description="wall time a resolved impression's status is "
-                                        "kept, to tell late clicks and impression retries apart")
-    idle_advance_s: float = Field(5.0, gt=0, description="a partition idle this long (wall time) advances its "
-                                  "event-time watermark with the wall clock, so windows close on a quiet stream")
-    batch_size: int = Field(2000, ge=1, le=100_000, description="most records the worker handles per batch "
-                            "(one fetch from Kafka)")
-    max_in_flight_batches: int = Field(4, ge=1, le=64, description="batches the worker processes ahead "
-                                       "while Kafka acknowledges the outputs of earlier ones")
-    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000, description="longest a fetch waits on the broker "
-                                   "for new records (one fetch per broker is in flight at a time)")
+    dedup_window_s: float = Field(
+        3600.0, gt=0, description="event time an event id is remembered for de-duplicating client retries"
+    )
+    resolved_retention_s: float = Field(
+        60.0,
+        gt=0,
+        description="wall time a resolved impression's status is "
+        "kept, to tell late clicks and impression retries apart",
+    )
+    idle_advance_s: float = Field(
+        5.0,
+        gt=0,
+        description="a partition idle this long (wall time) advances its "
+        "event-time watermark with the wall clock, so windows close on a quiet stream",
+    )
+    batch_size: int = Field(
+        2000, ge=1, le=100_000, description="most records the worker handles per batch (one fetch from Kafka)"
+    )
+    max_in_flight_batches: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="batches the worker processes ahead while Kafka acknowledges the outputs of earlier ones",
+    )
+    fetch_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="longest a fetch waits on the broker for new records (one fetch per broker is in flight at a time)",
+    )
     commit_interval_s: float = Field(1.0, gt=0, description="how often the worker commits offsets")
-    session_timeout_s: float = Field(30.0, ge=6, description="Kafka group session timeout of a worker: how "
-                                     "soon the partitions of a dead worker move to the others")
+    session_timeout_s: float = Field(
+        30.0,
+        ge=6,
+        description="Kafka group session timeout of a worker: how "
+        "soon the partitions of a dead worker move to the others",
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
@@ -332,7 +399,9 @@ def environment_names() -> set[str]:
 def env_name(section: type[BaseSettings], field_name: str) -> str:
     """The environment variable that sets ``field_name`` of ``section``."""
     alias = section.model_fields[field_name].validation_alias
-    return alias.upper() if isinstance(alias, str) else (section.model_config.get("env_prefix", "") + field_name).upper()
+    return (
+        alias.upper() if isinstance(alias, str) else (section.model_config.get("env_prefix", "") + field_name).upper()
+    )
 
 
 def describe_error(exc: ValidationError) -> str:
@@ -360,8 +429,9 @@ class UnknownSettingWarning(UserWarning):
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """The settings of the environment; warns (UnknownSettingWarning) about RECSYS_* variables nobody reads."""
     for name in unknown_variables(environ):
-        warnings.warn(f"{name} is set but no setting reads it (misspelt?); it is ignored",
-                      UnknownSettingWarning, stacklevel=2)
+        warnings.warn(
+            f"{name} is set but no setting reads it (misspelt?); it is ignored", UnknownSettingWarning, stacklevel=2
+        )
     return Settings()
 
 

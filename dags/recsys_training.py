@@ -30,14 +30,33 @@ _defaults = Settings()
     max_active_runs=1,
     default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "ranks": Param(_defaults.train.ranks, type="integer", minimum=1, maximum=512,
-                       description="torchrun ranks of `recsys train`"),
-        "epochs": Param(_defaults.train.epochs, type="integer", minimum=1, maximum=1000,
-                        description="passes over the window's training samples"),
-        "min_new_samples": Param(_defaults.gate.min_new_samples, type="integer", minimum=1,
-                                 description="skip the run when fewer new samples arrived since the last job"),
-        "tolerance": Param(_defaults.gate.tolerance, type="number", minimum=0, maximum=1,
-                           description="promote unless the challenger's AUC is worse than the champion's by more"),
+        "ranks": Param(
+            _defaults.train.ranks,
+            type="integer",
+            minimum=1,
+            maximum=512,
+            description="torchrun ranks of `recsys train`",
+        ),
+        "epochs": Param(
+            _defaults.train.epochs,
+            type="integer",
+            minimum=1,
+            maximum=1000,
+            description="passes over the window's training samples",
+        ),
+        "min_new_samples": Param(
+            _defaults.gate.min_new_samples,
+            type="integer",
+            minimum=1,
+            description="skip the run when fewer new samples arrived since the last job",
+        ),
+        "tolerance": Param(
+            _defaults.gate.tolerance,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="promote unless the challenger's AUC is worse than the champion's by more",
+        ),
     },
     tags=["recsys", "training"],
     render_template_as_native_obj=True,
@@ -59,8 +78,13 @@ def recsys_training() -> None:
 
         ctx = get_current_context()
         s = Settings()
-        outcome = training.train(s, f"{ctx['dag'].dag_id}__{ctx['run_id']}", int(ctx["params"]["ranks"]),
-                                 int(ctx["params"]["epochs"]), s.local.run_dir / "airflow" / "train-outcomes")
+        outcome = training.train(
+            s,
+            f"{ctx['dag'].dag_id}__{ctx['run_id']}",
+            int(ctx["params"]["ranks"]),
+            int(ctx["params"]["epochs"]),
+            s.local.run_dir / "airflow" / "train-outcomes",
+        )
         if outcome.get("status") != "trained":
             raise AirflowSkipException(f"nothing trained: {outcome.get('message', outcome.get('status'))}")
         return {k: outcome[k] for k in ("run_id", "model_name", "model_version", "ps_version") if k in outcome}
@@ -75,8 +99,9 @@ def recsys_training() -> None:
     def gate(evaluation: dict) -> dict | bool:
         from recsys_ops import training
 
-        decision = training.gate_decision(Settings(), evaluation["model_version"],
-                                          float(get_current_context()["params"]["tolerance"]))
+        decision = training.gate_decision(
+            Settings(), evaluation["model_version"], float(get_current_context()["params"]["tolerance"])
+        )
         print(f"gate: {decision['reason']}")
         return decision if decision["promote"] else False
 

@@ -15,7 +15,7 @@ import hashlib
 import math
 import time
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -86,7 +86,7 @@ class _Event(BaseModel):
 
     def kafka_key(self) -> bytes:
         """Records are keyed by user id (item profiles by item id) so one user's events stay ordered."""
-        owner = getattr(self, "user_id", None) or getattr(self, "item_id")
+        owner = getattr(self, "user_id", None) or self.item_id
         return owner.encode()
 
 
@@ -125,10 +125,13 @@ class ItemProfile(_Event):
     title: Annotated[str, Field(max_length=1024)] | None = None
 
 
-Event = Annotated[Union[Impression, Click, UserProfile, ItemProfile], Field(discriminator="event_type")]
+Event = Annotated[Impression | Click | UserProfile | ItemProfile, Field(discriminator="event_type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 EVENT_CLASSES: dict[str, type[_Event]] = {
-    "impression": Impression, "click": Click, "user_profile": UserProfile, "item_profile": ItemProfile,
+    "impression": Impression,
+    "click": Click,
+    "user_profile": UserProfile,
+    "item_profile": ItemProfile,
 }
 
 
@@ -177,8 +180,14 @@ def _classify(error: ValidationError) -> tuple[RejectReason, str]:
     return RejectReason.BAD_VALUE, f"field {where!r}: {first['msg']}"
 
 
-def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024, max_future_skew_s: float = 300.0,
-                max_age_s: float = 30 * 24 * 3600.0, now: float | None = None) -> Event:
+def parse_event(
+    raw: bytes,
+    *,
+    max_bytes: int = 64 * 1024,
+    max_future_skew_s: float = 300.0,
+    max_age_s: float = 30 * 24 * 3600.0,
+    now: float | None = None,
+) -> Event:
     """Validate one raw Kafka record against the contract.
 
     Raises InvalidEvent with the first problem found, checked in this order: size, UTF-8,
@@ -200,24 +209,31 @@ def parse_event(raw: bytes, *, max_bytes: int = 64 * 1024, max_future_skew_s: fl
     if event_type is None:
         raise InvalidEvent(RejectReason.MISSING_FIELD, "missing field 'event_type'")
     if event_type not in EVENT_CLASSES:
-        raise InvalidEvent(RejectReason.UNKNOWN_EVENT_TYPE,
-                           f"unknown event_type {str(event_type)[:64]!r}; expected one of {', '.join(EVENT_TYPES)}")
+        raise InvalidEvent(
+            RejectReason.UNKNOWN_EVENT_TYPE,
+            f"unknown event_type {str(event_type)[:64]!r}; expected one of {', '.join(EVENT_TYPES)}",
+        )
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise InvalidEvent(RejectReason.UNSUPPORTED_VERSION,
-                           f"schema_version {str(version)[:16]!r} is not supported (this worker reads {SCHEMA_VERSION})")
+        raise InvalidEvent(
+            RejectReason.UNSUPPORTED_VERSION,
+            f"schema_version {str(version)[:16]!r} is not supported (this worker reads {SCHEMA_VERSION})",
+        )
     try:
         event = EVENT_CLASSES[event_type].model_validate(data)
     except ValidationError as exc:
         raise InvalidEvent(*_classify(exc)) from None
     current = time.time() if now is None else now
     if event.timestamp > current + max_future_skew_s:
-        raise InvalidEvent(RejectReason.FUTURE_TIMESTAMP,
-                           f"timestamp {event.timestamp:.3f} is {event.timestamp - current:.0f}s in the future "
-                           f"(limit {max_future_skew_s:.0f}s)")
+        raise InvalidEvent(
+            RejectReason.FUTURE_TIMESTAMP,
+            f"timestamp {event.timestamp:.3f} is {event.timestamp - current:.0f}s in the future "
+            f"(limit {max_future_skew_s:.0f}s)",
+        )
     if event.timestamp < current - max_age_s:
-        raise InvalidEvent(RejectReason.STALE_TIMESTAMP,
-                           f"timestamp {event.timestamp:.3f} is older than {max_age_s:.0f}s")
+        raise InvalidEvent(
+            RejectReason.STALE_TIMESTAMP, f"timestamp {event.timestamp:.3f} is older than {max_age_s:.0f}s"
+        )
     return event
 
 

@@ -40,8 +40,9 @@ def dense_column(name: str) -> str:
 
 def columns(entity: str) -> list[str]:
     """Feature columns of one entity, in spec order."""
-    return ([sparse_column(f.name) for f in SPEC.sparse if f.entity == entity]
-            + [dense_column(f.name) for f in SPEC.dense if f.entity == entity])
+    return [sparse_column(f.name) for f in SPEC.sparse if f.entity == entity] + [
+        dense_column(f.name) for f in SPEC.dense if f.entity == entity
+    ]
 
 
 def offline_dir(data_dir: Path, entity: str) -> Path:
@@ -53,20 +54,31 @@ def build(data_dir: Path) -> dict[str, object]:
     objects: dict[str, object] = {}
     for entity in ("user", "item"):
         key = JOIN_KEYS[entity]
-        ent = Entity(name=entity, join_keys=[key], value_type=ValueType.STRING,
-                     description=f"a {entity}, by its raw id")
+        ent = Entity(
+            name=entity, join_keys=[key], value_type=ValueType.STRING, description=f"a {entity}, by its raw id"
+        )
         path = offline_dir(data_dir, entity)
         path.mkdir(parents=True, exist_ok=True)
-        batch = FileSource(name=f"{entity}_parquet", path=str(path), timestamp_field=TIMESTAMP_FIELD,
-                           created_timestamp_column=CREATED_FIELD)
+        batch = FileSource(
+            name=f"{entity}_parquet",
+            path=str(path),
+            timestamp_field=TIMESTAMP_FIELD,
+            created_timestamp_column=CREATED_FIELD,
+        )
         push = PushSource(name=f"{entity}_push", batch_source=batch)
-        schema = ([Field(name=sparse_column(f.name), dtype=Array(Int64)) for f in SPEC.sparse if f.entity == entity]
-                  + [Field(name=dense_column(f.name), dtype=Float64) for f in SPEC.dense if f.entity == entity])
-        view = FeatureView(name=f"{entity}_features", entities=[ent], ttl=FEATURE_TTL, schema=schema,
-                           source=push, online=True,
-                           description=f"encoded {entity} profile features (spec {SPEC.spec_hash()})")
-        objects.update({entity: ent, f"{entity}_parquet": batch, f"{entity}_push": push,
-                        f"{entity}_features": view})
+        schema = [Field(name=sparse_column(f.name), dtype=Array(Int64)) for f in SPEC.sparse if f.entity == entity] + [
+            Field(name=dense_column(f.name), dtype=Float64) for f in SPEC.dense if f.entity == entity
+        ]
+        view = FeatureView(
+            name=f"{entity}_features",
+            entities=[ent],
+            ttl=FEATURE_TTL,
+            schema=schema,
+            source=push,
+            online=True,
+            description=f"encoded {entity} profile features (spec {SPEC.spec_hash()})",
+        )
+        objects.update({entity: ent, f"{entity}_parquet": batch, f"{entity}_push": push, f"{entity}_features": view})
     return objects
 
 

@@ -26,17 +26,41 @@ SPEC_VERSION = 1
 
 # --------------------------------------------------------------------------- vocabularies
 
-GENDER_ALIASES: dict[str, str] = {"m": "male", "male": "male", "man": "male",
-                                  "f": "female", "female": "female", "woman": "female"}
+GENDER_ALIASES: dict[str, str] = {
+    "m": "male",
+    "male": "male",
+    "man": "male",
+    "f": "female",
+    "female": "female",
+    "woman": "female",
+}
 GENDERS: tuple[str, ...] = ("male", "female")
 
 # Age buckets of MovieLens: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+.
 AGE_BOUNDARIES: tuple[int, ...] = (18, 25, 35, 45, 50, 56)
 
 OCCUPATIONS: tuple[str, ...] = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
-    "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
-    "retired", "salesman", "scientist", "student", "technician", "writer",
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
+    "writer",
 )
 
 # The 21 occupation names of MovieLens-1M (its users file codes them 0..20) folded onto the
@@ -45,16 +69,41 @@ OCCUPATIONS: tuple[str, ...] = (
 # to "other"; K-12 and college students share "student". Appending new names instead
 # would grow the table and change the simulator's world, which other rooms' tests fix.
 OCCUPATION_ALIASES: dict[str, str] = {
-    "other or not specified": "other", "academic/educator": "educator", "clerical/admin": "administrator",
-    "college/grad student": "student", "customer service": "other", "doctor/health care": "healthcare",
-    "executive/managerial": "executive", "farmer": "other", "k-12 student": "student",
-    "sales/marketing": "marketing", "self-employed": "other", "technician/engineer": "technician",
-    "tradesman/craftsman": "other", "unemployed": "none",
+    "other or not specified": "other",
+    "academic/educator": "educator",
+    "clerical/admin": "administrator",
+    "college/grad student": "student",
+    "customer service": "other",
+    "doctor/health care": "healthcare",
+    "executive/managerial": "executive",
+    "farmer": "other",
+    "k-12 student": "student",
+    "sales/marketing": "marketing",
+    "self-employed": "other",
+    "technician/engineer": "technician",
+    "tradesman/craftsman": "other",
+    "unemployed": "none",
 }
 
 GENRES: tuple[str, ...] = (
-    "action", "adventure", "animation", "children's", "comedy", "crime", "documentary", "drama",
-    "fantasy", "film-noir", "horror", "musical", "mystery", "romance", "sci-fi", "thriller", "war", "western",
+    "action",
+    "adventure",
+    "animation",
+    "children's",
+    "comedy",
+    "crime",
+    "documentary",
+    "drama",
+    "fantasy",
+    "film-noir",
+    "horror",
+    "musical",
+    "mystery",
+    "romance",
+    "sci-fi",
+    "thriller",
+    "war",
+    "western",
 )
 
 ID_HASH_BITS = 62
@@ -214,7 +263,8 @@ class EncodedEntity:
 def encode_user(user_id: str, attributes: Mapping[str, Any] | None = None) -> EncodedEntity:
     attrs = attributes or {}
     return EncodedEntity(
-        "user", user_id,
+        "user",
+        user_id,
         sparse={
             "user_id": [user_id_key(user_id)],
             "gender": [vocab_index("gender", attrs.get("gender"))],
@@ -234,7 +284,8 @@ def encode_item(item_id: str, attributes: Mapping[str, Any] | None = None) -> En
     if category is None and genres:
         category = genres[0]
     return EncodedEntity(
-        "item", item_id,
+        "item",
+        item_id,
         sparse={
             "item_id": [item_id_key(item_id)],
             "item_category": [vocab_index("item_category", category)],
@@ -258,8 +309,9 @@ def encode_record(record: Mapping[str, Any] | Any) -> EncodedEntity:
     raise ValueError(f"only user_profile and item_profile records carry features, got {event_type!r}")
 
 
-def join_features(user: EncodedEntity | None, item: EncodedEntity | None,
-                  user_id: str, item_id: str) -> tuple[dict[str, list[int]], dict[str, float]]:
+def join_features(
+    user: EncodedEntity | None, item: EncodedEntity | None, user_id: str, item_id: str
+) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Sparse ids and dense values of one (user, item) pair, in spec order.
 
     A user or item without a known profile still gets its id feature; the other features

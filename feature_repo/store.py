@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ def redis_connection_string(url: str) -> str:
     """Feast's Redis store takes ``host:port,db=N`` rather than a redis:// URL."""
     if not url.startswith("redis://"):
         return url
-    rest = url[len("redis://"):]
+    rest = url[len("redis://") :]
     hostport, _, db = rest.partition("/")
     hostport = hostport.rpartition("@")[2]
     return f"{hostport},db={db or 0}"
@@ -52,14 +52,20 @@ def repo_config(data_dir: Path, online_store: str = "sqlite", redis_url: str | N
         online = SqliteOnlineStoreConfig(path=str(data_dir / "online.db"))
     else:
         raise ValueError(f"unknown online store {online_store!r}; expected sqlite or redis")
-    return RepoConfig(project=defs.PROJECT, provider="local",
-                      registry=RegistryConfig(path=str(data_dir / "registry.db"), cache_ttl_seconds=0),
-                      online_store=online, offline_store={"type": "file"},
-                      entity_key_serialization_version=3, repo_path=str(REPO_PATH))
+    return RepoConfig(
+        project=defs.PROJECT,
+        provider="local",
+        registry=RegistryConfig(path=str(data_dir / "registry.db"), cache_ttl_seconds=0),
+        online_store=online,
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+        repo_path=str(REPO_PATH),
+    )
 
 
-def open_store(data_dir: Path, online_store: str = "sqlite", redis_url: str | None = None,
-               apply: bool = True) -> FeatureStore:
+def open_store(
+    data_dir: Path, online_store: str = "sqlite", redis_url: str | None = None, apply: bool = True
+) -> FeatureStore:
     """The feature store of ``data_dir``; with ``apply`` the definitions are registered first (idempotent)."""
     store = FeatureStore(config=repo_config(data_dir, online_store, redis_url), repo_path=str(REPO_PATH))
     if apply:
@@ -68,10 +74,11 @@ def open_store(data_dir: Path, online_store: str = "sqlite", redis_url: str | No
     return store
 
 
-def rows_frame(entity: Entity, encoded: Sequence[EncodedEntity], event_times: Sequence[float],
-               created: float | None = None) -> pd.DataFrame:
+def rows_frame(
+    entity: Entity, encoded: Sequence[EncodedEntity], event_times: Sequence[float], created: float | None = None
+) -> pd.DataFrame:
     """One row per encoded entity, columns as the feature views declare them."""
-    created_at = datetime.fromtimestamp(created, timezone.utc) if created else datetime.now(timezone.utc)
+    created_at = datetime.fromtimestamp(created, UTC) if created else datetime.now(UTC)
     data: dict[str, list[Any]] = {defs.JOIN_KEYS[entity]: [e.entity_id for e in encoded]}
     for feature in SPEC.sparse:
         if feature.entity == entity:
@@ -79,7 +86,7 @@ def rows_frame(entity: Entity, encoded: Sequence[EncodedEntity], event_times: Se
     for feature in SPEC.dense:
         if feature.entity == entity:
             data[defs.dense_column(feature.name)] = [float(e.dense[feature.name]) for e in encoded]
-    data[defs.TIMESTAMP_FIELD] = [datetime.fromtimestamp(t, timezone.utc) for t in event_times]
+    data[defs.TIMESTAMP_FIELD] = [datetime.fromtimestamp(t, UTC) for t in event_times]
     data[defs.CREATED_FIELD] = [created_at] * len(encoded)
     return pd.DataFrame(data)
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from local_services import services
 from core.settings import PROJECT_ROOT, Settings
+from local_services import services
 
 ADMIN_USER = "admin"
 # start order: the api-server first (the others report to its execution API), scheduler last
@@ -116,30 +116,32 @@ def airflow_env(settings: Settings, dags_folder: Path | None = None) -> dict[str
     db_url = settings.airflow.db_url or f"sqlite:///{paths.db}"
     url = base_url(settings)
     env = dict(os.environ)
-    env.update({
-        "AIRFLOW_HOME": str(paths.home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str((dags_folder or PROJECT_ROOT / "dags").resolve()),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": settings.airflow.executor,
-        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow.parallelism),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
-        "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(paths.passwords_file),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
-        "AIRFLOW__API__HOST": services.LOCALHOST,
-        "AIRFLOW__API__PORT": str(settings.airflow.port),
-        "AIRFLOW__API__BASE_URL": url,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
-        "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(paths.logs),
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-        "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "True",
-        # task processes import the project (recsys, the rooms) from the repository
-        "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(paths.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str((dags_folder or PROJECT_ROOT / "dags").resolve()),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": settings.airflow.executor,
+            "AIRFLOW__CORE__PARALLELISM": str(settings.airflow.parallelism),
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+            "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(paths.passwords_file),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
+            "AIRFLOW__API__HOST": services.LOCALHOST,
+            "AIRFLOW__API__PORT": str(settings.airflow.port),
+            "AIRFLOW__API__BASE_URL": url,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": keys["secret_key"],
+            "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(paths.logs),
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__SCHEDULER__STANDALONE_DAG_PROCESSOR": "True",
+            # task processes import the project (recsys, the rooms) from the repository
+            "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
+    )
     return env
 
 
@@ -147,11 +149,18 @@ def airflow_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "airflow", *args]
 
 
-def run_airflow(settings: Settings, *args: str, timeout: float = 600.0,
-                dags_folder: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_airflow(
+    settings: Settings, *args: str, timeout: float = 600.0, dags_folder: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run one Airflow CLI command against this deployment's home and DB; output captured."""
-    return subprocess.run(airflow_cmd(*args), env=airflow_env(settings, dags_folder), capture_output=True,
-                          text=True, timeout=timeout, cwd=PROJECT_ROOT)
+    return subprocess.run(
+        airflow_cmd(*args),
+        env=airflow_env(settings, dags_folder),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
 
 
 def migrate(settings: Settings) -> None:
@@ -168,8 +177,9 @@ def _service_name(component: str) -> str:
 
 def _component_cmd(settings: Settings, component: str) -> list[str]:
     if component == "api-server":
-        args = airflow_cmd("api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow.port),
-                           "--workers", "1")
+        args = airflow_cmd(
+            "api-server", "--host", services.LOCALHOST, "--port", str(settings.airflow.port), "--workers", "1"
+        )
     elif component in ("scheduler", "triggerer"):
         args = airflow_cmd(component, "--skip-serve-logs")
     else:
@@ -213,8 +223,9 @@ def up(settings: Settings, dags_folder: Path | None = None) -> UpResult:
     (paths.home / "pids").mkdir(parents=True, exist_ok=True)
     running = {e.name for e in services.status(settings.local.run_dir) if e.running}
     if _service_name("api-server") not in running and services.port_open(settings.airflow.port):
-        raise AirflowError(f"port {settings.airflow.port} is taken by another process; "
-                           "choose another with RECSYS_AIRFLOW_PORT")
+        raise AirflowError(
+            f"port {settings.airflow.port} is taken by another process; choose another with RECSYS_AIRFLOW_PORT"
+        )
     migrate(settings)
     env = airflow_env(settings, dags_folder)
     started = []
@@ -224,8 +235,15 @@ def up(settings: Settings, dags_folder: Path | None = None) -> UpResult:
         if name in running:
             continue
         port = settings.airflow.port if component == "api-server" else 0
-        services.spawn(settings.local.run_dir, name, _component_cmd(settings, component), port,  # noqa: SLF001
-                        str(paths.pid_arg(component)), cwd=PROJECT_ROOT, env=env)
+        services.spawn(
+            settings.local.run_dir,
+            name,
+            _component_cmd(settings, component),
+            port,  # noqa: SLF001
+            str(paths.pid_arg(component)),
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
         started.append(component)
         if component == "api-server":
             _wait_healthy(settings, [component], deadline)
@@ -243,17 +261,22 @@ def _wait_healthy(settings: Settings, components: list[str], deadline: float) ->
         for component in components:
             entry = alive.get(_service_name(component))
             if entry is not None and not entry.running:
-                raise AirflowError(f"airflow {component} exited during start-up; last log lines:\n"
-                                   f"{services._tail(entry.log_file, 30)}")  # noqa: SLF001
+                raise AirflowError(
+                    f"airflow {component} exited during start-up; last log lines:\n{services._tail(entry.log_file, 30)}"
+                )  # noqa: SLF001
         time.sleep(1.0)
-    raise AirflowError(f"Airflow not healthy after {settings.airflow.start_timeout_s:.0f}s: {report}; "
-                       f"logs under {settings.local.run_dir / 'logs'}")
+    raise AirflowError(
+        f"Airflow not healthy after {settings.airflow.start_timeout_s:.0f}s: {report}; "
+        f"logs under {settings.local.run_dir / 'logs'}"
+    )
 
 
 def down(settings: Settings) -> list[tuple[str, bool]]:
     """Stop the components `up` started (scheduler first, so no task is handed to a stopping api-server)."""
-    return [(component, services.stop(settings.local.run_dir, _service_name(component), timeout=30.0))
-            for component in reversed(COMPONENTS)]
+    return [
+        (component, services.stop(settings.local.run_dir, _service_name(component), timeout=30.0))
+        for component in reversed(COMPONENTS)
+    ]
 
 
 def status(settings: Settings) -> tuple[list[services.ServiceStatus], dict | None]:
@@ -266,8 +289,9 @@ def status(settings: Settings) -> tuple[list[services.ServiceStatus], dict | Non
 def api_token(settings: Settings, password: str | None = None) -> str:
     """A bearer token of the REST API (/api/v2) for the admin user."""
     password = password or ensure_admin_password(settings)[0]
-    response = httpx.post(f"{base_url(settings)}/auth/token", json={"username": ADMIN_USER, "password": password},
-                          timeout=10.0)
+    response = httpx.post(
+        f"{base_url(settings)}/auth/token", json={"username": ADMIN_USER, "password": password}, timeout=10.0
+    )
     if response.status_code >= 300:
         raise AirflowError(f"login to {base_url(settings)} failed: {response.status_code} {response.text[:200]}")
     return response.json()["access_token"]
@@ -277,7 +301,7 @@ def _supervise(argv: list[str]) -> int:
     """``python -m local_services.airflow MARKER -- CMD...``: run CMD, pass SIGTERM/SIGINT on, exit with its code."""
     import signal
 
-    cmd = argv[argv.index("--") + 1:]
+    cmd = argv[argv.index("--") + 1 :]
     child = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: object) -> None:

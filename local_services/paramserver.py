@@ -45,8 +45,9 @@ def up(s: Settings) -> list[str]:
         if services.redis_ping(port) and not _running(s, name):
             notes.append(f"{name}: {url} already answers (not started by us), using it")
             continue
-        services.start_redis(s.local.run_dir, port, name=name, timeout=s.local.service_start_timeout_s,
-                             extra_args=REDIS_ARGS)
+        services.start_redis(
+            s.local.run_dir, port, name=name, timeout=s.local.service_start_timeout_s, extra_args=REDIS_ARGS
+        )
     for i, spec in enumerate(s.ps.replicas):
         name = f"ps-replicator-{i}"
         if _running(s, name):

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from core.procs import LOCALHOST, free_port, process_start_ticks  # noqa: F401  (re-exported for the fixtures)
 
-
 KAFKA_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>local.recsys</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
@@ -76,8 +75,6 @@ class ServiceStatus:
         return f"{LOCALHOST}:{self.port}" if self.port else "-"
 
 
-
-
 def port_open(port: int, host: str = LOCALHOST, timeout: float = 0.5) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
         return True
@@ -118,8 +115,6 @@ def _process_matches(pid: int, marker: str) -> bool:
     return state != "Z"
 
 
-
-
 def _recorded_alive(run_dir: Path, name: str) -> dict | None:
     record = _read_pid_file(run_dir, name)
     if record and _process_matches(record["pid"], record["marker"]):
@@ -127,15 +122,27 @@ def _recorded_alive(run_dir: Path, name: str) -> dict | None:
     return None
 
 
-def spawn(run_dir: Path, name: str, cmd: list[str], port: int, marker: str, cwd: Path | None = None,
-           env: dict[str, str] | None = None) -> dict:
+def spawn(
+    run_dir: Path,
+    name: str,
+    cmd: list[str],
+    port: int,
+    marker: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
     log_file = _log_file(run_dir, name)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     _pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-            env=env, start_new_session=True,  # outlives `recsys services up`
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,  # outlives `recsys services up`
         )
     record = {"pid": proc.pid, "port": port, "marker": marker, "cmd": cmd, "started": time.time()}
     (_pid_dir(run_dir) / f"{name}.pid").write_text(json.dumps(record))
@@ -221,8 +228,9 @@ def redis_ping(port: int) -> bool:
         return False
 
 
-def start_redis(run_dir: Path, port: int, name: str = "redis", timeout: float = 30.0,
-                extra_args: list[str] | None = None) -> dict:
+def start_redis(
+    run_dir: Path, port: int, name: str = "redis", timeout: float = 30.0, extra_args: list[str] | None = None
+) -> dict:
     """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent)."""
     record = _recorded_alive(run_dir, name)
     if record and redis_ping(record["port"]):
@@ -233,8 +241,24 @@ def start_redis(run_dir: Path, port: int, name: str = "redis", timeout: float = 
     data_dir = run_dir / "data" / name
     data_dir.mkdir(parents=True, exist_ok=True)
     marker = f"{LOCALHOST}:{port}"
-    cmd = [binary, "--bind", LOCALHOST, "--port", str(port), "--save", "", "--appendonly", "no",
-           "--dir", str(data_dir), "--daemonize", "no", "--protected-mode", "yes", *(extra_args or [])]
+    cmd = [
+        binary,
+        "--bind",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        *(extra_args or []),
+    ]
     record = spawn(run_dir, name, cmd, port, marker)
     _wait_until(lambda: redis_ping(port), timeout, f"redis {name}", _log_file(run_dir, name), record["pid"])
     return record
@@ -268,9 +292,18 @@ def ensure_kafka_jars(cache_dir: Path, version: str) -> Path:
         (home / "pom.xml").write_text(KAFKA_POM.format(version=version))
         shutil.rmtree(libs, ignore_errors=True)
         done = subprocess.run(
-            ["mvn", "-q", "-B", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
-             f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
-            capture_output=True, text=True,
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(home / "pom.xml"),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={libs}",
+                "-DincludeScope=runtime",
+            ],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0 or not any(libs.glob(f"kafka_2.13-{version}.jar")):
             raise ServiceError(f"fetching Kafka {version} with Maven failed:\n{(done.stdout + done.stderr)[-3000:]}")
@@ -282,34 +315,45 @@ def ensure_kafka_jars(cache_dir: Path, version: str) -> Path:
 
 
 def _kafka_properties(port: int, controller_port: int, log_dir: Path, partitions: int) -> str:
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@{LOCALHOST}:{controller_port}",
-        f"listeners=PLAINTEXT://{LOCALHOST}:{port},CONTROLLER://{LOCALHOST}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{LOCALHOST}:{port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        f"log.dirs={log_dir}",
-        f"num.partitions={partitions}",
-        "offsets.topic.replication.factor=1",
-        "offsets.topic.num.partitions=4",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "auto.create.topics.enable=true",
-        "delete.topic.enable=true",
-        "message.max.bytes=2097152",
-        "log.retention.hours=168",
-        "",
-    ])
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{LOCALHOST}:{controller_port}",
+            f"listeners=PLAINTEXT://{LOCALHOST}:{port},CONTROLLER://{LOCALHOST}:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://{LOCALHOST}:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={log_dir}",
+            f"num.partitions={partitions}",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=true",
+            "delete.topic.enable=true",
+            "message.max.bytes=2097152",
+            "log.retention.hours=168",
+            "",
+        ]
+    )
 
 
-def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, controller_port: int,
-                name: str = "kafka", partitions: int = 4, timeout: float = 90.0, heap: str = "512m") -> dict:
+def start_kafka(
+    run_dir: Path,
+    cache_dir: Path,
+    version: str,
+    port: int,
+    controller_port: int,
+    name: str = "kafka",
+    partitions: int = 4,
+    timeout: float = 90.0,
+    heap: str = "512m",
+) -> dict:
     """Start one KRaft broker+controller on 127.0.0.1:``port`` (idempotent)."""
     record = _recorded_alive(run_dir, name)
     if record and port_open(record["port"]):
@@ -335,15 +379,37 @@ def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, control
         while cluster_id.startswith("-"):  # a leading "-" would be read as an option by kafka-storage
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
-            [java, f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.tools.StorageTool", "format",
-             "-t", cluster_id, "-c", str(props), "--ignore-formatted"],
-            capture_output=True, text=True,
+            [
+                java,
+                f"-Dlog4j2.configurationFile={log4j}",
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+                "--ignore-formatted",
+            ],
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             raise ServiceError(f"formatting Kafka storage failed:\n{(done.stdout + done.stderr)[-3000:]}")
     marker = str(props)
-    cmd = [java, f"-Xmx{heap}", f"-Xms{heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-           f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath, "kafka.Kafka", str(props)]
+    cmd = [
+        java,
+        f"-Xmx{heap}",
+        f"-Xms{heap}",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        classpath,
+        "kafka.Kafka",
+        str(props),
+    ]
     log_file = _log_file(run_dir, name)
     offset = log_file.stat().st_size if log_file.exists() else 0
     record = spawn(run_dir, name, cmd, port, marker)
@@ -362,9 +428,18 @@ def start_kafka(run_dir: Path, cache_dir: Path, version: str, port: int, control
 # --------------------------------------------------------------------------- any command, MLflow
 
 
-def start_command(run_dir: Path, name: str, cmd: list[str], *, port: int = 0, marker: str | None = None,
-                  ready: Callable[[], bool] | None = None, timeout: float = 60.0, env: dict[str, str] | None = None,
-                  cwd: Path | None = None) -> dict:
+def start_command(
+    run_dir: Path,
+    name: str,
+    cmd: list[str],
+    *,
+    port: int = 0,
+    marker: str | None = None,
+    ready: Callable[[], bool] | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> dict:
     """Start ``cmd`` as the managed service ``name`` (PID file, log under ``run_dir``; idempotent).
 
     ``marker`` (default: the whole command line) must appear in the process's command line so a
@@ -399,8 +474,28 @@ def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float 
 
     home = run_dir / "mlflow"
     (home / "artifacts").mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", LOCALHOST, "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination",
-           str(home / "artifacts"), "--workers", "1"]
-    return start_command(run_dir, name, cmd, port=port, marker=f"mlflow server --host {LOCALHOST} --port {port}",
-                         ready=lambda: http_ok(f"http://{LOCALHOST}:{port}/health"), timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    return start_command(
+        run_dir,
+        name,
+        cmd,
+        port=port,
+        marker=f"mlflow server --host {LOCALHOST} --port {port}",
+        ready=lambda: http_ok(f"http://{LOCALHOST}:{port}/health"),
+        timeout=timeout,
+    )

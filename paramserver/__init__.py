@@ -23,9 +23,22 @@ from paramserver.rows import (
 )
 
 __all__ = [
-    "BadRows", "Conflict", "FailoverReader", "LogTrimmed", "ParamServerError", "ParamStore", "Replicator", "Rows",
-    "ShardUnavailable", "SnapshotInfo", "TableConfig", "TableMismatch", "UnknownTable", "initial_rows",
-    "open_reader", "open_store",
+    "BadRows",
+    "Conflict",
+    "FailoverReader",
+    "LogTrimmed",
+    "ParamServerError",
+    "ParamStore",
+    "Replicator",
+    "Rows",
+    "ShardUnavailable",
+    "SnapshotInfo",
+    "TableConfig",
+    "TableMismatch",
+    "UnknownTable",
+    "initial_rows",
+    "open_reader",
+    "open_store",
 ]
 
 
@@ -59,12 +72,19 @@ def _redis_defaults() -> dict[str, object]:
     from core.settings import get_settings
 
     s = get_settings()
-    return {"namespace": s.ps.namespace, "rows_per_bucket": s.ps.rows_per_bucket, "timeout": s.ps.timeout_s,
-            "lock_ttl_s": s.ps.lock_ttl_s, "lock_wait_s": s.ps.lock_wait_s, "log_retention_s": s.ps.log_retention_s}
+    return {
+        "namespace": s.ps.namespace,
+        "rows_per_bucket": s.ps.rows_per_bucket,
+        "timeout": s.ps.timeout_s,
+        "lock_ttl_s": s.ps.lock_ttl_s,
+        "lock_wait_s": s.ps.lock_wait_s,
+        "log_retention_s": s.ps.log_retention_s,
+    }
 
 
-def open_reader(replicas: list[str] | None = None, tables: list[TableConfig] | None = None,
-                **kw: object) -> FailoverReader:
+def open_reader(
+    replicas: list[str] | None = None, tables: list[TableConfig] | None = None, **kw: object
+) -> FailoverReader:
     """A reader over inference replicas, nearest first (default: settings.ps.replicas).
 
     Each replica is a Redis URL, or several comma-separated URLs for a sharded replica.

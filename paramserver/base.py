@@ -112,8 +112,9 @@ class BaseStore:
         config = self.table(table)
         ids = check_ids(ids)
         if len(ids) == 0:
-            return Rows(ids, np.zeros((0, config.dim), np.float32), np.zeros((0, config.state_dim), np.float32),
-                        self.version())
+            return Rows(
+                ids, np.zeros((0, config.dim), np.float32), np.zeros((0, config.state_dim), np.float32), self.version()
+            )
         uniq, inverse = np.unique(ids, return_inverse=True)
         data, found, version = self._read(config, uniq)
         weights, state = self._decode_with_init(config, uniq, data, found)
@@ -132,7 +133,7 @@ class BaseStore:
             if attempt >= 6:  # the writer of ``top`` may be gone: finish its apply
                 self._catch_up(top)
             else:
-                time.sleep(0.001 * (2 ** attempt))
+                time.sleep(0.001 * (2**attempt))
             out.update({table: self.pull(table, requests[table]) for table in behind})
         raise ParamServerError("could not read one consistent version across tables (writes too frequent)")
 
@@ -151,12 +152,14 @@ class BaseStore:
         with self._locked() as lock:
             if unchanged_since is not None:
                 _, changed = self._changes(int(unchanged_since))
-                clashes = {name: int(len(np.intersect1d(changed[name][0], ids)))
-                           for name, (ids, _) in encoded.items() if name in changed}
+                clashes = {
+                    name: int(len(np.intersect1d(changed[name][0], ids)))
+                    for name, (ids, _) in encoded.items()
+                    if name in changed
+                }
                 clashes = {name: n for name, n in clashes.items() if n}
                 if clashes:
-                    raise Conflict(f"rows changed since version {unchanged_since}: {clashes}; nothing written",
-                                   clashes)
+                    raise Conflict(f"rows changed since version {unchanged_since}: {clashes}; nothing written", clashes)
             return self._write(lock, encoded)
 
     def push_delta(self, table: str, ids: np.ndarray, deltas: np.ndarray) -> int:
@@ -171,8 +174,10 @@ class BaseStore:
         deltas_arr = np.asarray(deltas) if not isinstance(deltas, np.ndarray) else deltas
         width = deltas_arr.shape[1] if deltas_arr.ndim == 2 else -1
         if width not in (config.dim, config.dim + config.state_dim):
-            raise BadRows(f"deltas for {table}: expected shape ({len(ids)}, {config.dim}) or "
-                          f"({len(ids)}, {config.dim + config.state_dim}), got {deltas_arr.shape}")
+            raise BadRows(
+                f"deltas for {table}: expected shape ({len(ids)}, {config.dim}) or "
+                f"({len(ids)}, {config.dim + config.state_dim}), got {deltas_arr.shape}"
+            )
         deltas_arr = check_matrix(deltas_arr, len(ids), width, f"deltas for {table}")
         uniq, inverse = np.unique(ids, return_inverse=True)
         summed = np.zeros((len(uniq), width), dtype=np.float64)
@@ -180,8 +185,8 @@ class BaseStore:
         with self._locked() as lock:
             data, found, _ = self._read(config, uniq)
             weights, state = self._decode_with_init(config, uniq, data, found)
-            new_w = (weights + summed[:, :config.dim]).astype(np.float32)
-            new_s = (state + summed[:, config.dim:]).astype(np.float32) if width > config.dim else state
+            new_w = (weights + summed[:, : config.dim]).astype(np.float32)
+            new_s = (state + summed[:, config.dim :]).astype(np.float32) if width > config.dim else state
             check_matrix(new_w, len(uniq), config.dim, f"{table} after delta", config.storage_dtype == "float16")
             check_matrix(new_s, len(uniq), config.state_dim, f"{table} state after delta")
             data = np.frombuffer(encode_rows(config, new_w, new_s), np.uint8).reshape(len(uniq), config.row_bytes)
@@ -244,9 +249,14 @@ class BaseStore:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(tmp, folder / name)
-        manifest = {**manifest, "version": version,
-                    "parts": [*manifest["parts"], {"file": name, "kind": kind, "from": manifest["version"],
-                                                   "to": version, "rows": counts}]}
+        manifest = {
+            **manifest,
+            "version": version,
+            "parts": [
+                *manifest["parts"],
+                {"file": name, "kind": kind, "from": manifest["version"], "to": version, "rows": counts},
+            ],
+        }
         _write_json_atomic(folder / "manifest.json", manifest)
         return SnapshotInfo(folder, version, kind, counts)
 
@@ -262,8 +272,10 @@ class BaseStore:
                 raise UnknownTable(f"snapshot table {name!r} is not a table of this store ({sorted(self.tables)})")
             layout = ("dim", "state_dim", "storage_dtype")
             if any(cfg[k] != getattr(mine, k) for k in layout):
-                raise TableMismatch(f"snapshot table {name}: {[cfg[k] for k in layout]} differs from the store's "
-                                    f"{[getattr(mine, k) for k in layout]}")
+                raise TableMismatch(
+                    f"snapshot table {name}: {[cfg[k] for k in layout]} differs from the store's "
+                    f"{[getattr(mine, k) for k in layout]}"
+                )
         merged: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for part in manifest["parts"]:
             with np.load(folder / part["file"]) as archive:
@@ -276,8 +288,9 @@ class BaseStore:
             ids = np.concatenate([c[0] for c in chunks])
             data = np.concatenate([c[1] for c in chunks])
             if data.ndim != 2 or data.shape[1] != self.tables[table].row_bytes:
-                raise TableMismatch(f"snapshot rows of {table} have {data.shape[-1]} bytes, expected "
-                                    f"{self.tables[table].row_bytes}")
+                raise TableMismatch(
+                    f"snapshot rows of {table} have {data.shape[-1]} bytes, expected {self.tables[table].row_bytes}"
+                )
             encoded[table] = latest_per_id(ids, data)
         self._load(int(manifest["version"]), encoded)
         return int(manifest["version"])
@@ -293,16 +306,18 @@ class BaseStore:
                 raise BadRows(f"push: rows for {name} must be paramserver.Rows, got {type(rows).__name__}")
             ids = check_ids(rows.ids, f"ids for {name}")
             check_unique(ids, f"ids for {name}")
-            weights = check_matrix(rows.weights, len(ids), config.dim, f"weights for {name}",
-                                   config.storage_dtype == "float16")
+            weights = check_matrix(
+                rows.weights, len(ids), config.dim, f"weights for {name}", config.storage_dtype == "float16"
+            )
             state = check_matrix(rows.state, len(ids), config.state_dim, f"state for {name}")
             data = np.frombuffer(encode_rows(config, weights, state), np.uint8).reshape(len(ids), config.row_bytes)
             encoded[name] = (ids, data)
         return encoded
 
     @staticmethod
-    def _decode_with_init(config: TableConfig, ids: np.ndarray, data: np.ndarray,
-                          found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _decode_with_init(
+        config: TableConfig, ids: np.ndarray, data: np.ndarray, found: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         packed = np.ascontiguousarray(data).view(config.row_dtype).reshape(len(ids))
         if found.all():
             return packed["w"].astype(np.float32), np.array(packed["s"], dtype=np.float32)

@@ -24,6 +24,7 @@ from core.settings import Settings
 app = typer.Typer(no_args_is_help=True)
 out = Console()
 
+
 @app.command("status")
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of tables")] = False,
@@ -45,8 +46,9 @@ def collect_status(s: Settings) -> dict:
     except ParamServerError as exc:
         info = {"shards": [{"url": u, "up": False, "error": str(exc)} for u in s.ps.shards]}
     try:
-        info["replicas"] = [replica_status(source, spec.split(","), timeout=1.0, namespace=s.ps.namespace)
-                            for spec in s.ps.replicas]
+        info["replicas"] = [
+            replica_status(source, spec.split(","), timeout=1.0, namespace=s.ps.namespace) for spec in s.ps.replicas
+        ]
     finally:
         if source is not None:
             source.close()
@@ -58,20 +60,33 @@ def print_status(s: Settings, as_json: bool = False) -> None:
     if as_json:
         out.print_json(data=info)
         return
-    table = Table("shard", "state", "applied", "memory", "keys",
-                  title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}, "
-                        f"{info.get('log_versions', 0)} versions in the delta log")
+    table = Table(
+        "shard",
+        "state",
+        "applied",
+        "memory",
+        "keys",
+        title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}, "
+        f"{info.get('log_versions', 0)} versions in the delta log",
+    )
     for entry in info["shards"]:
-        table.add_row(entry["url"], "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
-                      str(entry.get("applied", "-")), f"{entry.get('used_memory', 0) / 2**20:.1f} MiB",
-                      str(entry.get("keys", "-")))
+        table.add_row(
+            entry["url"],
+            "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}",
+            str(entry.get("applied", "-")),
+            f"{entry.get('used_memory', 0) / 2**20:.1f} MiB",
+            str(entry.get("keys", "-")),
+        )
     out.print(table)
     if info["replicas"]:
         rt = Table("replica (nearest first)", "state", "version", "behind", "lag s", "last apply delay s")
         for entry in info["replicas"]:
             state = "[green]up[/green]" if entry["up"] else f"[red]down[/red] {entry.get('error', '')}"
-            rt.add_row(entry["replica"], state, *(str(entry.get(k, "-")) for k in
-                                                  ("version", "behind", "lag_s", "apply_delay_s")))
+            rt.add_row(
+                entry["replica"],
+                state,
+                *(str(entry.get(k, "-")) for k in ("version", "behind", "lag_s", "apply_delay_s")),
+            )
         out.print(rt)
 
 
@@ -92,10 +107,16 @@ def replicate(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.is_set():
         try:
-            source = RedisStore(s.ps.shards, [], namespace=s.ps.namespace, timeout=s.ps.timeout_s,
-                                log_retention_s=s.ps.log_retention_s)
-            target = RedisStore(replica.split(","), list(source.tables.values()), namespace=s.ps.namespace,
-                                timeout=s.ps.timeout_s, log_retention_s=s.ps.log_retention_s)
+            source = RedisStore(
+                s.ps.shards, [], namespace=s.ps.namespace, timeout=s.ps.timeout_s, log_retention_s=s.ps.log_retention_s
+            )
+            target = RedisStore(
+                replica.split(","),
+                list(source.tables.values()),
+                namespace=s.ps.namespace,
+                timeout=s.ps.timeout_s,
+                log_retention_s=s.ps.log_retention_s,
+            )
             break
         except ParamServerError as exc:
             console.print(f"replicator waiting for servers: {exc}")
@@ -125,8 +146,10 @@ def snapshot(path: Annotated[Path, typer.Argument(help="snapshot folder (increme
             info = store.snapshot(path)
     except (ParamServerError, OSError) as exc:
         fail(str(exc))
-    out.print(f"{info.kind} snapshot at version {info.version} into {info.path}: {info.rows} rows "
-              f"in {time.perf_counter() - started:.2f}s")
+    out.print(
+        f"{info.kind} snapshot at version {info.version} into {info.path}: {info.rows} rows "
+        f"in {time.perf_counter() - started:.2f}s"
+    )
 
 
 @app.command("restore")

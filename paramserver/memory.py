@@ -59,8 +59,9 @@ class MemoryStore(BaseStore):
     def _changes(self, since: int) -> tuple[int, Encoded]:
         with self._data_lock:
             if since < self._floor:
-                raise LogTrimmed(f"changes since version {since} are unknown: the store was restored at "
-                                 f"version {self._floor}")
+                raise LogTrimmed(
+                    f"changes since version {since} are unknown: the store was restored at version {self._floor}"
+                )
             out: Encoded = {}
             for name, stamps in self._changed_at.items():
                 ids = [i for i, v in stamps.items() if v > since]

@@ -101,8 +101,7 @@ def _parse_url(url: str) -> tuple[str, int, int, str | None]:
     parsed = urlparse(url)
     if parsed.scheme != "redis" or not parsed.hostname:
         raise ParamServerError(f"expected a redis://host:port[/db] URL, got {url!r}")
-    db = int(parsed.path.lstrip("/") or 0) if parsed.path.lstrip("/").isdigit() or not parsed.path.lstrip("/") \
-        else -1
+    db = int(parsed.path.lstrip("/") or 0) if parsed.path.lstrip("/").isdigit() or not parsed.path.lstrip("/") else -1
     if db < 0:
         raise ParamServerError(f"bad database number in {url!r}")
     return parsed.hostname, parsed.port or 6379, db, unquote(parsed.password) if parsed.password else None
@@ -202,18 +201,21 @@ class _Raw:
                         first, start = parsed
                     complete = min(n, (filled - start) // stride)
                     if complete > checked:
-                        block = np.frombuffer(buf, np.uint8, count=complete * stride, offset=start).reshape(complete,
-                                                                                                              stride)
+                        block = np.frombuffer(buf, np.uint8, count=complete * stride, offset=start).reshape(
+                            complete, stride
+                        )
                         fresh = block[checked:]
-                        ok = bool((fresh[:, :len(head)] == np.frombuffer(head, np.uint8)).all()
-                                  and (fresh[:, -2:] == np.frombuffer(b"\r\n", np.uint8)).all())
+                        ok = bool(
+                            (fresh[:, : len(head)] == np.frombuffer(head, np.uint8)).all()
+                            and (fresh[:, -2:] == np.frombuffer(b"\r\n", np.uint8)).all()
+                        )
                         del block, fresh
                         if not ok:
                             break
                         checked = complete
                     if checked < n:  # the reply being received must begin like a row of this size
                         at = start + checked * stride
-                        partial = bytes(view[at:min(filled, at + len(head))])
+                        partial = bytes(view[at : min(filled, at + len(head))])
                         if not head.startswith(partial):
                             break
                         continue
@@ -223,8 +225,8 @@ class _Raw:
                             continue
                         if parsed is False or parsed[1] != filled:
                             break
-                        rows = np.frombuffer(bytes(view[start:start + n * stride]), np.uint8).reshape(n, stride)
-                        return first, rows[:, len(head):len(head) + row_bytes], np.ones(n, dtype=bool), parsed[0]
+                        rows = np.frombuffer(bytes(view[start : start + n * stride]), np.uint8).reshape(n, stride)
+                        return first, rows[:, len(head) : len(head) + row_bytes], np.ones(n, dtype=bool), parsed[0]
                 # slow path: let hiredis parse what came so far and the rest
                 reader = self._reader
                 reader.feed(bytes(view[:filled]))
@@ -275,9 +277,9 @@ class _Raw:
                     scan_from = max(0, len(buf) - 1)
                     buf += data
                     seen += buf.count(b"\r\n", scan_from)
-                    if buf[:1] == b"-" or b"\r\n-" in buf[max(0, scan_from - 1):]:
+                    if buf[:1] == b"-" or b"\r\n-" in buf[max(0, scan_from - 1) :]:
                         at = 0 if buf[:1] == b"-" else buf.find(b"\r\n-", max(0, scan_from - 1)) + 2
-                        message = bytes(buf[at + 1:buf.find(b"\r\n", at)]).decode(errors="replace")
+                        message = bytes(buf[at + 1 : buf.find(b"\r\n", at)]).decode(errors="replace")
                         self.close()
                         raise ParamServerError(f"shard {self.url}: {message}")
                 if seen != lines or not buf.endswith(b"\r\n"):
@@ -308,13 +310,13 @@ def _parse_bulk(buf: bytearray, pos: int, end: int) -> tuple[bytes | None, int] 
     line_end = buf.find(b"\r\n", pos, end)
     if line_end < 0:
         return None
-    length = int(buf[pos + 1:line_end])
+    length = int(buf[pos + 1 : line_end])
     if length < 0:
         return None, line_end + 2
     stop = line_end + 2 + length
     if stop + 2 > end:
         return None
-    return bytes(buf[line_end + 2:stop]), stop + 2
+    return bytes(buf[line_end + 2 : stop]), stop + 2
 
 
 def _pack_entry(tables: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
@@ -322,19 +324,25 @@ def _pack_entry(tables: list[tuple[str, np.ndarray, np.ndarray]]) -> bytes:
     parts = []
     for name, ids, data in tables:
         encoded = name.encode()
-        parts += [len(encoded).to_bytes(2, "little"), encoded, len(ids).to_bytes(4, "little"),
-                  data.shape[1].to_bytes(4, "little"), ids.astype("<i8").tobytes(), data.tobytes()]
+        parts += [
+            len(encoded).to_bytes(2, "little"),
+            encoded,
+            len(ids).to_bytes(4, "little"),
+            data.shape[1].to_bytes(4, "little"),
+            ids.astype("<i8").tobytes(),
+            data.tobytes(),
+        ]
     return b"".join(parts)
 
 
 def _unpack_entry(blob: bytes) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     pos = 0
     while pos < len(blob):
-        size = int.from_bytes(blob[pos:pos + 2], "little")
-        name = blob[pos + 2:pos + 2 + size].decode()
+        size = int.from_bytes(blob[pos : pos + 2], "little")
+        name = blob[pos + 2 : pos + 2 + size].decode()
         pos += 2 + size
-        n = int.from_bytes(blob[pos:pos + 4], "little")
-        row_bytes = int.from_bytes(blob[pos + 4:pos + 8], "little")
+        n = int.from_bytes(blob[pos : pos + 4], "little")
+        row_bytes = int.from_bytes(blob[pos + 4 : pos + 8], "little")
         pos += 8
         ids = np.frombuffer(blob, "<i8", count=n, offset=pos).astype(np.int64)
         pos += 8 * n
@@ -365,9 +373,19 @@ class _Lock:
 
 
 class RedisStore(BaseStore):
-    def __init__(self, shards: list[str], tables: list[TableConfig] | None = None, *, namespace: str = "ps",
-                 rows_per_bucket: int = 24, timeout: float = 5.0, lock_ttl_s: float = 30.0,
-                 lock_wait_s: float = 60.0, log_retention_s: float = 300.0, configure_servers: bool = True) -> None:
+    def __init__(
+        self,
+        shards: list[str],
+        tables: list[TableConfig] | None = None,
+        *,
+        namespace: str = "ps",
+        rows_per_bucket: int = 24,
+        timeout: float = 5.0,
+        lock_ttl_s: float = 30.0,
+        lock_wait_s: float = 60.0,
+        log_retention_s: float = 300.0,
+        configure_servers: bool = True,
+    ) -> None:
         if not shards:
             raise ParamServerError("the redis backend needs at least one shard URL")
         self.urls = list(shards)
@@ -377,11 +395,15 @@ class RedisStore(BaseStore):
         self.lock_ttl_s, self.lock_wait_s, self.log_retention_s = lock_ttl_s, lock_wait_s, log_retention_s
         for url in self.urls:
             _parse_url(url)
-        self._clients = [redis.Redis.from_url(u, socket_timeout=timeout, socket_connect_timeout=timeout)
-                         for u in self.urls]
+        self._clients = [
+            redis.Redis.from_url(u, socket_timeout=timeout, socket_connect_timeout=timeout) for u in self.urls
+        ]
         self._raw = [_Raw(u, timeout) for u in self.urls]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="ps-shard") \
-            if len(self.urls) > 1 else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="ps-shard")
+            if len(self.urls) > 1
+            else None
+        )
         self.k_applied = f"{namespace}:applied"
         self.k_version = f"{namespace}:version"
         self.k_commits = f"{namespace}:commits"
@@ -428,8 +450,9 @@ class RedisStore(BaseStore):
     def _bucket_key(self, table: str, bucket: int) -> bytes:
         return f"{self.ns}:b:{table}:".encode() + int(bucket).to_bytes(4, "big")
 
-    def _commands(self, verb: bytes, table: str, buckets: np.ndarray, ids: np.ndarray,
-                  data: np.ndarray | None = None) -> bytes:
+    def _commands(
+        self, verb: bytes, table: str, buckets: np.ndarray, ids: np.ndarray, data: np.ndarray | None = None
+    ) -> bytes:
         """``HGET key field`` (or ``HSET key field row``) for every row, built in one vectorized pass.
 
         Keys are ``<ns>:b:<table>:`` + the bucket as 4 big-endian bytes and fields the id as 8
@@ -476,7 +499,8 @@ class RedisStore(BaseStore):
                     if layout["shards"] != len(self.urls):
                         raise TableMismatch(
                             f"the store in {self.urls[0]} (namespace {self.ns}) has {layout['shards']} shards, "
-                            f"this client has {len(self.urls)}: resharding goes through snapshot + restore")
+                            f"this client has {len(self.urls)}: resharding goes through snapshot + restore"
+                        )
                     changed = False
                     for name, spec in mine.items():
                         have = layout["tables"].get(name)
@@ -488,7 +512,8 @@ class RedisStore(BaseStore):
                         if any(have[k] != spec[k] for k in keys):
                             raise TableMismatch(
                                 f"table {name} is stored as {[have[k] for k in keys]}, this client asks for "
-                                f"{[spec[k] for k in keys]} ({', '.join(keys)})")
+                                f"{[spec[k] for k in keys]} ({', '.join(keys)})"
+                            )
                     if changed:
                         pipe.multi()
                         pipe.set(self.k_layout, json.dumps(layout))
@@ -519,8 +544,9 @@ class RedisStore(BaseStore):
                 if int(current.get("hash-max-listpack-entries", 0)) < need_entries:
                     client.config_set("hash-max-listpack-entries", need_entries)
             except redis.ResponseError as exc:
-                log.warning("shard %s: cannot raise hash-max-listpack-* (%s); rows will use more memory",
-                            self.urls[shard], exc)
+                log.warning(
+                    "shard %s: cannot raise hash-max-listpack-* (%s); rows will use more memory", self.urls[shard], exc
+                )
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise ShardUnavailable(f"shard {self.urls[shard]} unavailable: {exc}") from None
 
@@ -531,9 +557,11 @@ class RedisStore(BaseStore):
 
     def applied_versions(self) -> list[int]:
         """The last version each shard applied completely."""
+
         def one(s: int) -> int:
             with self._guard(s):
                 return _applied(self._clients[s].get(self.k_applied))[0]
+
         return self._each(one, range(len(self.urls)))
 
     # ------------------------------------------------------------------ reads
@@ -572,7 +600,7 @@ class RedisStore(BaseStore):
             if not behind:
                 break
             if attempt < 6:  # the writer is most likely applying right now: give it a moment
-                time.sleep(0.001 * (2 ** attempt))
+                time.sleep(0.001 * (2**attempt))
             else:
                 for shard in behind:
                     self._roll_forward(shard, target)
@@ -598,16 +626,18 @@ class RedisStore(BaseStore):
         pause = 0.001
         # take the lock and read the committed version in one round trip
         lease_ms = b"%d" % int(self.lock_ttl_s * 1000)
-        payload = (_pack(b"SET", self.k_lock.encode(), token.encode(), b"NX", b"PX", lease_ms)
-                   + _pack(b"GET", self.k_version.encode()))
+        payload = _pack(b"SET", self.k_lock.encode(), token.encode(), b"NX", b"PX", lease_ms) + _pack(
+            b"GET", self.k_version.encode()
+        )
         while True:
             taken, version = self._raw[0].call(payload, 2)
             _check([taken, version], self.urls[0])
             if taken is not None:
                 break
             if time.monotonic() > deadline:
-                raise ParamServerError(f"push lock busy for more than {self.lock_wait_s:.0f}s "
-                                       f"(another writer holds {self.k_lock})")
+                raise ParamServerError(
+                    f"push lock busy for more than {self.lock_wait_s:.0f}s (another writer holds {self.k_lock})"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
         try:
@@ -637,8 +667,9 @@ class RedisStore(BaseStore):
         def stage(shard: int) -> None:
             # the log entry: this shard's rows of the new version, under a key naming version and writer
             blob = _pack_entry([(name, ids, data) for name, ids, _, data in per_shard[shard]])
-            payload = (_pack(b"GET", self.k_applied.encode())
-                       + _pack(b"SET", self._log_key(new, token), blob, b"PX", log_ttl_ms))
+            payload = _pack(b"GET", self.k_applied.encode()) + _pack(
+                b"SET", self._log_key(new, token), blob, b"PX", log_ttl_ms
+            )
             applied, entry = self._raw[shard].call(payload, 2)
             _check([applied, entry], self.urls[shard])
             done, pending = _applied(applied)
@@ -648,8 +679,10 @@ class RedisStore(BaseStore):
         self._each(stage, range(len(self.urls)))
         with self._guard(0):
             try:
-                self._commit_script(keys=[self.k_lock, self.k_version, self.k_commits, self.k_floor],
-                                    args=[lock.token, new, repr(time.time()), repr(source_time), self.log_retention_s])
+                self._commit_script(
+                    keys=[self.k_lock, self.k_version, self.k_commits, self.k_floor],
+                    args=[lock.token, new, repr(time.time()), repr(source_time), self.log_retention_s],
+                )
             except redis.ResponseError as exc:
                 raise ParamServerError(f"push not committed, nothing written: {exc}") from None
 
@@ -688,7 +721,7 @@ class RedisStore(BaseStore):
         found: dict[int, bytes] = {}
         with self._guard(shard):
             for start in range(0, len(versions), 64):
-                chunk = versions[start:start + 64]
+                chunk = versions[start : start + 64]
                 values = self._clients[shard].mget([self._log_key(v, tokens[v]) for v in chunk])
                 found.update((v, blob) for v, blob in zip(chunk, values) if blob is not None)
         return found
@@ -714,8 +747,10 @@ class RedisStore(BaseStore):
                 v = min(tokens)
                 entry = self._log_entries(shard, {v: tokens[v]}).get(v)
                 if entry is None:
-                    raise ParamServerError(f"shard {self.urls[shard]}: the log entry of committed version {v} "
-                                           "is missing; restore from a snapshot")
+                    raise ParamServerError(
+                        f"shard {self.urls[shard]}: the log entry of committed version {v} "
+                        "is missing; restore from a snapshot"
+                    )
                 with client.pipeline() as pipe:
                     try:
                         pipe.watch(self.k_applied)
@@ -725,8 +760,9 @@ class RedisStore(BaseStore):
                         for name, ids, data in self._parse_entry(entry):
                             _, buckets = self._route(self.tables[name], ids)
                             for i, b, row in zip(ids.tolist(), buckets.tolist(), data):
-                                pipe.hset(self._bucket_key(name, b), i.to_bytes(8, "little", signed=True),
-                                          row.tobytes())
+                                pipe.hset(
+                                    self._bucket_key(name, b), i.to_bytes(8, "little", signed=True), row.tobytes()
+                                )
                         pipe.set(self.k_applied, v)
                         pipe.execute()
                     except redis.WatchError:
@@ -736,8 +772,9 @@ class RedisStore(BaseStore):
         for name, ids, data in _unpack_entry(blob):
             if name in self.tables:
                 if data.shape[1] != self.tables[name].row_bytes:
-                    raise TableMismatch(f"log rows of {name} have {data.shape[1]} bytes, expected "
-                                        f"{self.tables[name].row_bytes}")
+                    raise TableMismatch(
+                        f"log rows of {name} have {data.shape[1]} bytes, expected {self.tables[name].row_bytes}"
+                    )
                 yield name, ids, data
 
     def _changes(self, since: int) -> tuple[int, Encoded]:
@@ -747,8 +784,10 @@ class RedisStore(BaseStore):
         with self._guard(0):
             floor = int(self._clients[0].get(self.k_floor) or 0)
         if since < floor:
-            raise LogTrimmed(f"changes since version {since} are no longer in the log (it starts after version "
-                             f"{floor}; retention {self.log_retention_s:.0f}s): take a full snapshot")
+            raise LogTrimmed(
+                f"changes since version {since} are no longer in the log (it starts after version "
+                f"{floor}; retention {self.log_retention_s:.0f}s): take a full snapshot"
+            )
         tokens = self._commit_tokens(since, upto)
         per_table: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for shard in range(len(self.urls)):
@@ -771,7 +810,7 @@ class RedisStore(BaseStore):
                 keys = list(client.scan_iter(match=f"{self.ns}:b:{config.name}:*", count=1000))
                 for start in range(0, len(keys), 256):
                     with client.pipeline(transaction=False) as pipe:
-                        for key in keys[start:start + 256]:
+                        for key in keys[start : start + 256]:
                             pipe.hgetall(key)
                         buckets = pipe.execute()
                     fields = b"".join(f for bucket in buckets for f in bucket)
@@ -784,8 +823,10 @@ class RedisStore(BaseStore):
         for shard, client in enumerate(self._clients):
             with self._guard(shard):
                 batch = []
-                for key in itertools.chain(client.scan_iter(match=f"{self.ns}:b:*", count=1000),
-                                           client.scan_iter(match=f"{self.ns}:log:*", count=1000)):
+                for key in itertools.chain(
+                    client.scan_iter(match=f"{self.ns}:b:*", count=1000),
+                    client.scan_iter(match=f"{self.ns}:log:*", count=1000),
+                ):
                     batch.append(key)
                     if len(batch) >= 1000:
                         client.unlink(*batch)
@@ -802,7 +843,7 @@ class RedisStore(BaseStore):
                 for shard in np.unique(shard_of).tolist():
                     idx = np.flatnonzero(shard_of == shard)
                     for start in range(0, len(idx), 5000):
-                        chunk = idx[start:start + 5000]
+                        chunk = idx[start : start + 5000]
                         body = self._commands(b"HSET", name, bucket_of[chunk], ids[chunk], data[chunk])
                         _check(self._raw[shard].call(body, len(chunk)), self.urls[shard])
             for shard, client in enumerate(self._clients):
@@ -811,8 +852,9 @@ class RedisStore(BaseStore):
             with self._guard(0):
                 client0 = self._clients[0]
                 client0.delete(self.k_commits)
-                client0.xadd(self.k_commits, {"tok": "restore", "t": repr(time.time()), "src_t": "0"},
-                             id=f"{max(version, 1)}-0")
+                client0.xadd(
+                    self.k_commits, {"tok": "restore", "t": repr(time.time()), "src_t": "0"}, id=f"{max(version, 1)}-0"
+                )
                 client0.set(self.k_version, version)
                 client0.set(self.k_floor, version)
 
@@ -824,16 +866,24 @@ class RedisStore(BaseStore):
             entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
             try:
                 info = client.info("memory")
-                entry.update(up=True, applied=_applied(client.get(self.k_applied))[0],
-                             used_memory=int(info["used_memory"]), keys=int(client.dbsize()))
+                entry.update(
+                    up=True,
+                    applied=_applied(client.get(self.k_applied))[0],
+                    used_memory=int(info["used_memory"]),
+                    keys=int(client.dbsize()),
+                )
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 entry["error"] = str(exc)
             shards.append(entry)
         result: dict[str, Any] = {"shards": shards, "tables": sorted(self.tables)}
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
             client0 = self._clients[0]
-            result.update(version=int(client0.get(self.k_version) or 0), floor=int(client0.get(self.k_floor) or 0),
-                          locked=bool(client0.exists(self.k_lock)), log_versions=int(client0.xlen(self.k_commits)))
+            result.update(
+                version=int(client0.get(self.k_version) or 0),
+                floor=int(client0.get(self.k_floor) or 0),
+                locked=bool(client0.exists(self.k_lock)),
+                log_versions=int(client0.xlen(self.k_commits)),
+            )
             last = client0.xrevrange(self.k_commits, "+", "-", count=1)
             if last:
                 result["commit_time"] = float(last[0][1][b"t"])

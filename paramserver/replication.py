@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class Replicator:
     """Keeps ``replica`` at the training copy ``source``'s latest committed version."""
 
-    def __init__(self, source: RedisStore, replica: RedisStore, poll_s: float = 0.05,
-                 snapshot_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, source: RedisStore, replica: RedisStore, poll_s: float = 0.05, snapshot_dir: str | Path | None = None
+    ) -> None:
         self.source, self.replica = source, replica
         self.poll_s = poll_s
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
@@ -95,8 +96,9 @@ class Replicator:
                 stop.wait(min(1.0, self.poll_s * 10))
 
 
-def replica_status(source: RedisStore | None, replica_urls: list[str], timeout: float = 1.0,
-                   namespace: str = "ps") -> dict[str, Any]:
+def replica_status(
+    source: RedisStore | None, replica_urls: list[str], timeout: float = 1.0, namespace: str = "ps"
+) -> dict[str, Any]:
     """Applied version, versions behind and lag (seconds) of one replica against the training copy."""
     entry: dict[str, Any] = {"replica": ",".join(replica_urls), "up": False}
     try:
@@ -133,8 +135,9 @@ class FailoverReader:
     not read before its bootstrap).
     """
 
-    def __init__(self, replicas: list[list[str]], tables: list[TableConfig], probe_s: float = 0.5,
-                 **store_options: Any) -> None:
+    def __init__(
+        self, replicas: list[list[str]], tables: list[TableConfig], probe_s: float = 0.5, **store_options: Any
+    ) -> None:
         if not replicas:
             raise ParamServerError("no inference replicas configured (RECSYS_PS_REPLICAS)")
         self.replicas = replicas

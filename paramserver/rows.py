@@ -87,8 +87,15 @@ class TableConfig:
         return self.row_dtype.itemsize
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "state_dim": self.state_dim, "storage_dtype": self.storage_dtype,
-                "init_std": self.init_std, "seed": self.seed, "capacity": self.capacity}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "state_dim": self.state_dim,
+            "storage_dtype": self.storage_dtype,
+            "init_std": self.init_std,
+            "seed": self.seed,
+            "capacity": self.capacity,
+        }
 
 
 @dataclass
@@ -139,8 +146,11 @@ def check_ids(ids: object, what: str = "ids") -> np.ndarray:
 def check_matrix(values: object, n: int, width: int, what: str, fp16: bool = False) -> np.ndarray:
     """``values`` as a finite float32 [n, width] array, or BadRows saying why not."""
     try:
-        arr = values if isinstance(values, np.ndarray) and values.dtype == np.float32 \
+        arr = (
+            values
+            if isinstance(values, np.ndarray) and values.dtype == np.float32
             else np.asarray(values, dtype=np.float32)
+        )
     except (ValueError, TypeError) as exc:
         raise BadRows(f"{what}: not a numeric array ({exc})") from None
     if arr.ndim == 1 and width == 0 and arr.size == 0:

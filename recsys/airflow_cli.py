@@ -54,8 +54,13 @@ def status() -> None:
     for entry in entries:
         component = entry.name.removeprefix("airflow-")
         state = ((report or {}).get(keys.get(component, ""), {}) or {}).get("status", "-")
-        table.add_row(component, str(entry.pid), "[green]running[/green]" if entry.running else "[red]stopped[/red]",
-                      state, str(entry.log_file))
+        table.add_row(
+            component,
+            str(entry.pid),
+            "[green]running[/green]" if entry.running else "[red]stopped[/red]",
+            state,
+            str(entry.log_file),
+        )
     if not entries:
         table.add_row("-", "-", "not started", "-", str(s.local.run_dir))
     out.print(table)

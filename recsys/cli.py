@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -41,8 +41,15 @@ app.add_typer(events_app, name="events")
 
 
 def _all_topics(settings: Settings) -> dict[str, int]:
-    return {name: settings.kafka.topic_partitions for name in
-            (settings.kafka.topic_events, settings.kafka.topic_samples, settings.kafka.topic_deadletter, settings.kafka.topic_late)}
+    return {
+        name: settings.kafka.topic_partitions
+        for name in (
+            settings.kafka.topic_events,
+            settings.kafka.topic_samples,
+            settings.kafka.topic_deadletter,
+            settings.kafka.topic_late,
+        )
+    }
 
 
 # --------------------------------------------------------------------------- services
@@ -54,15 +61,24 @@ def services_up(
     redis: Annotated[bool, typer.Option(help="start Redis")] = True,
 ) -> None:
     """Start Kafka (KRaft) and Redis on 127.0.0.1; harmless when they already run."""
-    from local_services import services
     from core.kafka import ensure_topics
+    from local_services import services
 
     s = load_settings()
     try:
         if kafka:
-            console.print(f"kafka {s.local.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.local.kafka_port} ...")
-            services.start_kafka(s.local.run_dir, s.local.cache_dir, s.local.kafka_version, s.local.kafka_port, s.local.kafka_controller_port,
-                                 partitions=s.kafka.topic_partitions, timeout=s.local.service_start_timeout_s)
+            console.print(
+                f"kafka {s.local.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.local.kafka_port} ..."
+            )
+            services.start_kafka(
+                s.local.run_dir,
+                s.local.cache_dir,
+                s.local.kafka_version,
+                s.local.kafka_port,
+                s.local.kafka_controller_port,
+                partitions=s.kafka.topic_partitions,
+                timeout=s.local.service_start_timeout_s,
+            )
             created = asyncio.run(ensure_topics(s.kafka.bootstrap, _all_topics(s)))
             if created:
                 console.print(f"created topics: {', '.join(created)}")
@@ -96,8 +112,13 @@ def _print_status(s: Settings) -> None:
     table = Table("service", "address", "pid", "state", "log")
     entries = services.status(s.local.run_dir)
     for entry in entries:
-        table.add_row(entry.name, entry.address, str(entry.pid), "[green]running[/green]" if entry.running
-                      else "[red]stopped[/red]", str(entry.log_file))
+        table.add_row(
+            entry.name,
+            entry.address,
+            str(entry.pid),
+            "[green]running[/green]" if entry.running else "[red]stopped[/red]",
+            str(entry.log_file),
+        )
     if not entries:
         table.add_row("-", "-", "-", "nothing started", str(s.local.run_dir))
     out.print(table)
@@ -121,11 +142,11 @@ def topics() -> None:
 
 @events_app.command("summary")
 def events_summary(
-    topic: Annotated[Optional[str], typer.Option(help="topic to read (default: the events topic)")] = None,
+    topic: Annotated[str | None, typer.Option(help="topic to read (default: the events topic)")] = None,
 ) -> None:
     """Read a topic from the beginning to its current end and count records by event type and reject reason."""
-    from feature_repo.contract import InvalidEvent, parse_event
     from core.kafka import KafkaUnavailable, read_topic
+    from feature_repo.contract import InvalidEvent, parse_event
 
     s = load_settings()
     name = topic or s.kafka.topic_events
@@ -134,8 +155,12 @@ def events_summary(
     async def run() -> None:
         async for record in read_topic(s.kafka.bootstrap, name):
             try:
-                event = parse_event(record.value or b"", max_bytes=s.events.max_event_bytes,
-                                    max_future_skew_s=s.events.max_future_skew_s, max_age_s=s.events.max_event_age_s)
+                event = parse_event(
+                    record.value or b"",
+                    max_bytes=s.events.max_event_bytes,
+                    max_future_skew_s=s.events.max_future_skew_s,
+                    max_age_s=s.events.max_event_age_s,
+                )
                 counts[event.event_type] += 1
             except InvalidEvent as exc:
                 counts[f"invalid:{exc.reason.value}"] += 1
@@ -160,13 +185,21 @@ def simulate(
     requests: Annotated[int, typer.Option(min=1, help="recommendation requests (each shows a slate)")] = 2000,
     slate_size: Annotated[int, typer.Option(min=1, help="impressions per request")] = 10,
     seed: Annotated[int, typer.Option(help="world and traffic seed; same seed + start => same bytes")] = 0,
-    start_time: Annotated[Optional[float], typer.Option(help="event time of the first event (epoch s; default now)")] = None,
+    start_time: Annotated[
+        float | None, typer.Option(help="event time of the first event (epoch s; default now)")
+    ] = None,
     requests_per_second: Annotated[float, typer.Option(min=0.001, help="event-time density of requests")] = 200.0,
-    rate: Annotated[float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")] = 0.0,
+    rate: Annotated[
+        float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")
+    ] = 0.0,
     bad_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="share of injected malformed records")] = 0.0,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="write JSONL for `recsys replay` instead of Kafka")] = None,
-    truth_file: Annotated[Optional[Path], typer.Option("--truth", help="also write per-impression ground truth JSONL")] = None,
-    topic: Annotated[Optional[str], typer.Option(help="topic to publish to (default: the events topic)")] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="write JSONL for `recsys replay` instead of Kafka")
+    ] = None,
+    truth_file: Annotated[
+        Path | None, typer.Option("--truth", help="also write per-impression ground truth JSONL")
+    ] = None,
+    topic: Annotated[str | None, typer.Option(help="topic to publish to (default: the events topic)")] = None,
 ) -> None:
     """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL."""
     import orjson
@@ -177,8 +210,16 @@ def simulate(
 
     s = load_settings()
     try:
-        config = SimConfig(users=users, items=items, requests=requests, slate_size=slate_size, seed=seed,
-                           start_time=start_time, requests_per_second=requests_per_second, bad_fraction=bad_fraction)
+        config = SimConfig(
+            users=users,
+            items=items,
+            requests=requests,
+            slate_size=slate_size,
+            seed=seed,
+            start_time=start_time,
+            requests_per_second=requests_per_second,
+            bad_fraction=bad_fraction,
+        )
     except ValueError as exc:
         fail(str(exc), 2)
     sim = Simulation(config)
@@ -189,8 +230,16 @@ def simulate(
         console.print(f"wrote {written} records to {out_file}")
     else:
         try:
-            result = asyncio.run(publish(sim.records(), s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate,
-                                         total=estimated, show_progress=sys.stderr.isatty()))
+            result = asyncio.run(
+                publish(
+                    sim.records(),
+                    s.kafka.bootstrap,
+                    topic or s.kafka.topic_events,
+                    rate=rate,
+                    total=estimated,
+                    show_progress=sys.stderr.isatty(),
+                )
+            )
         except KafkaUnavailable as exc:
             fail(str(exc))
         console.print(f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s)")
@@ -198,26 +247,51 @@ def simulate(
         with open(truth_file, "wb") as handle:
             for truth in sim.truth:
                 handle.write(orjson.dumps(truth.__dict__) + b"\n")
-    out.print_json(data={
-        "records": sim.stats.total, "events": sim.stats.events, "bad": sim.stats.bad,
-        "impressions": len(sim.truth), "ctr": round(sim.click_through_rate(), 4),
-        "oracle_auc": round(sim.oracle_auc(), 4), "seconds": round(time.perf_counter() - started, 2),
-    })
+    out.print_json(
+        data={
+            "records": sim.stats.total,
+            "events": sim.stats.events,
+            "bad": sim.stats.bad,
+            "impressions": len(sim.truth),
+            "ctr": round(sim.click_through_rate(), 4),
+            "oracle_auc": round(sim.oracle_auc(), 4),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    )
 
 
 @app.command()
 def replay(
-    file: Annotated[Optional[Path], typer.Argument(exists=True, dir_okay=False, readable=True,
-                                                   help="JSONL from `simulate --out` (or use --dataset)")] = None,
-    rate: Annotated[float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")] = 0.0,
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            exists=True, dir_okay=False, readable=True, help="JSONL from `simulate --out` (or use --dataset)"
+        ),
+    ] = None,
+    rate: Annotated[
+        float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")
+    ] = 0.0,
     rebase_time: Annotated[bool, typer.Option("--rebase/--no-rebase", help="shift event times to start now")] = True,
-    topic: Annotated[Optional[str], typer.Option(help="topic to publish to (default: the events topic)")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="replay public data instead of a file: movielens-100k or "
-                                                   "movielens-1m (fetched once into the cache dir)")] = None,
-    speedup: Annotated[float, typer.Option(min=1e-6, help="--dataset: rating time passes this many times faster")] = 1e5,
-    pace: Annotated[bool, typer.Option("--pace/--no-pace", help="--dataset: send each event at its (compressed) "
-                                       "time; --no-pace sends at once with times rebased to end now")] = True,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
+    topic: Annotated[str | None, typer.Option(help="topic to publish to (default: the events topic)")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="replay public data instead of a file: movielens-100k or "
+            "movielens-1m (fetched once into the cache dir)"
+        ),
+    ] = None,
+    speedup: Annotated[
+        float, typer.Option(min=1e-6, help="--dataset: rating time passes this many times faster")
+    ] = 1e5,
+    pace: Annotated[
+        bool,
+        typer.Option(
+            "--pace/--no-pace",
+            help="--dataset: send each event at its (compressed) "
+            "time; --no-pace sends at once with times rebased to end now",
+        ),
+    ] = True,
+    limit: Annotated[int | None, typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
     """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka (malformed lines are reported and skipped)."""
     from core.kafka import KafkaUnavailable
@@ -229,23 +303,38 @@ def replay(
 
         if file is not None or dataset is None or rate > 0 or not rebase_time:
             fail("give either FILE or --dataset; with --dataset, pace with --speedup (not --rate/--no-rebase)", 2)
-        raise typer.Exit(replay_command(dataset, s.kafka.bootstrap, topic or s.kafka.topic_events, s.local.cache_dir,
-                                        s.events.max_event_age_s, speedup, pace, limit))
+        raise typer.Exit(
+            replay_command(
+                dataset,
+                s.kafka.bootstrap,
+                topic or s.kafka.topic_events,
+                s.local.cache_dir,
+                s.events.max_event_age_s,
+                speedup,
+                pace,
+                limit,
+            )
+        )
     errors: list[str] = []
     records = read_jsonl(file, errors)
     if rebase_time:
         records = rebase(records, time.time())
     try:
-        result = asyncio.run(publish(records, s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate,
-                                     show_progress=sys.stderr.isatty()))
+        result = asyncio.run(
+            publish(
+                records, s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate, show_progress=sys.stderr.isatty()
+            )
+        )
     except KafkaUnavailable as exc:
         fail(str(exc))
     for error in errors[:20]:
         console.print(f"[yellow]skipped[/yellow] {error}")
     if len(errors) > 20:
         console.print(f"[yellow]... and {len(errors) - 20} more malformed lines[/yellow]")
-    console.print(f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s); "
-                  f"{len(errors)} malformed lines skipped")
+    console.print(
+        f"published {result.records} records in {result.seconds:.2f}s ({result.rate:,.0f} rec/s); "
+        f"{len(errors)} malformed lines skipped"
+    )
     if errors:
         raise typer.Exit(3)
 

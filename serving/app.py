@@ -99,18 +99,27 @@ class BodyLimit:
 
 async def _too_large(send, limit: int) -> None:
     body = f'{{"detail":"request body exceeds {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 def _limit_error(field_loc: list, message: str, value: object) -> HTTPException:
-    return HTTPException(422, detail=[{"type": "too_large", "loc": ["body", *field_loc], "msg": message,
-                                       "input": value}])
+    return HTTPException(
+        422, detail=[{"type": "too_large", "loc": ["body", *field_loc], "msg": message, "input": value}]
+    )
 
 
-def create_app(settings: Settings, components: Components | None = None,
-               builder: Callable[[Settings, Metrics], Components] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    components: Components | None = None,
+    builder: Callable[[Settings, Metrics], Components] | None = None,
+) -> FastAPI:
     metrics = Metrics()
     state: dict = {}
 
@@ -121,6 +130,7 @@ def create_app(settings: Settings, components: Components | None = None,
             from serving.wiring import build_components
 
             comps = await run_in_threadpool(builder or build_components, settings, metrics)
+
         def on_swap(scorer, swapped: bool) -> None:
             metrics.model.info({"version": scorer.version, "scorer": scorer.name})
             if swapped:
@@ -141,19 +151,30 @@ def create_app(settings: Settings, components: Components | None = None,
             comps.rows.on_lookup = metrics.row_lookup
             comps.rows.start()
         index = comps.index if comps.index is not None else PopularityIndex(settings.serving.retrieval_half_life_s)
-        ranker = Ranker(comps.model, comps.rows, comps.features, index, metrics,
-                        settings.serving.retrieval_candidates)
-        impressions = ImpressionLogger(settings.kafka.bootstrap, settings.kafka.topic_events,
-                                       settings.serving.impression_buffer,
-                                       on_sent=metrics.impressions_sent.inc,
-                                       on_dropped=metrics.impressions_dropped.inc)
+        ranker = Ranker(comps.model, comps.rows, comps.features, index, metrics, settings.serving.retrieval_candidates)
+        impressions = ImpressionLogger(
+            settings.kafka.bootstrap,
+            settings.kafka.topic_events,
+            settings.serving.impression_buffer,
+            on_sent=metrics.impressions_sent.inc,
+            on_dropped=metrics.impressions_dropped.inc,
+        )
         if comps.log_impressions:
             impressions.start()
         stop = asyncio.Event()
         tasks = []
         if comps.follow_stream:
-            tasks.append(asyncio.create_task(follow_events(index, settings.kafka.bootstrap, settings.kafka.topic_events,
-                                                           settings.serving.retrieval_lookback, stop)))
+            tasks.append(
+                asyncio.create_task(
+                    follow_events(
+                        index,
+                        settings.kafka.bootstrap,
+                        settings.kafka.topic_events,
+                        settings.serving.retrieval_lookback,
+                        stop,
+                    )
+                )
+            )
         if settings.serving.reload_poll_s > 0:
             tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving.reload_poll_s, stop)))
         state.update(components=comps, ranker=ranker, impressions=impressions, index=index)
@@ -171,10 +192,14 @@ def create_app(settings: Settings, components: Components | None = None,
             for closer in comps.close:
                 closer()
 
-    app = FastAPI(title="recsys serving", version="1", lifespan=lifespan,
-                  description="Ranks items for users with the champion model, parameters from the nearest "
-                              "replica and features from the online store; logs every served list.",
-                  responses={422: {"description": "invalid request"}, 413: {"model": Problem}})
+    app = FastAPI(
+        title="recsys serving",
+        version="1",
+        lifespan=lifespan,
+        description="Ranks items for users with the champion model, parameters from the nearest "
+        "replica and features from the online store; logs every served list.",
+        responses={422: {"description": "invalid request"}, 413: {"model": Problem}},
+    )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -196,25 +221,32 @@ def create_app(settings: Settings, components: Components | None = None,
     def timed(endpoint: str, started: float, status: int = 200) -> None:
         metrics.request_latency.labels(endpoint, str(status)).observe(time.perf_counter() - started)
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["ranking"],
-              responses={413: {"model": Problem}})
+    @app.post("/v1/recommend", response_model=RecommendResponse, tags=["ranking"], responses={413: {"model": Problem}})
     async def recommend(body: RecommendRequest, r: Ranker = Depends(ranker)) -> RecommendResponse:
         """Rank the candidates (or the retrieval stage's items) for a user; the top k are logged as impressions."""
         started = time.perf_counter()
         if body.k > settings.serving.max_k:
             raise _limit_error(["k"], f"k must be at most {settings.serving.max_k}", body.k)
         if body.candidate_item_ids is not None and len(body.candidate_item_ids) > settings.serving.max_candidates:
-            raise _limit_error(["candidate_item_ids"], f"at most {settings.serving.max_candidates} candidates",
-                               len(body.candidate_item_ids))
+            raise _limit_error(
+                ["candidate_item_ids"],
+                f"at most {settings.serving.max_candidates} candidates",
+                len(body.candidate_item_ids),
+            )
         ranking = await run_in_threadpool(r.recommend, body.user_id, body.k, body.candidate_item_ids)
         if ranking.items and state["components"].log_impressions:
             state["impressions"].log_records(_impression_records(ranking))
         timed("recommend", started)
         return RecommendResponse(
-            request_id=ranking.request_id, user_id=ranking.user_id, model_version=ranking.model_version,
+            request_id=ranking.request_id,
+            user_id=ranking.user_id,
+            model_version=ranking.model_version,
             items=[ScoredItem(item_id=i, score=s, position=p) for p, (i, s) in enumerate(ranking.items)],
-            cold_start=ranking.cold_start, degraded=bool(ranking.degraded), degraded_reasons=ranking.degraded,
-            retrieval=ranking.retrieval)
+            cold_start=ranking.cold_start,
+            degraded=bool(ranking.degraded),
+            degraded_reasons=ranking.degraded,
+            retrieval=ranking.retrieval,
+        )
 
     @app.post("/v1/score", response_model=ScoreResponse, tags=["ranking"], responses={413: {"model": Problem}})
     async def score(body: ScoreRequest, r: Ranker = Depends(ranker)) -> ScoreResponse:
@@ -226,10 +258,13 @@ def create_app(settings: Settings, components: Components | None = None,
         items = [p.item_id for p in body.pairs]
         scored = await run_in_threadpool(r.score_pairs, users, items)
         timed("score", started)
-        return ScoreResponse(request_id=uuid.uuid4().hex, model_version=scored.model_version,
-                             scores=[PairScore(user_id=u, item_id=i, score=float(s))
-                                     for u, i, s in zip(users, items, scored.scores)],
-                             degraded=bool(scored.degraded), degraded_reasons=scored.degraded)
+        return ScoreResponse(
+            request_id=uuid.uuid4().hex,
+            model_version=scored.model_version,
+            scores=[PairScore(user_id=u, item_id=i, score=float(s)) for u, i, s in zip(users, items, scored.scores)],
+            degraded=bool(scored.degraded),
+            degraded_reasons=scored.degraded,
+        )
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
@@ -241,25 +276,44 @@ def create_app(settings: Settings, components: Components | None = None,
         """Readiness: a model is loaded and at least one parameter replica answers."""
         comps: Components | None = state.get("components")
         if comps is None:
-            return JSONResponse(Readiness(ready=False, model_version=None, scorer=None, parameter_version=None,
-                                          replicas_healthy=[], replica_in_use=None, feature_store=False,
-                                          impressions_buffered=0, impressions_dropped=0).model_dump(), 503)
+            return JSONResponse(
+                Readiness(
+                    ready=False,
+                    model_version=None,
+                    scorer=None,
+                    parameter_version=None,
+                    replicas_healthy=[],
+                    replica_in_use=None,
+                    feature_store=False,
+                    impressions_buffered=0,
+                    impressions_dropped=0,
+                ).model_dump(),
+                503,
+            )
         scorer = comps.model.current
         healthy = comps.rows.reader.healthy() if comps.rows is not None else []
         in_use = comps.rows.reader.current if comps.rows is not None else None
         _refresh_gauges(metrics, comps, state)
         ready = scorer is not None and any(healthy)
-        body = Readiness(ready=ready, model_version=scorer.version if scorer else None,
-                         scorer=scorer.name if scorer else None,
-                         parameter_version=comps.rows.version if comps.rows is not None else None,
-                         replicas_healthy=healthy, replica_in_use=in_use,
-                         feature_store=comps.features is not None and comps.features.healthy(),
-                         impressions_buffered=state["impressions"].buffered,
-                         impressions_dropped=state["impressions"].dropped)
+        body = Readiness(
+            ready=ready,
+            model_version=scorer.version if scorer else None,
+            scorer=scorer.name if scorer else None,
+            parameter_version=comps.rows.version if comps.rows is not None else None,
+            replicas_healthy=healthy,
+            replica_in_use=in_use,
+            feature_store=comps.features is not None and comps.features.healthy(),
+            impressions_buffered=state["impressions"].buffered,
+            impressions_dropped=state["impressions"].dropped,
+        )
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         """Prometheus metrics: latency histograms, cache hit rate, replica in use, model version, impressions."""
         comps = state.get("components")
@@ -278,11 +332,15 @@ def create_app(settings: Settings, components: Components | None = None,
             raise HTTPException(403, "admin endpoints are disabled (RECSYS_SERVING_ADMIN_TOKEN is not set)")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "a valid admin bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/admin/reload", response_model=ReloadResponse, tags=["admin"], dependencies=[Depends(admin)],
-              responses={401: {"model": Problem}, 403: {"model": Problem}, 503: {"model": Problem}})
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        tags=["admin"],
+        dependencies=[Depends(admin)],
+        responses={401: {"model": Problem}, 403: {"model": Problem}, 503: {"model": Problem}},
+    )
     async def reload(force: bool = False) -> ReloadResponse:
         """Load the model the alias points at now (swapped atomically; requests in flight finish on the old one)."""
         comps: Components | None = state.get("components")
@@ -322,7 +380,7 @@ async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -
         try:
             await asyncio.wait_for(stop.wait(), timeout=every_s)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         try:
             await run_in_threadpool(model.reload)
@@ -343,9 +401,23 @@ def _impression_records(ranking: Ranking) -> list[tuple[bytes, bytes]]:
     out = []
     for position, (item_id, _) in enumerate(ranking.items):
         sparse, dense = ranking.features[item_id]
-        out.append((key, orjson.dumps({
-            "schema_version": 1, "event_type": "impression", "event_id": f"{ranking.request_id}-{position}",
-            "timestamp": now, "request_id": ranking.request_id, "user_id": ranking.user_id, "item_id": item_id,
-            "position": position, "model_version": ranking.model_version,
-            "features": {"sparse": sparse, "dense": dense}})))
+        out.append(
+            (
+                key,
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "event_type": "impression",
+                        "event_id": f"{ranking.request_id}-{position}",
+                        "timestamp": now,
+                        "request_id": ranking.request_id,
+                        "user_id": ranking.user_id,
+                        "item_id": item_id,
+                        "position": position,
+                        "model_version": ranking.model_version,
+                        "features": {"sparse": sparse, "dense": dense},
+                    }
+                ),
+            )
+        )
     return out

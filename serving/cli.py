@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,15 +11,16 @@ app = typer.Typer(invoke_without_command=True)
 
 @app.callback()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="bind address (default: RECSYS_SERVING_HOST)")] = None,
-    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="port (default: RECSYS_SERVING_PORT)")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, max=64, help="worker processes")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default: RECSYS_SERVING_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="port (default: RECSYS_SERVING_PORT)")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help="worker processes")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Serve the recommendation API (POST /v1/recommend, /v1/score; /healthz, /readyz, /metrics, /docs)."""
     import logging
 
     import uvicorn
+
     from core.cli_support import load_settings
 
     settings = load_settings()
@@ -31,5 +32,6 @@ def serve(
     port = port or settings.serving.port
     workers = workers or settings.serving.workers
     typer.echo(f"serving on http://{host}:{port} (docs: /docs)", err=True)
-    uvicorn.run("serving.asgi:app", host=host, port=port, workers=workers, log_level=log_level,
-                access_log=False, lifespan="on")
+    uvicorn.run(
+        "serving.asgi:app", host=host, port=port, workers=workers, log_level=log_level, access_log=False, lifespan="on"
+    )

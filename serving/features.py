@@ -19,10 +19,12 @@ from feature_repo.spec import SPEC, EncodedEntity, encode_item, encode_user
 
 log = logging.getLogger(__name__)
 
-USER_COLUMNS = tuple(f.name for f in SPEC.sparse if f.entity == "user" and f.name != "user_id") + \
-    tuple(f.name for f in SPEC.dense if f.entity == "user")
-ITEM_COLUMNS = tuple(f.name for f in SPEC.sparse if f.entity == "item" and f.name != "item_id") + \
-    tuple(f.name for f in SPEC.dense if f.entity == "item")
+USER_COLUMNS = tuple(f.name for f in SPEC.sparse if f.entity == "user" and f.name != "user_id") + tuple(
+    f.name for f in SPEC.dense if f.entity == "user"
+)
+ITEM_COLUMNS = tuple(f.name for f in SPEC.sparse if f.entity == "item" and f.name != "item_id") + tuple(
+    f.name for f in SPEC.dense if f.entity == "item"
+)
 _SPARSE = set(SPEC.sparse_names)
 
 
@@ -37,8 +39,9 @@ class FetchedFeatures:
 
 
 class FeatureSource(Protocol):
-    def fetch(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> tuple[dict[str, EncodedEntity | None],
-                                                                             dict[str, EncodedEntity | None]]:
+    def fetch(
+        self, user_ids: Sequence[str], item_ids: Sequence[str]
+    ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
         """Features of the given users and items; raise FeaturesUnavailable when the store is down."""
         ...
 
@@ -94,8 +97,9 @@ class FeastFeatures:
     def healthy(self) -> bool:
         return self._ok
 
-    def fetch(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> tuple[dict[str, EncodedEntity | None],
-                                                                             dict[str, EncodedEntity | None]]:
+    def fetch(
+        self, user_ids: Sequence[str], item_ids: Sequence[str]
+    ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
         users = list(dict.fromkeys(user_ids))
         wanted = list(dict.fromkeys(item_ids))
         cached: dict[str, EncodedEntity | None] = {}
@@ -147,16 +151,18 @@ class FeastFeatures:
 class StaticFeatures:
     """Features from a dict (entity id -> encoded entity): for pure-logic tests and the fallback path."""
 
-    def __init__(self, users: Mapping[str, EncodedEntity] | None = None,
-                 items: Mapping[str, EncodedEntity] | None = None) -> None:
+    def __init__(
+        self, users: Mapping[str, EncodedEntity] | None = None, items: Mapping[str, EncodedEntity] | None = None
+    ) -> None:
         self.users, self.items = dict(users or {}), dict(items or {})
         self.down = False
 
     def healthy(self) -> bool:
         return not self.down
 
-    def fetch(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> tuple[dict[str, EncodedEntity | None],
-                                                                             dict[str, EncodedEntity | None]]:
+    def fetch(
+        self, user_ids: Sequence[str], item_ids: Sequence[str]
+    ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
         if self.down:
             raise FeaturesUnavailable("feature store is down")
         return {u: self.users.get(u) for u in user_ids}, {i: self.items.get(i) for i in item_ids}

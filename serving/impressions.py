@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class ImpressionLogger:
-    def __init__(self, bootstrap: str, topic: str, capacity: int,
-                 on_sent: Callable[[int], None] | None = None,
-                 on_dropped: Callable[[int], None] | None = None, retry_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        capacity: int,
+        on_sent: Callable[[int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+        retry_s: float = 2.0,
+    ) -> None:
         self.bootstrap, self.topic, self.capacity = bootstrap, topic, capacity
         self._buffer: collections.deque[tuple[bytes, bytes]] = collections.deque()  # (key, value)
         self._wake = asyncio.Event()
@@ -47,7 +53,7 @@ class ImpressionLogger:
     def log_records(self, records: list[tuple[bytes, bytes]]) -> int:
         """Buffer already serialised (key, value) records; returns how many were dropped."""
         room = self.capacity - len(self._buffer)
-        keep = records[:max(0, room)]
+        keep = records[: max(0, room)]
         self._buffer.extend(keep)
         dropped = len(records) - len(keep)
         if dropped:
@@ -77,15 +83,16 @@ class ImpressionLogger:
         self._wake.set()
         try:
             await asyncio.wait_for(self._task, timeout=max(0.1, deadline - loop.time()) + 2.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
 
     async def _run(self) -> None:
         from aiokafka import AIOKafkaProducer
 
         while not self._stop.is_set():
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, request_timeout_ms=10000,
-                                        max_batch_size=256 * 1024)
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, linger_ms=5, request_timeout_ms=10000, max_batch_size=256 * 1024
+            )
             try:
                 await producer.start()
                 self.connected = True
@@ -120,7 +127,7 @@ class ImpressionLogger:
                 log.warning("impression producer (%s): %s; retrying in %.0fs", self.bootstrap, exc, self.retry_s)
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.retry_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             finally:
                 self.connected = False

@@ -50,8 +50,9 @@ class DLRMScorer:
                 raise ValueError(f"model {self.version} needs dense feature {name!r} that serving does not have")
         dense_in = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((n, 0), np.float32)
         dim = self.config.embedding_dim
-        stacked = np.stack([pooled[t] if t in pooled else np.zeros((n, dim), np.float32)
-                            for t in self.config.sparse_features], axis=1)
+        stacked = np.stack(
+            [pooled[t] if t in pooled else np.zeros((n, dim), np.float32) for t in self.config.sparse_features], axis=1
+        )
         with torch.inference_mode():
             logits = self.arch(torch.from_numpy(dense_in), torch.from_numpy(np.ascontiguousarray(stacked)))
             return torch.sigmoid(logits).numpy().astype(np.float32)
@@ -111,8 +112,11 @@ class MlflowLoader:
             try:
                 import mlflow.artifacts
 
-                mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(folder / "model"),
-                                                    tracking_uri=self.client._tracking_client.tracking_uri)
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=mv.source,
+                    dst_path=str(folder / "model"),
+                    tracking_uri=self.client._tracking_client.tracking_uri,
+                )
                 path = _find_dense(folder)
             except Exception:  # noqa: BLE001 - the weights may sit beside the logged model in the run
                 if not mv.run_id:

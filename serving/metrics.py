@@ -10,35 +10,54 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.request_latency = Histogram("recsys_serving_request_seconds", "request latency by endpoint",
-                                         ["endpoint", "status"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.stage_latency = Histogram("recsys_serving_stage_seconds", "latency of each stage of a ranking",
-                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.candidates = Histogram("recsys_serving_candidates", "candidates ranked per request",
-                                    buckets=(1, 10, 50, 100, 200, 500, 1000, 5000), registry=r)
+        self.request_latency = Histogram(
+            "recsys_serving_request_seconds",
+            "request latency by endpoint",
+            ["endpoint", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "recsys_serving_stage_seconds",
+            "latency of each stage of a ranking",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.candidates = Histogram(
+            "recsys_serving_candidates",
+            "candidates ranked per request",
+            buckets=(1, 10, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
         self.cache_hits = Counter("recsys_serving_row_cache_hits", "embedding rows served from the cache", registry=r)
-        self.cache_misses = Counter("recsys_serving_row_cache_misses", "embedding rows pulled from a replica",
-                                    registry=r)
-        self.replica_in_use = Gauge("recsys_serving_replica_in_use", "index of the parameter replica reads go to "
-                                    "(nearest first; -1 none)", registry=r)
-        self.replica_healthy = Gauge("recsys_serving_replica_healthy", "1 when the replica answers", ["replica"],
-                                     registry=r)
-        self.failovers = Gauge("recsys_serving_replica_failovers", "times reads moved to another replica",
-                               registry=r)
-        self.parameter_version = Gauge("recsys_serving_parameter_version", "parameter version of the row cache",
-                                       registry=r)
+        self.cache_misses = Counter(
+            "recsys_serving_row_cache_misses", "embedding rows pulled from a replica", registry=r
+        )
+        self.replica_in_use = Gauge(
+            "recsys_serving_replica_in_use",
+            "index of the parameter replica reads go to (nearest first; -1 none)",
+            registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "recsys_serving_replica_healthy", "1 when the replica answers", ["replica"], registry=r
+        )
+        self.failovers = Gauge("recsys_serving_replica_failovers", "times reads moved to another replica", registry=r)
+        self.parameter_version = Gauge(
+            "recsys_serving_parameter_version", "parameter version of the row cache", registry=r
+        )
         self.model = Info("recsys_serving_model", "the model being served", registry=r)
         self.model_reloads = Counter("recsys_serving_model_reloads", "model swaps after the first load", registry=r)
         self.degraded = Counter("recsys_serving_degraded", "answers given in a degraded mode", ["reason"], registry=r)
         self.cold_start = Counter("recsys_serving_cold_start", "requests for users without a profile", registry=r)
-        self.impressions_sent = Counter("recsys_serving_impressions_sent", "impressions written to Kafka",
-                                        registry=r)
-        self.impressions_dropped = Counter("recsys_serving_impressions_dropped",
-                                           "impressions dropped because the buffer was full", registry=r)
-        self.impressions_buffered = Gauge("recsys_serving_impressions_buffered", "impressions waiting for Kafka",
-                                          registry=r)
-        self.retrieval_items = Gauge("recsys_serving_retrieval_items", "items known to the retrieval stage",
-                                     registry=r)
+        self.impressions_sent = Counter("recsys_serving_impressions_sent", "impressions written to Kafka", registry=r)
+        self.impressions_dropped = Counter(
+            "recsys_serving_impressions_dropped", "impressions dropped because the buffer was full", registry=r
+        )
+        self.impressions_buffered = Gauge(
+            "recsys_serving_impressions_buffered", "impressions waiting for Kafka", registry=r
+        )
+        self.retrieval_items = Gauge("recsys_serving_retrieval_items", "items known to the retrieval stage", registry=r)
 
     def row_lookup(self, hits: int, misses: int) -> None:
         if hits:

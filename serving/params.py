@@ -60,9 +60,15 @@ class RowReader:
 
 
 class RowFetcher:
-    def __init__(self, reader: RowReader, max_rows: int, poll_s: float,
-                 on_lookup: Callable[[int, int], None] | None = None,
-                 reopen: Callable[[], RowReader] | None = None, init_std: float = 0.01) -> None:
+    def __init__(
+        self,
+        reader: RowReader,
+        max_rows: int,
+        poll_s: float,
+        on_lookup: Callable[[int, int], None] | None = None,
+        reopen: Callable[[], RowReader] | None = None,
+        init_std: float = 0.01,
+    ) -> None:
         self.reader = reader
         self.reopen = reopen  # a fresh reader sees tables a trainer created after we started
         self.init_std = init_std
@@ -140,7 +146,9 @@ class RowFetcher:
     def table_configs(self) -> dict[str, TableConfig]:
         return dict(self.reader.tables)
 
-    def lookup(self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    def lookup(
+        self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Vectors ([len(ids), dim] per table) of one parameter version, and that version.
 
         Tables the replicas do not hold (a trainer has not pushed them yet) get the
@@ -158,7 +166,9 @@ class RowFetcher:
             self._observe(version)  # a newer version than the cache: redo at that version
         return out, version
 
-    def _lookup(self, cache: _Cache, ids: dict[str, np.ndarray], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], int]:
+    def _lookup(
+        self, cache: _Cache, ids: dict[str, np.ndarray], dims: dict[str, int]
+    ) -> tuple[dict[str, np.ndarray], int]:
         if not set(ids) <= self._wanted:
             self._wanted |= set(ids)
         if not self._wanted <= set(self.reader.tables):
@@ -177,8 +187,9 @@ class RowFetcher:
                 if dim <= 0:
                     continue
                 # what a pull of never-seen ids would return (the trainer's init_std, seed 0)
-                out[table] = initial_rows(TableConfig(table, dim, init_std=self.init_std),
-                                          np.asarray(wanted, np.int64))[0]
+                out[table] = initial_rows(
+                    TableConfig(table, dim, init_std=self.init_std), np.asarray(wanted, np.int64)
+                )[0]
                 continue
             table_cache = cache.rows.setdefault(table, {})
             keys = np.asarray(wanted, np.int64).tolist()

@@ -20,7 +20,6 @@ from serving.model import ModelHandle, Scorer
 from serving.params import RowFetcher, RowsUnavailable
 from serving.retrieval import PopularityIndex
 
-
 _ENTITY_OF = {f.name: f.entity for f in SPEC.sparse}
 _DENSE_NAMES = [(f.name, f.entity) for f in SPEC.dense]
 
@@ -61,8 +60,15 @@ class Ranking:
 
 
 class Ranker:
-    def __init__(self, model: ModelHandle, rows: RowFetcher | None, features: FeatureSource | None,
-                 index: PopularityIndex | None, metrics: Metrics, retrieval_candidates: int = 200) -> None:
+    def __init__(
+        self,
+        model: ModelHandle,
+        rows: RowFetcher | None,
+        features: FeatureSource | None,
+        index: PopularityIndex | None,
+        metrics: Metrics,
+        retrieval_candidates: int = 200,
+    ) -> None:
         self.model, self.rows, self.features, self.index = model, rows, features, index
         self.metrics = metrics
         self.retrieval_candidates = retrieval_candidates
@@ -98,8 +104,10 @@ class Ranker:
         enc_items = [items.get(i) or encode_item(i) for i in uniq_items]
         entities = {"user": enc_users, "item": enc_items}
         position = {"user": {u: k for k, u in enumerate(uniq_users)}, "item": {i: k for k, i in enumerate(uniq_items)}}
-        gather = {"user": np.fromiter((position["user"][u] for u in user_ids), np.int64, count=len(user_ids)),
-                  "item": np.fromiter((position["item"][i] for i in item_ids), np.int64, count=len(item_ids))}
+        gather = {
+            "user": np.fromiter((position["user"][u] for u in user_ids), np.int64, count=len(user_ids)),
+            "item": np.fromiter((position["item"][i] for i in item_ids), np.int64, count=len(item_ids)),
+        }
         n = len(user_ids)
         features = _Features(dict(zip(uniq_users, enc_users)), dict(zip(uniq_items, enc_items)))
         scorer: Scorer | None = self.model.current  # read once: a reload cannot change it under us
@@ -169,6 +177,13 @@ class Ranker:
             self.metrics.degraded.labels(reason).inc()
         if cold:
             self.metrics.cold_start.inc()
-        return Ranking(request_id, user_id, [(candidates[i], float(scores[i])) for i in top], scored.model_version,
-                       {candidates[i]: scored.features.pair(user_id, candidates[i]) for i in top}, cold,
-                       scored.degraded, from_retrieval)
+        return Ranking(
+            request_id,
+            user_id,
+            [(candidates[i], float(scores[i])) for i in top],
+            scored.model_version,
+            {candidates[i]: scored.features.pair(user_id, candidates[i]) for i in top},
+            cold,
+            scored.degraded,
+            from_retrieval,
+        )

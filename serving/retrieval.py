@@ -49,7 +49,12 @@ class PopularityIndex:
         kind = event.get("event_type")
         item = event.get("item_id")
         ts = event.get("timestamp")
-        if not isinstance(item, str) or not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts):
+        if (
+            not isinstance(item, str)
+            or not isinstance(ts, (int, float))
+            or isinstance(ts, bool)
+            or not math.isfinite(ts)
+        ):
             return
         with self._lock:
             self.events += 1
@@ -111,8 +116,9 @@ class PopularityIndex:
             return len(self._recent.keys() | self._score.keys())
 
 
-async def follow_events(index: PopularityIndex, bootstrap: str, topic: str, lookback: int,
-                        stop: asyncio.Event, retry_s: float = 2.0) -> None:
+async def follow_events(
+    index: PopularityIndex, bootstrap: str, topic: str, lookback: int, stop: asyncio.Event, retry_s: float = 2.0
+) -> None:
     """Feed ``index`` from ``topic``: the last ``lookback`` records per partition, then new ones.
 
     Survives a broker outage by reconnecting; malformed records are skipped (the stream
@@ -121,8 +127,9 @@ async def follow_events(index: PopularityIndex, bootstrap: str, topic: str, look
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     while not stop.is_set():
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                    request_timeout_ms=10000, max_poll_records=5000)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=10000, max_poll_records=5000
+        )
         try:
             await consumer.start()
             partitions = consumer.partitions_for_topic(topic)
@@ -153,7 +160,7 @@ async def follow_events(index: PopularityIndex, bootstrap: str, topic: str, look
             log.warning("retrieval stream %s: %s; retrying in %.0fs", topic, exc, retry_s)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=retry_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         finally:
             try:

@@ -17,8 +17,9 @@ def _encodable(value: str) -> str:
 
 
 # the same bounds as the event contract, so every id we accept can be logged as an impression
-Id = Annotated[str, Field(min_length=1, max_length=256, description="an opaque id, 1-256 characters"),
-               AfterValidator(_encodable)]
+Id = Annotated[
+    str, Field(min_length=1, max_length=256, description="an opaque id, 1-256 characters"), AfterValidator(_encodable)
+]
 
 
 class _Strict(BaseModel):
@@ -30,7 +31,8 @@ class RecommendRequest(_Strict):
     user_id: Id
     k: Annotated[int, Field(ge=1, le=10_000, description="how many items to return")] = 10
     candidate_item_ids: Annotated[list[Id], Field(max_length=100_000)] | None = Field(
-        None, description="items to rank; omitted: the retrieval stage supplies popular and recent items")
+        None, description="items to rank; omitted: the retrieval stage supplies popular and recent items"
+    )
 
 
 class ScoredItem(BaseModel):

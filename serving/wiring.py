@@ -6,6 +6,7 @@ Heavy imports (feast pulls in torch, mlflow) happen here, once, at start-up.
 from __future__ import annotations
 
 import logging
+
 from core.settings import Settings
 from serving.app import Components
 from serving.features import FeastFeatures, FeatureSource
@@ -25,8 +26,13 @@ def open_rows(settings: Settings, replicas: list[str] | None = None) -> RowFetch
     from paramserver import open_reader
 
     urls = replicas or replica_urls(settings)
-    return RowFetcher(open_reader(urls, []), settings.serving.param_cache_rows, settings.serving.param_version_poll_s,
-                      reopen=lambda: open_reader(urls, []), init_std=settings.train.init_std)
+    return RowFetcher(
+        open_reader(urls, []),
+        settings.serving.param_cache_rows,
+        settings.serving.param_version_poll_s,
+        reopen=lambda: open_reader(urls, []),
+        init_std=settings.train.init_std,
+    )
 
 
 def open_features(settings: Settings) -> FeatureSource | None:

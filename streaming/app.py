@@ -43,9 +43,9 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from feature_repo.spec import EncodedEntity
 from core.kafka import ensure_topics
 from core.settings import Settings, get_settings
+from feature_repo.spec import EncodedEntity
 from streaming import metrics
 from streaming.processor import BatchResult, Outgoing, Processor, ProcessorConfig
 
@@ -67,8 +67,9 @@ class StreamApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
         changelogs = {table.changelog_topic.get_topic_name(): table.partitions for table in self.tables.values()}
-        await ensure_topics(self.kafka_bootstrap, changelogs,
-                            configs={name: {"cleanup.policy": "compact"} for name in changelogs})
+        await ensure_topics(
+            self.kafka_bootstrap, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
+        )
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -229,10 +230,15 @@ class TableKV:
 
 def processor_config(settings: Settings) -> ProcessorConfig:
     return ProcessorConfig(
-        attribution_window_s=settings.stream.attribution_window_s, dedup_window_s=settings.stream.dedup_window_s,
-        resolved_retention_s=settings.stream.resolved_retention_s, idle_advance_s=settings.stream.idle_advance_s,
-        max_event_bytes=settings.events.max_event_bytes, max_future_skew_s=settings.events.max_future_skew_s,
-        max_event_age_s=settings.events.max_event_age_s, source_topic=settings.kafka.topic_events)
+        attribution_window_s=settings.stream.attribution_window_s,
+        dedup_window_s=settings.stream.dedup_window_s,
+        resolved_retention_s=settings.stream.resolved_retention_s,
+        idle_advance_s=settings.stream.idle_advance_s,
+        max_event_bytes=settings.events.max_event_bytes,
+        max_future_skew_s=settings.events.max_future_skew_s,
+        max_event_age_s=settings.events.max_event_age_s,
+        source_topic=settings.kafka.topic_events,
+    )
 
 
 def data_dir(settings: Settings):
@@ -248,8 +254,13 @@ class _WriteLane:
     otherwise every row is kept (the offline store keeps each version for point-in-time joins).
     """
 
-    def __init__(self, name: str, write: Callable[[str, list[tuple[EncodedEntity, float]]], None],
-                 newest_only: bool, ready: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[str, list[tuple[EncodedEntity, float]]], None],
+        newest_only: bool,
+        ready: Callable[[], Awaitable[None]],
+    ) -> None:
         self.name = name
         self._write = write
         self._ready = ready
@@ -340,9 +351,16 @@ class FeatureWriter:
         s = self.settings
         started = time.perf_counter()
         opened = fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url)
-        log.info("feature store ready", extra={"fields": {"online_store": s.feast.online_store,
-                                                          "data_dir": str(s.feast.data_dir),
-                                                          "seconds": round(time.perf_counter() - started, 2)}})
+        log.info(
+            "feature store ready",
+            extra={
+                "fields": {
+                    "online_store": s.feast.online_store,
+                    "data_dir": str(s.feast.data_dir),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            },
+        )
         return opened
 
     async def _ready(self) -> None:
@@ -383,11 +401,15 @@ class StreamWorker:
         self.settings = settings
         self.changelog: dict[tuple[str, str], tuple[int, Any]] = {}  # (topic, key) -> (partition, value or None)
         kv = {name: TableKV(table, self.changelog) for name, table in tables.items()}
-        self.processor = Processor(processor_config(settings), kv["dedup"], kv["joins"], kv["users"], kv["items"],
-                                   caught_up=self.caught_up)
+        self.processor = Processor(
+            processor_config(settings), kv["dedup"], kv["joins"], kv["users"], kv["items"], caught_up=self.caught_up
+        )
         self.features = FeatureWriter(settings)
-        self.topics = {"samples": settings.kafka.topic_samples, "deadletter": settings.kafka.topic_deadletter,
-                       "late": settings.kafka.topic_late}
+        self.topics = {
+            "samples": settings.kafka.topic_samples,
+            "deadletter": settings.kafka.topic_deadletter,
+            "late": settings.kafka.topic_late,
+        }
         self.lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[tuple[str, bytes], int] = {}
@@ -475,13 +497,17 @@ class StreamWorker:
         outputs_acked = await self._send(producer, by_partition)
         for kind, count in counts.items():
             metrics.RECORDS_OUT.labels(kind).inc(count)
-        handed = asyncio.ensure_future(
-            self._send_changelog(producer, changelog, outputs_acked, self._changelog_handed))
+        handed = asyncio.ensure_future(self._send_changelog(producer, changelog, outputs_acked, self._changelog_handed))
         self._changelog_handed = handed
         return asyncio.ensure_future(_acked(handed))
 
-    async def _send_changelog(self, producer: Any, changelog: list[tuple[tuple[str, str], tuple[int, Any]]],
-                              outputs_acked: asyncio.Future, previous: asyncio.Future | None) -> asyncio.Future:
+    async def _send_changelog(
+        self,
+        producer: Any,
+        changelog: list[tuple[tuple[str, str], tuple[int, Any]]],
+        outputs_acked: asyncio.Future,
+        previous: asyncio.Future | None,
+    ) -> asyncio.Future:
         """Once ``outputs_acked`` and the previous submit's changelog was handed over: hand these; their acks."""
         await outputs_acked
         if previous is not None:
@@ -490,13 +516,15 @@ class StreamWorker:
         dumps = orjson.dumps
         for (topic, key), (partition, value) in changelog:
             by_partition.setdefault((topic, partition), []).append(
-                (dumps(key), None if value is None else dumps(value), []))
+                (dumps(key), None if value is None else dumps(value), [])
+            )
         metrics.RECORDS_OUT.labels("changelog").inc(len(changelog))
         return await self._send(producer, by_partition)
 
     @staticmethod
-    async def _send(producer: Any, by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list]]]
-                    ) -> asyncio.Future:
+    async def _send(
+        producer: Any, by_partition: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list]]]
+    ) -> asyncio.Future:
         """Append the records to aiokafka record batches per partition (a few us a record, against ~30 us
         and a future per ``producer.send``); a future of Kafka's acknowledgement of all of them."""
         futures = []
@@ -544,20 +572,38 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
     folder = data_dir(s)
     folder.mkdir(parents=True, exist_ok=True)
     app = StreamApp(
-        s.stream.app_id, broker=brokers, store="memory://", datadir=str(folder),
-        processing_guarantee="at_least_once", topic_partitions=s.kafka.topic_partitions, topic_replication_factor=1,
-        table_standby_replicas=0, broker_commit_interval=s.stream.commit_interval_s,
-        broker_session_timeout=s.stream.session_timeout_s, broker_heartbeat_interval=min(3.0, s.stream.session_timeout_s / 3),
-        broker_max_poll_records=s.stream.batch_size, stream_buffer_maxsize=max(4096, 2 * s.stream.batch_size),
+        s.stream.app_id,
+        broker=brokers,
+        store="memory://",
+        datadir=str(folder),
+        processing_guarantee="at_least_once",
+        topic_partitions=s.kafka.topic_partitions,
+        topic_replication_factor=1,
+        table_standby_replicas=0,
+        broker_commit_interval=s.stream.commit_interval_s,
+        broker_session_timeout=s.stream.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, s.stream.session_timeout_s / 3),
+        broker_max_poll_records=s.stream.batch_size,
+        stream_buffer_maxsize=max(4096, 2 * s.stream.batch_size),
         consumer_max_fetch_size=8 * 1024**2,
-        consumer_auto_offset_reset="earliest", producer_linger=0.005, producer_max_batch_size=256 * 1024,
-        stream_wait_empty=False, web_enabled=False, worker_redirect_stdouts=False, autodiscover=False,
-        key_serializer="raw", value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
+        stream_wait_empty=False,
+        web_enabled=False,
+        worker_redirect_stdouts=False,
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
     )
     app.kafka_bootstrap = s.kafka.bootstrap
-    events = app.topic(s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions)
-    table_options = {"partitions": s.kafka.topic_partitions,
-                     "schema": faust.Schema(key_serializer="json", value_serializer="json")}
+    events = app.topic(
+        s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions
+    )
+    table_options = {
+        "partitions": s.kafka.topic_partitions,
+        "schema": faust.Schema(key_serializer="json", value_serializer="json"),
+    }
     tables = {
         "dedup": app.Table("dedup", **table_options),
         "joins": app.Table("joins", **table_options),
@@ -569,9 +615,16 @@ def create_app(settings: Settings | None = None) -> tuple[faust.App, StreamWorke
     # subscribed, with acknowledgements, but read by BatchConsumer rather than through an agent's stream;
     # set before the consumer exists (Faust creates it when the worker starts)
     app.topics.add(events)
-    app.transport.Consumer = type("EventsBatchConsumer", (BatchConsumer,), {
-        "batch_topics": frozenset({s.kafka.topic_events}), "on_batch": worker.handle_batch,
-        "max_in_flight": s.stream.max_in_flight_batches, "fetch_max_wait_ms": s.stream.fetch_max_wait_ms})
+    app.transport.Consumer = type(
+        "EventsBatchConsumer",
+        (BatchConsumer,),
+        {
+            "batch_topics": frozenset({s.kafka.topic_events}),
+            "on_batch": worker.handle_batch,
+            "max_in_flight": s.stream.max_in_flight_batches,
+            "fetch_max_wait_ms": s.stream.fetch_max_wait_ms,
+        },
+    )
 
     @app.timer(interval=max(0.2, min(1.0, s.stream.idle_advance_s / 2)))
     async def idle_windows() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import gc
 import json
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,8 +21,10 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("worker")
 def worker(
     loglevel: Annotated[str, typer.Option(help="Faust's own log level")] = "warning",
-    create_topics: Annotated[bool, typer.Option("--create-topics/--no-create-topics",
-                                                help="create the topics (RECSYS_TOPIC_PARTITIONS) first")] = True,
+    create_topics: Annotated[
+        bool,
+        typer.Option("--create-topics/--no-create-topics", help="create the topics (RECSYS_TOPIC_PARTITIONS) first"),
+    ] = True,
 ) -> None:
     """Run one Faust stream worker (workers with one RECSYS_STREAM_APP_ID form one consumer group; see README)."""
     from core.kafka import KafkaUnavailable, ensure_topics
@@ -43,8 +45,10 @@ def worker(
     from streaming.app import worker as stream_worker
 
     if create_topics:
-        topics = {name: s.kafka.topic_partitions for name in (s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter,
-                                                        s.kafka.topic_late)}
+        topics = {
+            name: s.kafka.topic_partitions
+            for name in (s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter, s.kafka.topic_late)
+        }
         try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
             asyncio.run(ensure_topics(s.kafka.bootstrap, topics))
         except KafkaUnavailable as exc:
@@ -53,8 +57,11 @@ def worker(
     try:
         stream_worker.features.open_now()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
-        typer.echo(f"error: cannot open the feature store ({s.feast.online_store} online store, "
-                   f"{s.feast.data_dir}): {type(exc).__name__}: {exc}", err=True)
+        typer.echo(
+            f"error: cannot open the feature store ({s.feast.online_store} online store, "
+            f"{s.feast.data_dir}): {type(exc).__name__}: {exc}",
+            err=True,
+        )
         raise typer.Exit(1) from None
     # Faust, Feast and torch leave millions of long-lived objects; the cyclic GC traversed them
     # again and again while the tables grew (~30% of the worker's CPU). Freeze what exists now and
@@ -75,14 +82,16 @@ def feast_apply() -> None:
     s = load_settings()
     os.environ.setdefault("RECSYS_FEAST_DATA_DIR", str(s.feast.data_dir))
     fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url, apply=True)
-    typer.echo(f"applied feature views user_features, item_features to {s.feast.data_dir} "
-               f"(online store: {s.feast.online_store})")
+    typer.echo(
+        f"applied feature views user_features, item_features to {s.feast.data_dir} "
+        f"(online store: {s.feast.online_store})"
+    )
 
 
 @app.command("features")
 def features(
-    users: Annotated[Optional[list[str]], typer.Option("--user", help="user id (repeatable)")] = None,
-    items: Annotated[Optional[list[str]], typer.Option("--item", help="item id (repeatable)")] = None,
+    users: Annotated[list[str] | None, typer.Option("--user", help="user id (repeatable)")] = None,
+    items: Annotated[list[str] | None, typer.Option("--item", help="item id (repeatable)")] = None,
 ) -> None:
     """Print the encoded features the online store holds for some users and items."""
     from feature_repo import store as fs
@@ -95,6 +104,7 @@ def features(
     out = {}
     for entity, ids in (("user", users or []), ("item", items or [])):
         for entity_id, encoded in fs.read_online(store, entity, ids).items():
-            out[f"{entity}:{entity_id}"] = None if encoded is None else {"sparse": encoded.sparse,
-                                                                          "dense": encoded.dense}
+            out[f"{entity}:{entity_id}"] = (
+                None if encoded is None else {"sparse": encoded.sparse, "dense": encoded.dense}
+            )
     typer.echo(json.dumps(out, indent=2))

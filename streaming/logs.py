@@ -11,8 +11,12 @@ import orjson
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        payload = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                   "msg": record.getMessage()}
+        payload = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         fields = getattr(record, "fields", None)
         if fields:
             payload.update(fields)

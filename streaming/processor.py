@@ -64,9 +64,15 @@ LATE_AFTER_WINDOW = "after_window"
 LATE_NO_IMPRESSION = "no_impression"
 
 
-_COUNTERS = {"events": metrics.EVENTS_IN, "dup": metrics.DUPLICATES, "feat": metrics.FEATURE_SOURCE,
-             "samples": metrics.SAMPLES, "dead": metrics.DEADLETTERED, "late": metrics.LATE_CLICKS,
-             "stale": metrics.STALE_PROFILES}
+_COUNTERS = {
+    "events": metrics.EVENTS_IN,
+    "dup": metrics.DUPLICATES,
+    "feat": metrics.FEATURE_SOURCE,
+    "samples": metrics.SAMPLES,
+    "dead": metrics.DEADLETTERED,
+    "late": metrics.LATE_CLICKS,
+    "stale": metrics.STALE_PROFILES,
+}
 
 
 class KV(Protocol):
@@ -164,17 +170,34 @@ def encoded_to_state(entity: EncodedEntity, ts: float) -> dict[str, Any]:
 
 def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
     """The wire format of ``feature_repo.contract.Sample`` (same fields, same order), without pydantic's cost."""
-    return orjson.dumps({
-        "schema_version": SCHEMA_VERSION, "sample_id": sid, "request_id": entry["r"], "user_id": entry["u"],
-        "item_id": entry["i"], "label": label, "event_time": entry["ts"], "position": entry["pos"],
-        "model_version": entry["mv"], "sparse": entry["sp"], "dense": entry["dn"],
-    })
+    return orjson.dumps(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "sample_id": sid,
+            "request_id": entry["r"],
+            "user_id": entry["u"],
+            "item_id": entry["i"],
+            "label": label,
+            "event_time": entry["ts"],
+            "position": entry["pos"],
+            "model_version": entry["mv"],
+            "sparse": entry["sp"],
+            "dense": entry["dn"],
+        }
+    )
 
 
 class Processor:
-    def __init__(self, config: ProcessorConfig, dedup: KV, joins: KV, users: KV, items: KV,
-                 wall: Callable[[], float] = time.time,
-                 caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True) -> None:
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        dedup: KV,
+        joins: KV,
+        users: KV,
+        items: KV,
+        wall: Callable[[], float] = time.time,
+        caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True,
+    ) -> None:
         self.config = config
         # (partition, next offset) -> has this worker read everything the partition holds? Only a
         # caught-up partition counts as idle: a busy or restarting worker must not close windows early.
@@ -217,9 +240,17 @@ class Processor:
             heapq.heapify(state.resolved_heap)
             state.dedup_queue.extend(sorted(chunks[p]))
             metrics.OPEN_IMPRESSIONS.inc(len(state.open_heap))
-            log.info("took partition", extra={"fields": {"partition": p, "open": len(state.open_heap),
-                                                             "resolved": len(state.resolved_heap),
-                                                             "dedup_chunks": len(chunks[p])}})
+            log.info(
+                "took partition",
+                extra={
+                    "fields": {
+                        "partition": p,
+                        "open": len(state.open_heap),
+                        "resolved": len(state.resolved_heap),
+                        "dedup_chunks": len(chunks[p]),
+                    }
+                },
+            )
         self.partitions.update(states)
 
     def take_quiet_partition(self, p: int, position: int) -> None:
@@ -246,8 +277,9 @@ class Processor:
             state = self.partitions.pop(p, None)
             if state is not None:
                 released.add(p)
-                metrics.OPEN_IMPRESSIONS.dec(sum(1 for _, sid in state.open_heap
-                                                 if (self.joins.get(sid) or {}).get("st") == OPEN))
+                metrics.OPEN_IMPRESSIONS.dec(
+                    sum(1 for _, sid in state.open_heap if (self.joins.get(sid) or {}).get("st") == OPEN)
+                )
         if released:
             self.seen = {event_id: where for event_id, where in self.seen.items() if where[0] not in released}
 
@@ -267,8 +299,9 @@ class Processor:
             try:
                 self._process(record, state, result, now)
             except Exception as exc:  # a bug must not stop the stream: the record is kept, with the reason
-                log.exception("record failed", extra={"fields": {"partition": record.partition,
-                                                                 "offset": record.offset}})
+                log.exception(
+                    "record failed", extra={"fields": {"partition": record.partition, "offset": record.offset}}
+                )
                 self._deadletter(record, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", result.out)
         for p in touched:
             state = partitions[p]
@@ -290,8 +323,11 @@ class Processor:
                 # nothing waits for a window: quiet time is not banked (a partition that only saw profiles
                 # must not expire the impressions that arrive after a pause)
                 state.anchor_wall = now
-            elif (state.watermark > -math.inf and now - state.last_arrival_wall >= self.config.idle_advance_s
-                  and self.caught_up(p, state.next_offset)):
+            elif (
+                state.watermark > -math.inf
+                and now - state.last_arrival_wall >= self.config.idle_advance_s
+                and self.caught_up(p, state.next_offset)
+            ):
                 state.watermark += now - state.anchor_wall
                 state.anchor_wall = now
             self._expire(p, state, out, now)
@@ -304,8 +340,13 @@ class Processor:
             self._deadletter(record, MISSING_KEY, "record has no value (tombstone)", result.out)
             return
         try:
-            event = parse_event(record.value, max_bytes=c.max_event_bytes, max_future_skew_s=c.max_future_skew_s,
-                                max_age_s=c.max_event_age_s, now=now)
+            event = parse_event(
+                record.value,
+                max_bytes=c.max_event_bytes,
+                max_future_skew_s=c.max_future_skew_s,
+                max_age_s=c.max_event_age_s,
+                now=now,
+            )
         except InvalidEvent as exc:
             self._deadletter(record, exc.reason.value, exc.message, result.out)
             return
@@ -344,16 +385,35 @@ class Processor:
         elif kind == "click":
             self._click(event, record, state, result.out, now)
         elif kind == "user_profile":
-            self._profile(self.users, result.users, p, event.user_id, encode_user(event.user_id, event.model_dump()),
-                          event.timestamp)
+            self._profile(
+                self.users,
+                result.users,
+                p,
+                event.user_id,
+                encode_user(event.user_id, event.model_dump()),
+                event.timestamp,
+            )
         else:
-            self._profile(self.items, result.items, p, event.item_id, encode_item(event.item_id, event.model_dump()),
-                          event.timestamp)
+            self._profile(
+                self.items,
+                result.items,
+                p,
+                event.item_id,
+                encode_item(event.item_id, event.model_dump()),
+                event.timestamp,
+            )
 
     # ------------------------------------------------------------------ features
 
-    def _profile(self, table: KV, batch: dict[str, tuple[EncodedEntity, float]], p: int, entity_id: str,
-                 encoded: EncodedEntity, ts: float) -> None:
+    def _profile(
+        self,
+        table: KV,
+        batch: dict[str, tuple[EncodedEntity, float]],
+        p: int,
+        entity_id: str,
+        encoded: EncodedEntity,
+        ts: float,
+    ) -> None:
         current = table.get(entity_id)
         if current is not None and current["ts"] > ts:
             self.tally[("stale", "")] += 1  # an older profile arriving late never overwrites a newer one
@@ -373,12 +433,15 @@ class Processor:
         """
         _, user_sparse, user_dense = self._profile_json(self.users, self._user_json, user_id, encode_user)
         _, item_sparse, item_dense = self._profile_json(self.items, self._item_json, item_id, encode_item)
-        return (orjson.Fragment(b"{" + b",".join(filter(None, (user_sparse, item_sparse))) + b"}"),
-                orjson.Fragment(b"{" + b",".join(filter(None, (user_dense, item_dense))) + b"}"))
+        return (
+            orjson.Fragment(b"{" + b",".join(filter(None, (user_sparse, item_sparse))) + b"}"),
+            orjson.Fragment(b"{" + b",".join(filter(None, (user_dense, item_dense))) + b"}"),
+        )
 
     @staticmethod
-    def _profile_json(table: KV, cache: dict[str, tuple[Any, bytes, bytes]], entity_id: str,
-                      encode: Callable[[str], EncodedEntity]) -> tuple[Any, bytes, bytes]:
+    def _profile_json(
+        table: KV, cache: dict[str, tuple[Any, bytes, bytes]], entity_id: str, encode: Callable[[str], EncodedEntity]
+    ) -> tuple[Any, bytes, bytes]:
         """(table state, sparse JSON members, dense JSON members) of one entity; cached while its state is the same."""
         state = table.get(entity_id)
         cached = cache.get(entity_id)
@@ -406,8 +469,18 @@ class Processor:
         else:
             sparse, dense = self.features_for(event.user_id, event.item_id)  # type: ignore[assignment]
             self.tally[("feat", "stream")] += 1
-        entry = {"st": OPEN, "p": p, "ts": event.timestamp, "r": event.request_id, "u": event.user_id,
-                 "i": event.item_id, "pos": event.position, "mv": event.model_version, "sp": sparse, "dn": dense}
+        entry = {
+            "st": OPEN,
+            "p": p,
+            "ts": event.timestamp,
+            "r": event.request_id,
+            "u": event.user_id,
+            "i": event.item_id,
+            "pos": event.position,
+            "mv": event.model_version,
+            "sp": sparse,
+            "dn": dense,
+        }
         self.joins.put(p, sid, entry)
         heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
         self.tally[("open", "")] += 1
@@ -429,8 +502,9 @@ class Processor:
         else:
             self.tally[("dup", "click_on_positive")] += 1
 
-    def _resolve(self, p: int, sid: str, entry: dict[str, Any], status: str, state: _PartitionState,
-                 now: float) -> Outgoing:
+    def _resolve(
+        self, p: int, sid: str, entry: dict[str, Any], status: str, state: _PartitionState, now: float
+    ) -> Outgoing:
         label = 1 if status == POSITIVE else 0
         sample = self._sample(sid, entry, label)
         # what later records need (status, times, partition): the sample itself is durable before this is
@@ -484,20 +558,47 @@ class Processor:
 
     def _deadletter(self, record: Record, reason: str, message: str, out: list[Outgoing]) -> None:
         self.tally[("dead", reason)] += 1
-        log.info("dead-lettered", extra={"fields": {"reason": reason, "message": message[:200],
-                                                    "partition": record.partition, "offset": record.offset}})
-        out.append(Outgoing("deadletter", record.key, record.value or b"", (
-            ("reason", reason.encode()), ("message", message[:1000].encode("utf-8", "replace")),
-            ("source_topic", self.config.source_topic.encode()),
-            ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
-        )))
+        log.info(
+            "dead-lettered",
+            extra={
+                "fields": {
+                    "reason": reason,
+                    "message": message[:200],
+                    "partition": record.partition,
+                    "offset": record.offset,
+                }
+            },
+        )
+        out.append(
+            Outgoing(
+                "deadletter",
+                record.key,
+                record.value or b"",
+                (
+                    ("reason", reason.encode()),
+                    ("message", message[:1000].encode("utf-8", "replace")),
+                    ("source_topic", self.config.source_topic.encode()),
+                    ("source_partition", str(record.partition).encode()),
+                    ("source_offset", str(record.offset).encode()),
+                ),
+            )
+        )
 
     def _late(self, record: Record, sid: str, reason: str, out: list[Outgoing]) -> None:
         self.tally[("late", reason)] += 1
-        out.append(Outgoing("late", record.key, record.value or b"", (
-            ("reason", reason.encode()), ("sample_id", sid.encode()),
-            ("source_partition", str(record.partition).encode()), ("source_offset", str(record.offset).encode()),
-        )))
+        out.append(
+            Outgoing(
+                "late",
+                record.key,
+                record.value or b"",
+                (
+                    ("reason", reason.encode()),
+                    ("sample_id", sid.encode()),
+                    ("source_partition", str(record.partition).encode()),
+                    ("source_offset", str(record.offset).encode()),
+                ),
+            )
+        )
 
     def flush_metrics(self) -> None:
         for (name, label), count in self.tally.items():

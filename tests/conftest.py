@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from local_services import services
 from core.settings import PROJECT_ROOT, Settings
+from local_services import services
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,15 @@ def kafka_bootstrap(services_run_dir: Path) -> Iterator[str]:
     """A real single-node Kafka (KRaft) on 127.0.0.1, for the whole test session."""
     defaults = Settings()
     port, controller_port = services.free_port(), services.free_port()
-    services.start_kafka(services_run_dir, defaults.local.cache_dir, defaults.local.kafka_version, port, controller_port,
-                         name="kafka-test", timeout=120)
+    services.start_kafka(
+        services_run_dir,
+        defaults.local.cache_dir,
+        defaults.local.kafka_version,
+        port,
+        controller_port,
+        name="kafka-test",
+        timeout=120,
+    )
     yield f"127.0.0.1:{port}"
     services.stop(services_run_dir, "kafka-test")
 
@@ -80,8 +87,14 @@ def test_settings(kafka_bootstrap: str, redis_server: RedisServer, tmp_path: Pat
     """Settings pointing at the session's services, with topics private to this test."""
     tag = uuid.uuid4().hex[:8]
     return Settings().override(
-               kafka={"bootstrap": kafka_bootstrap, "topic_events": f"events.{tag}", "topic_samples": f"samples.{tag}", "topic_deadletter": f"deadletter.{tag}", "topic_late": f"late.{tag}"},
-               local={"redis_url": redis_server.url, "run_dir": tmp_path / "run", "cache_dir": PROJECT_ROOT / ".cache"},
-               ps={"shards": [redis_server.url]},
-               mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-           )
+        kafka={
+            "bootstrap": kafka_bootstrap,
+            "topic_events": f"events.{tag}",
+            "topic_samples": f"samples.{tag}",
+            "topic_deadletter": f"deadletter.{tag}",
+            "topic_late": f"late.{tag}",
+        },
+        local={"redis_url": redis_server.url, "run_dir": tmp_path / "run", "cache_dir": PROJECT_ROOT / ".cache"},
+        ps={"shards": [redis_server.url]},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )

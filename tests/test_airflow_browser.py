@@ -28,8 +28,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _recsys(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], env=env, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -40,12 +46,18 @@ def airflow_up(kafka_bootstrap: str, tmp_path: Path):  # noqa: ANN201
     tag = uuid.uuid4().hex[:8]
     topic = f"samples.{tag}"
     asyncio.run(ensure_topics(kafka_bootstrap, {topic: 2}))
-    env = {**os.environ, "RECSYS_RUN_DIR": str(tmp_path / "run"), "RECSYS_AIRFLOW_PORT": str(free_port()),
-           "RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, "RECSYS_TOPIC_SAMPLES": topic,
-           "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "RECSYS_TRAIN_EXPERIMENT": f"browser-{tag}",
-           # manual only, so the scheduler does not start a run of its own beside the one we trigger
-           "RECSYS_AIRFLOW_TRAINING_SCHEDULE": "", "RECSYS_AIRFLOW_FEATURES_SCHEDULE": ""}
+    env = {
+        **os.environ,
+        "RECSYS_RUN_DIR": str(tmp_path / "run"),
+        "RECSYS_AIRFLOW_PORT": str(free_port()),
+        "RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "RECSYS_TOPIC_SAMPLES": topic,
+        "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "RECSYS_TRAIN_EXPERIMENT": f"browser-{tag}",
+        # manual only, so the scheduler does not start a run of its own beside the one we trigger
+        "RECSYS_AIRFLOW_TRAINING_SCHEDULE": "",
+        "RECSYS_AIRFLOW_FEATURES_SCHEDULE": "",
+    }
     started = _recsys("airflow", "up", env=env)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -70,20 +82,35 @@ def _wait_for_dag(url: str, token: str, dag_id: str, timeout: float = 120) -> No
 
 def test_trigger_training_dag_from_the_ui(airflow_up: dict) -> None:
     assert CHROMIUM.exists(), "Debian chromium is missing: run scripts/bootstrap.sh (apt-get install -y chromium)"
-    assert (BROWSER_DIR / "node_modules" / "playwright-core").exists(), \
+    assert (BROWSER_DIR / "node_modules" / "playwright-core").exists(), (
         "playwright-core is missing: run scripts/bootstrap.sh (npm ci in tests/browser)"
+    )
     url = airflow_up["url"]
     token = httpx.post(f"{url}/auth/token", json={"username": "admin", "password": airflow_up["password"]}).json()[
-        "access_token"]
+        "access_token"
+    ]
     _wait_for_dag(url, token, "recsys_training")
 
     reports = PROJECT_ROOT / "reports" / "airflow-browser"
     reports.mkdir(parents=True, exist_ok=True)
     screenshot = reports / f"recsys_training-{time.strftime('%Y%m%dT%H%M%S')}.png"
-    env = {**os.environ, "AIRFLOW_URL": url, "AIRFLOW_USER": "admin", "AIRFLOW_PASSWORD": airflow_up["password"],
-           "DAG_ID": "recsys_training", "SCREENSHOT": str(screenshot), "TIMEOUT_S": "240"}
-    done = subprocess.run([shutil.which("node") or "node", "trigger_dag.mjs"], cwd=BROWSER_DIR, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "AIRFLOW_URL": url,
+        "AIRFLOW_USER": "admin",
+        "AIRFLOW_PASSWORD": airflow_up["password"],
+        "DAG_ID": "recsys_training",
+        "SCREENSHOT": str(screenshot),
+        "TIMEOUT_S": "240",
+    }
+    done = subprocess.run(
+        [shutil.which("node") or "node", "trigger_dag.mjs"],
+        cwd=BROWSER_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     print(done.stderr)
     print(f"screenshot: {screenshot}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,13 +118,18 @@ def test_trigger_training_dag_from_the_ui(airflow_up: dict) -> None:
     assert screenshot.stat().st_size > 0
 
     # the REST API agrees: the run the UI triggered is a manual run by admin and succeeded
-    run = httpx.get(f"{url}/api/v2/dags/recsys_training/dagRuns/{result['run_id']}",
-                    headers={"Authorization": f"Bearer {token}"}).json()
+    run = httpx.get(
+        f"{url}/api/v2/dags/recsys_training/dagRuns/{result['run_id']}", headers={"Authorization": f"Bearer {token}"}
+    ).json()
     assert run["state"] == "success" and run["run_type"] == "manual", run
-    tasks = httpx.get(f"{url}/api/v2/dags/recsys_training/dagRuns/{result['run_id']}/taskInstances",
-                      headers={"Authorization": f"Bearer {token}"}).json()["task_instances"]
+    tasks = httpx.get(
+        f"{url}/api/v2/dags/recsys_training/dagRuns/{result['run_id']}/taskInstances",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()["task_instances"]
     states = {t["task_id"]: t["state"] for t in tasks}
     print(f"task states: {states}")
     # the samples topic is empty: the run ends cleanly after the check, everything after it skipped
-    assert states == {"check_new_samples": "success", **{t: "skipped" for t in (
-        "train", "evaluate", "gate", "promote", "publish", "reload_serving")}}, states
+    assert states == {
+        "check_new_samples": "success",
+        **{t: "skipped" for t in ("train", "evaluate", "gate", "promote", "publish", "reload_serving")},
+    }, states

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from local_services import airflow as airflow_local
 from core.procs import free_port
 from core.settings import PROJECT_ROOT, Settings
+from local_services import airflow as airflow_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -33,8 +33,9 @@ def recsys_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def dags_test(s: Settings, dag_id: str, conf: str | None = None,
-              extra_env: dict[str, str] | None = None) -> tuple[str, dict[str, str], str]:
+def dags_test(
+    s: Settings, dag_id: str, conf: str | None = None, extra_env: dict[str, str] | None = None
+) -> tuple[str, dict[str, str], str]:
     """Run one `airflow dags test`; returns the run's state, its task states and the output."""
     env = {**airflow_local.airflow_env(s), **recsys_env(s), **(extra_env or {})}
     cmd = airflow_local.airflow_cmd("dags", "test", dag_id, *(["-c", conf] if conf else []))
@@ -42,10 +43,16 @@ def dags_test(s: Settings, dag_id: str, conf: str | None = None,
     output = done.stdout + done.stderr
     db = sqlite3.connect(airflow_local.layout(s).db)
     try:
-        run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1",
-                                   (dag_id,)).fetchone()
-        tasks = dict(db.execute("SELECT task_id || COALESCE('[' || NULLIF(map_index, -1) || ']', ''), state "
-                                "FROM task_instance WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)).fetchall())
+        run_id, state = db.execute(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+        tasks = dict(
+            db.execute(
+                "SELECT task_id || COALESCE('[' || NULLIF(map_index, -1) || ']', ''), state "
+                "FROM task_instance WHERE dag_id = ? AND run_id = ?",
+                (dag_id, run_id),
+            ).fetchall()
+        )
     finally:
         db.close()
     return state, tasks, output
@@ -67,16 +74,22 @@ def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, airflow_run_
     feast_redis = redis_factory("feast")
     shard, replica = redis_factory(f"ps-shard-{tag}"), redis_factory(f"ps-replica-{tag}")
     s = Settings().override(
-            kafka={"bootstrap": kafka_bootstrap, "topic_events": f"events.{tag}", "topic_samples": f"samples.{tag}", "topic_deadletter": f"dead.{tag}", "topic_late": f"late.{tag}"},
-            local={"redis_url": feast_redis.url, "run_dir": airflow_run_dir, "cache_dir": PROJECT_ROOT / ".cache"},
-            ps={"shards": [shard.url], "replicas": [replica.url]},
-            mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-            feast={"data_dir": tmp_path / "feast", "online_store": "redis", "redis_url": feast_redis.url},
-            train={"experiment": f"airflow-e2e-{tag}", "model_name": f"recsys-e2e-{tag}", "epochs": 1},
-            serving={"model_name": f"recsys-e2e-{tag}", "reload_urls": ["http://127.0.0.1:9"]},
-            gate={"publish_timeout_s": 60.0},
-            airflow={"port": free_port()},
-        )
+        kafka={
+            "bootstrap": kafka_bootstrap,
+            "topic_events": f"events.{tag}",
+            "topic_samples": f"samples.{tag}",
+            "topic_deadletter": f"dead.{tag}",
+            "topic_late": f"late.{tag}",
+        },
+        local={"redis_url": feast_redis.url, "run_dir": airflow_run_dir, "cache_dir": PROJECT_ROOT / ".cache"},
+        ps={"shards": [shard.url], "replicas": [replica.url]},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        feast={"data_dir": tmp_path / "feast", "online_store": "redis", "redis_url": feast_redis.url},
+        train={"experiment": f"airflow-e2e-{tag}", "model_name": f"recsys-e2e-{tag}", "epochs": 1},
+        serving={"model_name": f"recsys-e2e-{tag}", "reload_urls": ["http://127.0.0.1:9"]},
+        gate={"publish_timeout_s": 60.0},
+        airflow={"port": free_port()},
+    )
     return s
 
 
@@ -86,14 +99,16 @@ def test_features_dag_materializes_and_compacts(airflow_settings: Settings) -> N
 
     s = airflow_settings
     now = time.time()
-    users = [encode_user(f"u{i}", {"gender": "F" if i % 2 else "M", "age": 25, "occupation": "writer",
-                                   "zip_code": "10001"}) for i in range(6)]
+    users = [
+        encode_user(f"u{i}", {"gender": "F" if i % 2 else "M", "age": 25, "occupation": "writer", "zip_code": "10001"})
+        for i in range(6)
+    ]
     items = [encode_item(f"i{i}", {"genres": ["Drama"], "year": 1999, "title": f"t{i}"}) for i in range(4)]
     # the stream worker's way of writing the offline store: many small files
     for i in range(3):
-        write_offline(s.feast.data_dir, "user", rows_frame("user", users[2 * i:2 * i + 2], [now - 60 + i] * 2))
+        write_offline(s.feast.data_dir, "user", rows_frame("user", users[2 * i : 2 * i + 2], [now - 60 + i] * 2))
     for i in range(2):
-        write_offline(s.feast.data_dir, "item", rows_frame("item", items[2 * i:2 * i + 2], [now - 60 + i] * 2))
+        write_offline(s.feast.data_dir, "item", rows_frame("item", items[2 * i : 2 * i + 2], [now - 60 + i] * 2))
     state, tasks, output = dags_test(s, "recsys_features")
     assert state == "success", output[-4000:]
     assert set(tasks.values()) == {"success"}, tasks
@@ -112,8 +127,11 @@ def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
 
     db = sqlite3.connect(airflow_local.layout(s).db)
     try:
-        (value,) = db.execute("SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = 'return_value' "
-                              "ORDER BY dag_run_id DESC LIMIT 1", (dag_id, task_id)).fetchone()
+        (value,) = db.execute(
+            "SELECT value FROM xcom WHERE dag_id = ? AND task_id = ? AND key = 'return_value' "
+            "ORDER BY dag_run_id DESC LIMIT 1",
+            (dag_id, task_id),
+        ).fetchone()
     finally:
         db.close()
     return json.loads(value) if isinstance(value, (str, bytes)) else value
@@ -121,7 +139,8 @@ def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
 
 @pytest.mark.timeout(1500)  # three training runs: ~3-4 min on an idle 2-core machine, far more under load
 def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_one(
-        airflow_settings: Settings, tmp_path: Path) -> None:
+    airflow_settings: Settings, tmp_path: Path
+) -> None:
     """Three runs, each on a new batch of samples. A challenger is forced to be worse by learning
     rates of ~0 (it keeps its random dense part). Run 1 (forced worse) becomes the first champion,
     is published to the inference replica and serving is asked to reload; run 2 (trained normally)
@@ -129,29 +148,36 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
     import json
     import os
 
+    from recsys_ops.gate import TAG_GATE, champion_version, client_for
+
     from paramserver.replication import replica_status
     from traffic.simulator import SimConfig
-    from recsys_ops.gate import TAG_GATE, champion_version, client_for
     from traffic.synthetic import produce_samples, simulate_samples
 
     s = airflow_settings
     forced = {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9", "RECSYS_TRAIN_SEED": "11"}
-    replicator = subprocess.Popen([sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps.replicas[0]],
-                                  env={**os.environ, **recsys_env(s)}, cwd=PROJECT_ROOT,
-                                  stdout=open(tmp_path / "replicator.log", "wb"), stderr=subprocess.STDOUT)
+    replicator = subprocess.Popen(
+        [sys.executable, "-m", "paramserver.cli", "replicate", "--replica", s.ps.replicas[0]],
+        env={**os.environ, **recsys_env(s)},
+        cwd=PROJECT_ROOT,
+        stdout=open(tmp_path / "replicator.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     client = client_for(s.mlflow.tracking_uri)
     versions = []
     try:
         # one simulated world, its traffic cut by time into three batches: each run sees new
         # impressions of the same users and items, so what a champion learned carries over
-        synthetic = simulate_samples(SimConfig(users=150, items=80, requests=900, seed=3, affinity_scale=3.0,
-                                               start_time=time.time() - 7200))
+        synthetic = simulate_samples(
+            SimConfig(users=150, items=80, requests=900, seed=3, affinity_scale=3.0, start_time=time.time() - 7200)
+        )
         ordered = sorted(synthetic.samples, key=lambda sample: sample.event_time)
         third = len(ordered) // 3
         for batch in range(3):
-            produce_samples(s.kafka.bootstrap, s.kafka.topic_samples, ordered[batch * third:(batch + 1) * third])
-            state, tasks, output = dags_test(s, "recsys_training", conf=json.dumps({"epochs": 1}),
-                                             extra_env=forced if batch in (0, 2) else None)
+            produce_samples(s.kafka.bootstrap, s.kafka.topic_samples, ordered[batch * third : (batch + 1) * third])
+            state, tasks, output = dags_test(
+                s, "recsys_training", conf=json.dumps({"epochs": 1}), extra_env=forced if batch in (0, 2) else None
+            )
             assert state == "success", output[-6000:]
             trained = _xcom(s, "recsys_training", "train")
             versions.append(trained["model_version"])

@@ -17,8 +17,8 @@ from recsys_ops import gate  # noqa: E402
 def test_decide_rule() -> None:
     assert gate.decide(0.70, None, 0.01)[0] is True
     assert gate.decide(0.70, 0.70, 0.0)[0] is True
-    assert gate.decide(0.695, 0.70, 0.01)[0] is True          # worse, but within tolerance
-    assert gate.decide(0.68, 0.70, 0.01)[0] is False          # worse by more than tolerance
+    assert gate.decide(0.695, 0.70, 0.01)[0] is True  # worse, but within tolerance
+    assert gate.decide(0.68, 0.70, 0.01)[0] is False  # worse by more than tolerance
     assert gate.decide(0.75, 0.70, 0.0)[0] is True
 
 
@@ -40,7 +40,9 @@ def _version(client, name: str, auc: float) -> str:  # noqa: ANN001
     run = client.create_run(client.get_experiment_by_name("gate-test").experiment_id)
     client.log_metric(run.info.run_id, gate.CHALLENGER_METRIC, auc)
     client.set_terminated(run.info.run_id)
-    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/dense", run_id=run.info.run_id).version)
+    return str(
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/dense", run_id=run.info.run_id).version
+    )
 
 
 @pytest.mark.integration

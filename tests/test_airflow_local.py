@@ -6,8 +6,8 @@ import json
 import stat
 from pathlib import Path
 
-from local_services import airflow as airflow_local
 from core.settings import Settings
+from local_services import airflow as airflow_local
 
 
 def test_env_binds_loopback_and_shares_a_long_jwt_secret(tmp_path: Path) -> None:
@@ -30,9 +30,9 @@ def test_env_binds_loopback_and_shares_a_long_jwt_secret(tmp_path: Path) -> None
 
 def test_postgres_url_is_passed_through(tmp_path: Path) -> None:
     s = Settings().override(
-            local={"run_dir": tmp_path},
-            airflow={"db_url": "postgresql+psycopg2://airflow@127.0.0.1:5432/airflow"},
-        )
+        local={"run_dir": tmp_path},
+        airflow={"db_url": "postgresql+psycopg2://airflow@127.0.0.1:5432/airflow"},
+    )
     assert airflow_local.airflow_env(s)["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
 
 

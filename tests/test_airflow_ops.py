@@ -4,7 +4,7 @@ the new-sample check and publication against real Kafka / Redis."""
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,9 +23,13 @@ def _write(folder: Path, name: str, rows: list[dict]) -> None:
 
 
 def _row(user: str, ts: int, genres: list[int]) -> dict:
-    return {"user_id": user, "sparse_genres": genres, "dense_age": 0.5,
-            "event_timestamp": datetime.fromtimestamp(ts, timezone.utc),
-            "created": datetime.fromtimestamp(ts + 1, timezone.utc)}
+    return {
+        "user_id": user,
+        "sparse_genres": genres,
+        "dense_age": 0.5,
+        "event_timestamp": datetime.fromtimestamp(ts, UTC),
+        "created": datetime.fromtimestamp(ts + 1, UTC),
+    }
 
 
 def test_compaction_merges_each_date_folder_and_drops_exact_duplicates(tmp_path: Path) -> None:
@@ -41,7 +45,11 @@ def test_compaction_merges_each_date_folder_and_drops_exact_duplicates(tmp_path:
     assert len(merged) == 1 and merged[0].name.startswith("part-compacted-")
     table = pq.read_table(merged[0]).to_pylist()
     assert sorted((r["user_id"], r["event_timestamp"].timestamp(), tuple(r["sparse_genres"])) for r in table) == [
-        ("u1", 100.0, (1, 2)), ("u1", 103.0, (4,)), ("u2", 101.0, (3,)), ("u3", 102.0, ())]
+        ("u1", 100.0, (1, 2)),
+        ("u1", 103.0, (4,)),
+        ("u2", 101.0, (3,)),
+        ("u3", 102.0, ()),
+    ]
     assert [p.name for p in day2.glob("*.parquet")] == ["part-d.parquet"]
     # idempotent: a second run finds nothing to merge and keeps the data
     assert features.compact_offline(tmp_path, "user")["folders"] == 0
@@ -49,5 +57,4 @@ def test_compaction_merges_each_date_folder_and_drops_exact_duplicates(tmp_path:
 
 
 def test_compaction_of_a_missing_store_is_a_no_op(tmp_path: Path) -> None:
-    assert features.compact_offline(tmp_path, "item") == {"entity": "item", "folders": 0, "files_merged": 0,
-                                                          "rows": 0}
+    assert features.compact_offline(tmp_path, "item") == {"entity": "item", "folders": 0, "files_merged": 0, "rows": 0}

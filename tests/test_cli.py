@@ -13,8 +13,14 @@ from core.settings import PROJECT_ROOT
 
 
 def recsys(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=PROJECT_ROOT, env={**os.environ, "COLUMNS": "200", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def test_help_lists_every_room() -> None:
@@ -47,8 +53,23 @@ def test_unreachable_kafka_is_a_clear_error(tmp_path) -> None:
 
 def test_simulate_to_file_reports_oracle_auc(tmp_path) -> None:
     out, truth = tmp_path / "events.jsonl", tmp_path / "truth.jsonl"
-    done = recsys("simulate", "--requests", "300", "--users", "100", "--items", "50", "--seed", "3",
-                  "--start-time", "1800000000", "--out", str(out), "--truth", str(truth))
+    done = recsys(
+        "simulate",
+        "--requests",
+        "300",
+        "--users",
+        "100",
+        "--items",
+        "50",
+        "--seed",
+        "3",
+        "--start-time",
+        "1800000000",
+        "--out",
+        str(out),
+        "--truth",
+        str(truth),
+    )
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
     assert report["impressions"] == 3000 and 0.5 < report["oracle_auc"] < 1.0
@@ -60,8 +81,20 @@ def test_simulate_to_file_reports_oracle_auc(tmp_path) -> None:
 def test_simulate_replay_and_read_back_through_kafka(tmp_path, kafka_bootstrap: str, unique_topic: str) -> None:
     env = {"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, "RECSYS_TOPIC_EVENTS": unique_topic}
     path = tmp_path / "events.jsonl"
-    made = recsys("simulate", "--requests", "100", "--users", "30", "--items", "20", "--bad-fraction", "0.05",
-                  "--out", str(path), env=env)
+    made = recsys(
+        "simulate",
+        "--requests",
+        "100",
+        "--users",
+        "30",
+        "--items",
+        "20",
+        "--bad-fraction",
+        "0.05",
+        "--out",
+        str(path),
+        env=env,
+    )
     assert made.returncode == 0, made.stderr
     records = orjson.loads(made.stdout)["records"]
     with open(path, "ab") as handle:

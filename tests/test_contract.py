@@ -28,12 +28,20 @@ def base(event_type: str, **fields) -> dict:
 
 
 VALID = {
-    "impression": base("impression", request_id="r1", user_id="u1", item_id="i1", position=3, model_version="7",
-                       features={"sparse": {"user_id": [5], "genres": [1, 2]}, "dense": {"user_age": 0.5}}),
+    "impression": base(
+        "impression",
+        request_id="r1",
+        user_id="u1",
+        item_id="i1",
+        position=3,
+        model_version="7",
+        features={"sparse": {"user_id": [5], "genres": [1, 2]}, "dense": {"user_age": 0.5}},
+    ),
     "click": base("click", request_id="r1", user_id="u1", item_id="i1"),
     "user_profile": base("user_profile", user_id="u1", gender="F", age=31, occupation="writer", zip_code="94110"),
-    "item_profile": base("item_profile", item_id="i1", category="drama", genres=["drama", "war"], year=1999,
-                         title="A film"),
+    "item_profile": base(
+        "item_profile", item_id="i1", category="drama", genres=["drama", "war"], year=1999, title="A film"
+    ),
 }
 CLASSES = {"impression": Impression, "click": Click, "user_profile": UserProfile, "item_profile": ItemProfile}
 
@@ -82,15 +90,20 @@ MALFORMED = [
     ({**VALID["impression"], "position": -1}, RejectReason.BAD_VALUE, "position"),
     ({**VALID["user_profile"], "age": 400}, RejectReason.BAD_VALUE, "age"),
     ({**VALID["click"], "user_id": ""}, RejectReason.BAD_VALUE, "user_id"),
-    ({**VALID["impression"], "features": {"sparse": {"user_id": ["x"]}, "dense": {}}}, RejectReason.WRONG_TYPE,
-     "features.sparse.user_id.0"),
+    (
+        {**VALID["impression"], "features": {"sparse": {"user_id": ["x"]}, "dense": {}}},
+        RejectReason.WRONG_TYPE,
+        "features.sparse.user_id.0",
+    ),
     ({**VALID["click"], "timestamp": NOW + 3600}, RejectReason.FUTURE_TIMESTAMP, "in the future"),
     ({**VALID["click"], "timestamp": NOW - 90 * 24 * 3600}, RejectReason.STALE_TIMESTAMP, "older than"),
     ({**VALID["click"], "padding": "x" * 70_000}, RejectReason.OVERSIZED, "exceeds"),
 ]
 
 
-@pytest.mark.parametrize(("raw", "reason", "mentions"), MALFORMED, ids=[f"{m[1].value}-{i}" for i, m in enumerate(MALFORMED)])
+@pytest.mark.parametrize(
+    ("raw", "reason", "mentions"), MALFORMED, ids=[f"{m[1].value}-{i}" for i, m in enumerate(MALFORMED)]
+)
 def test_malformed_records_are_rejected_with_a_specific_reason(raw, reason: RejectReason, mentions: str) -> None:
     with pytest.raises(InvalidEvent) as caught:
         parse(raw)
@@ -120,8 +133,17 @@ def test_sample_round_trip_and_deterministic_id() -> None:
     sid = sample_id("r1", "i1")
     assert sid == sample_id("r1", "i1")
     assert sid != sample_id("r1", "i2") and sid != sample_id("r2", "i1")
-    sample = Sample(sample_id=sid, request_id="r1", user_id="u1", item_id="i1", label=1, event_time=NOW,
-                    position=2, sparse={"user_id": [1]}, dense={"user_age": 0.1})
+    sample = Sample(
+        sample_id=sid,
+        request_id="r1",
+        user_id="u1",
+        item_id="i1",
+        label=1,
+        event_time=NOW,
+        position=2,
+        sparse={"user_id": [1]},
+        dense={"user_age": 0.1},
+    )
     assert Sample.from_json(sample.to_json()) == sample
     with pytest.raises(ValueError):
         Sample.model_validate({**sample.model_dump(), "label": 2})

@@ -38,10 +38,23 @@ def _edges(dag) -> set[tuple[str, str]]:  # noqa: ANN001
 
 def test_training_dag_structure(dagbag) -> None:  # noqa: ANN001
     dag = dagbag.dags["recsys_training"]
-    assert set(dag.task_ids) == {"check_new_samples", "train", "evaluate", "gate", "promote", "publish",
-                                 "reload_serving"}
-    assert {("check_new_samples", "train"), ("train", "evaluate"), ("evaluate", "gate"), ("gate", "promote"),
-            ("promote", "publish"), ("publish", "reload_serving")} <= _edges(dag)
+    assert set(dag.task_ids) == {
+        "check_new_samples",
+        "train",
+        "evaluate",
+        "gate",
+        "promote",
+        "publish",
+        "reload_serving",
+    }
+    assert {
+        ("check_new_samples", "train"),
+        ("train", "evaluate"),
+        ("evaluate", "gate"),
+        ("gate", "promote"),
+        ("promote", "publish"),
+        ("publish", "reload_serving"),
+    } <= _edges(dag)
     assert dag.max_active_runs == 1
     assert not dag.catchup
     assert {"ranks", "epochs", "min_new_samples", "tolerance"} <= set(dag.params.keys())
@@ -65,8 +78,8 @@ def test_no_cycles(dagbag) -> None:  # noqa: ANN001
 
 def test_cycle_checker_detects_a_cycle() -> None:
     """The check above can fail: a DAG with a cycle is rejected."""
-    from airflow.sdk import DAG
     from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
 
     with DAG("cyclic", schedule=None) as dag:
         a, b = EmptyOperator(task_id="a"), EmptyOperator(task_id="b")

@@ -12,13 +12,26 @@ import pytest
 import typer.main
 import yaml
 
-from recsys.cli import app
 from core.settings import PROJECT_ROOT, Settings, environment_names
+from recsys.cli import app
 
 COMPOSE = PROJECT_ROOT / "docker" / "compose.yaml"
-EXPECTED = {"kafka", "redis-train", "redis-replica-a", "redis-replica-b", "postgres", "mlflow", "airflow-api-server",
-            "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "stream-worker", "trainer",
-            "serving-a", "serving-b"}
+EXPECTED = {
+    "kafka",
+    "redis-train",
+    "redis-replica-a",
+    "redis-replica-b",
+    "postgres",
+    "mlflow",
+    "airflow-api-server",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "stream-worker",
+    "trainer",
+    "serving-a",
+    "serving-b",
+}
 INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::-([^}]*))?\}")
 
 
@@ -78,8 +91,9 @@ def test_other_entrypoints_are_installed_commands(compose: dict) -> None:
             assert re.search(rf"^\s+{re.escape(service['command'][0])}\s", airflow_help, re.M), name
 
 
-def test_every_environment_variable_is_a_setting_with_a_valid_value(compose: dict,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_environment_variable_is_a_setting_with_a_valid_value(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fields = environment_names()
     for name, service in app_services(compose).items():
         recsys_env = {k: interpolate(str(v)) for k, v in service["environment"].items() if k.startswith("RECSYS_")}
@@ -124,7 +138,9 @@ def test_dockerfile_copies_every_python_package() -> None:
     dockerfile = (PROJECT_ROOT / "docker" / "Dockerfile").read_text()
     import tomllib
 
-    packages = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    packages = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"][
+        "wheel"
+    ]["packages"]
     for package in [*packages, "dags"]:
         assert f"COPY {package} ./{package}" in dockerfile, package
     assert "uv sync --frozen" in dockerfile

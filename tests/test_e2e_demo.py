@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from recsys.demo import CHAINS, quantiles
 from core.procs import free_port
 from core.settings import PROJECT_ROOT
+from recsys.demo import CHAINS, quantiles
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -51,8 +51,13 @@ def test_demo_overrides_keep_what_the_caller_set(tmp_path: Path, monkeypatch: py
 
 
 def test_demo_rejects_bad_arguments() -> None:
-    done = subprocess.run([sys.executable, "-m", "recsys.cli", "demo", "--users", "3"], capture_output=True,
-                          text=True, cwd=PROJECT_ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "demo", "--users", "3"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--users" in done.stderr
 
 
@@ -69,24 +74,56 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
     report_dir = run_dir / "report"
     shard, replica_a, replica_b = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.update({
-        "RECSYS_RUN_DIR": str(run_dir), "RECSYS_CACHE_DIR": str(PROJECT_ROOT / ".cache"),
-        "RECSYS_KAFKA_PORT": str(free_port()), "RECSYS_KAFKA_CONTROLLER_PORT": str(free_port()),
-        "RECSYS_REDIS_PORT": str(free_port()), "RECSYS_SERVING_PORT": str(free_port()),
-        "RECSYS_AIRFLOW_PORT": str(free_port()),
-        "RECSYS_PS_SHARDS": json.dumps([f"redis://127.0.0.1:{shard}/0"]),
-        "RECSYS_PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{replica_a}/0", f"redis://127.0.0.1:{replica_b}/0"]),
-        "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
-    })
-    cmd = [sys.executable, "-m", "recsys.cli", "demo", "--users", str(USERS), "--items", str(ITEMS),
-           "--requests", str(REQUESTS), "--epochs", "4", "--ranks", "1", "--probes", str(PROBES),
-           "--query-users", str(QUERIES), "--no-mlflow-server", "--stop", "--stage-timeout-s", "300",
-           "--report-dir", str(report_dir)]
+    env.update(
+        {
+            "RECSYS_RUN_DIR": str(run_dir),
+            "RECSYS_CACHE_DIR": str(PROJECT_ROOT / ".cache"),
+            "RECSYS_KAFKA_PORT": str(free_port()),
+            "RECSYS_KAFKA_CONTROLLER_PORT": str(free_port()),
+            "RECSYS_REDIS_PORT": str(free_port()),
+            "RECSYS_SERVING_PORT": str(free_port()),
+            "RECSYS_AIRFLOW_PORT": str(free_port()),
+            "RECSYS_PS_SHARDS": json.dumps([f"redis://127.0.0.1:{shard}/0"]),
+            "RECSYS_PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{replica_a}/0", f"redis://127.0.0.1:{replica_b}/0"]),
+            "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
+        }
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "recsys.cli",
+        "demo",
+        "--users",
+        str(USERS),
+        "--items",
+        str(ITEMS),
+        "--requests",
+        str(REQUESTS),
+        "--epochs",
+        "4",
+        "--ranks",
+        "1",
+        "--probes",
+        str(PROBES),
+        "--query-users",
+        str(QUERIES),
+        "--no-mlflow-server",
+        "--stop",
+        "--stage-timeout-s",
+        "300",
+        "--report-dir",
+        str(report_dir),
+    ]
     try:
         done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     finally:  # whatever happened, nothing of this run may keep running
-        subprocess.run([sys.executable, "-m", "recsys.cli", "services", "down"], env=env, cwd=PROJECT_ROOT,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "recsys.cli", "services", "down"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            timeout=120,
+        )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     # every process of the run stopped, the stream worker included (Faust retitles it)
@@ -110,15 +147,18 @@ def test_every_stage_counts(demo_report: tuple[dict, Path, str]) -> None:
     assert report["serving"]["requests"] == QUERIES
     champion = f"{report['model']['name']}/{report['model']['champion_version']}@"
     assert report["serving"]["model_versions"] and all(
-        v.startswith(champion) for v in report["serving"]["model_versions"]), report["serving"]["model_versions"]
+        v.startswith(champion) for v in report["serving"]["model_versions"]
+    ), report["serving"]["model_versions"]
 
 
 def test_served_ranking_beats_random_on_simulated_users(demo_report: tuple[dict, Path, str]) -> None:
     report, _, _ = demo_report
     first, settled = report["serving"]["expected_ctr_top10"], report["serving"]["settled"]
-    print(f"expected CTR of the served top 10 right after the swap {first}, after the probes "
-          f"{settled['expected_ctr_top10']} ({settled['served_beats_random_share']:.0%} of users beat random), "
-          f"eval AUC {report['model']['eval_auc']}, oracle AUC {report['model']['oracle_auc']}")
+    print(
+        f"expected CTR of the served top 10 right after the swap {first}, after the probes "
+        f"{settled['expected_ctr_top10']} ({settled['served_beats_random_share']:.0%} of users beat random), "
+        f"eval AUC {report['model']['eval_auc']}, oracle AUC {report['model']['oracle_auc']}"
+    )
     # right after the swap and again a minute later (both once differed: serving kept initial rows
     # of the tables a trainer created after it started until the next push; fixed in serving.params)
     for measured in (report["serving"], settled):

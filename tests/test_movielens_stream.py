@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from core.kafka import ensure_topics, read_topic
+from core.settings import PROJECT_ROOT, Settings
 from feature_repo.contract import Sample
 from feature_repo.spec import encode_item, encode_user, join_features
 from traffic import movielens
-from core.kafka import ensure_topics, read_topic
-from core.settings import PROJECT_ROOT, Settings
 
 RATINGS = 4000
 WINDOW_S = 5.0  # attribution window (event time); replay clicks come 1 s after their impression
@@ -39,18 +39,27 @@ async def _read_all(bootstrap: str, topic: str) -> list[bytes]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_per_rating(
-        kafka_bootstrap: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
     tag = uuid.uuid4().hex[:8]
-    topics = {"events": f"ml.events.{tag}", "samples": f"ml.samples.{tag}", "deadletter": f"ml.dead.{tag}",
-              "late": f"ml.late.{tag}"}
+    topics = {
+        "events": f"ml.events.{tag}",
+        "samples": f"ml.samples.{tag}",
+        "deadletter": f"ml.dead.{tag}",
+        "late": f"ml.late.{tag}",
+    }
     env = {
         "RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "RECSYS_TOPIC_EVENTS": topics["events"], "RECSYS_TOPIC_SAMPLES": topics["samples"],
-        "RECSYS_TOPIC_DEADLETTER": topics["deadletter"], "RECSYS_TOPIC_LATE": topics["late"],
+        "RECSYS_TOPIC_EVENTS": topics["events"],
+        "RECSYS_TOPIC_SAMPLES": topics["samples"],
+        "RECSYS_TOPIC_DEADLETTER": topics["deadletter"],
+        "RECSYS_TOPIC_LATE": topics["late"],
         "RECSYS_TOPIC_PARTITIONS": "2",
         "RECSYS_STREAM_APP_ID": f"ml-stream-{tag}",
-        "RECSYS_RUN_DIR": str(tmp_path / "run"), "RECSYS_STREAM_DATA_DIR": str(tmp_path / "stream"),
-        "RECSYS_FEAST_DATA_DIR": str(tmp_path / "feast"), "RECSYS_FEAST_ONLINE_STORE": "sqlite",
+        "RECSYS_RUN_DIR": str(tmp_path / "run"),
+        "RECSYS_STREAM_DATA_DIR": str(tmp_path / "stream"),
+        "RECSYS_FEAST_DATA_DIR": str(tmp_path / "feast"),
+        "RECSYS_FEAST_ONLINE_STORE": "sqlite",
         "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S),
         # the tail of the replay has no later events: its windows close on the wall clock once a
         # partition read to its end has been quiet this long
@@ -61,8 +70,14 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
 
     log_path = tmp_path / "worker.log"
     log = open(log_path, "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream", "worker"], cwd=PROJECT_ROOT,
-                              env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "stream", "worker"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     data = movielens.load("movielens-100k", Settings().local.cache_dir, limit=RATINGS)
     try:
         # the worker's start-up (Feast and torch imports) must not look like an idle stream mid-replay
@@ -73,9 +88,25 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
 
         # the replay, exactly as a person runs it (unpaced: times compressed 1e5x and rebased to end now)
         replayed = subprocess.run(
-            [sys.executable, "-m", "recsys.cli", "replay", "--dataset", "movielens-100k", "--limit", str(RATINGS),
-             "--no-pace", "--speedup", "100000"],
-            capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT, env={**os.environ, **env})
+            [
+                sys.executable,
+                "-m",
+                "recsys.cli",
+                "replay",
+                "--dataset",
+                "movielens-100k",
+                "--limit",
+                str(RATINGS),
+                "--no-pace",
+                "--speedup",
+                "100000",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **env},
+        )
         assert replayed.returncode == 0, replayed.stderr
         assert f"published {movielens.count_events(data):,} events" in replayed.stderr
         run = re.search(r"\(run (\S+)\)", replayed.stderr).group(1)

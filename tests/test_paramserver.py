@@ -26,8 +26,11 @@ ITEM = TableConfig("item", dim=4, state_dim=2, storage_dtype="float16")
 
 def rows_of(config: TableConfig, ids, value: float) -> Rows:
     ids = np.asarray(ids, dtype=np.int64)
-    return Rows(ids, np.full((len(ids), config.dim), value, np.float32),
-                np.full((len(ids), config.state_dim), value / 2, np.float32))
+    return Rows(
+        ids,
+        np.full((len(ids), config.dim), value, np.float32),
+        np.full((len(ids), config.state_dim), value / 2, np.float32),
+    )
 
 
 @pytest.fixture
@@ -97,24 +100,45 @@ def test_push_of_several_tables_is_one_version(store):
     np.testing.assert_array_equal(store.changed_since(1)["user"], [1])
 
 
-@pytest.mark.parametrize("make_update, message", [
-    (lambda: {"nope": rows_of(USER, [1], 1.0)}, "unknown table"),
-    (lambda: {"user": Rows(np.array([1]), np.zeros((1, 7), np.float32), np.zeros((1, 1), np.float32))}, "shape"),
-    (lambda: {"user": Rows(np.array([1]), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32))}, "shape"),
-    (lambda: {"user": Rows(np.array([1, 2]), np.array([[0] * 8, [np.nan] * 8], np.float32),
-                           np.zeros((2, 1), np.float32))}, "NaN or Inf"),
-    (lambda: {"user": Rows(np.array([1]), np.zeros((1, 8), np.float32), np.array([[np.inf]], np.float32))},
-     "NaN or Inf"),
-    (lambda: {"user": Rows(np.array([2**64 - 1], dtype=np.uint64), np.zeros((1, 8), np.float32),
-                           np.zeros((1, 1), np.float32))}, "outside int64"),
-    (lambda: {"user": Rows([2**63], np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32))}, "outside int64"),
-    (lambda: {"user": Rows(np.array([1.5]), np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32))},
-     "integers"),
-    (lambda: {"user": rows_of(USER, [4, 4], 1.0)}, "more than once"),
-    (lambda: {"item": Rows(np.array([1]), np.full((1, 4), 1e6, np.float32), np.zeros((1, 2), np.float32))},
-     "float16"),
-    (lambda: {"user": "not rows"}, "paramserver.Rows"),
-])
+@pytest.mark.parametrize(
+    "make_update, message",
+    [
+        (lambda: {"nope": rows_of(USER, [1], 1.0)}, "unknown table"),
+        (lambda: {"user": Rows(np.array([1]), np.zeros((1, 7), np.float32), np.zeros((1, 1), np.float32))}, "shape"),
+        (lambda: {"user": Rows(np.array([1]), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32))}, "shape"),
+        (
+            lambda: {
+                "user": Rows(
+                    np.array([1, 2]), np.array([[0] * 8, [np.nan] * 8], np.float32), np.zeros((2, 1), np.float32)
+                )
+            },
+            "NaN or Inf",
+        ),
+        (
+            lambda: {"user": Rows(np.array([1]), np.zeros((1, 8), np.float32), np.array([[np.inf]], np.float32))},
+            "NaN or Inf",
+        ),
+        (
+            lambda: {
+                "user": Rows(
+                    np.array([2**64 - 1], dtype=np.uint64), np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32)
+                )
+            },
+            "outside int64",
+        ),
+        (lambda: {"user": Rows([2**63], np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32))}, "outside int64"),
+        (
+            lambda: {"user": Rows(np.array([1.5]), np.zeros((1, 8), np.float32), np.zeros((1, 1), np.float32))},
+            "integers",
+        ),
+        (lambda: {"user": rows_of(USER, [4, 4], 1.0)}, "more than once"),
+        (
+            lambda: {"item": Rows(np.array([1]), np.full((1, 4), 1e6, np.float32), np.zeros((1, 2), np.float32))},
+            "float16",
+        ),
+        (lambda: {"user": "not rows"}, "paramserver.Rows"),
+    ],
+)
 def test_bad_push_is_rejected_and_writes_nothing(store, make_update, message):
     store.push({"user": rows_of(USER, [1], 1.0)})
     update = make_update()
@@ -266,9 +290,17 @@ def test_restore_rejects_other_layouts(tmp_path, store):
         store.restore(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="", dim=4), dict(name="a:b", dim=4), dict(name="t", dim=0),
-                                    dict(name="t", dim=4, storage_dtype="int8"), dict(name="t", dim=4, init_std=-1),
-                                    dict(name="t", dim=4, capacity=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(name="", dim=4),
+        dict(name="a:b", dim=4),
+        dict(name="t", dim=0),
+        dict(name="t", dim=4, storage_dtype="int8"),
+        dict(name="t", dim=4, init_std=-1),
+        dict(name="t", dim=4, capacity=0),
+    ],
+)
 def test_table_config_validation(kwargs):
     with pytest.raises(ValueError):
         TableConfig(**kwargs)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 
+from local_services import services
 from paramserver import (
     Conflict,
     FailoverReader,
@@ -26,7 +27,6 @@ from paramserver import (
 )
 from paramserver.redis_store import RedisStore, _pack
 from paramserver.replication import replica_status
-from local_services import services
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,11 @@ ITEM = TableConfig("item", dim=4, state_dim=2, storage_dtype="float16", capacity
 
 def rows_of(config: TableConfig, ids, value: float) -> Rows:
     ids = np.asarray(ids, dtype=np.int64)
-    return Rows(ids, np.full((len(ids), config.dim), value, np.float32),
-                np.full((len(ids), config.state_dim), value / 2, np.float32))
+    return Rows(
+        ids,
+        np.full((len(ids), config.dim), value, np.float32),
+        np.full((len(ids), config.state_dim), value / 2, np.float32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,12 @@ def test_round_trip_across_shards_and_same_init_as_memory_backend(store):
     assert got.version == 1
     assert all(v == 1 for v in store.applied_versions())
     unseen = np.array([-1, 2**63 - 1, 12345678901])
-    np.testing.assert_array_equal(store.pull("user", unseen).weights,
-                                  open_store("memory", [USER]).pull("user", unseen).weights)
-    np.testing.assert_array_equal(store.pull("item", [1, 2]).weights,
-                                  open_store("memory", [ITEM]).pull("item", [1, 2]).weights)
+    np.testing.assert_array_equal(
+        store.pull("user", unseen).weights, open_store("memory", [USER]).pull("user", unseen).weights
+    )
+    np.testing.assert_array_equal(
+        store.pull("item", [1, 2]).weights, open_store("memory", [ITEM]).pull("item", [1, 2]).weights
+    )
     assert store.version() == 1  # pulling never-seen ids wrote nothing
 
 
@@ -226,7 +231,7 @@ def test_reader_finishes_an_apply_that_died_half_way(store):
         marker = len(_pack(b"SET", store.k_applied.encode(), b"1>2"))
         final = len(_pack(b"SET", store.k_applied.encode(), b"2"))
         stride = (len(payload) - marker - final) // rows
-        real_apply(payload[:marker + rows // 2 * stride], rows // 2 + 1)  # the marker and half the rows
+        real_apply(payload[: marker + rows // 2 * stride], rows // 2 + 1)  # the marker and half the rows
         raise ShardUnavailable("writer died half-way through its apply on shard 1")
 
     raw.call_lines = die_half_way
@@ -314,8 +319,10 @@ def test_replicas_catch_up_and_report_lag(store, replica_urls, ns):
 
 
 def test_new_replica_bootstraps_from_snapshot_plus_deltas(shard_urls, replica_urls, ns, tmp_path):
-    with RedisStore(shard_urls, [USER], namespace=ns, log_retention_s=0.0) as source, \
-            RedisStore([replica_urls[1]], [], namespace=ns) as replica:
+    with (
+        RedisStore(shard_urls, [USER], namespace=ns, log_retention_s=0.0) as source,
+        RedisStore([replica_urls[1]], [], namespace=ns) as replica,
+    ):
         source.push({"user": rows_of(USER, np.arange(300), 1.0)})
         source.snapshot(tmp_path)
         source.push({"user": rows_of(USER, [1, 2], 2.0)})
@@ -328,8 +335,9 @@ def test_new_replica_bootstraps_from_snapshot_plus_deltas(shard_urls, replica_ur
         assert replica.version() == source.version() == 2
         source.push({"user": rows_of(USER, [3], 4.0)})
         assert replicator.step() == 3 and replicator.bootstraps == 1  # then it follows the log
-        np.testing.assert_array_equal(replica.pull("user", np.arange(310)).weights,
-                                      source.pull("user", np.arange(310)).weights)
+        np.testing.assert_array_equal(
+            replica.pull("user", np.arange(310)).weights, source.pull("user", np.arange(310)).weights
+        )
 
 
 def _read_loop(reader, ids, stop, errors, served, versions):
@@ -438,8 +446,8 @@ def test_cli_up_status_down(ps_cli_env):
 def test_cli_up_refuses_remote_urls(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    from paramserver.cli import app
     from core.settings import get_settings
+    from paramserver.cli import app
 
     monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("RECSYS_PS_SHARDS", '["redis://10.1.2.3:6379/0"]')

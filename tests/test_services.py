@@ -12,23 +12,35 @@ from pathlib import Path
 import pytest
 import redis
 
-from local_services import services
 from core.settings import PROJECT_ROOT
+from local_services import services
 
 pytestmark = pytest.mark.integration
 
 
 def recsys(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "recsys.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=PROJECT_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "recsys.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
 
 
 @pytest.fixture
 def service_env(tmp_path: Path) -> dict[str, str]:
     kafka_port = services.free_port()
-    return {**os.environ, "RECSYS_RUN_DIR": str(tmp_path / "run"), "RECSYS_KAFKA_PORT": str(kafka_port),
-            "RECSYS_KAFKA_CONTROLLER_PORT": str(services.free_port()), "RECSYS_REDIS_PORT": str(services.free_port()),
-            "RECSYS_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}", "COLUMNS": "200"}
+    return {
+        **os.environ,
+        "RECSYS_RUN_DIR": str(tmp_path / "run"),
+        "RECSYS_KAFKA_PORT": str(kafka_port),
+        "RECSYS_KAFKA_CONTROLLER_PORT": str(services.free_port()),
+        "RECSYS_REDIS_PORT": str(services.free_port()),
+        "RECSYS_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+        "COLUMNS": "200",
+    }
 
 
 @pytest.mark.slow
@@ -64,8 +76,9 @@ def test_stop_never_kills_a_process_that_reused_the_pid(tmp_path: Path) -> None:
     stranger = subprocess.Popen(["sleep", "60"])
     try:
         (tmp_path / "pids").mkdir()
-        (tmp_path / "pids" / "redis.pid").write_text(json.dumps(
-            {"pid": stranger.pid, "port": 1, "marker": "redis-server 127.0.0.1:1", "cmd": [], "started": 0}))
+        (tmp_path / "pids" / "redis.pid").write_text(
+            json.dumps({"pid": stranger.pid, "port": 1, "marker": "redis-server 127.0.0.1:1", "cmd": [], "started": 0})
+        )
         assert services.stop(tmp_path, "redis") is False
         time.sleep(0.2)
         assert stranger.poll() is None

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from core.settings import Settings
 from feature_repo.spec import encode_item, encode_user, item_id_key, user_id_key
 from paramserver import Rows, ShardUnavailable, TableConfig, open_store
-from core.settings import Settings
 from serving.app import Components, create_app
 from serving.features import StaticFeatures, assemble
 from serving.model import EmbeddingDotScorer, ModelHandle
@@ -58,20 +58,32 @@ class MemoryReader:
 
 def _settings(**kw) -> Settings:
     return Settings().override(
-               serving={"admin_token": TOKEN, "reload_poll_s": 0, "max_candidates": 50, "max_k": 20, "max_body_bytes": 4096, "param_version_poll_s": 0.05},
-               **kw,
-           )
+        serving={
+            "admin_token": TOKEN,
+            "reload_poll_s": 0,
+            "max_candidates": 50,
+            "max_k": 20,
+            "max_body_bytes": 4096,
+            "param_version_poll_s": 0.05,
+        },
+        **kw,
+    )
 
 
 def _store():
     tables = [TableConfig("user_id", DIM), TableConfig("item_id", DIM)]
     store = open_store("memory", tables)
     # user u1 likes the item "good" (same direction), dislikes "bad"
-    store.push({
-        "user_id": Rows(np.array([user_id_key("u1")]), np.ones((1, DIM), np.float32), np.zeros((1, 1), np.float32)),
-        "item_id": Rows(np.array([item_id_key("good"), item_id_key("bad")]),
-                        np.array([[1.0] * DIM, [-1.0] * DIM], np.float32), np.zeros((2, 1), np.float32)),
-    })
+    store.push(
+        {
+            "user_id": Rows(np.array([user_id_key("u1")]), np.ones((1, DIM), np.float32), np.zeros((1, 1), np.float32)),
+            "item_id": Rows(
+                np.array([item_id_key("good"), item_id_key("bad")]),
+                np.array([[1.0] * DIM, [-1.0] * DIM], np.float32),
+                np.zeros((2, 1), np.float32),
+            ),
+        }
+    )
     return store
 
 
@@ -80,8 +92,9 @@ def parts():
     store = _store()
     reader = MemoryReader(store)
     rows = RowFetcher(reader, max_rows=1000, poll_s=0.05)
-    features = StaticFeatures({"u1": encode_user("u1", {"gender": "F", "age": 30})},
-                              {"good": encode_item("good", {"genres": ["drama"]})})
+    features = StaticFeatures(
+        {"u1": encode_user("u1", {"gender": "F", "age": 30})}, {"good": encode_item("good", {"genres": ["drama"]})}
+    )
     model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
     return store, reader, rows, features, model
 
@@ -90,8 +103,9 @@ def parts():
 def client(parts):
     store, reader, rows, features, model = parts
     index = PopularityIndex()
-    comps = Components(model=model, rows=rows, features=features, index=index, follow_stream=False,
-                       log_impressions=False)
+    comps = Components(
+        model=model, rows=rows, features=features, index=index, follow_stream=False, log_impressions=False
+    )
     with TestClient(create_app(_settings(), comps), raise_server_exceptions=False) as c:
         c.parts = parts
         c.index = index
@@ -110,8 +124,9 @@ def test_recommend_ranks_by_embeddings_and_reports_versions(client):
 
 
 def test_score_endpoint_scores_pairs(client):
-    r = client.post("/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"},
-                                                 {"user_id": "u1", "item_id": "bad"}]})
+    r = client.post(
+        "/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"}, {"user_id": "u1", "item_id": "bad"}]}
+    )
     assert r.status_code == 200, r.text
     scores = [s["score"] for s in r.json()["scores"]]
     assert scores[0] > 0.5 > scores[1]
@@ -125,16 +140,19 @@ def test_unknown_user_gets_cold_start_answer(client):
     assert len(body["items"]) == 2
 
 
-@pytest.mark.parametrize("payload, where", [
-    ({"k": 3}, "user_id"),
-    ({"user_id": "", "k": 3}, "user_id"),
-    ({"user_id": "u1", "k": "3"}, "k"),
-    ({"user_id": "u1", "k": 0}, "k"),
-    ({"user_id": "u1", "k": 21}, "k"),
-    ({"user_id": "u1", "candidate_item_ids": ["i"] * 51}, "candidate_item_ids"),
-    ({"user_id": "u1", "candidate_item_ids": [1, 2]}, "candidate_item_ids"),
-    ({"user_id": "u1", "surprise": 1}, "surprise"),
-])
+@pytest.mark.parametrize(
+    "payload, where",
+    [
+        ({"k": 3}, "user_id"),
+        ({"user_id": "", "k": 3}, "user_id"),
+        ({"user_id": "u1", "k": "3"}, "k"),
+        ({"user_id": "u1", "k": 0}, "k"),
+        ({"user_id": "u1", "k": 21}, "k"),
+        ({"user_id": "u1", "candidate_item_ids": ["i"] * 51}, "candidate_item_ids"),
+        ({"user_id": "u1", "candidate_item_ids": [1, 2]}, "candidate_item_ids"),
+        ({"user_id": "u1", "surprise": 1}, "surprise"),
+    ],
+)
 def test_schema_errors_are_422_with_details(client, payload, where):
     r = client.post("/v1/recommend", json=payload)
     assert r.status_code == 422
@@ -232,9 +250,11 @@ def test_health_metrics_and_openapi(client):
 
 
 def test_retrieval_supplies_candidates_when_none_given(client):
-    for event in ({"event_type": "item_profile", "item_id": "good", "timestamp": time.time(), "genres": ["drama"]},
-                  {"event_type": "item_profile", "item_id": "bad", "timestamp": time.time(), "genres": ["drama"]},
-                  {"event_type": "click", "item_id": "bad", "user_id": "u9", "timestamp": time.time()}):
+    for event in (
+        {"event_type": "item_profile", "item_id": "good", "timestamp": time.time(), "genres": ["drama"]},
+        {"event_type": "item_profile", "item_id": "bad", "timestamp": time.time(), "genres": ["drama"]},
+        {"event_type": "click", "item_id": "bad", "user_id": "u9", "timestamp": time.time()},
+    ):
         client.index.observe(event)
     r = client.post("/v1/recommend", json={"user_id": "u1", "k": 5})
     body = r.json()
@@ -252,8 +272,13 @@ def test_row_cache_hits_and_version_invalidation(parts):
     assert reader.pulls == pulls  # served from the cache
     np.testing.assert_array_equal(first["item_id"], again["item_id"])
     assert first["item_id"].shape == (3, DIM)
-    store.push({"item_id": Rows(np.array([item_id_key("good")]), np.full((1, DIM), 7.0, np.float32),
-                                np.zeros((1, 1), np.float32))})
+    store.push(
+        {
+            "item_id": Rows(
+                np.array([item_id_key("good")]), np.full((1, DIM), 7.0, np.float32), np.zeros((1, 1), np.float32)
+            )
+        }
+    )
     rows._observe(reader.version())  # what the background poll does
     fresh, v2 = rows.lookup(ids)
     assert v2 == v1 + 1
@@ -264,8 +289,14 @@ def test_popularity_index_prefers_favourite_categories():
     index = PopularityIndex(half_life_s=3600)
     now = time.time()
     for j in range(10):
-        index.observe({"event_type": "item_profile", "item_id": f"c{j}", "timestamp": now,
-                       "genres": ["comedy" if j < 5 else "horror"]})
+        index.observe(
+            {
+                "event_type": "item_profile",
+                "item_id": f"c{j}",
+                "timestamp": now,
+                "genres": ["comedy" if j < 5 else "horror"],
+            }
+        )
     for j in range(5, 10):  # horror items are globally popular
         for _ in range(3):
             index.observe({"event_type": "click", "item_id": f"c{j}", "user_id": "other", "timestamp": now})

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import uvicorn
 
-from feature_repo.contract import Impression, parse_event
-from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, join_features, user_id_key
-from paramserver import Replicator, Rows, TableConfig, open_reader, open_store
-from local_services import services
 from core.kafka import ensure_topics, read_topic
 from core.settings import Settings
+from feature_repo.contract import Impression, parse_event
+from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, join_features, user_id_key
+from local_services import services
+from paramserver import Replicator, Rows, TableConfig, open_reader, open_store
 from serving.app import Components, create_app
 from serving.features import FeastFeatures, StaticFeatures
 from serving.model import EmbeddingDotScorer, ModelHandle
@@ -60,8 +60,9 @@ def _seed_training_copy(url: str, users: list[str], items: list[str], tables: li
         updates = {}
         for cfg, keys in ((tables[0], [user_id_key(u) for u in users]), (tables[1], [item_id_key(i) for i in items])):
             ids = np.array(keys, np.int64)
-            updates[cfg.name] = Rows(ids, rng.normal(0, 1, (len(ids), cfg.dim)).astype(np.float32),
-                                     np.zeros((len(ids), 1), np.float32))
+            updates[cfg.name] = Rows(
+                ids, rng.normal(0, 1, (len(ids), cfg.dim)).astype(np.float32), np.zeros((len(ids), 1), np.float32)
+            )
         return store.push(updates)
     finally:
         store.close()
@@ -103,8 +104,7 @@ ITEMS = [f"i{j}" for j in range(300)]
 TABLES = [TableConfig("user_id", DIM), TableConfig("item_id", DIM)]
 
 
-def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_factory, services_run_dir,
-                                                                         test_settings):
+def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_factory, services_run_dir, test_settings):
     train, near, far = redis_factory("serve-fo-train"), redis_factory("serve-fo-near"), redis_factory("serve-fo-far")
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [near.url, far.url])
@@ -112,8 +112,7 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
     reader = open_reader([near.url, far.url], [], timeout=0.3, probe_s=0.2)
     rows = RowFetcher(reader, settings.serving.param_cache_rows, settings.serving.param_version_poll_s)
     model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
-    comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False,
-                       log_impressions=False)
+    comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False, log_impressions=False)
     results: list[tuple[int, dict]] = []
     with serve(create_app(settings, comps)) as base:
         stop = threading.Event()
@@ -123,8 +122,10 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
             with httpx.Client(base_url=base, timeout=10) as client:
                 while not stop.is_set():
                     cands = [ITEMS[j] for j in rng.choice(len(ITEMS), 50, replace=False)]
-                    r = client.post("/v1/recommend", json={"user_id": USERS[int(rng.integers(20))], "k": 5,
-                                                           "candidate_item_ids": cands})
+                    r = client.post(
+                        "/v1/recommend",
+                        json={"user_id": USERS[int(rng.integers(20))], "k": 5, "candidate_item_ids": cands},
+                    )
                     results.append((r.status_code, r.json()))
 
         with ThreadPoolExecutor(4) as pool:
@@ -140,8 +141,9 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
         ready = httpx.get(f"{base}/readyz").json()
         # and with every replica down: a flagged degraded answer, not an error
         assert services.stop(services_run_dir, f"redis-test-{far.name}")
-        down = httpx.post(f"{base}/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ITEMS[:5]},
-                          timeout=30)
+        down = httpx.post(
+            f"{base}/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ITEMS[:5]}, timeout=30
+        )
         not_ready = httpx.get(f"{base}/readyz")
     assert down.status_code == 200 and down.json()["degraded"] is True
     assert "parameter_service" in down.json()["degraded_reasons"]
@@ -163,9 +165,12 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
     _replicate(train.url, [replica.url])
     asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
     settings = _settings(test_settings)
-    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=FeastFeatures(feast_store),
-                       follow_stream=False)
+    comps = Components(
+        model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        features=FeastFeatures(feast_store),
+        follow_stream=False,
+    )
     expected_users = {"u1": encode_user("u1", PROFILE)}
     expected_items = {i: encode_item(i, ITEM_PROFILE) for i in ITEMS[:5]}
     served = []
@@ -175,8 +180,10 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
             assert r.status_code == 200
             served.append(r.json())
         deadline = time.time() + 30
-        while time.time() < deadline and "recsys_serving_impressions_sent_total 8.0" not in httpx.get(
-                f"{base}/metrics").text:
+        while (
+            time.time() < deadline
+            and "recsys_serving_impressions_sent_total 8.0" not in httpx.get(f"{base}/metrics").text
+        ):
             time.sleep(0.1)
 
     async def read_all() -> list:
@@ -191,8 +198,12 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
             event, key = by_key[(body["request_id"], item["item_id"])]
             assert key == body["user_id"].encode()
             assert event.position == item["position"] and event.model_version == f"embedding-dot@ps{version}"
-            sparse, dense = join_features(expected_users.get(body["user_id"]), expected_items.get(item["item_id"]),
-                                          body["user_id"], item["item_id"])
+            sparse, dense = join_features(
+                expected_users.get(body["user_id"]),
+                expected_items.get(item["item_id"]),
+                body["user_id"],
+                item["item_id"],
+            )
             assert event.features.sparse == sparse and event.features.dense == dense
     assert served[1]["cold_start"] is True
     logged_u1 = next(e for e, _ in by_key.values() if e.user_id == "u1")
@@ -232,8 +243,13 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
     v2 = _register_dense_version(client, settings, settings.serving.model_name, 2, tmp_path)
     client.set_registered_model_alias(settings.serving.model_name, "champion", v1)
     loader = MlflowLoader(settings.mlflow.tracking_uri, settings.serving.model_name, "champion")
-    comps = Components(model=ModelHandle(loader, None), rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
-                       features=StaticFeatures(), follow_stream=False, log_impressions=False)
+    comps = Components(
+        model=ModelHandle(loader, None),
+        rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+        features=StaticFeatures(),
+        follow_stream=False,
+        log_impressions=False,
+    )
     results: list[tuple[int, str, float]] = []
     with serve(create_app(settings, comps)) as base:
         stop = threading.Event()
@@ -242,8 +258,10 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
             rng = np.random.default_rng(seed)
             with httpx.Client(base_url=base, timeout=30) as http:
                 while not stop.is_set():
-                    r = http.post("/v1/recommend", json={"user_id": USERS[int(rng.integers(20))], "k": 3,
-                                                         "candidate_item_ids": ITEMS[:100]})
+                    r = http.post(
+                        "/v1/recommend",
+                        json={"user_id": USERS[int(rng.integers(20))], "k": 3, "candidate_item_ids": ITEMS[:100]},
+                    )
                     body = r.json() if r.status_code == 200 else {}
                     results.append((r.status_code, body.get("model_version", ""), time.perf_counter()))
 
@@ -258,8 +276,11 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
             for f in futures:
                 f.result()
     assert r.status_code == 200, r.text
-    assert r.json() == {"changed": True, "model_version": f"serve-reload-test/{v2}",
-                        "previous_version": f"serve-reload-test/{v1}"}
+    assert r.json() == {
+        "changed": True,
+        "model_version": f"serve-reload-test/{v2}",
+        "previous_version": f"serve-reload-test/{v1}",
+    }
     assert [s for s, _, _ in results if s != 200] == []
     versions = [v.split("@")[0] for _, v, _ in results]
     assert set(versions) == {f"serve-reload-test/{v1}", f"serve-reload-test/{v2}"}
@@ -279,16 +300,44 @@ def test_schemathesis_finds_no_server_error(redis_factory, test_settings, feast_
     _replicate(train.url, [replica.url])
     asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 1}))
     settings = _settings(test_settings, max_candidates=200, max_pairs=200)
-    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-                       rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
-                       features=FeastFeatures(feast_store), follow_stream=True)
+    comps = Components(
+        model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+        rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+        features=FeastFeatures(feast_store),
+        follow_stream=True,
+    )
     with serve(create_app(settings, comps)) as base:
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "60", "--phases", "examples,coverage,fuzzing", "--seed", "7", "--workers", "1",
-             # 2 workers once hit "SystemError: AST constructor recursion depth mismatch" inside schemathesis
-             "--generation-database", "none", "-H", f"Authorization: Bearer {TOKEN}", "--report", "junit", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=240)
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{base}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "60",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--seed",
+                "7",
+                "--workers",
+                "1",
+                # 2 workers once hit "SystemError: AST constructor recursion depth mismatch" inside schemathesis
+                "--generation-database",
+                "none",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                "--report",
+                "junit",
+                "--report-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         metrics = httpx.get(f"{base}/metrics").text
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     import re
@@ -327,8 +376,8 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     pytest.importorskip("training.worker", reason="the trainer (issue #5) is not in this checkout")
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
-    from traffic.simulator import SimConfig, World
     from serving.loader import MlflowLoader
+    from traffic.simulator import SimConfig, World
     from traffic.synthetic import produce_samples, simulate_samples
 
     config = SimConfig(users=150, items=200, requests=2000, slate_size=10, seed=11)
@@ -336,15 +385,29 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     world = World(config)
     asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_samples: 2}))
     produce_samples(test_settings.kafka.bootstrap, test_settings.kafka.topic_samples, synthetic.samples)
-    train, replica, feast_redis = (redis_factory("serve-q-train"), redis_factory("serve-q-replica"),
-                                   redis_factory("serve-q-feast"))
+    train, replica, feast_redis = (
+        redis_factory("serve-q-train"),
+        redis_factory("serve-q-replica"),
+        redis_factory("serve-q-feast"),
+    )
     model_name = "serve-quality-dlrm"
-    env = {**__import__("os").environ, "RECSYS_KAFKA_BOOTSTRAP": test_settings.kafka.bootstrap,
-           "RECSYS_TOPIC_SAMPLES": test_settings.kafka.topic_samples, "RECSYS_PS_SHARDS": json.dumps([train.url]),
-           "RECSYS_MLFLOW_TRACKING_URI": test_settings.mlflow.tracking_uri, "RECSYS_TRAIN_MODEL_NAME": model_name,
-           "RECSYS_TRAIN_EPOCHS": "3", "RECSYS_RUN_DIR": str(tmp_path / "run")}
-    job = subprocess.run([sys.executable, "-m", "training.worker", "--result", str(tmp_path / "result.json")],
-                         env=env, capture_output=True, text=True, timeout=400)
+    env = {
+        **__import__("os").environ,
+        "RECSYS_KAFKA_BOOTSTRAP": test_settings.kafka.bootstrap,
+        "RECSYS_TOPIC_SAMPLES": test_settings.kafka.topic_samples,
+        "RECSYS_PS_SHARDS": json.dumps([train.url]),
+        "RECSYS_MLFLOW_TRACKING_URI": test_settings.mlflow.tracking_uri,
+        "RECSYS_TRAIN_MODEL_NAME": model_name,
+        "RECSYS_TRAIN_EPOCHS": "3",
+        "RECSYS_RUN_DIR": str(tmp_path / "run"),
+    }
+    job = subprocess.run(
+        [sys.executable, "-m", "training.worker", "--result", str(tmp_path / "result.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "trained", result
@@ -354,22 +417,42 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
 
     feast = open_feast(tmp_path / "feast", "redis", feast_redis.url, apply=True)
     now = time.time()
-    push_online(feast, "user", rows_frame("user", [encode_user(u, world.user_profile(i, "e", now))
-                                                   for i, u in enumerate(world.user_ids)], [now] * config.users))
-    push_online(feast, "item", rows_frame("item", [encode_item(it, world.item_profile(j, "e", now))
-                                                   for j, it in enumerate(world.item_ids)], [now] * config.items))
+    push_online(
+        feast,
+        "user",
+        rows_frame(
+            "user",
+            [encode_user(u, world.user_profile(i, "e", now)) for i, u in enumerate(world.user_ids)],
+            [now] * config.users,
+        ),
+    )
+    push_online(
+        feast,
+        "item",
+        rows_frame(
+            "item",
+            [encode_item(it, world.item_profile(j, "e", now)) for j, it in enumerate(world.item_ids)],
+            [now] * config.items,
+        ),
+    )
     settings = _settings(test_settings, model_name=model_name, max_candidates=1000)
-    comps = Components(model=ModelHandle(MlflowLoader(settings.mlflow.tracking_uri, model_name, "champion"), None),
-                       rows=RowFetcher(open_reader([replica.url], []), 100_000, 0.5), features=FeastFeatures(feast),
-                       follow_stream=False, log_impressions=False)
+    comps = Components(
+        model=ModelHandle(MlflowLoader(settings.mlflow.tracking_uri, model_name, "champion"), None),
+        rows=RowFetcher(open_reader([replica.url], []), 100_000, 0.5),
+        features=FeastFeatures(feast),
+        follow_stream=False,
+        log_impressions=False,
+    )
     rng = np.random.default_rng(5)
     users = rng.choice(config.users, 60, replace=False)
     served_ctr, random_ctr, best_ctr = [], [], []
     with serve(create_app(settings, comps)) as base:
         with httpx.Client(base_url=base, timeout=30) as http:
             for user in users.tolist():
-                r = http.post("/v1/recommend", json={"user_id": world.user_ids[user], "k": 10,
-                                                     "candidate_item_ids": world.item_ids})
+                r = http.post(
+                    "/v1/recommend",
+                    json={"user_id": world.user_ids[user], "k": 10, "candidate_item_ids": world.item_ids},
+                )
                 assert r.status_code == 200, r.text
                 body = r.json()
                 assert body["model_version"].startswith(f"{model_name}/{result['model_version']}@ps")
@@ -381,8 +464,10 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
                 best_ctr.append(np.sort(truth)[-10:].mean())
     served, rand, best = float(np.mean(served_ctr)), float(np.mean(random_ctr)), float(np.mean(best_ctr))
     wins = float(np.mean(np.array(served_ctr) > np.array(random_ctr)))
-    print(f"expected CTR of the top 10: served {served:.4f}, random {rand:.4f}, oracle {best:.4f}; "
-          f"served beats random for {wins:.0%} of users; eval AUC {result['metrics'].get('eval_auc')}")
+    print(
+        f"expected CTR of the top 10: served {served:.4f}, random {rand:.4f}, oracle {best:.4f}; "
+        f"served beats random for {wins:.0%} of users; eval AUC {result['metrics'].get('eval_auc')}"
+    )
     # the trained model's pick must recover a clear share of the gap between random and the oracle
     assert (served - rand) > 0.3 * (best - rand), (served, rand, best)
     assert wins >= 0.8
@@ -396,9 +481,13 @@ def test_feature_store_down_gives_degraded_answer(redis_factory, services_run_di
     feast = open_feast(tmp_path / "feast", "redis", feast_redis.url, apply=True)
     push_online(feast, "user", rows_frame("user", [encode_user("u1", PROFILE)], [time.time()]))
     settings = _settings(test_settings)
-    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=FeastFeatures(feast),
-                       follow_stream=False, log_impressions=False)
+    comps = Components(
+        model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        features=FeastFeatures(feast),
+        follow_stream=False,
+        log_impressions=False,
+    )
     with serve(create_app(settings, comps)) as base:
         up = httpx.post(f"{base}/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["a", "b"]}).json()
         assert services.stop(services_run_dir, f"redis-test-{feast_redis.name}")
@@ -419,17 +508,40 @@ def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
     replica = redis_factory("serve-retr-replica")
     asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
     now = time.time()
-    events = [{"schema_version": 1, "event_type": "item_profile", "event_id": f"p{j}", "timestamp": now,
-               "item_id": f"stream-item-{j}", "genres": ["comedy" if j < 3 else "horror"]} for j in range(6)]
-    events += [{"schema_version": 1, "event_type": "click", "event_id": f"c{n}", "timestamp": now,
-                "request_id": "r", "user_id": "fan", "item_id": "stream-item-1"} for n in range(3)]
+    events = [
+        {
+            "schema_version": 1,
+            "event_type": "item_profile",
+            "event_id": f"p{j}",
+            "timestamp": now,
+            "item_id": f"stream-item-{j}",
+            "genres": ["comedy" if j < 3 else "horror"],
+        }
+        for j in range(6)
+    ]
+    events += [
+        {
+            "schema_version": 1,
+            "event_type": "click",
+            "event_id": f"c{n}",
+            "timestamp": now,
+            "request_id": "r",
+            "user_id": "fan",
+            "item_id": "stream-item-1",
+        }
+        for n in range(3)
+    ]
     records = [(e.get("user_id", e["item_id"]).encode(), __import__("orjson").dumps(e)) for e in events]
     records.append((b"junk", b"{not json"))  # a malformed record must not stop the follower
     asyncio.run(produce_all(test_settings.kafka.bootstrap, test_settings.kafka.topic_events, records))
     settings = _settings(test_settings)
-    comps = Components(model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-                       rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5), features=StaticFeatures(),
-                       follow_stream=True, log_impressions=False)
+    comps = Components(
+        model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
+        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        features=StaticFeatures(),
+        follow_stream=True,
+        log_impressions=False,
+    )
     with serve(create_app(settings, comps)) as base:
         deadline = time.time() + 60
         while time.time() < deadline:

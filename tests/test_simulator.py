@@ -6,16 +6,19 @@ import numpy as np
 import orjson
 import pytest
 
+from core.metrics import roc_auc
 from feature_repo.contract import InvalidEvent, RejectReason, parse_event
 from traffic.recording import read_jsonl, rebase, write_jsonl
 from traffic.simulator import BAD_KINDS, SimConfig, Simulation
-from core.metrics import roc_auc
 
 START = 1_800_000_000.0
 EXPECTED_REASON = {
-    "bad_json": RejectReason.BAD_JSON, "wrong_type": RejectReason.WRONG_TYPE,
-    "missing_field": RejectReason.MISSING_FIELD, "unknown_event_type": RejectReason.UNKNOWN_EVENT_TYPE,
-    "future_timestamp": RejectReason.FUTURE_TIMESTAMP, "oversized": RejectReason.OVERSIZED,
+    "bad_json": RejectReason.BAD_JSON,
+    "wrong_type": RejectReason.WRONG_TYPE,
+    "missing_field": RejectReason.MISSING_FIELD,
+    "unknown_event_type": RejectReason.UNKNOWN_EVENT_TYPE,
+    "future_timestamp": RejectReason.FUTURE_TIMESTAMP,
+    "oversized": RejectReason.OVERSIZED,
     "non_utf8": RejectReason.NOT_UTF8,
 }
 
@@ -101,8 +104,9 @@ def test_roc_auc_matches_known_values() -> None:
     assert np.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
 
 
-@pytest.mark.parametrize("field, value", [("users", 0), ("slate_size", 1000), ("bad_fraction", 1.5),
-                                          ("requests_per_second", 0)])
+@pytest.mark.parametrize(
+    "field, value", [("users", 0), ("slate_size", 1000), ("bad_fraction", 1.5), ("requests_per_second", 0)]
+)
 def test_invalid_configuration_is_rejected(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         small(**{field: value})
@@ -114,7 +118,7 @@ def test_jsonl_round_trip_keeps_bytes_and_reports_bad_lines(tmp_path) -> None:
     path = tmp_path / "events.jsonl"
     assert write_jsonl(records, path) == len(records)
     with open(path, "ab") as handle:
-        handle.write(b"this is not json\n{\"key\": \"u1\"}\n")
+        handle.write(b'this is not json\n{"key": "u1"}\n')
     errors: list[str] = []
     loaded = list(read_jsonl(path, errors))
     assert [(r.key, r.value, r.timestamp) for r in loaded] == [(r.key, r.value, r.timestamp) for r in records]

@@ -28,7 +28,10 @@ def test_encoding_is_deterministic_and_equal_for_equal_raw_values() -> None:
     b = encode_user("u1", {"gender": "female", "age": 31, "occupation": " Writer ", "zip_code": "94117"})
     assert a.sparse == b.sparse  # aliases, case and whitespace normalise; same 3-digit zip prefix
     assert a.dense == b.dense
-    assert encode_item("i9", {"genres": ["war", "drama"]}).sparse == encode_item("i9", {"genres": ["War", " Drama"]}).sparse
+    assert (
+        encode_item("i9", {"genres": ["war", "drama"]}).sparse
+        == encode_item("i9", {"genres": ["War", " Drama"]}).sparse
+    )
 
 
 def test_hash_ids_are_stable_across_processes() -> None:
@@ -40,8 +43,10 @@ def test_hash_ids_are_stable_across_processes() -> None:
     assert 0 <= hash_id("user_id", "u42") < 1 << 62
 
 
-@pytest.mark.parametrize("feature, vocabulary", [("gender", ("male", "female")), ("occupation", OCCUPATIONS),
-                                                  ("item_category", GENRES), ("genres", GENRES)])
+@pytest.mark.parametrize(
+    "feature, vocabulary",
+    [("gender", ("male", "female")), ("occupation", OCCUPATIONS), ("item_category", GENRES), ("genres", GENRES)],
+)
 def test_vocabularies_are_dense_and_reserve_zero(feature: str, vocabulary: tuple[str, ...]) -> None:
     indices = [vocab_index(feature, value) for value in vocabulary]
     assert indices == list(range(1, len(vocabulary) + 1))
@@ -52,7 +57,19 @@ def test_vocabularies_are_dense_and_reserve_zero(feature: str, vocabulary: tuple
 
 def test_age_buckets_follow_the_boundaries() -> None:
     assert [age_bucket(a) for a in (None, -1, 0, 17, 18, 24, 25, 49, 50, 55, 56, 99)] == [
-        0, 0, 1, 1, 2, 2, 3, 5, 6, 6, 7, 7]
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        5,
+        6,
+        6,
+        7,
+        7,
+    ]
     assert SPEC.sparse_feature("age_bucket").cardinality == len(AGE_BOUNDARIES) + 2
     assert age_bucket(True) == 0 and age_bucket(float("nan")) == 0
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-
 import orjson
 import pytest
 
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded
 from streaming.processor import (
-    DictKV, Processor, ProcessorConfig, RawRecord, headers_dict,
+    DictKV,
+    Processor,
+    ProcessorConfig,
+    RawRecord,
+    headers_dict,
 )
 
 T0 = 1_700_000_000.0
@@ -31,8 +34,9 @@ class Clock:
 
 def make(now: float = T0 + 100, **config) -> tuple[Processor, Clock]:
     clock = Clock(now)
-    cfg = ProcessorConfig(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30,
-                          idle_advance_s=2, **config)
+    cfg = ProcessorConfig(
+        attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2, **config
+    )
     return Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock), clock
 
 
@@ -53,13 +57,27 @@ class Feed:
 
 
 def impression(eid: str, ts: float, req: str = "r1", item: str = "i1", user: str = "u1", **extra) -> dict:
-    return {"event_type": "impression", "event_id": eid, "timestamp": ts, "request_id": req, "user_id": user,
-            "item_id": item, "position": 0, **extra}
+    return {
+        "event_type": "impression",
+        "event_id": eid,
+        "timestamp": ts,
+        "request_id": req,
+        "user_id": user,
+        "item_id": item,
+        "position": 0,
+        **extra,
+    }
 
 
 def click(eid: str, ts: float, req: str = "r1", item: str = "i1", user: str = "u1") -> dict:
-    return {"event_type": "click", "event_id": eid, "timestamp": ts, "request_id": req, "user_id": user,
-            "item_id": item}
+    return {
+        "event_type": "click",
+        "event_id": eid,
+        "timestamp": ts,
+        "request_id": req,
+        "user_id": user,
+        "item_id": item,
+    }
 
 
 def samples_of(out) -> list[Sample]:
@@ -101,8 +119,7 @@ def test_every_malformed_kind_is_dead_lettered_with_reason_and_good_neighbours_s
 def test_logged_features_that_break_the_spec_are_dead_lettered():
     proc, _ = make()
     feed = Feed()
-    result = proc.process_batch([feed.event(**impression("e1", T0, features={"sparse": {"gender": [1]},
-                                                                              "dense": {}}))])
+    result = proc.process_batch([feed.event(**impression("e1", T0, features={"sparse": {"gender": [1]}, "dense": {}}))])
     [letter] = result.out
     assert letter.kind == "deadletter" and headers_dict(letter.headers)["reason"] == "bad_value"
 
@@ -135,17 +152,22 @@ def test_dedup_chunks_are_capped(monkeypatch):
     feed = Feed(partition=1)
     proc.process_batch([feed.event(**impression(f"e{n}", T0, req=f"r{n}")) for n in range(5)])
     assert {key: chunk["ids"] for key, chunk in proc.dedup.items()} == {
-        "1:0": ["e0", "e1"], "1:2": ["e2", "e3"], "1:4": ["e4"]}
+        "1:0": ["e0", "e1"],
+        "1:2": ["e2", "e3"],
+        "1:4": ["e4"],
+    }
 
 
 def test_click_in_window_is_positive_and_silence_is_negative():
     proc, _ = make()
     feed = Feed()
-    out = proc.process_batch([
-        feed.event(**impression("e1", T0, item="i1")),
-        feed.event(**impression("e2", T0, item="i2")),
-        feed.event(**click("c1", T0 + WINDOW - 0.5, item="i1")),
-    ]).out
+    out = proc.process_batch(
+        [
+            feed.event(**impression("e1", T0, item="i1")),
+            feed.event(**impression("e2", T0, item="i2")),
+            feed.event(**click("c1", T0 + WINDOW - 0.5, item="i1")),
+        ]
+    ).out
     assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
     # i2 stays open until event time passes its deadline
     out = proc.process_batch([feed.event(**impression("e3", T0 + WINDOW - 0.1, req="r2"))]).out
@@ -170,8 +192,13 @@ def test_click_past_the_window_before_expiry_ran_is_negative_and_late():
     # impression, an event far ahead in time and the click in one batch: expiry has not run yet
     proc, _ = make()
     feed = Feed()
-    out = proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**impression("e2", T0 + 50, req="r9")),
-                              feed.event(**click("c1", T0 + 51))]).out
+    out = proc.process_batch(
+        [
+            feed.event(**impression("e1", T0)),
+            feed.event(**impression("e2", T0 + 50, req="r9")),
+            feed.event(**click("c1", T0 + 51)),
+        ]
+    ).out
     assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
     assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["after_window"]
 
@@ -205,13 +232,29 @@ def test_sample_features_use_logged_features_exactly():
 def test_sample_features_take_the_latest_stream_profiles_at_impression_time():
     proc, _ = make()
     feed = Feed()
-    user_old = {"event_type": "user_profile", "event_id": "p1", "timestamp": T0 - 10, "user_id": "u1",
-                "gender": "M", "age": 20, "occupation": "artist", "zip_code": "94110"}
+    user_old = {
+        "event_type": "user_profile",
+        "event_id": "p1",
+        "timestamp": T0 - 10,
+        "user_id": "u1",
+        "gender": "M",
+        "age": 20,
+        "occupation": "artist",
+        "zip_code": "94110",
+    }
     user_new = {**user_old, "event_id": "p2", "timestamp": T0 - 5, "gender": "F", "age": 40}
-    item = {"event_type": "item_profile", "event_id": "p3", "timestamp": T0 - 10, "item_id": "i1",
-            "category": "comedy", "genres": ["comedy", "drama"], "year": 1999}
-    result = proc.process_batch([feed.event(**user_new), feed.event(**user_old), feed.event(**item),
-                                 feed.event(**impression("e1", T0))])
+    item = {
+        "event_type": "item_profile",
+        "event_id": "p3",
+        "timestamp": T0 - 10,
+        "item_id": "i1",
+        "category": "comedy",
+        "genres": ["comedy", "drama"],
+        "year": 1999,
+    }
+    result = proc.process_batch(
+        [feed.event(**user_new), feed.event(**user_old), feed.event(**item), feed.event(**impression("e1", T0))]
+    )
     assert result.users["u1"][0] == encode_user("u1", user_new)  # the older profile arriving late lost
     assert result.items["i1"][0] == encode_item("i1", item)
     # a profile change after the impression does not change the sample
@@ -241,8 +284,14 @@ def test_a_restart_resolves_again_what_had_not_reached_the_changelog_and_nothing
     assert sorted((s.sample_id, s.label) for s in again) == sorted((s.sample_id, s.label) for s in first_run)
 
     # once the changelog holds the resolutions, a restarted worker emits nothing again for them
-    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins),
-                         DictKV(), DictKV(), wall=clock)
+    restored = Processor(
+        proc.config,
+        restored_from_changelog(proc.dedup),
+        restored_from_changelog(proc.joins),
+        DictKV(),
+        DictKV(),
+        wall=clock,
+    )
     assert samples_of(restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out) == []
     late = restored.process_batch([feed.event(**click("c2", T0 + 32, item="i2"))]).out
     assert [headers_dict(o.headers)["reason"] for o in late if o.kind == "late"] == ["after_negative"]
@@ -282,11 +331,16 @@ def test_odd_bytes_never_raise(value):
 def test_idle_time_without_open_impressions_is_not_banked():
     proc, clock = make(now=T0 + 1)
     feed = Feed()
-    proc.process_batch([feed.event(**{"event_type": "user_profile", "event_id": "p1", "timestamp": T0,
-                                      "user_id": "u1"})])
+    proc.process_batch(
+        [feed.event(**{"event_type": "user_profile", "event_id": "p1", "timestamp": T0, "user_id": "u1"})]
+    )
     clock.now += 100
     proc.advance_idle()
-    out = proc.process_batch([feed.event(**impression("e1", T0 + 1)), ]).out
+    out = proc.process_batch(
+        [
+            feed.event(**impression("e1", T0 + 1)),
+        ]
+    ).out
     assert samples_of(out) == []
     [sample] = samples_of(proc.process_batch([feed.event(**click("c1", T0 + 2))]).out)
     assert sample.label == 1
@@ -295,8 +349,15 @@ def test_idle_time_without_open_impressions_is_not_banked():
 def test_a_partition_not_read_to_its_end_is_not_idle():
     behind = {"value": True}
     clock = Clock(T0 + 1)
-    proc = Processor(ProcessorConfig(attribution_window_s=WINDOW, idle_advance_s=2), DictKV(), DictKV(), DictKV(),
-                     DictKV(), wall=clock, caught_up=lambda p, offset: not behind["value"])
+    proc = Processor(
+        ProcessorConfig(attribution_window_s=WINDOW, idle_advance_s=2),
+        DictKV(),
+        DictKV(),
+        DictKV(),
+        DictKV(),
+        wall=clock,
+        caught_up=lambda p, offset: not behind["value"],
+    )
     proc.process_batch([Feed().event(**impression("e1", T0))])
     clock.now += 100
     assert samples_of(proc.advance_idle()) == []  # the worker lags: more records may hold the click
@@ -307,11 +368,22 @@ def test_a_partition_not_read_to_its_end_is_not_idle():
 def test_a_quiet_partition_taken_after_restart_closes_its_windows():
     proc, clock = make()
     feed = Feed()
-    proc.process_batch([feed.event(**impression("e1", T0, item="i1")), feed.event(**impression("e2", T0, item="i2")),
-                        feed.event(**click("c1", T0 + 1, item="i1"))])
+    proc.process_batch(
+        [
+            feed.event(**impression("e1", T0, item="i1")),
+            feed.event(**impression("e2", T0, item="i2")),
+            feed.event(**click("c1", T0 + 1, item="i1")),
+        ]
+    )
     # restart: nothing left to read on partition 0, one impression still waits for its window
-    restored = Processor(proc.config, restored_from_changelog(proc.dedup), restored_from_changelog(proc.joins), DictKV(), DictKV(),
-                         wall=clock)
+    restored = Processor(
+        proc.config,
+        restored_from_changelog(proc.dedup),
+        restored_from_changelog(proc.joins),
+        DictKV(),
+        DictKV(),
+        wall=clock,
+    )
     restored.take_quiet_partition(0, feed.offset)
     clock.now += 1
     assert samples_of(restored.advance_idle()) == []
@@ -329,8 +401,9 @@ def test_stream_features_equal_join_features_in_spec_order_whether_profiles_are_
     if known in ("item", "both"):
         proc.items.put(0, "i9", {"ts": T0, "sp": item.sparse, "dn": item.dense})
     sparse, dense = (orjson.loads(orjson.dumps(part)) for part in proc.features_for("u7", "i9"))
-    expected_sparse, expected_dense = join_features(user if known in ("user", "both") else None,
-                                                    item if known in ("item", "both") else None, "u7", "i9")
+    expected_sparse, expected_dense = join_features(
+        user if known in ("user", "both") else None, item if known in ("item", "both") else None, "u7", "i9"
+    )
     assert list(sparse.items()) == list(expected_sparse.items())
     assert list(dense.items()) == list(expected_dense.items())
 
@@ -389,8 +462,11 @@ class _FakeProducer:
 
         self.handed: list[tuple[str, list, object]] = []  # (topic, records, ack future)
         partitions = {0, 1, 2, 3}
-        self.client = SimpleNamespace(cluster=SimpleNamespace(partitions_for_topic=lambda topic: partitions,
-                                                              available_partitions_for_topic=lambda topic: partitions))
+        self.client = SimpleNamespace(
+            cluster=SimpleNamespace(
+                partitions_for_topic=lambda topic: partitions, available_partitions_for_topic=lambda topic: partitions
+            )
+        )
 
     def create_batch(self):
         records: list = []
@@ -441,7 +517,9 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
         assert producer.topics_handed() == ["samples.t", "samples.t"]  # ...its changelog waits for the first's
         producer.handed[0][2].set_result(None)
         await settle()
-        changelog_values = [r["value"] for topic, records, _ in producer.handed if "changelog" in topic for r in records]
+        changelog_values = [
+            r["value"] for topic, records, _ in producer.handed if "changelog" in topic for r in records
+        ]
         assert changelog_values == [b'{"st":"p"}', b'{"st":"n"}']
         assert not first.done() and not second.done()  # durable only once the changelog is acknowledged too
         producer.ack("changelog")

@@ -23,10 +23,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from feast.errors import FeatureViewNotFoundException
 
-from feature_repo.contract import Sample, sample_id
-from feature_repo.spec import encode_item, encode_user, join_features
 from core.kafka import end_offsets, ensure_topics, produce_all
 from core.settings import PROJECT_ROOT
+from feature_repo.contract import Sample, sample_id
+from feature_repo.spec import encode_item, encode_user, join_features
 from traffic.simulator import SimConfig, Simulation
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 WINDOW_S = 4.0  # attribution window in event time; the simulated clicks arrive within 2 s
 BAD_REASON = {"non_utf8": "not_utf8"}  # simulator's name -> contract reason where they differ
-ALL_WORKERS: list["Worker"] = []  # every worker of the running test, for the failure report
+ALL_WORKERS: list[Worker] = []  # every worker of the running test, for the failure report
 
 
 LAUNCHERS = {
@@ -49,9 +49,14 @@ class Worker:
     def __init__(self, env: dict[str, str], log: Path, launcher: str = "recsys") -> None:
         self.log = log
         self.handle = open(log, "ab")
-        self.proc = subprocess.Popen(LAUNCHERS[launcher], env=env,
-                                     cwd=PROJECT_ROOT, stdout=self.handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            LAUNCHERS[launcher],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         ALL_WORKERS.append(self)
 
     def kill(self) -> None:
@@ -73,8 +78,16 @@ class Worker:
 
 
 class Setup:
-    def __init__(self, bootstrap: str, tmp: Path, online: str = "sqlite", redis_url: str | None = None,
-                 tag: str | None = None, events_topic: str | None = None, idle_advance_s: float = 1.5) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        tmp: Path,
+        online: str = "sqlite",
+        redis_url: str | None = None,
+        tag: str | None = None,
+        events_topic: str | None = None,
+        idle_advance_s: float = 1.5,
+    ) -> None:
         self.tag = tag = tag or uuid.uuid4().hex[:8]
         self.bootstrap = bootstrap
         self.events = events_topic or f"st.events.{tag}"
@@ -82,21 +95,30 @@ class Setup:
         self.feast_dir = tmp / f"feast-{tag}"
         self.env = {
             **os.environ,
-            "RECSYS_KAFKA_BOOTSTRAP": bootstrap, "RECSYS_TOPIC_EVENTS": self.events,
-            "RECSYS_TOPIC_SAMPLES": self.samples, "RECSYS_TOPIC_DEADLETTER": self.deadletter,
-            "RECSYS_TOPIC_LATE": self.late, "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
-            "RECSYS_STREAM_APP_ID": f"stream-test-{tag}", "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
-            "RECSYS_FEAST_DATA_DIR": str(self.feast_dir), "RECSYS_FEAST_ONLINE_STORE": online,
-            "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S), "RECSYS_STREAM_IDLE_ADVANCE_S": str(idle_advance_s),
-            "RECSYS_STREAM_SESSION_TIMEOUT_S": "6", "RECSYS_STREAM_BATCH_SIZE": "500",
-            "RECSYS_STREAM_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
+            "RECSYS_KAFKA_BOOTSTRAP": bootstrap,
+            "RECSYS_TOPIC_EVENTS": self.events,
+            "RECSYS_TOPIC_SAMPLES": self.samples,
+            "RECSYS_TOPIC_DEADLETTER": self.deadletter,
+            "RECSYS_TOPIC_LATE": self.late,
+            "RECSYS_TOPIC_PARTITIONS": str(PARTITIONS),
+            "RECSYS_STREAM_APP_ID": f"stream-test-{tag}",
+            "RECSYS_RUN_DIR": str(tmp / f"run-{tag}"),
+            "RECSYS_FEAST_DATA_DIR": str(self.feast_dir),
+            "RECSYS_FEAST_ONLINE_STORE": online,
+            "RECSYS_STREAM_ATTRIBUTION_WINDOW_S": str(WINDOW_S),
+            "RECSYS_STREAM_IDLE_ADVANCE_S": str(idle_advance_s),
+            "RECSYS_STREAM_SESSION_TIMEOUT_S": "6",
+            "RECSYS_STREAM_BATCH_SIZE": "500",
+            "RECSYS_STREAM_LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
         }
         if redis_url:
             self.env["RECSYS_FEAST_REDIS_URL"] = redis_url
         self.tmp = tmp
         self.workers: list[Worker] = []
-        asyncio.run(ensure_topics(bootstrap, {t: PARTITIONS for t in (self.events, self.samples, self.deadletter,
-                                                                       self.late)}))
+        asyncio.run(
+            ensure_topics(bootstrap, {t: PARTITIONS for t in (self.events, self.samples, self.deadletter, self.late)})
+        )
 
     def start_worker(self, launcher: str = "recsys") -> Worker:
         worker = Worker(self.env, self.tmp / f"worker-{self.tag}-{len(self.workers)}.log", launcher)
@@ -116,7 +138,7 @@ class Setup:
 
         def run() -> None:
             for start in range(0, len(records), chunk):
-                self.publish(records[start:start + chunk])
+                self.publish(records[start : start + chunk])
                 time.sleep(seconds / 50)
 
         thread = threading.Thread(target=run, name="paced-publisher", daemon=True)
@@ -141,6 +163,7 @@ class Setup:
 
 def read_all(bootstrap: str, topic: str) -> list:
     """Every record of a topic with its headers."""
+
     async def run() -> list:
         ends = await end_offsets(bootstrap, topic)
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -150,6 +173,7 @@ def read_all(bootstrap: str, topic: str) -> list:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             records = []
+
             async def behind() -> bool:
                 return any([await consumer.position(tp) < ends[tp.partition] for tp in tps])
 
@@ -160,6 +184,7 @@ def read_all(bootstrap: str, topic: str) -> list:
             return records
         finally:
             await consumer.stop()
+
     return asyncio.run(run())
 
 
@@ -174,9 +199,19 @@ def samples_by_id(bootstrap: str, topic: str) -> dict[str, Sample]:
 
 
 def simulation(requests: int, bad_fraction: float = 0.0, seed: int = 7) -> tuple[Simulation, list]:
-    sim = Simulation(SimConfig(users=60, items=40, requests=requests, slate_size=5, seed=seed,
-                               requests_per_second=100.0, click_delay_mean_s=0.5, click_delay_max_s=2.0,
-                               bad_fraction=bad_fraction))
+    sim = Simulation(
+        SimConfig(
+            users=60,
+            items=40,
+            requests=requests,
+            slate_size=5,
+            seed=seed,
+            requests_per_second=100.0,
+            click_delay_mean_s=0.5,
+            click_delay_max_s=2.0,
+            bad_fraction=bad_fraction,
+        )
+    )
     return sim, list(sim.records())
 
 
@@ -243,7 +278,8 @@ def test_stream_makes_labelled_samples_features_and_dead_letters(make_setup, red
     for sample in samples.values():
         user_id, item_id = sample.user_id, sample.item_id
         assert (sample.sparse, sample.dense) == join_features(
-            encode_user(user_id, users[user_id]), encode_item(item_id, items[item_id]), user_id, item_id)
+            encode_user(user_id, users[user_id]), encode_item(item_id, items[item_id]), user_id, item_id
+        )
 
     # every malformed record is in the dead-letter topic, with its original bytes and a reason
     bad = [r for r in records if r.kind.startswith("bad:")]
@@ -276,13 +312,21 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
         event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
         event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
         # moves event time past both windows: b closes negative, and its click is late
-        event(**imp, event_id="i3", timestamp=now - 50, item_id="c", ),
+        event(
+            **imp,
+            event_id="i3",
+            timestamp=now - 50,
+            item_id="c",
+        ),
         event(event_type="click", event_id="c2", timestamp=now - 49, request_id="r1", user_id="u1", item_id="b"),
     ]
     asyncio.run(produce_all(setup.bootstrap, setup.events, records))
     setup.start_worker(launcher)
-    setup.wait_for("three samples and a late click",
-                   lambda: setup.count(setup.samples) >= 3 and setup.count(setup.late) >= 1, timeout=150)
+    setup.wait_for(
+        "three samples and a late click",
+        lambda: setup.count(setup.samples) >= 3 and setup.count(setup.late) >= 1,
+        timeout=150,
+    )
     samples = samples_by_id(setup.bootstrap, setup.samples)
     assert {s.item_id: s.label for s in samples.values()} == {"a": 1, "b": 0, "c": 0}
     [late] = read_all(setup.bootstrap, setup.late)
@@ -292,8 +336,12 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
     assert orjson.loads(late.value)["event_id"] == "c2"
     assert setup.count(setup.samples) == 3  # the retried impression and click made nothing twice
     # the app created its tables' changelogs before its consumer started, compacted as Faust would
-    policies = asyncio.run(cleanup_policies(setup.bootstrap, [
-        f"stream-test-{setup.tag}-{table}-changelog" for table in ("dedup", "joins", "users", "items")]))
+    policies = asyncio.run(
+        cleanup_policies(
+            setup.bootstrap,
+            [f"stream-test-{setup.tag}-{table}-changelog" for table in ("dedup", "joins", "users", "items")],
+        )
+    )
     assert set(policies.values()) == {"compact"}, policies
 
 
@@ -329,16 +377,22 @@ def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
     publisher = steady.publish_paced(records, seconds=30.0)
     kills = 0
     for fraction in (0.15, 0.5):
-        crashy.wait_for(f"{fraction:.0%} of the samples",
-                        lambda f=fraction: crashy.count(crashy.samples) >= f * len(expected), timeout=180)
+        crashy.wait_for(
+            f"{fraction:.0%} of the samples",
+            lambda f=fraction: crashy.count(crashy.samples) >= f * len(expected),
+            timeout=180,
+        )
         assert publisher.is_alive(), "the replay finished before the kill"
         crashy.workers[-1].kill()
         kills += 1
         crashy.start_worker()
     publisher.join(120)
     for setup in (steady, crashy):
-        setup.wait_for("the stream to drain", lambda s=setup: len(samples_by_id(s.bootstrap, s.samples))
-                       >= len(expected), timeout=240)
+        setup.wait_for(
+            "the stream to drain",
+            lambda s=setup: len(samples_by_id(s.bootstrap, s.samples)) >= len(expected),
+            timeout=240,
+        )
     uninterrupted = samples_by_id(steady.bootstrap, steady.samples)
     recovered = samples_by_id(crashy.bootstrap, crashy.samples)
     assert kills == 2
@@ -351,7 +405,7 @@ def _partitions_taken(worker: Worker) -> set[int]:
     taken = set()
     for line in worker.log.read_text(errors="replace").splitlines():
         if '"took partition"' in line:  # JSON log lines; Faust's console codes may precede one
-            taken.add(orjson.loads(line[line.index("{"):])["partition"])
+            taken.add(orjson.loads(line[line.index("{") :])["partition"])
     return taken
 
 
@@ -363,8 +417,9 @@ def test_two_workers_in_one_group_share_the_partitions_and_make_every_sample(mak
     first, second = setup.start_worker(), setup.start_worker()  # same app id: one consumer group
     publisher = setup.publish_paced(records, seconds=15.0)
     publisher.join(120)
-    setup.wait_for("the stream to drain", lambda: len(samples_by_id(setup.bootstrap, setup.samples))
-                   >= len(expected), timeout=240)
+    setup.wait_for(
+        "the stream to drain", lambda: len(samples_by_id(setup.bootstrap, setup.samples)) >= len(expected), timeout=240
+    )
     time.sleep(7)  # longer than the session timeout: a worker that left the group would be seen below
     assert [w.proc.poll() for w in (first, second)] == [None, None], [w.tail() for w in (first, second)]
     got = samples_by_id(setup.bootstrap, setup.samples)

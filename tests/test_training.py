@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.metrics import roc_auc
 from feature_repo.contract import Sample
 from feature_repo.spec import SPEC, encode_item, encode_user, join_features
 from traffic.simulator import SimConfig
-from core.metrics import roc_auc
+from traffic.synthetic import simulate_samples
 from training.data import (
     gather_jagged,
     parse_samples,
@@ -25,17 +26,29 @@ from training.data import (
 )
 from training.model import DLRM, POSITION_FEATURE, ModelConfig, load_dense, save_dense
 from training.params import conflicting_ids, table_configs
-from traffic.synthetic import simulate_samples
 from training.worker import JobFailed, eval_metrics, load_truth
 
 
 def _sample(request: str, item: str, t: float, label: int = 0, genres: tuple[str, ...] = ("drama",)) -> Sample:
     from feature_repo.contract import sample_id
 
-    sparse, dense = join_features(encode_user("u1", {"gender": "F", "age": 30}),
-                                  encode_item(item, {"genres": list(genres), "year": 1999}), "u1", item)
-    return Sample(sample_id=sample_id(request, item), request_id=request, user_id="u1", item_id=item, label=label,
-                  event_time=t, position=2, sparse=sparse, dense=dense)
+    sparse, dense = join_features(
+        encode_user("u1", {"gender": "F", "age": 30}),
+        encode_item(item, {"genres": list(genres), "year": 1999}),
+        "u1",
+        item,
+    )
+    return Sample(
+        sample_id=sample_id(request, item),
+        request_id=request,
+        user_id="u1",
+        item_id=item,
+        label=label,
+        event_time=t,
+        position=2,
+        sparse=sparse,
+        dense=dense,
+    )
 
 
 def test_parse_samples_rejects_bad_records_with_reasons_and_keeps_good_ones() -> None:
@@ -46,8 +59,16 @@ def test_parse_samples_rejects_bad_records_with_reasons_and_keeps_good_ones() ->
     too_many["sparse"] = {**too_many["sparse"], "gender": [1, 2]}
     import orjson
 
-    raws = [b"{not json", None, orjson.dumps({"sample_id": "x"}), orjson.dumps(wrong_feature),
-            orjson.dumps(too_many), good.to_json(), good.to_json(), _sample("r2", "i1", 11.0).to_json()]
+    raws = [
+        b"{not json",
+        None,
+        orjson.dumps({"sample_id": "x"}),
+        orjson.dumps(wrong_feature),
+        orjson.dumps(too_many),
+        good.to_json(),
+        good.to_json(),
+        _sample("r2", "i1", 11.0).to_json(),
+    ]
     samples, stats = parse_samples(raws)
     assert [s.sample_id for s in samples] == [good.sample_id, _sample("r2", "i1", 11.0).sample_id]
     assert stats.records == 8 and stats.samples == 2 and stats.duplicates == 1
@@ -56,8 +77,11 @@ def test_parse_samples_rejects_bad_records_with_reasons_and_keeps_good_ones() ->
 
 
 def test_columns_are_time_ordered_and_jagged_gather_matches_samples() -> None:
-    samples = [_sample("r3", "i3", 30.0, 1, ("drama", "comedy", "war")), _sample("r1", "i1", 10.0),
-               _sample("r2", "i2", 20.0, 0, ("action",))]
+    samples = [
+        _sample("r3", "i3", 30.0, 1, ("drama", "comedy", "war")),
+        _sample("r1", "i1", 10.0),
+        _sample("r2", "i2", 20.0, 0, ("action",)),
+    ]
     cols = to_columns(samples)
     assert cols.event_time.tolist() == [10.0, 20.0, 30.0]
     assert cols.labels.tolist() == [0.0, 0.0, 1.0]
@@ -68,7 +92,9 @@ def test_columns_are_time_ordered_and_jagged_gather_matches_samples() -> None:
     assert lengths.tolist() == [len(by_time[2].sparse["genres"]), len(by_time[0].sparse["genres"])]
     assert values.tolist() == by_time[2].sparse["genres"] + by_time[0].sparse["genres"]
     # single-valued fast path gives the same as the general path
-    lens = np.array([1, 1, 1]); offs = np.array([0, 1, 2, 3]); vals = np.array([7, 8, 9])
+    lens = np.array([1, 1, 1])
+    offs = np.array([0, 1, 2, 3])
+    vals = np.array([7, 8, 9])
     assert gather_jagged(lens, offs, vals, np.array([2, 0]))[1].tolist() == [9, 7]
 
 
@@ -140,9 +166,18 @@ def test_dlrm_forward_equals_score_on_pooled_rows() -> None:
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(config.sparse_features), values=values, lengths=lengths)
     dense = torch.randn(2, len(config.dense_features))
     tables = {name: model.ebc.embedding_bags[name].weight.detach() for name in config.sparse_features}
-    pooled = torch.stack([torch.stack([tables[n][0] if n != "genres" else (tables[n][2] + tables[n][3]) / 2,
-                                       tables[n][1] if n != "genres" else tables[n][4]])
-                          for n in config.sparse_features], dim=1)
+    pooled = torch.stack(
+        [
+            torch.stack(
+                [
+                    tables[n][0] if n != "genres" else (tables[n][2] + tables[n][3]) / 2,
+                    tables[n][1] if n != "genres" else tables[n][4],
+                ]
+            )
+            for n in config.sparse_features
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(torch.sigmoid(model(dense, kjt)), model.score(dense, pooled))
 
 
@@ -166,7 +201,9 @@ def test_eval_metrics_and_truth_file(tmp_path) -> None:
     assert m["eval_calibration"] == pytest.approx(np.mean([0.1, 0.4, 0.35, 0.8]) / 0.5)
     assert m["eval_log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))
     good = tmp_path / "truth.jsonl"
-    good.write_text('{"sample_id": "a", "probability": 0.25}\n\n{"request_id": "r", "item_id": "i", "probability": 0.5}\n')
+    good.write_text(
+        '{"sample_id": "a", "probability": 0.25}\n\n{"request_id": "r", "item_id": "i", "probability": 0.5}\n'
+    )
     truth = load_truth(good)
     from feature_repo.contract import sample_id
 
@@ -214,8 +251,9 @@ def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -
             np.testing.assert_array_equal(got_st, st)
         with pytest.raises(ValueError, match="do not fit"):
             trainer.load_rows(sharded, "gender", np.zeros((99, 4), np.float32), np.zeros((99, 1), np.float32))
-        result = trainer.train(sharded, cols, ws.local, split.train, trainer.HParams(epochs=1, batch_size=64),
-                               rank, world, device)
+        result = trainer.train(
+            sharded, cols, ws.local, split.train, trainer.HParams(epochs=1, batch_size=64), rank, world, device
+        )
         assert result.steps == len(result.losses) > 0 and all(np.isfinite(result.losses))
         w_after, st_after = trainer.read_rows(sharded, "item_id")
         moved = np.abs(w_after - loaded["item_id"][0]).max(axis=1) > 0
@@ -241,8 +279,10 @@ def test_runs_whose_job_process_is_gone_are_marked_killed_by_the_next_job(tmp_pa
     from training.tracking import TAG_ABANDONED, TAG_PROCESS, Tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job = ("import sys, time; from training.tracking import Tracking; "
-           "print(Tracking(sys.argv[1], 'jobs').start_run('t', {}), flush=True); time.sleep(300)")
+    job = (
+        "import sys, time; from training.tracking import Tracking; "
+        "print(Tracking(sys.argv[1], 'jobs').start_run('t', {}), flush=True); time.sleep(300)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", job, uri], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
     try:
         dead = proc.stdout.readline().decode().strip()
@@ -252,13 +292,17 @@ def test_runs_whose_job_process_is_gone_are_marked_killed_by_the_next_job(tmp_pa
     tracking = Tracking(uri, "jobs")
     alive = tracking.start_run("t", {})  # this test's own process: still running
     host = socket.gethostname()
-    reused = tracking.client.create_run(tracking.experiment_id, tags={TAG_PROCESS: f"{host}/{os.getpid()}/1"}).info.run_id
+    reused = tracking.client.create_run(
+        tracking.experiment_id, tags={TAG_PROCESS: f"{host}/{os.getpid()}/1"}
+    ).info.run_id
     elsewhere = tracking.client.create_run(tracking.experiment_id, tags={TAG_PROCESS: "other-host/1/1"}).info.run_id
     untagged = tracking.client.create_run(tracking.experiment_id).info.run_id
 
     # the PID of `reused` is alive but belongs to a process started at another time: it is gone too
     assert sorted(tracking.close_abandoned_runs()) == sorted([dead, reused])
-    status = {run_id: tracking.client.get_run(run_id).info.status for run_id in (dead, reused, alive, elsewhere, untagged)}
+    status = {
+        run_id: tracking.client.get_run(run_id).info.status for run_id in (dead, reused, alive, elsewhere, untagged)
+    }
     assert status == {dead: "KILLED", reused: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
     assert "is gone" in tracking.client.get_run(dead).data.tags[TAG_ABANDONED]
     assert tracking.close_abandoned_runs() == []

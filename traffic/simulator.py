@@ -29,7 +29,13 @@ from core.metrics import roc_auc
 from feature_repo.spec import GENRES, OCCUPATIONS
 
 BAD_KINDS: tuple[str, ...] = (
-    "bad_json", "wrong_type", "missing_field", "unknown_event_type", "future_timestamp", "oversized", "non_utf8",
+    "bad_json",
+    "wrong_type",
+    "missing_field",
+    "unknown_event_type",
+    "future_timestamp",
+    "oversized",
+    "non_utf8",
 )
 
 
@@ -95,8 +101,6 @@ class SimStats:
         return sum(self.events.values()) + sum(self.bad.values())
 
 
-
-
 class World:
     """Users and items with attributes and hidden vectors, derived from the seed alone."""
 
@@ -116,34 +120,59 @@ class World:
         gender_vec = rng.normal(0, scale, size=(2, d))
         age_vec = rng.normal(0, scale, size=(7, d))
         occupation_vec = rng.normal(0, scale, size=(len(OCCUPATIONS), d))
-        self.user_vec = (gender_vec[(self.user_gender == "F").astype(int)] + age_vec[age_bucket]
-                         + occupation_vec[self.user_occupation] + rng.normal(0, scale, size=(config.users, d)))
+        self.user_vec = (
+            gender_vec[(self.user_gender == "F").astype(int)]
+            + age_vec[age_bucket]
+            + occupation_vec[self.user_occupation]
+            + rng.normal(0, scale, size=(config.users, d))
+        )
 
         n_genres = rng.integers(1, 4, size=config.items)
         self.item_genres = [list(rng.choice(len(GENRES), size=k, replace=False)) for k in n_genres]
         self.item_year = rng.integers(1950, 2024, size=config.items)
         genre_vec = rng.normal(0, 1.2 * scale, size=(len(GENRES), d))
         self.item_vec = np.stack([genre_vec[g].mean(axis=0) for g in self.item_genres]) + rng.normal(
-            0, 0.8 * scale, size=(config.items, d))
+            0, 0.8 * scale, size=(config.items, d)
+        )
         self.item_bias = rng.normal(0, 0.6, size=config.items)
         activity = 1.0 / np.arange(1, config.users + 1) ** 0.6
         self.user_activity = rng.permutation(activity / activity.sum())
 
     def click_probability(self, user: int, items: np.ndarray, positions: np.ndarray) -> np.ndarray:
         c = self.config
-        logits = (c.affinity_scale * (self.item_vec[items] @ self.user_vec[user]) + self.item_bias[items]
-                  + c.base_logit - c.position_bias * np.log2(1 + positions))
+        logits = (
+            c.affinity_scale * (self.item_vec[items] @ self.user_vec[user])
+            + self.item_bias[items]
+            + c.base_logit
+            - c.position_bias * np.log2(1 + positions)
+        )
         return 1.0 / (1.0 + np.exp(-logits))
 
     def user_profile(self, i: int, event_id: str, ts: float) -> dict:
-        return {"schema_version": 1, "event_type": "user_profile", "event_id": event_id, "timestamp": ts,
-                "user_id": self.user_ids[i], "gender": str(self.user_gender[i]), "age": int(self.user_age[i]),
-                "occupation": OCCUPATIONS[int(self.user_occupation[i])], "zip_code": str(int(self.user_zip[i]))}
+        return {
+            "schema_version": 1,
+            "event_type": "user_profile",
+            "event_id": event_id,
+            "timestamp": ts,
+            "user_id": self.user_ids[i],
+            "gender": str(self.user_gender[i]),
+            "age": int(self.user_age[i]),
+            "occupation": OCCUPATIONS[int(self.user_occupation[i])],
+            "zip_code": str(int(self.user_zip[i])),
+        }
 
     def item_profile(self, j: int, event_id: str, ts: float) -> dict:
         genres = [GENRES[int(g)] for g in self.item_genres[j]]
-        return {"schema_version": 1, "event_type": "item_profile", "event_id": event_id, "timestamp": ts,
-                "item_id": self.item_ids[j], "category": genres[0], "genres": genres, "year": int(self.item_year[j])}
+        return {
+            "schema_version": 1,
+            "event_type": "item_profile",
+            "event_id": event_id,
+            "timestamp": ts,
+            "item_id": self.item_ids[j],
+            "category": genres[0],
+            "genres": genres,
+            "year": int(self.item_year[j]),
+        }
 
 
 class Simulation:
@@ -175,8 +204,15 @@ class Simulation:
     def _bad(self, rng: np.random.Generator, ts: float) -> SimRecord:
         kind = BAD_KINDS[int(rng.integers(len(BAD_KINDS)))]
         self.stats.bad[kind] = self.stats.bad.get(kind, 0) + 1
-        base = {"schema_version": 1, "event_type": "click", "event_id": self._event_id(), "timestamp": ts,
-                "request_id": f"r-{self.tag}-bad", "user_id": "u-bad", "item_id": "i-bad"}
+        base = {
+            "schema_version": 1,
+            "event_type": "click",
+            "event_id": self._event_id(),
+            "timestamp": ts,
+            "request_id": f"r-{self.tag}-bad",
+            "user_id": "u-bad",
+            "item_id": "i-bad",
+        }
         if kind == "bad_json":
             value = orjson.dumps(base)[:-7]
         elif kind == "wrong_type":
@@ -228,19 +264,48 @@ class Simulation:
             request_id = f"r-{self.tag}-{r}"
             for position, item in enumerate(slate):
                 item_id = w.item_ids[int(item)]
-                self.truth.append(Truth(request_id, w.user_ids[user], item_id, position,
-                                        float(probability[position]), bool(clicked[position])))
-                yield self._encode({"schema_version": 1, "event_type": "impression", "event_id": self._event_id(),
-                                    "timestamp": round(ts, 6), "request_id": request_id,
-                                    "user_id": w.user_ids[user], "item_id": item_id, "position": position})
+                self.truth.append(
+                    Truth(
+                        request_id,
+                        w.user_ids[user],
+                        item_id,
+                        position,
+                        float(probability[position]),
+                        bool(clicked[position]),
+                    )
+                )
+                yield self._encode(
+                    {
+                        "schema_version": 1,
+                        "event_type": "impression",
+                        "event_id": self._event_id(),
+                        "timestamp": round(ts, 6),
+                        "request_id": request_id,
+                        "user_id": w.user_ids[user],
+                        "item_id": item_id,
+                        "position": position,
+                    }
+                )
                 yield from maybe_bad(ts)
                 if clicked[position]:
                     click_ts = round(ts + 0.001 + float(delays[position]), 6)
                     sequence += 1
-                    heapq.heappush(pending, (click_ts, sequence, {
-                        "schema_version": 1, "event_type": "click", "event_id": self._event_id(),
-                        "timestamp": click_ts, "request_id": request_id,
-                        "user_id": w.user_ids[user], "item_id": item_id}))
+                    heapq.heappush(
+                        pending,
+                        (
+                            click_ts,
+                            sequence,
+                            {
+                                "schema_version": 1,
+                                "event_type": "click",
+                                "event_id": self._event_id(),
+                                "timestamp": click_ts,
+                                "request_id": request_id,
+                                "user_id": w.user_ids[user],
+                                "item_id": item_id,
+                            },
+                        ),
+                    )
         while pending:
             yield self._encode(heapq.heappop(pending)[2])
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import orjson
 
+from core.metrics import roc_auc
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import EncodedEntity, encode_item, encode_user, join_features
 from traffic.simulator import SimConfig, Simulation
-from core.metrics import roc_auc
 
 
 @dataclass
@@ -54,12 +54,23 @@ def simulate_samples(config: SimConfig) -> SyntheticSamples:
     assert len(impressions) == len(sim.truth)
     samples, probability = [], {}
     for event, truth in zip(impressions, sim.truth):
-        sparse, dense = join_features(users.get(event["user_id"]), items.get(event["item_id"]),
-                                      event["user_id"], event["item_id"])
+        sparse, dense = join_features(
+            users.get(event["user_id"]), items.get(event["item_id"]), event["user_id"], event["item_id"]
+        )
         sid = sample_id(event["request_id"], event["item_id"])
-        samples.append(Sample(sample_id=sid, request_id=event["request_id"], user_id=event["user_id"],
-                              item_id=event["item_id"], label=int(truth.clicked), event_time=float(event["timestamp"]),
-                              position=int(event["position"]), sparse=sparse, dense=dense))
+        samples.append(
+            Sample(
+                sample_id=sid,
+                request_id=event["request_id"],
+                user_id=event["user_id"],
+                item_id=event["item_id"],
+                label=int(truth.clicked),
+                event_time=float(event["timestamp"]),
+                position=int(event["position"]),
+                sparse=sparse,
+                dense=dense,
+            )
+        )
         probability[sid] = truth.probability
     return SyntheticSamples(samples, probability, sim.oracle_auc())
 

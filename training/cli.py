@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,9 +25,13 @@ app = typer.Typer(invoke_without_command=True, add_completion=False)
 out = Console()
 
 # settings fields the options below override in the ranks' environment
-_OVERRIDES = {"ranks": "RECSYS_TRAIN_RANKS", "epochs": "RECSYS_TRAIN_EPOCHS",
-              "batch_size": "RECSYS_TRAIN_BATCH_SIZE", "backend": "RECSYS_TRAIN_BACKEND",
-              "topic": "RECSYS_TOPIC_SAMPLES"}
+_OVERRIDES = {
+    "ranks": "RECSYS_TRAIN_RANKS",
+    "epochs": "RECSYS_TRAIN_EPOCHS",
+    "batch_size": "RECSYS_TRAIN_BATCH_SIZE",
+    "backend": "RECSYS_TRAIN_BACKEND",
+    "topic": "RECSYS_TOPIC_SAMPLES",
+}
 
 
 def preflight(settings: Any) -> None:
@@ -42,26 +46,31 @@ def preflight(settings: Any) -> None:
     except KafkaUnavailable as exc:
         raise RuntimeError(str(exc)) from None
     try:
-        store = open_training_store(settings.ps.shards, table_configs(settings.train.embedding_dim,
-                                                                      settings.train.init_std),
-                                    namespace=settings.ps.namespace)
+        store = open_training_store(
+            settings.ps.shards,
+            table_configs(settings.train.embedding_dim, settings.train.init_std),
+            namespace=settings.ps.namespace,
+        )
         store.version()
         store.close()
     except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: all need the same advice
-        raise RuntimeError(f"the parameter service {settings.ps.shards} is unusable ({type(exc).__name__}: {exc}). "
-                           "Start it with `recsys ps up` or point RECSYS_PS_SHARDS at running shards.") from None
+        raise RuntimeError(
+            f"the parameter service {settings.ps.shards} is unusable ({type(exc).__name__}: {exc}). "
+            "Start it with `recsys ps up` or point RECSYS_PS_SHARDS at running shards."
+        ) from None
     check_tracking_uri(settings.mlflow.tracking_uri)
 
 
 def check_tracking_uri(uri: str) -> None:
     """A cheap reachability check of MLflow (importing mlflow alone takes seconds; rank 0 does the rest)."""
     if uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+        folder = Path(uri[len("sqlite:///") :]).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RuntimeError(f"MLflow database folder {folder} cannot be created ({exc}); "
-                               "set RECSYS_MLFLOW_TRACKING_URI") from None
+            raise RuntimeError(
+                f"MLflow database folder {folder} cannot be created ({exc}); set RECSYS_MLFLOW_TRACKING_URI"
+            ) from None
         if not os.access(folder, os.W_OK):
             raise RuntimeError(f"MLflow database folder {folder} is not writable; set RECSYS_MLFLOW_TRACKING_URI")
     elif uri.startswith(("http://", "https://")):
@@ -70,20 +79,33 @@ def check_tracking_uri(uri: str) -> None:
         try:
             httpx.get(uri.rstrip("/") + "/health", timeout=5.0)
         except httpx.HTTPError as exc:
-            raise RuntimeError(f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}). Start the tracking "
-                               "server or point RECSYS_MLFLOW_TRACKING_URI at a running one.") from None
+            raise RuntimeError(
+                f"MLflow at {uri} is unreachable ({type(exc).__name__}: {exc}). Start the tracking "
+                "server or point RECSYS_MLFLOW_TRACKING_URI at a running one."
+            ) from None
 
 
-def launch(ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None,
-           capture: bool = False) -> tuple[int, dict[str, Any] | None, str]:
+def launch(
+    ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None, capture: bool = False
+) -> tuple[int, dict[str, Any] | None, str]:
     """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output)."""
     from core.procs import free_port
 
     with tempfile.TemporaryDirectory(prefix="recsys-train-") as tmp:
         result = result_path or Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "training.worker",
-               "--result", str(result)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1",
+            f"--nproc-per-node={ranks}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "training.worker",
+            "--result",
+            str(result),
+        ]
         if truth is not None:
             cmd += ["--truth", str(truth)]
         proc = subprocess.run(cmd, env=env, text=True, capture_output=capture)
@@ -93,14 +115,20 @@ def launch(ranks: int, env: dict[str, str], truth: Path | None = None, result_pa
 
 @app.callback()
 def train(
-    ranks: Annotated[Optional[int], typer.Option(min=1, max=512, help="torchrun ranks [settings: train_ranks]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, max=1000, help="passes over the window")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, max=1 << 20, help="samples per step and rank")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="auto | gloo | nccl")] = None,
-    topic: Annotated[Optional[str], typer.Option(help="samples topic [settings: topic_samples]")] = None,
-    truth: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, readable=True,
-                                                  help="JSONL of true click probabilities (simulated traffic): "
-                                                       "logs the oracle AUC of the evaluation set")] = None,
+    ranks: Annotated[int | None, typer.Option(min=1, max=512, help="torchrun ranks [settings: train_ranks]")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="passes over the window")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=1 << 20, help="samples per step and rank")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto | gloo | nccl")] = None,
+    topic: Annotated[str | None, typer.Option(help="samples topic [settings: topic_samples]")] = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="JSONL of true click probabilities (simulated traffic): logs the oracle AUC of the evaluation set",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
     check: Annotated[bool, typer.Option(help="check Kafka, the parameter service and MLflow first")] = True,
 ) -> None:
@@ -130,9 +158,11 @@ def train(
     env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
     code, outcome, _ = launch(settings.train.ranks, env, truth)
     if outcome is None:
-        fail(f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
-              "dies before its push leaves the parameter service and the recorded offsets unchanged: rerun it to "
-              "train the same window.")
+        fail(
+            f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
+            "dies before its push leaves the parameter service and the recorded offsets unchanged: rerun it to "
+            "train the same window."
+        )
     if as_json:
         out.print_json(json.dumps(outcome))
     else:
@@ -150,16 +180,24 @@ def _print_outcome(outcome: dict[str, Any]) -> None:
         out.print(f"{status}: {outcome.get('message')}", soft_wrap=True)
         return
     m = outcome["metrics"]
-    out.print(f"trained: run {outcome['run_id']}, model {outcome['model_name']} version {outcome['model_version']} "
-              f"(alias challenger)")
-    out.print(f"parameter service: version {outcome['ps_version_before']} -> {outcome['ps_version']}, "
-              f"rows pulled {sum(outcome['rows_pulled'].values())}, pushed {sum(outcome['rows_pushed'].values())}")
+    out.print(
+        f"trained: run {outcome['run_id']}, model {outcome['model_name']} version {outcome['model_version']} "
+        f"(alias challenger)"
+    )
+    out.print(
+        f"parameter service: version {outcome['ps_version_before']} -> {outcome['ps_version']}, "
+        f"rows pulled {sum(outcome['rows_pulled'].values())}, pushed {sum(outcome['rows_pushed'].values())}"
+    )
     out.print(f"offsets: {outcome['offsets']['start']} -> {outcome['offsets']['end']}")
-    line = (f"eval: AUC {m.get('eval_auc', float('nan')):.4f}, log loss {m.get('eval_log_loss', float('nan')):.4f}, "
-            f"calibration {m.get('eval_calibration', float('nan')):.3f} on {int(m['eval_samples'])} samples")
+    line = (
+        f"eval: AUC {m.get('eval_auc', float('nan')):.4f}, log loss {m.get('eval_log_loss', float('nan')):.4f}, "
+        f"calibration {m.get('eval_calibration', float('nan')):.3f} on {int(m['eval_samples'])} samples"
+    )
     if "eval_oracle_auc" in m:
         line += f"; oracle AUC {m['eval_oracle_auc']:.4f}"
     out.print(line)
     t = outcome["timings_s"]
-    out.print(f"throughput: {m['samples_per_s_with_ps']:.0f} samples/s with pull+push "
-              f"(pull {t['pull_s']:.2f}s, train {t['train_s']:.2f}s, push {t['push_s']:.2f}s)")
+    out.print(
+        f"throughput: {m['samples_per_s_with_ps']:.0f} samples/s with pull+push "
+        f"(pull {t['pull_s']:.2f}s, train {t['train_s']:.2f}s, push {t['push_s']:.2f}s)"
+    )

@@ -38,8 +38,13 @@ class ReadStats:
             self.examples.append(f"{reason}: {message[:300]}")
 
     def to_dict(self) -> dict:
-        return {"records": self.records, "samples": self.samples, "duplicates": self.duplicates,
-                "rejected": dict(self.rejected), "examples": list(self.examples)}
+        return {
+            "records": self.records,
+            "samples": self.samples,
+            "duplicates": self.duplicates,
+            "rejected": dict(self.rejected),
+            "examples": list(self.examples),
+        }
 
 
 @dataclass
@@ -66,8 +71,9 @@ class Columns:
         return gather_jagged(self.lengths[feature], self.offsets[feature], self.values[feature], index)
 
 
-def gather_jagged(lengths: np.ndarray, offsets: np.ndarray, values: np.ndarray,
-                  index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gather_jagged(
+    lengths: np.ndarray, offsets: np.ndarray, values: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Lengths and concatenated values of the jagged rows at ``index``."""
     picked = lengths[index]
     if len(values) == len(lengths):  # every row has exactly one value: plain indexing
@@ -78,8 +84,9 @@ def gather_jagged(lengths: np.ndarray, offsets: np.ndarray, values: np.ndarray,
     return picked, values[np.repeat(starts, picked) + within]
 
 
-def parse_samples(raw_values: Iterable[bytes | None], spec: FeatureSpec = SPEC,
-                  stats: ReadStats | None = None) -> tuple[list[Sample], ReadStats]:
+def parse_samples(
+    raw_values: Iterable[bytes | None], spec: FeatureSpec = SPEC, stats: ReadStats | None = None
+) -> tuple[list[Sample], ReadStats]:
     """Valid, de-duplicated samples of the raw records (first occurrence wins) and the reading stats."""
     stats = stats or ReadStats()
     seen: set[str] = set()
@@ -96,8 +103,9 @@ def parse_samples(raw_values: Iterable[bytes | None], spec: FeatureSpec = SPEC,
     return samples, stats
 
 
-def _parse_into(raw_values: Iterable[bytes | None], spec: FeatureSpec, stats: ReadStats, seen: set[str],
-                samples: list[Sample]) -> None:
+def _parse_into(
+    raw_values: Iterable[bytes | None], spec: FeatureSpec, stats: ReadStats, seen: set[str], samples: list[Sample]
+) -> None:
     for raw in raw_values:
         stats.records += 1
         if raw is None:
@@ -142,7 +150,9 @@ def to_columns(samples: Sequence[Sample], spec: FeatureSpec = SPEC) -> Columns:
         sample_ids=[s.sample_id for s in ordered],
         labels=np.fromiter((s.label for s in ordered), dtype=np.float32, count=len(ordered)),
         event_time=np.fromiter((s.event_time for s in ordered), dtype=np.float64, count=len(ordered)),
-        dense=dense, lengths=lengths, values=values,
+        dense=dense,
+        lengths=lengths,
+        values=values,
     )
 
 
@@ -199,8 +209,9 @@ class Batch:
     size: int
 
 
-def make_batch(columns: Columns, local_values: Mapping[str, np.ndarray], index: np.ndarray,
-               features: Sequence[str]) -> Batch:
+def make_batch(
+    columns: Columns, local_values: Mapping[str, np.ndarray], index: np.ndarray, features: Sequence[str]
+) -> Batch:
     """One batch of the samples at ``index`` with ids replaced by their local indices."""
     import torch
     from torchrec import KeyedJaggedTensor
@@ -218,29 +229,33 @@ def make_batch(columns: Columns, local_values: Mapping[str, np.ndarray], index: 
     return Batch(torch.from_numpy(columns.dense[index]), sparse, torch.from_numpy(columns.labels[index]), len(index))
 
 
-def batches(columns: Columns, local_values: Mapping[str, np.ndarray], rows: np.ndarray, batch_size: int,
-            features: Sequence[str]) -> Iterator[Batch]:
+def batches(
+    columns: Columns, local_values: Mapping[str, np.ndarray], rows: np.ndarray, batch_size: int, features: Sequence[str]
+) -> Iterator[Batch]:
     for start in range(0, len(rows), batch_size):
-        yield make_batch(columns, local_values, rows[start:start + batch_size], features)
+        yield make_batch(columns, local_values, rows[start : start + batch_size], features)
 
 
 def partition(rows: np.ndarray, world: int, rank: int) -> np.ndarray:
     """This rank's contiguous share of ``rows``; every rank gets the same count (a remainder < world is dropped)."""
     per_rank = len(rows) // world
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 # --------------------------------------------------------------------------- Kafka
 
 
-async def _read_values(bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int]) -> list[bytes | None]:
+async def _read_values(
+    bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int]
+) -> list[bytes | None]:
     from core.kafka import read_topic
 
     return [record.value async for record in read_topic(bootstrap, topic, dict(start), dict(stop))]
 
 
-def read_window(bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int],
-                spec: FeatureSpec = SPEC) -> tuple[list[Sample], ReadStats]:
+def read_window(
+    bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int], spec: FeatureSpec = SPEC
+) -> tuple[list[Sample], ReadStats]:
     """Valid, de-duplicated samples of ``topic`` between ``start`` (inclusive) and ``stop`` (exclusive) offsets."""
     raw = asyncio.run(_read_values(bootstrap, topic, start, stop))
     return parse_samples(raw, spec)

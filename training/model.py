@@ -52,13 +52,16 @@ class ModelConfig:
             raise ValueError(f"dense_arch needs positive layer sizes, got {self.dense_arch}")
         if self.dense_arch[-1] != self.embedding_dim:
             # the bottom MLP output joins the embeddings in the dot-product interaction
-            raise ValueError(f"the last dense_arch layer ({self.dense_arch[-1]}) must equal "
-                             f"embedding_dim ({self.embedding_dim})")
+            raise ValueError(
+                f"the last dense_arch layer ({self.dense_arch[-1]}) must equal embedding_dim ({self.embedding_dim})"
+            )
         if any(n < 1 for n in self.over_arch):
             raise ValueError(f"over_arch needs positive layer sizes, got {self.over_arch}")
 
     @classmethod
-    def from_spec(cls, spec: Any, embedding_dim: int, dense_arch: Sequence[int], over_arch: Sequence[int]) -> ModelConfig:
+    def from_spec(
+        cls, spec: Any, embedding_dim: int, dense_arch: Sequence[int], over_arch: Sequence[int]
+    ) -> ModelConfig:
         """The model of a feature spec: one table per sparse feature, its dense features plus the position."""
         return cls(
             sparse_features=tuple(spec.sparse_names),
@@ -122,8 +125,9 @@ class DLRM(nn.Module):
     one row, enough for loading dense weights and scoring pooled rows.
     """
 
-    def __init__(self, config: ModelConfig, table_rows: Mapping[str, int] | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, table_rows: Mapping[str, int] | None = None, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
         from torchrec.modules.embedding_configs import PoolingType
@@ -134,10 +138,16 @@ class DLRM(nn.Module):
         if missing:
             raise ValueError(f"table_rows lacks tables {sorted(missing)}")
         self.ebc = EmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name=name, embedding_dim=config.embedding_dim,
-                                       num_embeddings=max(1, int(rows.get(name, 1))), feature_names=[name],
-                                       pooling=PoolingType.MEAN)
-                    for name in config.sparse_features],
+            tables=[
+                EmbeddingBagConfig(
+                    name=name,
+                    embedding_dim=config.embedding_dim,
+                    num_embeddings=max(1, int(rows.get(name, 1))),
+                    feature_names=[name],
+                    pooling=PoolingType.MEAN,
+                )
+                for name in config.sparse_features
+            ],
             device=torch.device(device) if device is not None else None,
         )
         self.dense_arch = DenseArch(config)
@@ -171,14 +181,25 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in dense.state_dict().items()}
 
 
-def save_dense(path: str | Path, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
-               extra: Mapping[str, Any] | None = None) -> Path:
+def save_dense(
+    path: str | Path,
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write the self-describing dense artifact: format, model config, dense state dict, extras."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save({"format": DENSE_FORMAT, "config": config.to_dict(), "state_dict": dict(state_dict),
-                "extra": dict(extra or {})}, buffer)
+    torch.save(
+        {
+            "format": DENSE_FORMAT,
+            "config": config.to_dict(),
+            "state_dict": dict(state_dict),
+            "extra": dict(extra or {}),
+        },
+        buffer,
+    )
     path.write_bytes(buffer.getvalue())
     return path
 

@@ -12,9 +12,16 @@ MAX_CAPACITY = 1_000_000
 
 def table_configs(embedding_dim: int, init_std: float, spec: FeatureSpec = SPEC) -> list[TableConfig]:
     """Row-wise Adagrad tables (state_dim 1) named after the features; capacity sizes the hash buckets."""
-    return [TableConfig(name=f.name, dim=embedding_dim, state_dim=1, init_std=init_std,
-                        capacity=int(min(f.cardinality, MAX_CAPACITY)))
-            for f in spec.sparse]
+    return [
+        TableConfig(
+            name=f.name,
+            dim=embedding_dim,
+            state_dim=1,
+            init_std=init_std,
+            capacity=int(min(f.cardinality, MAX_CAPACITY)),
+        )
+        for f in spec.sparse
+    ]
 
 
 def open_training_store(shards: list[str], tables: list[TableConfig], **options: object):

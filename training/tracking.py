@@ -46,7 +46,7 @@ class TrackingUnavailable(RuntimeError):
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a SQLite-backed store sit beside its database file (a server decides for itself)."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
     return None
 
@@ -64,18 +64,22 @@ class Tracking:
         self.uri = uri
         try:
             if uri.startswith("sqlite:///"):
-                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+                Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=_artifact_location(uri, experiment))
+            self.experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+            )
         except Exception as exc:  # MLflow raises many types (MlflowException, requests, SQLAlchemy)
             raise self.unreachable(exc) from exc
 
     def unreachable(self, exc: BaseException) -> TrackingUnavailable:
         return TrackingUnavailable(
             f"MLflow at {self.uri} is unreachable ({type(exc).__name__}: {str(exc)[:300]}). Start the tracking "
-            "server or point RECSYS_MLFLOW_TRACKING_URI at a running one (or a sqlite:///path/mlflow.db file).")
+            "server or point RECSYS_MLFLOW_TRACKING_URI at a running one (or a sqlite:///path/mlflow.db file)."
+        )
 
     def last_offsets(self, topic: str) -> tuple[dict[int, int], str | None]:
         """End offsets recorded by the newest committed job on ``topic`` ({} and None before the first)."""
@@ -83,8 +87,11 @@ class Tracking:
             raise ValueError(f"invalid Kafka topic name {topic!r}")
         try:
             runs = self.client.search_runs(
-                [self.experiment_id], f"tags.{TAG_TOPIC} = '{topic}' and tags.{TAG_COMMITTED} = 'true'",
-                order_by=["attributes.start_time DESC"], max_results=1)
+                [self.experiment_id],
+                f"tags.{TAG_TOPIC} = '{topic}' and tags.{TAG_COMMITTED} = 'true'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
         except Exception as exc:
             raise self.unreachable(exc) from exc
         if not runs:
@@ -102,8 +109,7 @@ class Tracking:
 
         closed = []
         try:
-            for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
-                                               max_results=200):
+            for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=200):
                 host, _, pid_start = run.data.tags.get(TAG_PROCESS, "").partition("/")
                 pid, _, ticks = pid_start.partition("/")
                 if host != socket.gethostname() or not pid.isdigit() or not ticks.isdigit():
@@ -120,8 +126,9 @@ class Tracking:
     def start_run(self, topic: str, params: Mapping[str, Any], name: str | None = None) -> str:
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={TAG_TOPIC: topic, TAG_PROCESS: _this_process()})
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={TAG_TOPIC: topic, TAG_PROCESS: _this_process()}
+        )
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
@@ -131,7 +138,7 @@ class Tracking:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
         for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -164,8 +171,9 @@ class Tracking:
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        version = self.client.create_model_version(model_name, source=source, run_id=run_id,
-                                                   tags={"role": CHALLENGER, **tags})
+        version = self.client.create_model_version(
+            model_name, source=source, run_id=run_id, tags={"role": CHALLENGER, **tags}
+        )
         self.client.set_registered_model_alias(model_name, CHALLENGER, version.version)
         return str(version.version)
 

@@ -71,8 +71,9 @@ class Sharded:
         return [t for t in self.config.sparse_features if self.owners[t] == rank]
 
 
-def build_sharded(config: ModelConfig, table_rows: Mapping[str, int], hparams: HParams,
-                  device: torch.device) -> Sharded:
+def build_sharded(
+    config: ModelConfig, table_rows: Mapping[str, int], hparams: HParams, device: torch.device
+) -> Sharded:
     """Plan, shard and wrap the model; every rank of the default group must call this together."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -92,18 +93,22 @@ def build_sharded(config: ModelConfig, table_rows: Mapping[str, int], hparams: H
     # table-wise: a table lives whole on one rank, so row ownership is per table and
     # pulls/pushes of full rows (vector + state) stay on the rank that owns them
     constraints = {t: ParameterConstraints(sharding_types=["table_wise"]) for t in config.sparse_features}
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
-                                       constraints=constraints)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device=device.type), constraints=constraints
+    )
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   device=device, plan=plan, sharders=[sharder])
+    dmp = DistributedModelParallel(
+        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device, plan=plan, sharders=[sharder]
+    )
     owners = {}
     for table, sharding in plan.plan["ebc"].items():
         if sharding.sharding_type != "table_wise" or len(sharding.ranks) != 1:
             raise RuntimeError(f"table {table}: expected table-wise sharding, got {sharding.sharding_type}")
         owners[table] = sharding.ranks[0]
-    dense_optimizer = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                            lambda params: torch.optim.Adam(params, lr=hparams.dense_lr))
+    dense_optimizer = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=hparams.dense_lr),
+    )
     sharded = Sharded(dmp, dense_optimizer, owners, config, dict(table_rows))
     _bind_views(sharded, dist.get_rank())
     return sharded
@@ -135,8 +140,10 @@ def load_rows(sharded: Sharded, table: str, weights: np.ndarray, state: np.ndarr
 def read_rows(sharded: Sharded, table: str) -> tuple[np.ndarray, np.ndarray]:
     """Current vectors [n, D] and row-wise Adagrad state [n, 1] of an owned table."""
     with torch.no_grad():
-        return (sharded._weights[table].detach().cpu().numpy().copy(),
-                sharded._state[table].detach().cpu().numpy().reshape(-1, 1).copy())
+        return (
+            sharded._weights[table].detach().cpu().numpy().copy(),
+            sharded._state[table].detach().cpu().numpy().reshape(-1, 1).copy(),
+        )
 
 
 @dataclass
@@ -147,9 +154,18 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(sharded: Sharded, columns: Columns, local: Mapping[str, np.ndarray], train_rows: np.ndarray,
-          hparams: HParams, rank: int, world: int, device: torch.device,
-          on_step: Callable[[int, int, float], None] | None = None, crash_after_steps: int | None = None) -> TrainResult:
+def train(
+    sharded: Sharded,
+    columns: Columns,
+    local: Mapping[str, np.ndarray],
+    train_rows: np.ndarray,
+    hparams: HParams,
+    rank: int,
+    world: int,
+    device: torch.device,
+    on_step: Callable[[int, int, float], None] | None = None,
+    crash_after_steps: int | None = None,
+) -> TrainResult:
     """Epochs of data-parallel training; each rank takes an equal share of a shuffled order per epoch."""
     model, features = sharded.model, sharded.config.sparse_features
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -183,8 +199,14 @@ def train(sharded: Sharded, columns: Columns, local: Mapping[str, np.ndarray], t
     return result
 
 
-def predict(sharded: Sharded, columns: Columns, local: Mapping[str, np.ndarray], rows: np.ndarray,
-            batch_size: int, device: torch.device) -> np.ndarray:
+def predict(
+    sharded: Sharded,
+    columns: Columns,
+    local: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """Click probabilities of ``rows``; every rank must call it with the same rows (forward is collective)."""
     model, out = sharded.model, []
     model.eval()
@@ -210,4 +232,3 @@ def broadcast_from_rank0(obj: object, rank: int, world: int) -> object:
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-

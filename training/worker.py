@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from feature_repo.spec import SPEC
 from core.settings import Settings
+from feature_repo.spec import SPEC
 
 
 class JobFailed(RuntimeError):
@@ -125,32 +125,57 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         raise JobFailed(plan["error"])
     start, end = plan["start"], plan["end"]
     if not end:
-        return {"status": "no_new_samples",
-                "message": f"topic {topic} has no partitions at {s.kafka.bootstrap} (not created yet?): nothing to train"}
+        return {
+            "status": "no_new_samples",
+            "message": f"topic {topic} has no partitions at {s.kafka.bootstrap} (not created yet?): nothing to train",
+        }
     if window_size(start, end) == 0:
-        return {"status": "no_new_samples", "offsets": {"start": start, "end": end},
-                "message": f"no new samples on {topic} since the last job (offsets {end}): nothing to train"}
+        return {
+            "status": "no_new_samples",
+            "offsets": {"start": start, "end": end},
+            "message": f"no new samples on {topic} since the last job (offsets {end}): nothing to train",
+        }
     columns, stats = plan["columns"], plan["stats"]
     if rank == 0 and stats.rejected:
-        print(f"skipped {sum(stats.rejected.values())} invalid records: {dict(stats.rejected)}; "
-              f"e.g. {stats.examples[0]}", file=sys.stderr)
+        print(
+            f"skipped {sum(stats.rejected.values())} invalid records: {dict(stats.rejected)}; e.g. {stats.examples[0]}",
+            file=sys.stderr,
+        )
     config = ModelConfig.from_spec(SPEC, s.train.embedding_dim, s.train.dense_arch, s.train.over_arch)
     tables = table_configs(config.embedding_dim, s.train.init_std)
     try:
         store = open_training_store(s.ps.shards, tables, namespace=s.ps.namespace)
     except Exception as exc:  # ShardUnavailable, TableMismatch, bad URL
-        raise JobFailed(f"parameter service {[_redact(u) for u in s.ps.shards]} is unusable "
-                        f"({type(exc).__name__}: {exc}). Start it with `recsys ps up` or set RECSYS_PS_SHARDS.") from None
+        raise JobFailed(
+            f"parameter service {[_redact(u) for u in s.ps.shards]} is unusable "
+            f"({type(exc).__name__}: {exc}). Start it with `recsys ps up` or set RECSYS_PS_SHARDS."
+        ) from None
 
     run_id = None
-    hp = trainer.HParams(epochs=s.train.epochs, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr,
-                         dense_lr=s.train.dense_lr, seed=s.train.seed)
-    params = {"ranks": world, "backend": s.train.backend, "topic": topic, "epochs": hp.epochs,
-              "batch_size": hp.batch_size, "embedding_lr": hp.embedding_lr, "dense_lr": hp.dense_lr,
-              "embedding_dim": config.embedding_dim, "dense_arch": list(config.dense_arch),
-              "over_arch": list(config.over_arch), "eval_fraction": s.train.eval_fraction,
-              "init_std": s.train.init_std, "seed": hp.seed, "feature_spec_hash": config.spec_hash,
-              "previous_run": plan["previous_run"]}
+    hp = trainer.HParams(
+        epochs=s.train.epochs,
+        batch_size=s.train.batch_size,
+        embedding_lr=s.train.embedding_lr,
+        dense_lr=s.train.dense_lr,
+        seed=s.train.seed,
+    )
+    params = {
+        "ranks": world,
+        "backend": s.train.backend,
+        "topic": topic,
+        "epochs": hp.epochs,
+        "batch_size": hp.batch_size,
+        "embedding_lr": hp.embedding_lr,
+        "dense_lr": hp.dense_lr,
+        "embedding_dim": config.embedding_dim,
+        "dense_arch": list(config.dense_arch),
+        "over_arch": list(config.over_arch),
+        "eval_fraction": s.train.eval_fraction,
+        "init_std": s.train.init_std,
+        "seed": hp.seed,
+        "feature_spec_hash": config.spec_hash,
+        "previous_run": plan["previous_run"],
+    }
     try:
         if rank == 0:
             assert tracking is not None
@@ -162,11 +187,18 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             if rank == 0:
                 version = store.version()
                 tracking.commit_offsets(run_id, end, version)
-                tracking.log_json(run_id, MANIFEST_FILE, {"offsets": {"start": start, "end": end},
-                                                          "read": stats.to_dict(), "ps_version_pushed": None})
+                tracking.log_json(
+                    run_id,
+                    MANIFEST_FILE,
+                    {"offsets": {"start": start, "end": end}, "read": stats.to_dict(), "ps_version_pushed": None},
+                )
                 tracking.finish(run_id)
-            return {"status": "no_valid_samples", "run_id": run_id, "read": stats.to_dict(),
-                    "message": f"{stats.records} new records on {topic}, none a valid sample: window consumed"}
+            return {
+                "status": "no_valid_samples",
+                "run_id": run_id,
+                "read": stats.to_dict(),
+                "message": f"{stats.records} new records on {topic}, none a valid sample: window consumed",
+            }
 
         split = split_by_time(len(columns), s.train.eval_fraction)
         ws = working_set(columns, split.train)
@@ -186,8 +218,10 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         dist.all_gather_object(all_versions, sorted(versions) or [base_version])
         seen = {v for vs in all_versions for v in vs}
         if len(seen) != 1:
-            raise JobFailed(f"the parameter service changed while the ranks pulled (versions {sorted(seen)}): "
-                            "another writer is pushing; rerun the job")
+            raise JobFailed(
+                f"the parameter service changed while the ranks pulled (versions {sorted(seen)}): "
+                "another writer is pushing; rerun the job"
+            )
         base_version = seen.pop()
 
         # 4. train and evaluate ------------------------------------------------------------
@@ -196,16 +230,23 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             from tqdm import tqdm
 
             per_epoch = (len(split.train) // world) * world
-            progress = tqdm(total=per_epoch * hp.epochs, unit="sample", unit_scale=True, mininterval=1.0,
-                            desc=f"train {world} rank{'s' if world > 1 else ''}", file=sys.stderr)
+            progress = tqdm(
+                total=per_epoch * hp.epochs,
+                unit="sample",
+                unit_scale=True,
+                mininterval=1.0,
+                desc=f"train {world} rank{'s' if world > 1 else ''}",
+                file=sys.stderr,
+            )
 
         def on_step(step: int, n: int, loss: float) -> None:
             if progress is not None:
                 progress.update(n)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-        result = trainer.train(sharded, columns, ws.local, split.train, hp, rank, world, device, on_step,
-                               s.train.crash_after_steps)
+        result = trainer.train(
+            sharded, columns, ws.local, split.train, hp, rank, world, device, on_step, s.train.crash_after_steps
+        )
         if progress is not None:
             progress.close()
         timings["train_s"] = result.seconds
@@ -235,8 +276,10 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         except LogTrimmed:
             clash = {"(log trimmed)": 1} if store.version() != base_version else {}
         if clash:
-            raise JobFailed(f"rows of this window changed in the parameter service since the pull at version "
-                            f"{base_version} ({clash}): another job trained them; rerun this job")
+            raise JobFailed(
+                f"rows of this window changed in the parameter service since the pull at version "
+                f"{base_version} ({clash}): another job trained them; rerun this job"
+            )
         new_version = store.push(updates)
         timings["push_s"] = time.perf_counter() - t0
         tracking.commit_offsets(run_id, end, new_version)
@@ -255,23 +298,40 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         rows_pulled = {t: int(len(ws.ids[t])) for t in config.sparse_features}
         rows_pushed = {t: int(len(r.ids)) for t, r in updates.items()}
         busy = timings["pull_s"] + timings["train_s"] + timings["push_s"]
-        metrics.update({
-            "train_samples": float(len(split.train)), "eval_samples": float(len(split.eval)),
-            "train_steps": float(result.steps), "samples_per_s_train": result.samples / max(result.seconds, 1e-9),
-            "samples_per_s_with_ps": result.samples / max(busy, 1e-9),
-            "rows_pulled": float(sum(rows_pulled.values())), "rows_pushed": float(sum(rows_pushed.values())),
-            **{f"time_{k}": v for k, v in timings.items()},
-        })
+        metrics.update(
+            {
+                "train_samples": float(len(split.train)),
+                "eval_samples": float(len(split.eval)),
+                "train_steps": float(result.steps),
+                "samples_per_s_train": result.samples / max(result.seconds, 1e-9),
+                "samples_per_s_with_ps": result.samples / max(busy, 1e-9),
+                "rows_pulled": float(sum(rows_pulled.values())),
+                "rows_pushed": float(sum(rows_pushed.values())),
+                **{f"time_{k}": v for k, v in timings.items()},
+            }
+        )
         manifest = {
-            "run_id": run_id, "topic": topic, "kafka_bootstrap": s.kafka.bootstrap,
+            "run_id": run_id,
+            "topic": topic,
+            "kafka_bootstrap": s.kafka.bootstrap,
             "offsets": {"start": {str(p): o for p, o in start.items()}, "end": {str(p): o for p, o in end.items()}},
-            "read": stats.to_dict(), "train_samples": int(len(split.train)), "eval_samples": int(len(split.eval)),
+            "read": stats.to_dict(),
+            "train_samples": int(len(split.train)),
+            "eval_samples": int(len(split.eval)),
             "eval_start_time": float(columns.event_time[split.eval[0]]) if len(split.eval) else None,
-            "ps_shards": [_redact(u) for u in s.ps.shards], "ps_version_pulled": base_version,
-            "ps_version_pushed": new_version, "rows_pulled": rows_pulled, "rows_pushed": rows_pushed,
-            "table_owners": sharded.owners, "feature_spec_hash": config.spec_hash, "model_config": config.to_dict(),
-            "tables": [t.to_dict() for t in tables], "hparams": params, "world_size": world,
-            "timings_s": timings, "metrics": metrics,
+            "ps_shards": [_redact(u) for u in s.ps.shards],
+            "ps_version_pulled": base_version,
+            "ps_version_pushed": new_version,
+            "rows_pulled": rows_pulled,
+            "rows_pushed": rows_pushed,
+            "table_owners": sharded.owners,
+            "feature_spec_hash": config.spec_hash,
+            "model_config": config.to_dict(),
+            "tables": [t.to_dict() for t in tables],
+            "hparams": params,
+            "world_size": world,
+            "timings_s": timings,
+            "metrics": metrics,
         }
         tracking.log_series(run_id, "loss", result.losses)
         tracking.log_metrics(run_id, metrics)
@@ -279,18 +339,39 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_dense(Path(tmp) / DENSE_FILE, config, dense_weights,
-                              extra={"ps_version": new_version, "run_id": run_id, "tables": manifest["tables"]})
+            path = save_dense(
+                Path(tmp) / DENSE_FILE,
+                config,
+                dense_weights,
+                extra={"ps_version": new_version, "run_id": run_id, "tables": manifest["tables"]},
+            )
             source = tracking.log_file(run_id, path, DENSE_ARTIFACT_DIR)
-        model_version = tracking.register(run_id, s.train.model_name, source, {
-            "ps_version": str(new_version), "run_id": run_id, "feature_spec_hash": config.spec_hash,
-            "eval_auc": f"{metrics.get('eval_auc', float('nan')):.4f}"})
+        model_version = tracking.register(
+            run_id,
+            s.train.model_name,
+            source,
+            {
+                "ps_version": str(new_version),
+                "run_id": run_id,
+                "feature_spec_hash": config.spec_hash,
+                "eval_auc": f"{metrics.get('eval_auc', float('nan')):.4f}",
+            },
+        )
         tracking.finish(run_id)
         trainer.broadcast_from_rank0("done", rank, world)
-        return {"status": "trained", "run_id": run_id, "model_name": s.train.model_name,
-                "model_version": model_version, "ps_version_before": base_version, "ps_version": new_version,
-                "offsets": manifest["offsets"], "rows_pulled": rows_pulled, "rows_pushed": rows_pushed,
-                "metrics": metrics, "timings_s": timings}
+        return {
+            "status": "trained",
+            "run_id": run_id,
+            "model_name": s.train.model_name,
+            "model_version": model_version,
+            "ps_version_before": base_version,
+            "ps_version": new_version,
+            "offsets": manifest["offsets"],
+            "rows_pulled": rows_pulled,
+            "rows_pushed": rows_pushed,
+            "metrics": metrics,
+            "timings_s": timings,
+        }
     except BaseException:
         if rank == 0 and run_id is not None and tracking is not None:
             try:

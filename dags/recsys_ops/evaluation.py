@@ -34,8 +34,11 @@ def _dense_artifact(client: Any, tracking_uri: str, model_name: str, version: st
     import mlflow
 
     source = client.get_model_version(model_name, version).source
-    found = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into / version),
-                                                     tracking_uri=tracking_uri))
+    found = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(into / version), tracking_uri=tracking_uri
+        )
+    )
     if found.is_dir():
         files = sorted(found.rglob("*.pt"))
         if not files:
@@ -69,7 +72,9 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, version in versions.items():
-            config, arch, _extra = load_dense(_dense_artifact(client, s.mlflow.tracking_uri, s.train.model_name, str(version), Path(tmp)))
+            config, arch, _extra = load_dense(
+                _dense_artifact(client, s.mlflow.tracking_uri, s.train.model_name, str(version), Path(tmp))
+            )
             models[label] = (config, arch)
     first = next(iter(models.values()))[0]
     for label, (config, _arch) in models.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ def materialize(s: Settings, lookback: timedelta = timedelta(days=365)) -> dict[
     from feature_repo.store import open_store
 
     store = open_store(s.feast.data_dir, s.feast.online_store, _redis_url(s), apply=True)
-    end = datetime.now(timezone.utc)
+    end = datetime.now(UTC)
     views = [v.name for v in store.list_feature_views()]
     # views never materialized start from `lookback` ago (Feast needs a start for the first interval)
     for view in store.list_feature_views():

@@ -55,10 +55,14 @@ def decide(challenger_auc: float, champion_auc: float | None, tolerance: float) 
         return True, "no champion yet"
     margin = challenger_auc - champion_auc
     if margin < -tolerance:
-        return False, (f"challenger AUC {challenger_auc:.4f} is worse than champion AUC {champion_auc:.4f} "
-                       f"by {-margin:.4f} > tolerance {tolerance:.4f}")
-    return True, (f"challenger AUC {challenger_auc:.4f} vs champion AUC {champion_auc:.4f} "
-                  f"(difference {margin:+.4f}, tolerance {tolerance:.4f})")
+        return False, (
+            f"challenger AUC {challenger_auc:.4f} is worse than champion AUC {champion_auc:.4f} "
+            f"by {-margin:.4f} > tolerance {tolerance:.4f}"
+        )
+    return True, (
+        f"challenger AUC {challenger_auc:.4f} vs champion AUC {champion_auc:.4f} "
+        f"(difference {margin:+.4f}, tolerance {tolerance:.4f})"
+    )
 
 
 def client_for(tracking_uri: str):  # noqa: ANN201 - mlflow's MlflowClient, imported lazily
@@ -84,8 +88,14 @@ def _metric(client: Any, run_id: str, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def record_champion_score(client: Any, model_name: str, challenger_version: str, champion: str,
-                          auc: float, challenger_auc: float | None = None) -> None:
+def record_champion_score(
+    client: Any,
+    model_name: str,
+    challenger_version: str,
+    champion: str,
+    auc: float,
+    challenger_auc: float | None = None,
+) -> None:
     """Log the champion's AUC on the challenger's evaluation set to the challenger's run (idempotent).
 
     ``challenger_auc``: the challenger scored in the same pass (same rows), when the caller has it.
@@ -115,11 +125,14 @@ def evaluate_gate(client: Any, model_name: str, challenger_version: str, toleran
             same_rows = _metric(client, version.run_id, SAME_ROWS_METRIC)
             challenger_auc = challenger_auc if same_rows is None else same_rows
         if scored != champion or champion_auc is None:
-            raise GateError(f"the champion (v{champion}) has no AUC on the evaluation set of v{challenger_version} "
-                            f"(scored: {scored or 'none'}); run the evaluate task first")
+            raise GateError(
+                f"the champion (v{champion}) has no AUC on the evaluation set of v{challenger_version} "
+                f"(scored: {scored or 'none'}); run the evaluate task first"
+            )
     if champion == str(challenger_version):
-        return Decision(True, "already champion", str(challenger_version), challenger_auc, champion,
-                        challenger_auc, tolerance)
+        return Decision(
+            True, "already champion", str(challenger_version), challenger_auc, champion, challenger_auc, tolerance
+        )
     promote, reason = decide(challenger_auc, champion_auc, tolerance)
     return Decision(promote, reason, str(challenger_version), challenger_auc, champion, champion_auc, tolerance)
 

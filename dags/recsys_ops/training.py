@@ -47,15 +47,20 @@ def count_new_samples(s: Settings) -> dict[str, Any]:
         raise TaskFailed(str(exc)) from None
     start = _last_offsets(s)
     new = sum(max(0, offset - start.get(partition, 0)) for partition, offset in end.items())
-    return {"topic": s.kafka.topic_samples, "new": new, "start": {str(p): o for p, o in start.items()},
-            "end": {str(p): o for p, o in end.items()}}
+    return {
+        "topic": s.kafka.topic_samples,
+        "new": new,
+        "start": {str(p): o for p, o in start.items()},
+        "end": {str(p): o for p, o in end.items()},
+    }
 
 
 # --------------------------------------------------------------------------- train
 
 
-def train(s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path,
-          timeout_s: float = 6 * 3600) -> dict[str, Any]:
+def train(
+    s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path, timeout_s: float = 6 * 3600
+) -> dict[str, Any]:
     """Run ``recsys train`` once per DAG run: a retry after a finished job returns that job's outcome.
 
     The trainer's outcome (status, run id, model version, parameter version, metrics; `recsys
@@ -75,7 +80,7 @@ def train(s: Settings, run_key: str, ranks: int, epochs: int, outcome_dir: Path,
     log.info("recsys train output:\n%s", done.stderr[-20000:])
     stdout = done.stdout.strip()
     try:
-        outcome = json.loads(stdout[stdout.index("{"):]) if "{" in stdout else None
+        outcome = json.loads(stdout[stdout.index("{") :]) if "{" in stdout else None
     except json.JSONDecodeError:
         outcome = None
     if done.returncode != 0 or outcome is None:
@@ -112,9 +117,13 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     version = client.get_model_version(name, str(model_version))
     run = client.get_run(version.run_id)
     champion = gate.champion_version(client, name)
-    info: dict[str, Any] = {"model_version": str(model_version), "run_id": version.run_id,
-                            "challenger_auc": run.data.metrics.get(gate.CHALLENGER_METRIC),
-                            "champion_version": champion, "champion_auc": None}
+    info: dict[str, Any] = {
+        "model_version": str(model_version),
+        "run_id": version.run_id,
+        "challenger_auc": run.data.metrics.get(gate.CHALLENGER_METRIC),
+        "champion_version": champion,
+        "champion_auc": None,
+    }
     if info["challenger_auc"] is None:
         raise TaskFailed(f"{name} v{model_version} (run {version.run_id}) has no {gate.CHALLENGER_METRIC}")
     if champion is None or champion == str(model_version):
@@ -127,11 +136,19 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     try:
         scored = score_versions(s, version.run_id, {"challenger": str(model_version), "champion": champion})
     except Exception as exc:  # noqa: BLE001 - any failure means: no comparable champion score
-        raise TaskFailed(f"the champion v{champion} could not be scored on the evaluation set of v{model_version} "
-                         f"({type(exc).__name__}: {exc}); the gate will not compare AUCs of different sets") from exc
+        raise TaskFailed(
+            f"the champion v{champion} could not be scored on the evaluation set of v{model_version} "
+            f"({type(exc).__name__}: {exc}); the gate will not compare AUCs of different sets"
+        ) from exc
     log.info("scored on the evaluation set of v%s: %s", model_version, scored)
-    gate.record_champion_score(client, name, str(model_version), champion, scored["auc"]["champion"],
-                               challenger_auc=scored["auc"]["challenger"])
+    gate.record_champion_score(
+        client,
+        name,
+        str(model_version),
+        champion,
+        scored["auc"]["champion"],
+        challenger_auc=scored["auc"]["challenger"],
+    )
     info["challenger_auc_same_rows"] = scored["auc"]["challenger"]
     info["eval_samples"] = scored["eval_samples"]
     info["champion_auc"] = scored["auc"]["champion"]
@@ -147,8 +164,9 @@ def gate_decision(s: Settings, model_version: str, tolerance: float) -> dict[str
         decision = gate.evaluate_gate(client, s.train.model_name, str(model_version), tolerance)
     except gate.GateError as exc:
         raise TaskFailed(str(exc)) from None
-    client.set_model_version_tag(s.train.model_name, str(model_version), gate.TAG_GATE,
-                                 "passed" if decision.promote else "refused")
+    client.set_model_version_tag(
+        s.train.model_name, str(model_version), gate.TAG_GATE, "passed" if decision.promote else "refused"
+    )
     log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
     return decision.as_dict()
 
@@ -175,15 +193,22 @@ def wait_for_replicas(s: Settings, ps_version: int, timeout_s: float, poll_s: fl
         return {"ps_version": ps_version, "replicas": {}}
     deadline = time.monotonic() + timeout_s
     while True:
-        states = {",".join(urls): replica_status(None, urls, timeout=min(2.0, s.ps.timeout_s),
-                                                 namespace=s.ps.namespace) for urls in replicas}
-        behind = {name: st.get("version", st.get("error")) for name, st in states.items()
-                  if not st.get("up") or int(st.get("version", -1)) < ps_version}
+        states = {
+            ",".join(urls): replica_status(None, urls, timeout=min(2.0, s.ps.timeout_s), namespace=s.ps.namespace)
+            for urls in replicas
+        }
+        behind = {
+            name: st.get("version", st.get("error"))
+            for name, st in states.items()
+            if not st.get("up") or int(st.get("version", -1)) < ps_version
+        }
         if not behind:
             return {"ps_version": ps_version, "replicas": {n: st["version"] for n, st in states.items()}}
         if time.monotonic() > deadline:
-            raise TaskFailed(f"after {timeout_s:.0f}s these replicas have not applied version {ps_version}: "
-                             f"{behind} (is `recsys ps up` running their replicators?)")
+            raise TaskFailed(
+                f"after {timeout_s:.0f}s these replicas have not applied version {ps_version}: "
+                f"{behind} (is `recsys ps up` running their replicators?)"
+            )
         time.sleep(poll_s)
 
 
