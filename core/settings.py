@@ -390,7 +390,7 @@ class Settings(BaseModel):
 
 def environment_names() -> set[str]:
     """Every environment variable some section reads."""
-    names = set()
+    names: set[str] = set()
     for section in SECTIONS.values():
         names.update(env_name(section, field_name) for field_name in section.model_fields)
     return names
