@@ -1,12 +1,23 @@
-.PHONY: demo test bootstrap bench
+.PHONY: demo test test-fast lint bootstrap bench
 
 # The main job, end to end: installs, starts local services, simulates traffic into Kafka and reads it back.
 demo: bootstrap
 	./scripts/demo.sh
 
-# Every test, against real Kafka and Redis started by the fixtures.
-test: bootstrap
+# Every check and every test, against real Kafka, Redis, MLflow, Airflow started by the fixtures (CI runs this).
+test: bootstrap lint
 	uv run pytest -q --durations=15
+
+# Unit tests only (no services started), for the edit-test loop: about a minute and a half.
+test-fast: bootstrap lint
+	uv run pytest -q -m "not integration and not slow"
+
+# Layering contracts (import-linter), lint and format (ruff), types (mypy).
+lint:
+	uv run lint-imports
+	uv run ruff check .
+	uv run ruff format --check .
+	uv run mypy
 
 bootstrap:
 	./scripts/bootstrap.sh

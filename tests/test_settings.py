@@ -191,3 +191,23 @@ def test_derived_defaults_follow_the_values_they_derive_from(tmp_path) -> None:
     assert settings.feast_redis_url == "redis://h:9/0"
     explicit = settings.override(stream={"data_dir": tmp_path / "s"}, feast={"redis_url": "redis://f:1/0"})
     assert (explicit.stream_data_dir, explicit.feast_redis_url) == (tmp_path / "s", "redis://f:1/0")
+
+
+def test_the_cli_warns_of_a_misspelt_variable_and_goes_on(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from core.settings import PROJECT_ROOT
+
+    env = {**os.environ, "RECSYS_RUN_DIR": str(tmp_path), "RECSYS_SERVING_PROT": "8001", "COLUMNS": "200"}
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "services", "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr and "RECSYS_SERVING_PROT" in done.stderr
