@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from core.settings import Settings
-from serving.app import Components
+from serving.components import Components
 from serving.features import FeastFeatures, FeatureSource
 from serving.metrics import Metrics
 from serving.model import EmbeddingDotScorer, ModelHandle

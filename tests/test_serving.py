@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from core.settings import Settings
 from feature_repo.spec import encode_item, encode_user, item_id_key, user_id_key
 from paramserver import Rows, ShardUnavailable, TableConfig, open_store
-from serving.app import Components, create_app
+from serving.app import create_app
+from serving.components import Components
 from serving.features import StaticFeatures, assemble
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher

@@ -23,7 +23,8 @@ from feature_repo.contract import Impression, parse_event
 from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, join_features, user_id_key
 from local_services import services
 from paramserver import Replicator, Rows, TableConfig, open_reader, open_store
-from serving.app import Components, create_app
+from serving.app import create_app
+from serving.components import Components
 from serving.features import FeastFeatures, StaticFeatures
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher

@@ -1,0 +1,1 @@
+"""The API by area, one ``APIRouter`` each: ranking (recommend), operations (health), admin."""
