@@ -29,11 +29,13 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from core.kafka import ensure_topics, start_producer
+from core.kafka import ensure_topics, publish, start_producer
 from core.settings import PROJECT_ROOT, Settings
+from feature_repo.contract import user_profile_event
 from local_services import services
 from traffic.simulator import SimConfig, Simulation
 
@@ -345,18 +347,16 @@ def freshness(
         stop_worker(proc)
 
 
-def profile(user_id: str, ts: float) -> dict:
-    return {
-        "schema_version": 1,
-        "event_type": "user_profile",
-        "event_id": f"p-{user_id}-{ts}",
-        "timestamp": ts,
-        "user_id": user_id,
-        "gender": "F",
-        "age": 33,
-        "occupation": "writer",
-        "zip_code": "10001",
-    }
+def profile(user_id: str, ts: float) -> dict[str, Any]:
+    return user_profile_event(
+        event_id=f"p-{user_id}-{ts}",
+        timestamp=ts,
+        user_id=user_id,
+        gender="F",
+        age=33,
+        occupation="writer",
+        zip_code="10001",
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -394,15 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         events = f"bench.events.{uuid.uuid4().hex[:8]}"
         asyncio.run(ensure_topics(bootstrap, {events: PARTITIONS}))
 
-        async def preload() -> None:
-            producer = await start_producer(bootstrap)
-            try:
-                futures = [await producer.send(events, r.value, key=r.key) for r in records]
-                await asyncio.gather(*futures)
-            finally:
-                await producer.stop()
-
-        asyncio.run(preload())
+        asyncio.run(publish(records, bootstrap, events))
         size = sum(len(r.value) for r in records) / len(records)
         print(
             f"pre-loaded {len(records)} records (mean {size:.0f} B; {len(sim.truth)} impressions, "

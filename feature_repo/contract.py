@@ -7,6 +7,11 @@ workers. Types are strict: ``"3"`` is not a position, ``42`` is not a user id.
 ``parse_event`` is the one entry point for raw bytes: it either returns an event model or
 raises ``InvalidEvent`` with a machine-readable reason (for dead-lettering and metrics)
 and a message a person can act on.
+
+The writer side sits beside it: ``impression_event``, ``click_event``, ``user_profile_event``
+and ``item_profile_event`` build the JSON object of one event (``orjson.dumps`` it), and
+``event_key`` gives its Kafka key. They do not validate (serving and the simulator call them
+on hot paths); tests/test_contract.py parses what each emits back with ``parse_event``.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 EVENT_TYPES = ("impression", "click", "user_profile", "item_profile")
 
@@ -86,8 +92,7 @@ class _Event(BaseModel):
 
     def kafka_key(self) -> bytes:
         """Records are keyed by user id (item profiles by item id) so one user's events stay ordered."""
-        owner = getattr(self, "user_id", None) or self.item_id
-        return owner.encode()
+        return event_key({"user_id": getattr(self, "user_id", None), "item_id": getattr(self, "item_id", None)})
 
 
 class Impression(_Event):
@@ -127,7 +132,7 @@ class ItemProfile(_Event):
 
 Event = Annotated[Impression | Click | UserProfile | ItemProfile, Field(discriminator="event_type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-EVENT_CLASSES: dict[str, type[_Event]] = {
+EVENT_CLASSES: dict[str, type[Impression] | type[Click] | type[UserProfile] | type[ItemProfile]] = {
     "impression": Impression,
     "click": Click,
     "user_profile": UserProfile,
@@ -240,3 +245,92 @@ def parse_event(
 def event_from_dict(data: dict[str, Any]) -> Event:
     """Build an event from a trusted dict (no timestamp window check); raises pydantic errors."""
     return EVENT_ADAPTER.validate_python(data)
+
+
+# --------------------------------------------------------------------------- the writer side
+
+# Feature values an impression logs, as the spec's encoders give them: (sparse ids, dense values).
+LoggedFeatures = tuple[Mapping[str, Sequence[int]], Mapping[str, float]]
+
+
+def _head(event_type: str, event_id: str, timestamp: float) -> dict[str, Any]:
+    # key order is part of the bytes: the simulator promises same seed => same bytes
+    return {"schema_version": SCHEMA_VERSION, "event_type": event_type, "event_id": event_id, "timestamp": timestamp}
+
+
+def impression_event(
+    *,
+    event_id: str,
+    timestamp: float,
+    request_id: str,
+    user_id: str,
+    item_id: str,
+    position: int,
+    model_version: str | None = None,
+    features: LoggedFeatures | None = None,
+) -> dict[str, Any]:
+    """An ``impression``: ``item_id`` was shown to ``user_id`` at ``position`` of request ``request_id``."""
+    event = _head("impression", event_id, timestamp)
+    event.update(request_id=request_id, user_id=user_id, item_id=item_id, position=position)
+    if model_version is not None:
+        event["model_version"] = model_version
+    if features is not None:
+        event["features"] = {"sparse": features[0], "dense": features[1]}
+    return event
+
+
+def click_event(*, event_id: str, timestamp: float, request_id: str, user_id: str, item_id: str) -> dict[str, Any]:
+    """A ``click`` on the impression of ``item_id`` in request ``request_id``."""
+    event = _head("click", event_id, timestamp)
+    event.update(request_id=request_id, user_id=user_id, item_id=item_id)
+    return event
+
+
+def user_profile_event(
+    *,
+    event_id: str,
+    timestamp: float,
+    user_id: str,
+    gender: str | None = None,
+    age: int | None = None,
+    occupation: str | None = None,
+    zip_code: str | None = None,
+) -> dict[str, Any]:
+    """A ``user_profile``; attributes left None are left out (the parser reads them as unknown)."""
+    event = _head("user_profile", event_id, timestamp)
+    event["user_id"] = user_id
+    _put_known(event, gender=gender, age=age, occupation=occupation, zip_code=zip_code)
+    return event
+
+
+def item_profile_event(
+    *,
+    event_id: str,
+    timestamp: float,
+    item_id: str,
+    category: str | None = None,
+    genres: Sequence[str] = (),
+    year: int | None = None,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """An ``item_profile``; attributes left None are left out, ``genres`` is always written."""
+    event = _head("item_profile", event_id, timestamp)
+    event["item_id"] = item_id
+    _put_known(event, category=category)
+    event["genres"] = list(genres)
+    _put_known(event, year=year, title=title)
+    return event
+
+
+def _put_known(event: dict[str, Any], **attributes: object) -> None:
+    for name, value in attributes.items():
+        if value is not None:
+            event[name] = value
+
+
+def event_key(event: Mapping[str, Any]) -> bytes:
+    """The Kafka key of an event: its user id, or for an item profile its item id (one user's events stay ordered)."""
+    owner = event.get("user_id") or event.get("item_id")
+    if not isinstance(owner, str) or not owner:
+        raise ValueError("an event needs a user_id or an item_id to be keyed")
+    return owner.encode()

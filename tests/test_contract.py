@@ -16,8 +16,13 @@ from feature_repo.contract import (
     RejectReason,
     Sample,
     UserProfile,
+    click_event,
+    event_key,
+    impression_event,
+    item_profile_event,
     parse_event,
     sample_id,
+    user_profile_event,
 )
 
 NOW = 1_800_000_000.0
@@ -147,3 +152,63 @@ def test_sample_round_trip_and_deterministic_id() -> None:
     assert Sample.from_json(sample.to_json()) == sample
     with pytest.raises(ValueError):
         Sample.model_validate({**sample.model_dump(), "label": 2})
+
+
+# --------------------------------------------------------------------------- the writer side
+
+BUILT = {
+    "impression": impression_event(
+        event_id="e-1",
+        timestamp=NOW - 10,
+        request_id="r1",
+        user_id="u1",
+        item_id="i1",
+        position=3,
+        model_version="7",
+        features=({"user_id": [5], "genres": [1, 2]}, {"user_age": 0.5}),
+    ),
+    "click": click_event(event_id="e-1", timestamp=NOW - 10, request_id="r1", user_id="u1", item_id="i1"),
+    "user_profile": user_profile_event(
+        event_id="e-1", timestamp=NOW - 10, user_id="u1", gender="F", age=31, occupation="writer", zip_code="94110"
+    ),
+    "item_profile": item_profile_event(
+        event_id="e-1",
+        timestamp=NOW - 10,
+        item_id="i1",
+        category="drama",
+        genres=("drama", "war"),
+        year=1999,
+        title="A film",
+    ),
+}
+
+
+@pytest.mark.parametrize("event_type", sorted(BUILT))
+def test_every_builder_emits_what_the_parser_reads_back_to_the_same_values(event_type: str) -> None:
+    built = BUILT[event_type]
+    event = parse(built)
+    assert isinstance(event, CLASSES[event_type])
+    assert event == parse(VALID[event_type])  # the same event as the hand-written one
+    assert event.model_dump(mode="json", exclude_none=True) == built
+    assert event.model_extra == {}  # no field the model does not know
+    assert event_key(built) == event.kafka_key()
+
+
+def test_builders_start_with_the_version_and_leave_unknown_attributes_out() -> None:
+    click = BUILT["click"]
+    assert list(click)[:4] == ["schema_version", "event_type", "event_id", "timestamp"]
+    assert click["schema_version"] == 1
+    bare = [
+        impression_event(event_id="e", timestamp=NOW, request_id="r", user_id="u", item_id="i", position=0),
+        user_profile_event(event_id="e", timestamp=NOW, user_id="u"),
+        item_profile_event(event_id="e", timestamp=NOW, item_id="i"),
+    ]
+    assert [sorted(set(e) - {"schema_version", "event_type", "event_id", "timestamp"}) for e in bare] == [
+        ["item_id", "position", "request_id", "user_id"],
+        ["user_id"],
+        ["genres", "item_id"],
+    ]
+    for event in bare:
+        assert parse(event).event_type == event["event_type"]
+    with pytest.raises(ValueError, match="user_id or an item_id"):
+        event_key({"event_type": "click"})

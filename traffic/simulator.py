@@ -21,11 +21,13 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
 
 from core.metrics import roc_auc
+from feature_repo.contract import click_event, event_key, impression_event, item_profile_event, user_profile_event
 from feature_repo.spec import GENRES, OCCUPATIONS
 
 BAD_KINDS: tuple[str, ...] = (
@@ -148,31 +150,27 @@ class World:
         )
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def user_profile(self, i: int, event_id: str, ts: float) -> dict:
-        return {
-            "schema_version": 1,
-            "event_type": "user_profile",
-            "event_id": event_id,
-            "timestamp": ts,
-            "user_id": self.user_ids[i],
-            "gender": str(self.user_gender[i]),
-            "age": int(self.user_age[i]),
-            "occupation": OCCUPATIONS[int(self.user_occupation[i])],
-            "zip_code": str(int(self.user_zip[i])),
-        }
+    def user_profile(self, i: int, event_id: str, ts: float) -> dict[str, Any]:
+        return user_profile_event(
+            event_id=event_id,
+            timestamp=ts,
+            user_id=self.user_ids[i],
+            gender=str(self.user_gender[i]),
+            age=int(self.user_age[i]),
+            occupation=OCCUPATIONS[int(self.user_occupation[i])],
+            zip_code=str(int(self.user_zip[i])),
+        )
 
-    def item_profile(self, j: int, event_id: str, ts: float) -> dict:
+    def item_profile(self, j: int, event_id: str, ts: float) -> dict[str, Any]:
         genres = [GENRES[int(g)] for g in self.item_genres[j]]
-        return {
-            "schema_version": 1,
-            "event_type": "item_profile",
-            "event_id": event_id,
-            "timestamp": ts,
-            "item_id": self.item_ids[j],
-            "category": genres[0],
-            "genres": genres,
-            "year": int(self.item_year[j]),
-        }
+        return item_profile_event(
+            event_id=event_id,
+            timestamp=ts,
+            item_id=self.item_ids[j],
+            category=genres[0],
+            genres=genres,
+            year=int(self.item_year[j]),
+        )
 
 
 class Simulation:
@@ -195,24 +193,17 @@ class Simulation:
         self._counter += 1
         return f"e-{self.tag}-{self._counter}"
 
-    def _encode(self, event: dict) -> SimRecord:
-        key = (event.get("user_id") or event.get("item_id")).encode()
+    def _encode(self, event: dict[str, Any]) -> SimRecord:
         kind = event["event_type"]
         self.stats.events[kind] = self.stats.events.get(kind, 0) + 1
-        return SimRecord(key, orjson.dumps(event), event["timestamp"], kind)
+        return SimRecord(event_key(event), orjson.dumps(event), event["timestamp"], kind)
 
     def _bad(self, rng: np.random.Generator, ts: float) -> SimRecord:
         kind = BAD_KINDS[int(rng.integers(len(BAD_KINDS)))]
         self.stats.bad[kind] = self.stats.bad.get(kind, 0) + 1
-        base = {
-            "schema_version": 1,
-            "event_type": "click",
-            "event_id": self._event_id(),
-            "timestamp": ts,
-            "request_id": f"r-{self.tag}-bad",
-            "user_id": "u-bad",
-            "item_id": "i-bad",
-        }
+        base = click_event(
+            event_id=self._event_id(), timestamp=ts, request_id=f"r-{self.tag}-bad", user_id="u-bad", item_id="i-bad"
+        )
         if kind == "bad_json":
             value = orjson.dumps(base)[:-7]
         elif kind == "wrong_type":
@@ -247,7 +238,7 @@ class Simulation:
             yield self._encode(w.item_profile(j, self._event_id(), t0))
             yield from maybe_bad(t0)
 
-        pending: list[tuple[float, int, dict]] = []  # clicks waiting for their event time
+        pending: list[tuple[float, int, dict[str, Any]]] = []  # clicks waiting for their event time
         sequence = 0
         users = rng.choice(c.users, size=c.requests, p=w.user_activity)
         positions = np.arange(c.slate_size)
@@ -275,16 +266,14 @@ class Simulation:
                     )
                 )
                 yield self._encode(
-                    {
-                        "schema_version": 1,
-                        "event_type": "impression",
-                        "event_id": self._event_id(),
-                        "timestamp": round(ts, 6),
-                        "request_id": request_id,
-                        "user_id": w.user_ids[user],
-                        "item_id": item_id,
-                        "position": position,
-                    }
+                    impression_event(
+                        event_id=self._event_id(),
+                        timestamp=round(ts, 6),
+                        request_id=request_id,
+                        user_id=w.user_ids[user],
+                        item_id=item_id,
+                        position=position,
+                    )
                 )
                 yield from maybe_bad(ts)
                 if clicked[position]:
@@ -295,15 +284,13 @@ class Simulation:
                         (
                             click_ts,
                             sequence,
-                            {
-                                "schema_version": 1,
-                                "event_type": "click",
-                                "event_id": self._event_id(),
-                                "timestamp": click_ts,
-                                "request_id": request_id,
-                                "user_id": w.user_ids[user],
-                                "item_id": item_id,
-                            },
+                            click_event(
+                                event_id=self._event_id(),
+                                timestamp=click_ts,
+                                request_id=request_id,
+                                user_id=w.user_ids[user],
+                                item_id=item_id,
+                            ),
                         ),
                     )
         while pending:

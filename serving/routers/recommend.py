@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, HTTPException
 from starlette.concurrency import run_in_threadpool
 
+from feature_repo.contract import impression_event
 from serving.metrics import Metrics
 from serving.ranker import Ranking
 from serving.schemas import (
@@ -100,24 +101,15 @@ def _impression_records(ranking: Ranking) -> list[tuple[bytes, bytes]]:
     key = ranking.user_id.encode()
     out = []
     for position, (item_id, _) in enumerate(ranking.items):
-        sparse, dense = ranking.features[item_id]
-        out.append(
-            (
-                key,
-                orjson.dumps(
-                    {
-                        "schema_version": 1,
-                        "event_type": "impression",
-                        "event_id": f"{ranking.request_id}-{position}",
-                        "timestamp": now,
-                        "request_id": ranking.request_id,
-                        "user_id": ranking.user_id,
-                        "item_id": item_id,
-                        "position": position,
-                        "model_version": ranking.model_version,
-                        "features": {"sparse": sparse, "dense": dense},
-                    }
-                ),
-            )
+        event = impression_event(
+            event_id=f"{ranking.request_id}-{position}",
+            timestamp=now,
+            request_id=ranking.request_id,
+            user_id=ranking.user_id,
+            item_id=item_id,
+            position=position,
+            model_version=ranking.model_version,
+            features=ranking.features[item_id],
         )
+        out.append((key, orjson.dumps(event)))
     return out
