@@ -17,14 +17,14 @@ import time
 import uuid
 from pathlib import Path
 
-from core.kafka import ensure_topics, start_producer
+from core.kafka import ensure_topics, publish, start_producer
 from core.settings import Settings
 from local_services import services
-from traffic.recording import publish
 from traffic.simulator import SimConfig, Simulation
 
 
 async def bare_producer(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> float:
+    """The baseline: aiokafka's own send loop, deliberately not ``core.kafka.publish``."""
     producer = await start_producer(bootstrap)
     started = time.perf_counter()
     try:

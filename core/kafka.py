@@ -1,14 +1,17 @@
-"""Kafka plumbing shared by every room: topic creation, producers, bounded reads.
+"""Kafka plumbing shared by every room: topic creation, producers, bounded reads, and ``publish``.
 
-Leaf module (imports nothing of ours but settings types), so streaming, training and
-serving can all use it.
+Leaf module (imports nothing of ours), so streaming, training, serving and traffic can all
+use it. ``publish`` is the one loop that sends a stream of records: the simulator, replays,
+the demo, benchmarks and the synthetic-sample producer all go through it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -151,12 +154,113 @@ async def read_topic(
         await consumer.stop()
 
 
-async def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
-    """Send (key, value) pairs and wait for every acknowledgement; returns the count sent."""
+# Acknowledgements are awaited in windows of this many sends: bounded memory, full batches.
+ACK_WINDOW = 20_000
+
+
+class KeyedRecord(Protocol):
+    """A record as traffic/ makes them (``SimRecord``): key and value, and for paced sends a timestamp."""
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes: ...
+
+
+# (key, value), (key, value, send-at time) or an object with .key/.value (and .timestamp to pace on)
+PublishRecord = tuple[bytes | None, bytes] | tuple[bytes | None, bytes, float] | KeyedRecord
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    records: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _parts(record: PublishRecord) -> tuple[bytes | None, bytes, float | None]:
+    if isinstance(record, tuple):
+        return (record[0], record[1], record[2] if len(record) == 3 else None)
+    return record.key, record.value, getattr(record, "timestamp", None)
+
+
+async def publish(
+    records: Iterable[PublishRecord],
+    bootstrap: str,
+    topic: str,
+    rate: float = 0.0,
+    total: int | None = None,
+    show_progress: bool = False,
+    *,
+    paced: bool = False,
+    clock: Callable[[], float] = time.time,
+    label: str = "publishing to",
+    ack_window: int = ACK_WINDOW,
+) -> PublishResult:
+    """Send every record and wait for all acknowledgements; the count sent and the seconds it took.
+
+    ``rate`` > 0 paces sends to that many records per second of wall time; 0 sends as fast
+    as the producer takes them. ``paced`` sends each record no earlier than its timestamp on
+    ``clock`` (a replay at its event times). The Kafka record timestamp is the send time (the
+    broker rejects record timestamps far from its clock, and retention runs on them); event
+    time travels in the payload. ``total`` (when known) sizes the progress bar.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     producer = await start_producer(bootstrap)
+    progress = Progress(
+        TextColumn(f"{label} {{task.fields[topic]}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>9.0f} rec/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+        transient=False,
+    )
+    sent = 0
+    started = time.perf_counter()
     try:
-        futures = [await producer.send(topic, value=value, key=key) for key, value in records]
-        await asyncio.gather(*futures)
-        return len(futures)
+        with progress:
+            task = progress.add_task("publish", total=total, topic=topic, rate=0.0)
+            window = []
+            for record in records:
+                key, value, at = _parts(record)
+                if paced and at is not None:
+                    ahead = at - clock()
+                    if ahead > 0.005:
+                        await asyncio.sleep(ahead)
+                window.append(await producer.send(topic, value=value, key=key))
+                sent += 1
+                if rate > 0 and sent % 100 == 0:
+                    ahead = sent / rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if len(window) >= ack_window:
+                    await asyncio.gather(*window)
+                    window.clear()
+                if sent % 1000 == 0:
+                    elapsed = time.perf_counter() - started
+                    progress.update(task, completed=sent, rate=sent / elapsed if elapsed else 0.0)
+            await asyncio.gather(*window)
+            elapsed = time.perf_counter() - started
+            progress.update(task, completed=sent, rate=sent / elapsed if elapsed else 0.0)
     finally:
         await producer.stop()
+    return PublishResult(sent, time.perf_counter() - started)
+
+
+async def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+    """``publish`` without progress, returning only the count (the short form the tests use)."""
+    return (await publish(records, bootstrap, topic)).records

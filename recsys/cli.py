@@ -204,8 +204,8 @@ def simulate(
     """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL."""
     import orjson
 
-    from core.kafka import KafkaUnavailable
-    from traffic.recording import publish, write_jsonl
+    from core.kafka import KafkaUnavailable, publish
+    from traffic.recording import write_jsonl
     from traffic.simulator import SimConfig, Simulation
 
     s = load_settings()
@@ -294,8 +294,8 @@ def replay(
     limit: Annotated[int | None, typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
     """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka (malformed lines are reported and skipped)."""
-    from core.kafka import KafkaUnavailable
-    from traffic.recording import publish, read_jsonl, rebase
+    from core.kafka import KafkaUnavailable, publish
+    from traffic.recording import read_jsonl, rebase
 
     s = load_settings()
     if dataset is not None or file is None:

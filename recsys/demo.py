@@ -254,7 +254,7 @@ async def _topic_total(bootstrap: str, topic: str) -> int:
 
 
 def simulate_and_stream(s: Settings, config: DemoConfig, report: Report) -> Any:
-    from traffic.recording import publish
+    from core.kafka import publish
     from traffic.simulator import SimConfig, Simulation
 
     totals = {

@@ -8,9 +8,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, read_topic
+from core.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, publish, read_topic
 from feature_repo.contract import parse_event
-from traffic.recording import publish
 from traffic.simulator import SimConfig, Simulation
 
 pytestmark = pytest.mark.integration

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -40,7 +42,7 @@ def simulate_samples(config: SimConfig) -> SyntheticSamples:
     sim = Simulation(config)
     users: dict[str, EncodedEntity] = {}
     items: dict[str, EncodedEntity] = {}
-    impressions: list[dict] = []
+    impressions: list[dict[str, Any]] = []
     for record in sim.records():
         if record.kind == "user_profile":
             event = orjson.loads(record.value)
@@ -52,7 +54,8 @@ def simulate_samples(config: SimConfig) -> SyntheticSamples:
             impressions.append(orjson.loads(record.value))
     # the simulator appends one Truth per impression, in emission order
     assert len(impressions) == len(sim.truth)
-    samples, probability = [], {}
+    samples: list[Sample] = []
+    probability: dict[str, float] = {}
     for event, truth in zip(impressions, sim.truth):
         sparse, dense = join_features(
             users.get(event["user_id"]), items.get(event["item_id"]), event["user_id"], event["item_id"]
@@ -64,7 +67,7 @@ def simulate_samples(config: SimConfig) -> SyntheticSamples:
                 request_id=event["request_id"],
                 user_id=event["user_id"],
                 item_id=event["item_id"],
-                label=int(truth.clicked),
+                label=1 if truth.clicked else 0,
                 event_time=float(event["timestamp"]),
                 position=int(event["position"]),
                 sparse=sparse,
@@ -75,7 +78,7 @@ def simulate_samples(config: SimConfig) -> SyntheticSamples:
     return SyntheticSamples(samples, probability, sim.oracle_auc())
 
 
-def write_truth(path, synthetic: SyntheticSamples) -> None:
+def write_truth(path: str | Path, synthetic: SyntheticSamples) -> None:
     """The truth file `recsys train --truth` reads: one JSON object per line (sample_id, probability)."""
     with open(path, "wb") as handle:
         for sid, p in synthetic.probability.items():
@@ -84,7 +87,7 @@ def write_truth(path, synthetic: SyntheticSamples) -> None:
 
 def produce_samples(bootstrap: str, topic: str, samples: list[Sample], extra: list[bytes] | None = None) -> int:
     """Publish the samples (keyed by user id) and any extra raw records to ``topic``; returns the count."""
-    from core.kafka import produce_all
+    from core.kafka import publish
 
     records = [(s.user_id.encode(), s.to_json()) for s in samples] + [(b"raw", raw) for raw in extra or []]
-    return asyncio.run(produce_all(bootstrap, topic, records))
+    return asyncio.run(publish(records, bootstrap, topic)).records
