@@ -146,6 +146,7 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
     from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, user_id_key
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
+    from core.settings import ParamServerSettings
     from paramserver import Rows, TableConfig, open_store
     from traffic.simulator import SimConfig, World
     from training.model import DenseArch, ModelConfig, save_dense
@@ -172,7 +173,8 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
         ),
     )
     rng = np.random.default_rng(0)
-    store = open_store("redis", [TableConfig(name, DIM, init_std=0.05) for name in SPEC.sparse_names], shards=[ps_url])
+    tables = [TableConfig(name, DIM, init_std=0.05) for name in SPEC.sparse_names]
+    store = open_store("redis", tables, ParamServerSettings(), shards=[ps_url])
     users = np.array([user_id_key(u) for u in world.user_ids], np.int64)
     items = np.array([item_id_key(i) for i in world.item_ids], np.int64)
     store.push(
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.kafka import ensure_topics
     from core.settings import Settings
+    from local_services import kafka as local_kafka
     from local_services import services
 
     defaults = Settings()
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             started.append("bench-feast")
             kafka_port, controller = services.free_port(), services.free_port()
             print("starting Kafka, Redis (parameter replica, Feast online store) on loopback ...", flush=True)
-            services.start_kafka(
+            local_kafka.start_kafka(
                 run_dir,
                 defaults.local.cache_dir,
                 defaults.local.kafka_version,
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{stage} {_mean_ms(metrics, 'recsys_serving_stage_seconds', stage=stage):.2f} ms"
             for stage in ("features", "rows", "score")
         )
-        + f"; whole /v1/recommend handler {_mean_ms(metrics, 'recsys_serving_request_seconds', endpoint='recommend'):.2f} ms"
+        + "; whole /v1/recommend handler "
+        + f"{_mean_ms(metrics, 'recsys_serving_request_seconds', endpoint='recommend'):.2f} ms"
     )
     return 0 if errors == 0 else 1

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from core.kafka import ensure_topics, publish, start_producer
 from core.settings import Settings
+from local_services import kafka as local_kafka
 from local_services import services
 from traffic.simulator import SimConfig, Simulation
 
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         run_dir = Path(tmp)
         port = services.free_port()
-        services.start_kafka(
+        local_kafka.start_kafka(
             run_dir,
             defaults.local.cache_dir,
             defaults.local.kafka_version,

@@ -36,6 +36,7 @@ import orjson
 from core.kafka import ensure_topics, publish, start_producer
 from core.settings import PROJECT_ROOT, Settings
 from feature_repo.contract import user_profile_event
+from local_services import kafka as local_kafka
 from local_services import services
 from traffic.simulator import SimConfig, Simulation
 
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
     kafka_port, controller_port = services.free_port(), services.free_port()
     print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
-    services.start_kafka(
+    local_kafka.start_kafka(
         tmp,
         defaults.local.cache_dir,
         defaults.local.kafka_version,

@@ -261,9 +261,8 @@ def _wait_healthy(settings: Settings, components: list[str], deadline: float) ->
         for component in components:
             entry = alive.get(_service_name(component))
             if entry is not None and not entry.running:
-                raise AirflowError(
-                    f"airflow {component} exited during start-up; last log lines:\n{services._tail(entry.log_file, 30)}"
-                )  # noqa: SLF001
+                tail = services.log_tail(entry.log_file, 30)
+                raise AirflowError(f"airflow {component} exited during start-up; last log lines:\n{tail}")
         time.sleep(1.0)
     raise AirflowError(
         f"Airflow not healthy after {settings.airflow.start_timeout_s:.0f}s: {report}; "

@@ -1,4 +1,4 @@
-"""Local services started by the project itself: Kafka (KRaft) and Redis on 127.0.0.1.
+"""Local services started by the project itself on 127.0.0.1: the process bookkeeping, Redis and MLflow.
 
 Each started process gets a PID file (JSON: pid, port, command line) and a log file under
 ``run_dir``; ``stop`` ends exactly the processes whose PID files we wrote, after checking
@@ -7,13 +7,12 @@ idempotent: a service whose recorded process is alive and answering is left alon
 
 The same functions back ``recsys services up|down|status`` and the pytest fixtures (which
 use a temporary run directory and free ports, so tests never collide with a running demo).
+Kafka, which needs its jars fetched first, is ``local_services.kafka`` on top of this module.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -21,41 +20,11 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.procs import LOCALHOST, free_port, process_start_ticks  # noqa: F401  (re-exported for the fixtures)
-
-KAFKA_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local.recsys</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
-  <dependencies>
-    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{version}</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>2.0.16</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>2.24.3</version></dependency>
-    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
-  </dependencies>
-</project>
-"""
-
-LOG4J2_PROPERTIES = """status = warn
-appender.out.type = Console
-appender.out.name = OUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = OUT
-logger.state.name = state.change.logger
-logger.state.level = WARN
-logger.controller.name = org.apache.kafka.controller
-logger.controller.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-"""
-
-KAFKA_READY_LINE = "Kafka Server started"
 
 
 class ServiceError(RuntimeError):
@@ -88,7 +57,8 @@ def _pid_dir(run_dir: Path) -> Path:
     return run_dir / "pids"
 
 
-def _log_file(run_dir: Path, name: str) -> Path:
+def log_file_of(run_dir: Path, name: str) -> Path:
+    """Where the output of service ``name`` goes."""
     return run_dir / "logs" / f"{name}.log"
 
 
@@ -115,7 +85,8 @@ def _process_matches(pid: int, marker: str) -> bool:
     return state != "Z"
 
 
-def _recorded_alive(run_dir: Path, name: str) -> dict | None:
+def recorded_alive(run_dir: Path, name: str) -> dict | None:
+    """The PID record of service ``name`` when its process still runs (the same command), else None."""
     record = _read_pid_file(run_dir, name)
     if record and _process_matches(record["pid"], record["marker"]):
         return record
@@ -131,7 +102,8 @@ def spawn(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> dict:
-    log_file = _log_file(run_dir, name)
+    """Start ``cmd`` in its own session with output to the service's log, and write its PID file."""
+    log_file = log_file_of(run_dir, name)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     _pid_dir(run_dir).mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
@@ -149,18 +121,20 @@ def spawn(
     return record
 
 
-def _wait_until(check: Callable[[], bool], timeout: float, what: str, log_file: Path, pid: int) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log_file: Path, pid: int) -> None:
+    """Poll ``check`` until it holds; ServiceError with the log's tail when ``pid`` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         if not Path(f"/proc/{pid}").exists() or not _process_matches(pid, ""):
-            raise ServiceError(f"{what} exited during start-up; last log lines:\n{_tail(log_file)}")
+            raise ServiceError(f"{what} exited during start-up; last log lines:\n{log_tail(log_file)}")
         time.sleep(0.2)
-    raise ServiceError(f"{what} not ready after {timeout:.0f}s; last log lines:\n{_tail(log_file)}")
+    raise ServiceError(f"{what} not ready after {timeout:.0f}s; last log lines:\n{log_tail(log_file)}")
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
@@ -169,7 +143,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def stop(run_dir: Path, name: str, timeout: float = 20.0) -> bool:
     """Stop the service ``name`` if we started it; returns True when a process was stopped."""
-    record = _recorded_alive(run_dir, name)
+    record = recorded_alive(run_dir, name)
     pid_file = _pid_dir(run_dir) / f"{name}.pid"
     if record is None:
         pid_file.unlink(missing_ok=True)
@@ -194,7 +168,7 @@ def status(run_dir: Path) -> list[ServiceStatus]:
         name = pid_file.stem
         record = _read_pid_file(run_dir, name) or {}
         alive = bool(record) and _process_matches(record["pid"], record["marker"])
-        result.append(ServiceStatus(name, record.get("pid"), record.get("port"), alive, _log_file(run_dir, name)))
+        result.append(ServiceStatus(name, record.get("pid"), record.get("port"), alive, log_file_of(run_dir, name)))
     return result
 
 
@@ -232,7 +206,7 @@ def start_redis(
     run_dir: Path, port: int, name: str = "redis", timeout: float = 30.0, extra_args: list[str] | None = None
 ) -> dict:
     """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent)."""
-    record = _recorded_alive(run_dir, name)
+    record = recorded_alive(run_dir, name)
     if record and redis_ping(record["port"]):
         return record
     if record is None and port_open(port):
@@ -260,168 +234,7 @@ def start_redis(
         *(extra_args or []),
     ]
     record = spawn(run_dir, name, cmd, port, marker)
-    _wait_until(lambda: redis_ping(port), timeout, f"redis {name}", _log_file(run_dir, name), record["pid"])
-    return record
-
-
-# --------------------------------------------------------------------------- Kafka
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def ensure_kafka_jars(cache_dir: Path, version: str) -> Path:
-    """Fetch Apache Kafka ``version`` and its runtime jars from Maven Central once; returns the libs folder."""
-    home = cache_dir.resolve() / "kafka" / version
-    libs = home / "libs"
-    stamp = home / ".complete"
-    with _file_lock(cache_dir / "kafka" / f".{version}.lock"):
-        if stamp.exists():
-            return libs
-        if not shutil.which("mvn") or not shutil.which("java"):
-            raise ServiceError("Kafka needs Java 17+ and Maven (`mvn`) on PATH to fetch its jars")
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "pom.xml").write_text(KAFKA_POM.format(version=version))
-        shutil.rmtree(libs, ignore_errors=True)
-        done = subprocess.run(
-            [
-                "mvn",
-                "-q",
-                "-B",
-                "-f",
-                str(home / "pom.xml"),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={libs}",
-                "-DincludeScope=runtime",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0 or not any(libs.glob(f"kafka_2.13-{version}.jar")):
-            raise ServiceError(f"fetching Kafka {version} with Maven failed:\n{(done.stdout + done.stderr)[-3000:]}")
-        # kafka pulls slf4j-api 1.7 transitively; the log4j2 binding needs 2.x
-        for old in libs.glob("slf4j-api-1.*.jar"):
-            old.unlink()
-        stamp.write_text(version)
-    return libs
-
-
-def _kafka_properties(port: int, controller_port: int, log_dir: Path, partitions: int) -> str:
-    return "\n".join(
-        [
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{LOCALHOST}:{controller_port}",
-            f"listeners=PLAINTEXT://{LOCALHOST}:{port},CONTROLLER://{LOCALHOST}:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://{LOCALHOST}:{port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={log_dir}",
-            f"num.partitions={partitions}",
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=true",
-            "delete.topic.enable=true",
-            "message.max.bytes=2097152",
-            "log.retention.hours=168",
-            "",
-        ]
-    )
-
-
-def start_kafka(
-    run_dir: Path,
-    cache_dir: Path,
-    version: str,
-    port: int,
-    controller_port: int,
-    name: str = "kafka",
-    partitions: int = 4,
-    timeout: float = 90.0,
-    heap: str = "512m",
-) -> dict:
-    """Start one KRaft broker+controller on 127.0.0.1:``port`` (idempotent)."""
-    record = _recorded_alive(run_dir, name)
-    if record and port_open(record["port"]):
-        return record
-    for taken in (port, controller_port):
-        if record is None and port_open(taken):
-            raise ServiceError(f"port {taken} is already taken by another process; pick another with RECSYS_KAFKA_PORT")
-    libs = ensure_kafka_jars(cache_dir, version)
-    run_dir = run_dir.resolve()
-    home = run_dir / "data" / name
-    log_dir = home / "logs"
-    home.mkdir(parents=True, exist_ok=True)
-    props = home / "server.properties"
-    props.write_text(_kafka_properties(port, controller_port, log_dir, partitions))
-    log4j = home / "log4j2.properties"
-    log4j.write_text(LOG4J2_PROPERTIES)
-    java = shutil.which("java")
-    if java is None:
-        raise ServiceError("Kafka needs Java 17+ on PATH")
-    classpath = f"{libs}/*"
-    if not (log_dir / "meta.properties").exists():
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # a leading "-" would be read as an option by kafka-storage
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        done = subprocess.run(
-            [
-                java,
-                f"-Dlog4j2.configurationFile={log4j}",
-                "-cp",
-                classpath,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(props),
-                "--ignore-formatted",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise ServiceError(f"formatting Kafka storage failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    marker = str(props)
-    cmd = [
-        java,
-        f"-Xmx{heap}",
-        f"-Xms{heap}",
-        "-XX:+UseG1GC",
-        "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={log4j}",
-        "-cp",
-        classpath,
-        "kafka.Kafka",
-        str(props),
-    ]
-    log_file = _log_file(run_dir, name)
-    offset = log_file.stat().st_size if log_file.exists() else 0
-    record = spawn(run_dir, name, cmd, port, marker)
-
-    def ready() -> bool:
-        if not port_open(port):
-            return False
-        with open(log_file, "rb") as handle:
-            handle.seek(offset)
-            return KAFKA_READY_LINE.encode() in handle.read()
-
-    _wait_until(ready, timeout, f"kafka {name}", log_file, record["pid"])
+    wait_until(lambda: redis_ping(port), timeout, f"redis {name}", log_file_of(run_dir, name), record["pid"])
     return record
 
 
@@ -446,14 +259,14 @@ def start_command(
     reused PID is never taken for the service; ``ready`` is polled until it returns True.
     """
     marker = marker or " ".join(cmd)
-    record = _recorded_alive(run_dir, name)
+    record = recorded_alive(run_dir, name)
     if record is not None:
         return record
     if port and port_open(port):
         raise ServiceError(f"{name}: port {port} is already taken by another process")
     record = spawn(run_dir, name, cmd, port, marker, cwd=cwd, env=env)
     if ready is not None:
-        _wait_until(ready, timeout, name, _log_file(run_dir, name), record["pid"])
+        wait_until(ready, timeout, name, log_file_of(run_dir, name), record["pid"])
     return record
 
 

@@ -62,15 +62,17 @@ def services_up(
 ) -> None:
     """Start Kafka (KRaft) and Redis on 127.0.0.1; harmless when they already run."""
     from core.kafka import ensure_topics
+    from local_services import kafka as local_kafka
     from local_services import services
 
     s = load_settings()
     try:
         if kafka:
             console.print(
-                f"kafka {s.local.kafka_version}: fetching jars if needed and starting on 127.0.0.1:{s.local.kafka_port} ..."
+                f"kafka {s.local.kafka_version}: fetching jars if needed and starting "
+                f"on 127.0.0.1:{s.local.kafka_port} ..."
             )
-            services.start_kafka(
+            local_kafka.start_kafka(
                 s.local.run_dir,
                 s.local.cache_dir,
                 s.local.kafka_version,
@@ -293,7 +295,10 @@ def replay(
     ] = True,
     limit: Annotated[int | None, typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
-    """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka (malformed lines are reported and skipped)."""
+    """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka.
+
+    Malformed lines of the file are reported and skipped.
+    """
     from core.kafka import KafkaUnavailable, publish
     from traffic.recording import read_jsonl, rebase
 

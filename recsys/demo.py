@@ -178,12 +178,13 @@ def quantiles(values: list[float]) -> dict[str, Any]:
 def start_services(s: Settings, config: DemoConfig, report: Report) -> None:
     from core.kafka import ensure_topics
     from local_services import airflow as airflow_local
+    from local_services import kafka as local_kafka
     from local_services import services
 
     _step(
         f"Kafka on 127.0.0.1:{s.local.kafka_port}, Redis on 127.0.0.1:{s.local.redis_port} (logs under {s.local.run_dir}/logs)"
     )
-    services.start_kafka(
+    local_kafka.start_kafka(
         s.local.run_dir,
         s.local.cache_dir,
         s.local.kafka_version,

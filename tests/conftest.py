@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import PROJECT_ROOT, Settings
+from local_services import kafka as local_kafka
 from local_services import services
 
 
@@ -37,7 +38,7 @@ def kafka_bootstrap(services_run_dir: Path) -> Iterator[str]:
     """A real single-node Kafka (KRaft) on 127.0.0.1, for the whole test session."""
     defaults = Settings()
     port, controller_port = services.free_port(), services.free_port()
-    services.start_kafka(
+    local_kafka.start_kafka(
         services_run_dir,
         defaults.local.cache_dir,
         defaults.local.kafka_version,
