@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from feature_repo.spec import SPEC, EncodedEntity, encode_item, encode_user
 
@@ -48,7 +48,7 @@ class FeatureSource(Protocol):
     def healthy(self) -> bool: ...
 
 
-def assemble(entity: str, entity_id: str, columns: Mapping[str, Any]) -> EncodedEntity | None:
+def assemble(entity: Literal["user", "item"], entity_id: str, columns: Mapping[str, Any]) -> EncodedEntity | None:
     """An EncodedEntity from the stored columns, or None when every column is missing."""
     names = USER_COLUMNS if entity == "user" else ITEM_COLUMNS
     if all(columns.get(n) is None for n in names):

@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from paramserver import ParamServerError, ShardUnavailable, TableConfig, initial_rows
+from paramserver import ParamServerError, Rows, ShardUnavailable, TableConfig, initial_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,17 @@ def _evict_least_recent(cache: _Cache, count: int) -> None:
     cache.size = sum(len(rows) for rows in cache.rows.values())
 
 
-class RowReader:
+class RowReader(Protocol):
     """What serving needs of ``paramserver.FailoverReader`` (the real one in production and tests)."""
 
-    tables: dict[str, TableConfig]
-    current: int | None
+    current: int | None  # index of the replica reads go to, None before the first read
 
-    def pull(self, table: str, ids: np.ndarray): ...  # noqa: D102
-    def version(self) -> int: ...  # noqa: D102
-    def healthy(self) -> list[bool]: ...  # noqa: D102
-    def close(self) -> None: ...  # noqa: D102
+    @property
+    def tables(self) -> dict[str, TableConfig]: ...
+    def pull(self, table: str, ids: np.ndarray) -> Rows: ...
+    def version(self) -> int: ...
+    def healthy(self) -> list[bool]: ...
+    def close(self) -> None: ...
 
 
 class RowFetcher:
@@ -109,19 +111,20 @@ class RowFetcher:
         Serving usually starts before any trainer has created its tables: without this, the rows
         of those tables would stay the initial ones until the parameter version next moved.
         """
-        if self.reopen is None or self._wanted <= set(self.reader.tables):
+        reopen = self.reopen
+        if reopen is None or self._wanted <= set(self.reader.tables):
             return
         now = time.monotonic()
         if now - self._last_reopen < self.poll_s or not self._reopen_lock.acquire(blocking=False):
             return
         try:
             self._last_reopen = now
-            self._reopen()
+            self._reopen(reopen)
         finally:
             self._reopen_lock.release()
 
-    def _reopen(self) -> None:
-        fresh = self.reopen()  # type: ignore[misc]
+    def _reopen(self, reopen: Callable[[], RowReader]) -> None:
+        fresh = reopen()
         if set(fresh.tables) == set(self.reader.tables):
             fresh.close()
             return
