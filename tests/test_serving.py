@@ -7,6 +7,7 @@ against real Redis replicas, Kafka, Feast and MLflow is in test_serving_integrat
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -23,6 +24,7 @@ from serving.features import StaticFeatures, assemble
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher
 from serving.retrieval import PopularityIndex
+from serving.state import get_state
 
 TOKEN = "a-very-secret-admin-token"
 DIM = 4
@@ -233,6 +235,33 @@ def test_admin_disabled_without_token(parts):
     settings = Settings().override(serving={"reload_poll_s": 0})
     with TestClient(create_app(settings, comps)) as c:
         assert c.post("/admin/reload", headers={"Authorization": "Bearer anything-at-all-here"}).status_code == 403
+
+
+def test_before_start_up_the_ranking_and_admin_endpoints_answer_503(parts):
+    _, _, rows, features, model = parts
+    comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
+    c = TestClient(create_app(_settings(), comps))  # not entered: the lifespan has not run
+    r = c.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good"]})
+    assert r.status_code == 503 and r.json() == {"detail": "starting up"}
+    assert c.post("/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"}]}).status_code == 503
+    assert c.post("/admin/reload").status_code == 401  # the token is checked first
+    assert c.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 503
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["replicas_healthy"] == []
+
+
+def test_state_can_be_swapped_with_dependency_overrides(client):
+    state = client.app.state.serving
+    strict = dataclasses.replace(state, settings=state.settings.override(serving={"max_k": 2}))
+    client.app.dependency_overrides[get_state] = lambda: strict
+    try:
+        r = client.post("/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ["good", "bad"]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "k"]
+    finally:
+        client.app.dependency_overrides.clear()
+    assert (
+        client.post("/v1/recommend", json={"user_id": "u1", "k": 3, "candidate_item_ids": ["good"]}).status_code == 200
+    )
 
 
 def test_health_metrics_and_openapi(client):
