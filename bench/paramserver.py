@@ -31,7 +31,8 @@ import redis
 from core.settings import get_settings
 from local_services import services
 from paramserver import FailoverReader, Replicator, Rows, TableConfig
-from paramserver.redis_store import RedisStore, _applied
+from paramserver.redis_format import parse_applied
+from paramserver.redis_store import RedisStore
 
 BATCH = 4096
 DIM = 64
@@ -73,7 +74,7 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
         store.push({"user": _rows(config, all_ids[start : start + BATCH], rng)})
     clients = [redis.Redis.from_url(u) for u in urls]
     pool = ThreadPoolExecutor(max_workers=2)
-    shard_of, _ = store._route(config, all_ids)
+    shard_of, _ = store.shards.route(config, all_ids)
     # baseline keys: the same number of bytes per row under one key each, on the shard the store uses
     data = rng.integers(0, 255, size=(n_rows, config.row_bytes), dtype=np.uint8)
     for s, client in enumerate(clients):
@@ -83,13 +84,13 @@ def bench_throughput(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: 
             client.mset({b"raw:%d" % all_ids[j]: data[j].tobytes() for j in chunk.tolist()})
 
     def raw_get(ids: np.ndarray) -> np.ndarray:
-        shards, _ = store._route(config, ids)
+        shards, _ = store.shards.route(config, ids)
         groups = [ids[shards == s] for s in range(2)]
         parts = list(pool.map(lambda s: clients[s].mget([b"raw:%d" % i for i in groups[s].tolist()]), range(2)))
         return np.frombuffer(b"".join(v for part in parts for v in part), np.uint8)
 
     def raw_set(ids: np.ndarray, rows: np.ndarray) -> None:
-        shards, _ = store._route(config, ids)
+        shards, _ = store.shards.route(config, ids)
 
         def one(s: int) -> None:
             sel = np.flatnonzero(shards == s)
@@ -209,7 +210,7 @@ def bench_lag(run_dir: Path, seconds: float, rows_per_s: int = 20_000, pushes_pe
             for k in range(last + 1, v + 1):
                 seen[k] = now
             last = max(last, v)
-            nv = _applied(native_probe.get("lag:applied"))[0]  # shard 0's applied version, via REPLICAOF
+            nv = parse_applied(native_probe.get("lag:applied"))[0]  # shard 0's applied version, via REPLICAOF
             for k in range(last_native + 1, nv + 1):
                 native_seen[k] = now
             last_native = max(last_native, nv)

@@ -143,10 +143,10 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
     import torch
     from mlflow import MlflowClient
 
+    from core.settings import ParamServerSettings
     from feature_repo.spec import SPEC, encode_item, encode_user, item_id_key, user_id_key
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
-    from core.settings import ParamServerSettings
     from paramserver import Rows, TableConfig, open_store
     from traffic.simulator import SimConfig, World
     from training.model import DenseArch, ModelConfig, save_dense

@@ -50,6 +50,7 @@ def _full_rows(spec) -> dict[str, int]:
 def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from core.settings import ParamServerSettings
     from feature_repo.spec import SPEC
     from paramserver import Rows
     from training import trainer
@@ -63,7 +64,8 @@ def worker(args: argparse.Namespace) -> int:
     train_rows = np.arange(len(columns))
     config = ModelConfig.from_spec(SPEC, args.dim, [32, args.dim], [64, 32])
     hp = trainer.HParams(epochs=1, batch_size=args.batch_size)
-    store = open_training_store([args.redis], table_configs(args.dim, 0.05), namespace="benchps")
+    ps = ParamServerSettings(shards=[args.redis], namespace="benchps")
+    store = open_training_store(ps, table_configs(args.dim, 0.05))
     results: dict[str, list] = {"ps": [], "dmp": []}
     full_local = _full_local(columns, SPEC)
     for _ in range(args.repeats):

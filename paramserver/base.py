@@ -192,6 +192,13 @@ class BaseStore:
             data = np.frombuffer(encode_rows(config, new_w, new_s), np.uint8).reshape(len(uniq), config.row_bytes)
             return self._write(lock, {table: (uniq, data)})
 
+    def changes(self, since: int) -> tuple[int, Encoded]:
+        """The latest encoded rows of every id written after version ``since``, and the version they reach.
+
+        ``LogTrimmed`` when the log no longer reaches back to ``since``: how a replica follows its source.
+        """
+        return self._changes(int(since))
+
     def changed_since(self, version: int) -> dict[str, np.ndarray]:
         """Ids (unique, sorted) per table written by versions after ``version``."""
         _, encoded = self._changes(int(version))
@@ -207,7 +214,7 @@ class BaseStore:
         """
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = _read_manifest(folder)
+        manifest = read_manifest(folder)
         tables = {name: cfg.to_dict() for name, cfg in self.tables.items()}
         if manifest is not None and manifest.get("tables") == tables:
             try:
@@ -247,7 +254,7 @@ class BaseStore:
             counts[table] = len(ids)
         tmp = folder / f".{name}.tmp"
         with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, allow_pickle=False, **arrays)
         os.replace(tmp, folder / name)
         manifest = {
             **manifest,
@@ -263,7 +270,7 @@ class BaseStore:
     def restore(self, path: str | os.PathLike) -> int:
         """Replace the store's contents with the checkpoint in ``path``; the store takes its version."""
         folder = Path(path)
-        manifest = _read_manifest(folder)
+        manifest = read_manifest(folder)
         if manifest is None:
             raise TableMismatch(f"{folder}: no snapshot manifest found")
         for name, cfg in manifest["tables"].items():
@@ -328,7 +335,8 @@ class BaseStore:
         return weights, state
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of the snapshot in ``folder``, or None when it holds none."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except FileNotFoundError:

@@ -41,7 +41,7 @@ def collect_status(s: Settings) -> dict:
 
     source = None
     try:
-        source = RedisStore(s.ps.shards, [], namespace=s.ps.namespace, timeout=1.0, configure_servers=False)
+        source = RedisStore.from_settings(s.ps, [], timeout=1.0, configure_servers=False)
         info = source.status()
     except ParamServerError as exc:
         info = {"shards": [{"url": u, "up": False, "error": str(exc)} for u in s.ps.shards]}
@@ -107,16 +107,8 @@ def replicate(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.is_set():
         try:
-            source = RedisStore(
-                s.ps.shards, [], namespace=s.ps.namespace, timeout=s.ps.timeout_s, log_retention_s=s.ps.log_retention_s
-            )
-            target = RedisStore(
-                replica.split(","),
-                list(source.tables.values()),
-                namespace=s.ps.namespace,
-                timeout=s.ps.timeout_s,
-                log_retention_s=s.ps.log_retention_s,
-            )
+            source = RedisStore.from_settings(s.ps, [])
+            target = RedisStore.from_settings(s.ps, list(source.tables.values()), shards=replica.split(","))
             break
         except ParamServerError as exc:
             console.print(f"replicator waiting for servers: {exc}")
@@ -141,7 +133,7 @@ def snapshot(path: Annotated[Path, typer.Argument(help="snapshot folder (increme
 
     s = load_settings()
     try:
-        with RedisStore(s.ps.shards, [], namespace=s.ps.namespace, timeout=s.ps.timeout_s) as store:
+        with RedisStore.from_settings(s.ps, []) as store:
             started = time.perf_counter()
             info = store.snapshot(path)
     except (ParamServerError, OSError) as exc:
@@ -164,7 +156,7 @@ def restore(path: Annotated[Path, typer.Argument(exists=True, file_okay=False, h
     try:
         manifest = json.loads((path / "manifest.json").read_text())
         tables = [TableConfig(**cfg) for cfg in manifest["tables"].values()]
-        with RedisStore(s.ps.shards, tables, namespace=s.ps.namespace, timeout=s.ps.timeout_s) as store:
+        with RedisStore.from_settings(s.ps, tables) as store:
             version = store.restore(path)
     except (ParamServerError, OSError, ValueError, KeyError, TypeError) as exc:
         fail(f"cannot restore {path}: {exc}")

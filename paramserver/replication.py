@@ -12,7 +12,6 @@ than the log retention, bootstraps from a snapshot and then follows the log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import threading
@@ -21,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 
-from paramserver.base import _read_manifest
+from paramserver.base import read_manifest
 from paramserver.redis_store import RedisStore
 from paramserver.rows import LogTrimmed, ParamServerError, Rows, ShardUnavailable, TableConfig, UnknownTable
 
@@ -44,15 +42,15 @@ class Replicator:
     def refresh_tables(self) -> None:
         """Pick up tables the trainers added to the source since we started, and declare them on the replica."""
         known = set(self.source.tables)
-        self.source._sync_layout([])
+        self.source.shards.sync_layout([])
         if set(self.source.tables) != known or set(self.replica.tables) != known:
-            self.replica._sync_layout(list(self.source.tables.values()))
-            self.replica._configure_servers()
+            self.replica.shards.sync_layout(list(self.source.tables.values()))
+            self.replica.shards.configure_servers()
 
     def bootstrap(self) -> int:
         """Restore the replica from a snapshot of the source (the given folder, or a fresh one)."""
         self.refresh_tables()
-        if self.snapshot_dir is not None and _read_manifest(self.snapshot_dir) is not None:
+        if self.snapshot_dir is not None and read_manifest(self.snapshot_dir) is not None:
             version = self.replica.restore(self.snapshot_dir)
         else:
             with tempfile.TemporaryDirectory(prefix="ps-bootstrap-") as tmp:
@@ -71,13 +69,11 @@ class Replicator:
         if have == latest:
             wait = self.poll_s if wait_s is None else wait_s
             if wait > 0:
-                client = self.source._clients[0]
-                with contextlib.suppress(redis.TimeoutError), self.source._guard(0):
-                    client.xread({self.source.k_commits: f"{latest}-0"}, count=1, block=max(1, int(wait * 1000)))
+                self.source.wait_for_commit(latest, wait)
             return None
         self.refresh_tables()
         try:
-            upto, changes = self.source._changes(have)
+            upto, changes = self.source.changes(have)
         except LogTrimmed:
             self.bootstrap()
             return self.replica.version()

@@ -233,12 +233,12 @@ def decode_rows(config: TableConfig, data: bytes | memoryview) -> tuple[np.ndarr
     return packed["w"].astype(np.float32), np.ascontiguousarray(packed["s"], dtype=np.float32)
 
 
-def latest_per_id(ids: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+def latest_per_id(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Keep the last occurrence of each id (later entries overwrite earlier ones)."""
     if len(ids) == 0:
-        return (ids, *columns)
+        return ids, rows
     rev = ids[::-1]
     _, first = np.unique(rev, return_index=True)
     keep = len(ids) - 1 - first
     keep.sort()
-    return (ids[keep], *(c[keep] for c in columns))
+    return ids[keep], rows[keep]

@@ -27,10 +27,10 @@ def open_rows(settings: Settings, replicas: list[str] | None = None) -> RowFetch
 
     urls = replicas or replica_urls(settings)
     return RowFetcher(
-        open_reader(urls, []),
+        open_reader(settings.ps, urls),
         settings.serving.param_cache_rows,
         settings.serving.param_version_poll_s,
-        reopen=lambda: open_reader(urls, []),
+        reopen=lambda: open_reader(settings.ps, urls),
         init_std=settings.train.init_std,
     )
 

@@ -320,3 +320,84 @@ def test_routing_spreads_ids_evenly():
     shards = route_hash("user", np.arange(40_000, dtype=np.int64)) % np.uint64(4)
     counts = np.bincount(shards.astype(np.int64), minlength=4)
     assert counts.min() > 9_000
+
+
+# --------------------------------------------------------------------------- the Redis backend's pure parts
+
+
+def test_open_store_redis_needs_the_settings():
+    with pytest.raises(TypeError, match="settings"):
+        open_store("redis", [USER])
+
+
+def test_redis_store_defaults_and_options_are_the_settings():
+    import inspect
+
+    from core.settings import ParamServerSettings
+    from paramserver.redis_store import RedisStore, store_options
+
+    defaults = ParamServerSettings.model_construct()  # the declared defaults, no environment
+    signature = inspect.signature(RedisStore.__init__).parameters
+    options = store_options(defaults)
+    assert options == {name: signature[name].default for name in options}
+    custom = ParamServerSettings.model_construct(namespace="x", timeout_s=1.5, lock_ttl_s=2.0, log_retention_s=0.0)
+    assert store_options(custom)["namespace"] == "x" and store_options(custom)["timeout"] == 1.5
+    assert store_options(custom)["lock_ttl_s"] == 2.0 and store_options(custom)["log_retention_s"] == 0.0
+
+
+def test_redis_store_rejects_a_bad_url_before_connecting():
+    from paramserver import ParamServerError
+    from paramserver.redis_store import RedisStore
+
+    with pytest.raises(ParamServerError, match="expected a redis://"):
+        RedisStore(["http://127.0.0.1:1/0"], [USER])
+
+
+def test_hash_commands_are_the_commands_one_by_one():
+    import hiredis
+
+    from paramserver.redis_format import Keys
+    from paramserver.resp import hash_commands, pack
+
+    keys = Keys("ns")
+    ids = np.array([5, -1, 2**40], np.int64)
+    buckets = np.array([0, 7, 65536], np.int64)
+    rows = np.arange(3 * 6, dtype=np.uint8).reshape(3, 6)
+    fields = [int(i).to_bytes(8, "little", signed=True) for i in ids.tolist()]
+    gets = b"".join(pack(b"HGET", keys.bucket("user", b), f) for b, f in zip(buckets.tolist(), fields))
+    sets = b"".join(
+        pack(b"HSET", keys.bucket("user", b), f, r.tobytes()) for b, f, r in zip(buckets.tolist(), fields, rows)
+    )
+    assert hash_commands(b"HGET", keys.bucket_prefix("user"), buckets, ids) == gets
+    assert hash_commands(b"HSET", keys.bucket_prefix("user"), buckets, ids, rows) == sets
+    reader = hiredis.Reader()
+    reader.feed(sets)
+    assert reader.gets() == [b"HSET", b"ns:b:user:\x00\x00\x00\x00", fields[0], rows[0].tobytes()]
+
+
+def test_log_entries_and_applied_markers_round_trip():
+    from paramserver.redis_format import Keys, applied_marker, applying_marker, pack_entry, parse_applied, unpack_entry
+
+    ids = np.array([3, 1, 2], np.int64)
+    data = np.arange(3 * 5, dtype=np.uint8).reshape(3, 5)
+    [(name, got_ids, got_data)] = list(unpack_entry(pack_entry([("user", ids, data)])))
+    assert name == "user" and got_ids.tolist() == [3, 1, 2] and (got_data == data).all()
+    assert list(unpack_entry(pack_entry([]))) == []
+    assert parse_applied(None) == (0, None)
+    assert parse_applied(applied_marker(5)) == (5, None)
+    assert parse_applied(applying_marker(4, 5)) == (4, 5)
+    assert Keys("ps").log(5, b"tok") == b"ps:log:5:tok" and Keys("ps").applied == "ps:applied"
+
+
+def test_typed_redis_calls_exist_in_redis_py():
+    """RedisClient/RedisPipeline declare redis-py calls with their synchronous types: they must stay real calls."""
+    import redis
+    from redis.client import Pipeline
+
+    from paramserver.redis_shards import RedisClient, RedisPipeline
+
+    for protocol, cls in ((RedisClient, redis.Redis), (RedisPipeline, Pipeline)):
+        declared = [name for name in vars(protocol) if callable(getattr(protocol, name)) and not name.startswith("_")]
+        assert declared, protocol
+        missing = [name for name in declared if not callable(getattr(cls, name, None))]
+        assert missing == [], f"{protocol.__name__} declares calls {cls.__name__} lacks: {missing}"

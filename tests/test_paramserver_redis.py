@@ -25,8 +25,9 @@ from paramserver import (
     TableMismatch,
     open_store,
 )
-from paramserver.redis_store import RedisStore, _pack
+from paramserver.redis_store import RedisStore
 from paramserver.replication import replica_status
+from paramserver.resp import pack
 
 pytestmark = pytest.mark.integration
 
@@ -201,7 +202,7 @@ def test_push_delta_from_two_processes_sums(store, shard_urls, ns):
 def test_reader_rolls_forward_when_a_writer_dies_after_commit(store):
     ids = np.arange(400, dtype=np.int64)
     store.push({"user": rows_of(USER, ids, 1.0)})
-    raw = store._raw[1]
+    raw = store.shards.resp[1]
     real_apply = raw.call_lines
 
     def die_on_apply(payload, lines):
@@ -223,13 +224,13 @@ def test_reader_finishes_an_apply_that_died_half_way(store):
     ids = np.arange(400, dtype=np.int64)
     store.push({"user": rows_of(USER, ids, 1.0)})
     store.timeout = 0.2  # how long a reader waits for a running apply before finishing it itself
-    raw = store._raw[1]
+    raw = store.shards.resp[1]
     real_apply = raw.call_lines
 
     def die_half_way(payload, lines):
         rows = lines - 2
-        marker = len(_pack(b"SET", store.k_applied.encode(), b"1>2"))
-        final = len(_pack(b"SET", store.k_applied.encode(), b"2"))
+        marker = len(pack(b"SET", store.keys.applied.encode(), b"1>2"))
+        final = len(pack(b"SET", store.keys.applied.encode(), b"2"))
         stride = (len(payload) - marker - final) // rows
         real_apply(payload[: marker + rows // 2 * stride], rows // 2 + 1)  # the marker and half the rows
         raise ShardUnavailable("writer died half-way through its apply on shard 1")
@@ -238,7 +239,7 @@ def test_reader_finishes_an_apply_that_died_half_way(store):
     with pytest.raises(ShardUnavailable):
         store.push({"user": rows_of(USER, ids, 2.0)})
     raw.call_lines = real_apply
-    assert redis.Redis.from_url(store.urls[1]).get(store.k_applied) == b"1>2"
+    assert redis.Redis.from_url(store.urls[1]).get(store.keys.applied) == b"1>2"
     got = store.pull("user", ids)  # waits for the apply, then finishes it from the log
     assert got.version == 2 and (got.weights == 2.0).all()
     assert store.applied_versions() == [2, 2, 2]
@@ -412,12 +413,12 @@ def ps_cli_env(monkeypatch, tmp_path):
 def test_cli_up_status_down(ps_cli_env):
     from typer.testing import CliRunner
 
-    from paramserver.cli import app
+    from recsys.cli import app  # `ps up` / `ps down` are mounted by the shell (local services)
 
     runner = CliRunner()
     shards = [f"redis://127.0.0.1:{p}/0" for p in ps_cli_env[:2]]
     try:
-        result = runner.invoke(app, ["up"])
+        result = runner.invoke(app, ["ps", "up"])
         assert result.exit_code == 0, result.output
         assert all(services.redis_ping(p) for p in ps_cli_env)
         with RedisStore(shards, [USER]) as store:
@@ -427,17 +428,17 @@ def test_cli_up_status_down(ps_cli_env):
                 if replica_status(store, [f"redis://127.0.0.1:{ps_cli_env[2]}/0"]).get("version") == 1:
                     break
                 time.sleep(0.1)
-        result = runner.invoke(app, ["status", "--json"])
+        result = runner.invoke(app, ["ps", "status", "--json"])
         assert result.exit_code == 0, result.output
         info = json.loads(result.output)
         assert info["version"] == 1 and info["tables"] == ["user"]
         assert [shard["applied"] for shard in info["shards"]] == [1, 1]
         [replica] = info["replicas"]
         assert replica["up"] and replica["version"] == 1 and replica["behind"] == 0 and replica["lag_s"] == 0
-        result = runner.invoke(app, ["status"])
+        result = runner.invoke(app, ["ps", "status"])
         assert result.exit_code == 0 and "training copy: version 1" in result.output
     finally:
-        result = runner.invoke(app, ["down"])
+        result = runner.invoke(app, ["ps", "down"])
     assert result.exit_code == 0, result.output
     assert "ps-replicator-0: stopped" in result.output
     assert not any(services.redis_ping(p) for p in ps_cli_env)
@@ -447,13 +448,13 @@ def test_cli_up_refuses_remote_urls(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from core.settings import get_settings
-    from paramserver.cli import app
+    from recsys.cli import app  # `ps up` / `ps down` are mounted by the shell (local services)
 
     monkeypatch.setenv("RECSYS_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("RECSYS_PS_SHARDS", '["redis://10.1.2.3:6379/0"]')
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(app, ["up"])
+        result = CliRunner().invoke(app, ["ps", "up"])
     finally:
         get_settings.cache_clear()
     assert result.exit_code != 0

@@ -55,7 +55,7 @@ def serve(app) -> Iterator[str]:
 
 
 def _seed_training_copy(url: str, users: list[str], items: list[str], tables: list[TableConfig]) -> int:
-    store = open_store("redis", tables, shards=[url])
+    store = open_store("redis", tables, Settings().ps, shards=[url])
     try:
         rng = np.random.default_rng(0)
         updates = {}
@@ -70,9 +70,9 @@ def _seed_training_copy(url: str, users: list[str], items: list[str], tables: li
 
 
 def _replicate(source_url: str, replica_urls: list[str]) -> None:
-    source = open_store("redis", [], shards=[source_url])
+    source = open_store("redis", [], Settings().ps, shards=[source_url])
     for url in replica_urls:
-        replica = open_store("redis", [], shards=[url])
+        replica = open_store("redis", [], Settings().ps, shards=[url])
         Replicator(source, replica).step(wait_s=0)
         assert replica.version() == source.version()
         replica.close()
@@ -110,7 +110,8 @@ def test_killing_the_nearest_replica_fails_over_without_failed_requests(redis_fa
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [near.url, far.url])
     settings = _settings(test_settings, param_cache_rows=0)  # no cache: every request reads a replica
-    reader = open_reader([near.url, far.url], [], timeout=0.3, probe_s=0.2)
+    quick = Settings().override(ps={"failover_timeout_s": 0.3, "failover_probe_s": 0.2}).ps
+    reader = open_reader(quick, [near.url, far.url])
     rows = RowFetcher(reader, settings.serving.param_cache_rows, settings.serving.param_version_poll_s)
     model = ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}))
     comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False, log_impressions=False)
@@ -168,7 +169,7 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
     settings = _settings(test_settings)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 1000, 0.5),
         features=FeastFeatures(feast_store),
         follow_stream=False,
     )
@@ -246,7 +247,7 @@ def test_hot_reload_switches_versions_under_concurrent_requests(redis_factory, t
     loader = MlflowLoader(settings.mlflow.tracking_uri, settings.serving.model_name, "champion")
     comps = Components(
         model=ModelHandle(loader, None),
-        rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 10_000, 0.5),
         features=StaticFeatures(),
         follow_stream=False,
         log_impressions=False,
@@ -303,7 +304,7 @@ def test_schemathesis_finds_no_server_error(redis_factory, test_settings, feast_
     settings = _settings(test_settings, max_candidates=200, max_pairs=200)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-        rows=RowFetcher(open_reader([replica.url], []), 10_000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 10_000, 0.5),
         features=FeastFeatures(feast_store),
         follow_stream=True,
     )
@@ -439,7 +440,7 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     settings = _settings(test_settings, model_name=model_name, max_candidates=1000)
     comps = Components(
         model=ModelHandle(MlflowLoader(settings.mlflow.tracking_uri, model_name, "champion"), None),
-        rows=RowFetcher(open_reader([replica.url], []), 100_000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 100_000, 0.5),
         features=FeastFeatures(feast),
         follow_stream=False,
         log_impressions=False,
@@ -484,7 +485,7 @@ def test_feature_store_down_gives_degraded_answer(redis_factory, services_run_di
     settings = _settings(test_settings)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 1000, 0.5),
         features=FeastFeatures(feast),
         follow_stream=False,
         log_impressions=False,
@@ -538,7 +539,7 @@ def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
     settings = _settings(test_settings)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
-        rows=RowFetcher(open_reader([replica.url], []), 1000, 0.5),
+        rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 1000, 0.5),
         features=StaticFeatures(),
         follow_stream=True,
         log_impressions=False,

@@ -57,9 +57,11 @@ class Env:
         return env
 
     def store(self):
+        from core.settings import ParamServerSettings
         from training.params import open_training_store, table_configs
 
-        return open_training_store([self.redis_url], table_configs(16, 0.05), namespace=self.namespace)
+        ps = ParamServerSettings(shards=[self.redis_url], namespace=self.namespace)
+        return open_training_store(ps, table_configs(16, 0.05))
 
 
 def train(env: Env, *args: str, **extra: str) -> tuple[int, dict | None, str]:

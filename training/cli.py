@@ -46,11 +46,7 @@ def preflight(settings: Any) -> None:
     except KafkaUnavailable as exc:
         raise RuntimeError(str(exc)) from None
     try:
-        store = open_training_store(
-            settings.ps.shards,
-            table_configs(settings.train.embedding_dim, settings.train.init_std),
-            namespace=settings.ps.namespace,
-        )
+        store = open_training_store(settings.ps, table_configs(settings.train.embedding_dim, settings.train.init_std))
         store.version()
         store.close()
     except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: all need the same advice

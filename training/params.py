@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.settings import ParamServerSettings
 from feature_repo.spec import SPEC, FeatureSpec
-from paramserver import TableConfig
+from paramserver import ParamStore, TableConfig
 
 MAX_CAPACITY = 1_000_000
 
@@ -24,11 +25,11 @@ def table_configs(embedding_dim: int, init_std: float, spec: FeatureSpec = SPEC)
     ]
 
 
-def open_training_store(shards: list[str], tables: list[TableConfig], **options: object):
-    """The training copy of the parameter service (Redis shards); options as for ``open_store``."""
+def open_training_store(settings: ParamServerSettings, tables: list[TableConfig]) -> ParamStore:
+    """The training copy of the parameter service: the Redis shards of ``settings`` (``Settings.ps``)."""
     from paramserver import open_store
 
-    return open_store("redis", tables, shards=shards, **options)
+    return open_store("redis", tables, settings)
 
 
 def conflicting_ids(changed: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> dict[str, int]:

@@ -82,7 +82,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
             raise ValueError(f"version {versions[label]} has another feature layout; AUCs would not be comparable")
 
     # pooled rows [n_eval, n_sparse, D]: MEAN pooling, as the model's tables pool
-    store = open_training_store(s.ps.shards, table_configs(first.embedding_dim, s.train.init_std))
+    store = open_training_store(s.ps, table_configs(first.embedding_dim, s.train.init_std))
     try:
         pooled = np.zeros((len(rows), len(first.sparse_features), first.embedding_dim), np.float32)
         version_read = store.version()
