@@ -1,0 +1,107 @@
+"""What a demo run is: its options, its report, the settings it needs, and how it tells the user.
+
+``demo_overrides`` sets the RECSYS_* values the demo depends on (two inference replicas, a short
+attribution window, Airflow runs only when triggered, ...) for every variable the caller left unset.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from core.settings import Settings
+
+console = Console(stderr=True)
+TRAINING_DAG = "recsys_training"
+PROBE_TABLE = "demo_freshness_probe"
+# freshness chains, in report order: key -> label
+CHAINS = {
+    "event_to_feature_online": "event → feature online",
+    "click_to_sample": "click → sample",
+    "push_to_replica_applied": "push → replica applied (all replicas)",
+    "champion_to_serving_reload": "champion change → serving reload",
+}
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message says which and why."""
+
+
+@dataclass
+class DemoConfig:
+    users: int = 500
+    items: int = 300
+    requests: int = 4000
+    seed: int = 1
+    bad_fraction: float = 0.01
+    rate: float = 0.0
+    epochs: int = 4
+    ranks: int = 1
+    probes: int = 20
+    query_users: int = 100
+    mlflow_server: bool = True
+    mlflow_port: int = 5000
+    stop: bool = False
+    stage_timeout_s: float = 600.0
+    report_dir: Path | None = None
+
+
+@dataclass
+class Report:
+    started: str
+    config: dict[str, Any]
+    urls: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    dag: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)
+    freshness: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | None) -> dict[str, str]:
+    """RECSYS_* values the demo needs, for every variable the caller did not set itself.
+
+    Two inference replicas stand for two datacenters; the attribution window is short so the
+    negatives of a few minutes of traffic close during the demo; Airflow runs the training DAG
+    only when triggered; serving polls the champion alias every second.
+    """
+    base = Settings()
+    rp = base.local.redis_port
+    token_file = run_dir / "demo" / "serving_admin_token"
+    if token_file.exists():
+        token = token_file.read_text().strip()
+    else:
+        token = secrets.token_urlsafe(24)
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+    tracking = f"http://127.0.0.1:{mlflow_port}" if mlflow_port else f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}"
+    wanted = {
+        "RUN_DIR": str(run_dir),
+        "KAFKA_BOOTSTRAP": f"127.0.0.1:{base.local.kafka_port}",
+        "REDIS_URL": f"redis://127.0.0.1:{rp}/0",
+        "PS_SHARDS": json.dumps([f"redis://127.0.0.1:{rp + 1}/0"]),
+        "PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{rp + 2}/0", f"redis://127.0.0.1:{rp + 3}/0"]),
+        "FEAST_ONLINE_STORE": "redis",
+        "FEAST_DATA_DIR": str(run_dir / "feast"),
+        "MLFLOW_TRACKING_URI": tracking,
+        "SERVING_ADMIN_TOKEN": token,
+        "SERVING_RELOAD_POLL_S": "1",
+        "AIRFLOW_TRAINING_SCHEDULE": "",
+        "AIRFLOW_FEATURES_SCHEDULE": "",
+        "STREAM_ATTRIBUTION_WINDOW_S": "30",
+        "PUBLISH_TIMEOUT_S": "180",
+    }
+    return {f"RECSYS_{k}": v for k, v in wanted.items() if f"RECSYS_{k}" not in env}
+
+
+def step(message: str) -> None:
+    """Announce the next stage."""
+    console.print(f"\n[bold blue]==> {message}[/bold blue]")
