@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_source import DataSource
 from feast.types import Array, Float64, Int64
 
 try:  # imported as a package module by the loader, as a plain file by `feast apply`
@@ -49,9 +50,9 @@ def offline_dir(data_dir: Path, entity: str) -> Path:
     return Path(data_dir) / "offline" / entity
 
 
-def build(data_dir: Path) -> dict[str, object]:
+def build(data_dir: Path) -> dict[str, Entity | FeatureView | DataSource]:
     """Every Feast object of the repository, with the offline parquet under ``data_dir``."""
-    objects: dict[str, object] = {}
+    objects: dict[str, Entity | FeatureView | DataSource] = {}
     for entity in ("user", "item"):
         key = JOIN_KEYS[entity]
         ent = Entity(

@@ -339,6 +339,6 @@ def validate_encoded(sparse: Mapping[str, Sequence[int]], dense: Mapping[str, fl
         for value in ids:
             if not 0 <= value < feature.cardinality:
                 raise ValueError(f"id {value} of {feature.name!r} outside [0, {feature.cardinality})")
-    for name, value in dense.items():
-        if not math.isfinite(value):
+    for name, number in dense.items():
+        if not math.isfinite(number):
             raise ValueError(f"dense feature {name!r} is not finite")

@@ -83,9 +83,9 @@ def rows_frame(
     for feature in SPEC.sparse:
         if feature.entity == entity:
             data[defs.sparse_column(feature.name)] = [list(e.sparse[feature.name]) for e in encoded]
-    for feature in SPEC.dense:
-        if feature.entity == entity:
-            data[defs.dense_column(feature.name)] = [float(e.dense[feature.name]) for e in encoded]
+    for dense_feature in SPEC.dense:
+        if dense_feature.entity == entity:
+            data[defs.dense_column(dense_feature.name)] = [float(e.dense[dense_feature.name]) for e in encoded]
     data[defs.TIMESTAMP_FIELD] = [datetime.fromtimestamp(t, UTC) for t in event_times]
     data[defs.CREATED_FIELD] = [created_at] * len(encoded)
     return pd.DataFrame(data)
@@ -124,12 +124,12 @@ def _decode(entity: Entity, entity_id: str, row: dict[str, Any]) -> EncodedEntit
             if value is None:
                 return None
             sparse[feature.name] = [int(v) for v in value]
-    for feature in SPEC.dense:
-        if feature.entity == entity:
-            value = row.get(defs.dense_column(feature.name))
+    for dense_feature in SPEC.dense:
+        if dense_feature.entity == entity:
+            value = row.get(defs.dense_column(dense_feature.name))
             if value is None:
                 return None
-            dense[feature.name] = float(value)
+            dense[dense_feature.name] = float(value)
     return EncodedEntity(entity, entity_id, sparse, dense)
 
 
