@@ -40,18 +40,6 @@ app.add_typer(services_app, name="services")
 app.add_typer(events_app, name="events")
 
 
-def _all_topics(settings: Settings) -> dict[str, int]:
-    return {
-        name: settings.kafka.topic_partitions
-        for name in (
-            settings.kafka.topic_events,
-            settings.kafka.topic_samples,
-            settings.kafka.topic_deadletter,
-            settings.kafka.topic_late,
-        )
-    }
-
-
 # --------------------------------------------------------------------------- services
 
 
@@ -81,7 +69,7 @@ def services_up(
                 partitions=s.kafka.topic_partitions,
                 timeout=s.local.service_start_timeout_s,
             )
-            created = asyncio.run(ensure_topics(s.kafka.bootstrap, _all_topics(s)))
+            created = asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
             if created:
                 console.print(f"created topics: {', '.join(created)}")
         if redis:
@@ -136,7 +124,7 @@ def topics() -> None:
 
     s = load_settings()
     try:
-        created = asyncio.run(ensure_topics(s.kafka.bootstrap, _all_topics(s)))
+        created = asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
     except KafkaUnavailable as exc:
         fail(str(exc))
     out.print(f"created: {', '.join(created) or 'none (all exist)'}")
