@@ -1,8 +1,9 @@
 """Scorers and the model handle: what ranks, and how it is swapped without failing requests.
 
 A scorer turns the features of n (user, item) pairs into n scores. It receives the pooled
-embedding of every sparse feature (rows from the parameter service, summed over the ids of
-a multi-valued feature) and the dense values in spec order, so it never talks to a store.
+embedding of every sparse feature (rows from the parameter service, averaged over the ids of
+a multi-valued feature by ``training.pooling.mean_pool``, as the trainer's tables pool) and
+the dense values in spec order, so it never talks to a store.
 
 The handle holds the current scorer behind one reference. A request reads that reference
 once and keeps its scorer to the end, so a reload (which builds the new scorer completely

@@ -19,6 +19,7 @@ from serving.metrics import Metrics
 from serving.model import ModelHandle, Scorer
 from serving.params import RowFetcher, RowsUnavailable
 from serving.retrieval import PopularityIndex
+from training.pooling import mean_pool
 
 _ENTITY_OF = {f.name: f.entity for f in SPEC.sparse}
 _DENSE_NAMES = [(f.name, f.entity) for f in SPEC.dense]
@@ -137,10 +138,7 @@ class Ranker:
             if n == 0 or not len(lengths[table]):
                 pooled[table] = np.zeros((n, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
                 continue
-            # MEAN pooling, as the trainer's tables pool (every entity has at least one id per table)
-            starts = np.concatenate(([0], np.cumsum(lengths[table])[:-1]))
-            per_entity = np.add.reduceat(vecs, starts, axis=0) / lengths[table][:, None]
-            pooled[table] = per_entity[gather[owner[table]]].astype(np.float32, copy=False)
+            pooled[table] = mean_pool(vecs, lengths[table])[gather[owner[table]]]  # as the trainer's tables pool
         dense = np.zeros((n, len(_DENSE_NAMES)), np.float32)
         for column, (name, entity) in enumerate(_DENSE_NAMES):
             values = np.array([e.dense[name] for e in entities[entity]], np.float32)

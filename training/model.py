@@ -4,8 +4,8 @@ Importable without torchrun or a process group: serving loads this class, the de
 weights from MLflow (``load_dense``) and embedding rows from the parameter service, and
 scores with ``DLRM.score`` on pooled rows it looked up itself.
 
-Pooling is MEAN for every table, so a multi-valued feature (genres) is the average of its
-rows; serving must pool the same way (``pool_rows``).
+Pooling is MEAN for every table (``training.pooling``), so a multi-valued feature (genres)
+is the average of its rows; whoever pools rows outside the model calls ``mean_pool``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+
+from training.pooling import POOLING
 
 DENSE_FORMAT = "recsys-dlrm-dense/1"
 # the serving position of every scored item: the model learns the position bias from this
@@ -82,7 +84,8 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
 
 
 def _mlp(sizes: Sequence[int], final_activation: bool) -> nn.Sequential:
@@ -96,6 +99,9 @@ def _mlp(sizes: Sequence[int], final_activation: bool) -> nn.Sequential:
 
 class DenseArch(nn.Module):
     """Bottom MLP, pairwise dot-product interaction and top MLP: everything but the tables."""
+
+    _rows: torch.Tensor  # upper-triangle pair indices of the interaction (buffers)
+    _cols: torch.Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -144,7 +150,7 @@ class DLRM(nn.Module):
                     embedding_dim=config.embedding_dim,
                     num_embeddings=max(1, int(rows.get(name, 1))),
                     feature_names=[name],
-                    pooling=PoolingType.MEAN,
+                    pooling=PoolingType[POOLING],
                 )
                 for name in config.sparse_features
             ],
@@ -163,20 +169,13 @@ class DLRM(nn.Module):
         return torch.sigmoid(self.dense_arch(dense, pooled))
 
 
-def pool_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """MEAN pooling of one feature's rows, as the tables pool: [k, D] -> [D] (zeros for k = 0)."""
-    if not rows:
-        raise ValueError("nothing to pool")
-    return torch.stack(list(rows)).mean(dim=0)
-
-
 # --------------------------------------------------------------------------- dense weights artifact
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the dense part only (the tables live in the parameter service)."""
     module = getattr(model, "module", model)  # DistributedModelParallel wraps the model
-    dense = module.dense_arch
+    dense = cast(nn.Module, module.dense_arch)
     dense = getattr(dense, "module", dense)  # ... and the dense part in DDP
     return {k: v.detach().cpu().clone() for k, v in dense.state_dict().items()}
 
