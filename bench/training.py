@@ -51,6 +51,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from core.settings import ParamServerSettings
+    from core.settings import TrainingSettings
     from feature_repo.spec import SPEC
     from paramserver import Rows
     from training import trainer
@@ -63,7 +64,7 @@ def worker(args: argparse.Namespace) -> int:
         columns = pickle.load(handle)
     train_rows = np.arange(len(columns))
     config = ModelConfig.from_spec(SPEC, args.dim, [32, args.dim], [64, 32])
-    hp = trainer.HParams(epochs=1, batch_size=args.batch_size)
+    hp = trainer.HParams.from_settings(TrainingSettings(epochs=1, batch_size=args.batch_size))
     ps = ParamServerSettings(shards=[args.redis], namespace="benchps")
     store = open_training_store(ps, table_configs(args.dim, 0.05))
     results: dict[str, list] = {"ps": [], "dmp": []}

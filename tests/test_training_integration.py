@@ -235,6 +235,7 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
     import torch
 
     from core.settings import Settings
+    from training.outcome import JobStatus
     from training.worker import run_job
 
     settings = Settings().override(
@@ -243,9 +244,10 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
         mlflow={"tracking_uri": env.mlflow_uri},
     )
     again = run_job(settings, 0, 1, torch.device("cpu"))
-    assert again["status"] == "no_new_samples"
-    assert "no new samples" in again["message"]
-    assert again["offsets"]["end"] == {int(p): o for p, o in outcome["offsets"]["end"].items()}
+    assert again.status is JobStatus.NO_NEW_SAMPLES
+    assert again.message is not None and "no new samples" in again.message
+    assert again.offsets is not None
+    assert again.offsets.end == {int(p): o for p, o in outcome["offsets"]["end"].items()}
 
 
 def test_killed_job_leaves_parameter_service_unchanged_and_rerun_succeeds(env: Env, first_job) -> None:

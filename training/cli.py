@@ -7,7 +7,6 @@ one is unreachable, before any rank starts), then runs ``python -m torch.distrib
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,13 +14,15 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
+from unittest.mock import patch
 
 import typer
 from rich.console import Console
 
 from core.cli_support import console, fail
+from training.outcome import JobOutcome, JobStatus
 
-app = typer.Typer(invoke_without_command=True, add_completion=False)
+app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console()
 
 # settings fields the options below override in the ranks' environment
@@ -83,7 +84,7 @@ def check_tracking_uri(uri: str) -> None:
 
 def launch(
     ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None, capture: bool = False
-) -> tuple[int, dict[str, Any] | None, str]:
+) -> tuple[int, JobOutcome | None, str]:
     """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output)."""
     from core.procs import free_port
 
@@ -105,7 +106,7 @@ def launch(
         if truth is not None:
             cmd += ["--truth", str(truth)]
         proc = subprocess.run(cmd, env=env, text=True, capture_output=capture)
-        outcome = json.loads(result.read_text()) if result.exists() else None
+        outcome = JobOutcome.model_validate_json(result.read_text()) if result.exists() else None
         return proc.returncode, outcome, (proc.stdout or "") + (proc.stderr or "")
 
 
@@ -139,11 +140,12 @@ def train(
         fail(f"invalid topic name {topic!r}: use 1-249 characters of [A-Za-z0-9._-]", 2)
     # the ranks read their settings from the environment: the options become variables there, and this
     # process validates them the same way
-    env = dict(os.environ)
-    env.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
-    os.environ.update({_OVERRIDES[name]: str(value) for name, value in overrides.items()})
+    variables = {_OVERRIDES[name]: str(value) for name, value in overrides.items()}
+    env = {**os.environ, **variables}
     try:
-        settings = Settings()
+        # only while validating: the options must not outlive the command in this process (tests invoke it in-process)
+        with patch.dict(os.environ, variables):
+            settings = Settings()
     except ValidationError as exc:
         fail(f"invalid configuration: {describe_error(exc)}", 2)
     if check:
@@ -160,31 +162,32 @@ def train(
             "train the same window."
         )
     if as_json:
-        out.print_json(json.dumps(outcome))
+        out.print_json(outcome.to_json())
     else:
         _print_outcome(outcome)
-    if outcome.get("status") == "error" or code != 0:
+    if outcome.status is JobStatus.ERROR or code != 0:
         raise typer.Exit(1)
 
 
-def _print_outcome(outcome: dict[str, Any]) -> None:
-    status = outcome.get("status")
-    if status == "error":
-        console.print(f"[red]training failed:[/red] {outcome.get('message')}", soft_wrap=True)
+def _print_outcome(outcome: JobOutcome) -> None:
+    if outcome.status is JobStatus.ERROR:
+        console.print(f"[red]training failed:[/red] {outcome.message}", soft_wrap=True)
         return
-    if status != "trained":
-        out.print(f"{status}: {outcome.get('message')}", soft_wrap=True)
+    if outcome.status is not JobStatus.TRAINED:
+        out.print(f"{outcome.status}: {outcome.message}", soft_wrap=True)
         return
-    m = outcome["metrics"]
+    # a trained outcome carries every field below (the worker builds it in one place: training.record)
+    m, t = outcome.metrics or {}, outcome.timings_s or {}
+    pulled, pushed = outcome.rows_pulled or {}, outcome.rows_pushed or {}
     out.print(
-        f"trained: run {outcome['run_id']}, model {outcome['model_name']} version {outcome['model_version']} "
-        f"(alias challenger)"
+        f"trained: run {outcome.run_id}, model {outcome.model_name} version {outcome.model_version} (alias challenger)"
     )
     out.print(
-        f"parameter service: version {outcome['ps_version_before']} -> {outcome['ps_version']}, "
-        f"rows pulled {sum(outcome['rows_pulled'].values())}, pushed {sum(outcome['rows_pushed'].values())}"
+        f"parameter service: version {outcome.ps_version_before} -> {outcome.ps_version}, "
+        f"rows pulled {sum(pulled.values())}, pushed {sum(pushed.values())}"
     )
-    out.print(f"offsets: {outcome['offsets']['start']} -> {outcome['offsets']['end']}")
+    offsets = outcome.to_dict().get("offsets", {})
+    out.print(f"offsets: {offsets.get('start')} -> {offsets.get('end')}")
     line = (
         f"eval: AUC {m.get('eval_auc', float('nan')):.4f}, log loss {m.get('eval_log_loss', float('nan')):.4f}, "
         f"calibration {m.get('eval_calibration', float('nan')):.3f} on {int(m['eval_samples'])} samples"
@@ -192,8 +195,11 @@ def _print_outcome(outcome: dict[str, Any]) -> None:
     if "eval_oracle_auc" in m:
         line += f"; oracle AUC {m['eval_oracle_auc']:.4f}"
     out.print(line)
-    t = outcome["timings_s"]
     out.print(
         f"throughput: {m['samples_per_s_with_ps']:.0f} samples/s with pull+push "
         f"(pull {t['pull_s']:.2f}s, train {t['train_s']:.2f}s, push {t['push_s']:.2f}s)"
     )
+
+
+if __name__ == "__main__":  # `python -m training.cli`: the lifecycle runs the job this way (recsys.cli mounts `app`)
+    app()

@@ -15,6 +15,7 @@ import gc
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
@@ -22,6 +23,10 @@ from pydantic import ValidationError
 from feature_repo.contract import Sample
 from feature_repo.spec import SPEC, FeatureSpec, validate_encoded
 from training.model import POSITION_FEATURE, position_value
+
+if TYPE_CHECKING:
+    import torch
+    from torchrec import KeyedJaggedTensor
 
 
 @dataclass
@@ -203,9 +208,9 @@ def working_set(columns: Columns, train_rows: np.ndarray) -> WorkingSet:
 
 @dataclass
 class Batch:
-    dense: object  # torch.Tensor [B, n_dense]
-    sparse: object  # KeyedJaggedTensor of local indices
-    labels: object  # torch.Tensor [B]
+    dense: torch.Tensor  # [B, n_dense]
+    sparse: KeyedJaggedTensor  # local indices
+    labels: torch.Tensor  # [B]
     size: int
 
 

@@ -17,22 +17,39 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.settings import TrainingSettings
 from training.data import Columns, batches, partition
 from training.model import DLRM, ModelConfig
+
+if TYPE_CHECKING:
+    from torchrec.distributed import DistributedModelParallel
 
 
 @dataclass(frozen=True)
 class HParams:
-    epochs: int = 3
-    batch_size: int = 512
-    embedding_lr: float = 0.05
-    dense_lr: float = 0.003
-    seed: int = 0
+    """The optimisation knobs of one job; built from the settings (``from_settings``), no defaults of its own."""
+
+    epochs: int
+    batch_size: int
+    embedding_lr: float  # row-wise Adagrad of the tables
+    dense_lr: float  # Adam of the dense part
+    seed: int  # dense initialisation and batch order
+
+    @classmethod
+    def from_settings(cls, train: TrainingSettings) -> HParams:
+        return cls(
+            epochs=train.epochs,
+            batch_size=train.batch_size,
+            embedding_lr=train.embedding_lr,
+            dense_lr=train.dense_lr,
+            seed=train.seed,
+        )
 
 
 def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
@@ -59,7 +76,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
 
 @dataclass
 class Sharded:
-    model: torch.nn.Module  # DistributedModelParallel
+    model: DistributedModelParallel
     dense_optimizer: torch.optim.Optimizer
     owners: dict[str, int]  # table -> rank that holds it
     config: ModelConfig
