@@ -375,11 +375,18 @@ def test_model_swap_is_atomic_under_concurrent_scoring():
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
+    def wait_until_seen(version: str) -> None:  # requests really run alongside the swaps, however slow the machine
+        deadline = time.monotonic() + 60
+        while version not in seen and not errors and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     threads = [threading.Thread(target=request_loop) for _ in range(4)]
     for t in threads:
         t.start()
+    wait_until_seen(handle.current.version)
     for _ in range(20):
         handle.reload()
+    wait_until_seen(handle.current.version)
     stop.set()
     for t in threads:
         t.join()
