@@ -360,12 +360,16 @@ def test_failover_to_next_replica_and_back(redis_factory, services_run_dir, shar
         targets = [RedisStore([u.url], [], namespace=ns) for u in (near, far)]
         for target in targets:
             Replicator(source, target).step()
-        reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=0.3)
+        # the timeout only bounds reads of live replicas here (a dead one refuses at once): generous, so that
+        # a slow answer on a loaded machine is not taken for a failure
+        reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=2.0)
         assert reader.pull("user", np.arange(200)).version == 1 and reader.current == 0
         stop, errors, served, versions = threading.Event(), [], [], []
         thread = threading.Thread(target=_read_loop, args=(reader, np.arange(200), stop, errors, served, versions))
         thread.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while len(served) < 5 and thread.is_alive() and time.monotonic() < deadline:  # reads before the kill
+            time.sleep(0.01)
         services.stop(run_dir, f"redis-test-ps-near-{ns}")  # the nearest datacenter dies
         deadline = time.monotonic() + 10
         while reader.current != 1 and time.monotonic() < deadline:
@@ -474,7 +478,8 @@ def test_failover_on_timeout_when_the_nearest_replica_hangs(redis_factory, servi
         for url in (near.url, far.url):
             with RedisStore([url], [], namespace=ns) as target:
                 Replicator(source, target).step()
-    reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=0.2)
+    # a hung replica costs a read this timeout; a live one must answer within it even on a loaded machine
+    reader = FailoverReader([[near.url], [far.url]], [], probe_s=0.1, namespace=ns, timeout=1.0)
     try:
         assert reader.pull("user", np.arange(100)).version == 1 and reader.current == 0
         os.kill(near_pid, signal.SIGSTOP)  # it hangs: connections open, nothing answers
