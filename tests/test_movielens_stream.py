@@ -112,6 +112,7 @@ def test_movielens_replay_through_the_stream_worker_gives_one_labelled_sample_pe
         run = re.search(r"\(run (\S+)\)", replayed.stderr).group(1)
 
         raw: list[bytes] = []
+        deadline = time.monotonic() + DEADLINE_S  # a limit of its own: a slow start-up and replay do not eat it
         while time.monotonic() < deadline:
             assert worker.poll() is None, log_path.read_text()[-3000:]
             raw = asyncio.run(_read_all(kafka_bootstrap, topics["samples"]))
