@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -21,13 +20,14 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from feast.errors import FeatureViewNotFoundException
 
-from core.kafka import end_offsets, ensure_topics, produce_all
+from core.kafka import end_offsets, ensure_topics, produce_all, read_topic
 from core.settings import PROJECT_ROOT
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features
-from traffic.simulator import SimConfig, Simulation
+from traffic.simulator import SimConfig, SimRecord, Simulation
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,11 @@ PARTITIONS = 4
 WINDOW_S = 4.0  # attribution window in event time; the simulated clicks arrive within 2 s
 BAD_REASON = {"non_utf8": "not_utf8"}  # simulator's name -> contract reason where they differ
 ALL_WORKERS: list[Worker] = []  # every worker of the running test, for the failure report
+# An idle advance that never fires during a test: windows close on event time only, so the labels cannot
+# depend on how long the stream pauses while a test waits on a worker (the wall clock is the one input a
+# replay does not repeat, see streaming/processor.py); `end_of_stream` closes the last windows instead.
+NEVER_S = 24 * 3600.0
+STALL_S = 180.0  # no progress for this long is a hang (a worker's start-up on a loaded machine included)
 
 
 LAUNCHERS = {
@@ -132,19 +137,6 @@ class Setup:
     def publish(self, records) -> int:
         return asyncio.run(produce_all(self.bootstrap, self.events, [(r.key, r.value) for r in records]))
 
-    def publish_paced(self, records, seconds: float) -> threading.Thread:
-        """Publish in ~50 chunks spread over ``seconds`` (in a thread): a replay the workers follow live."""
-        chunk = max(1, len(records) // 50)
-
-        def run() -> None:
-            for start in range(0, len(records), chunk):
-                self.publish(records[start : start + chunk])
-                time.sleep(seconds / 50)
-
-        thread = threading.Thread(target=run, name="paced-publisher", daemon=True)
-        thread.start()
-        return thread
-
     def count(self, topic: str) -> int:
         return sum(asyncio.run(end_offsets(self.bootstrap, topic)).values())
 
@@ -153,12 +145,31 @@ class Setup:
         while time.monotonic() < deadline:
             if check():
                 return
-            for worker in self.workers:
-                if worker.proc.poll() not in (None, -signal.SIGKILL):
-                    pytest.fail(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+            self._fail_on_exit()
             time.sleep(0.5)
-        logs = "\n---\n".join(f"{w.log.name}:\n{w.tail()}" for w in ALL_WORKERS)
-        pytest.fail(f"timed out waiting for {what}:\n{logs}")
+        _fail_with_logs(f"timed out waiting for {what}")
+
+    def wait_until(self, what: str, measure: Callable[[], int], target: int, stall_s: float = STALL_S) -> None:
+        """Poll ``measure`` until it reaches ``target``. Fails only when it stops growing for ``stall_s``
+        (a hang) or a worker exits on its own: how long the worker takes is never a failure."""
+        best, since = -1, time.monotonic()
+        while (value := measure()) < target:
+            if value > best:
+                best, since = value, time.monotonic()
+            elif time.monotonic() - since > stall_s:
+                _fail_with_logs(f"no progress towards {what} for {stall_s:.0f} s (at {value} of {target})")
+            self._fail_on_exit()
+            time.sleep(0.2)
+
+    def _fail_on_exit(self) -> None:
+        for worker in self.workers:
+            if worker.proc.poll() not in (None, -signal.SIGKILL):
+                pytest.fail(f"worker exited with {worker.proc.returncode}:\n{worker.tail()}")
+
+
+def _fail_with_logs(message: str) -> None:
+    logs = "\n---\n".join(f"{w.log.name}:\n{w.tail()}" for w in ALL_WORKERS)
+    pytest.fail(f"{message}:\n{logs}")
 
 
 def read_all(bootstrap: str, topic: str) -> list:
@@ -198,7 +209,95 @@ def samples_by_id(bootstrap: str, topic: str) -> dict[str, Sample]:
     return out
 
 
-def simulation(requests: int, bad_fraction: float = 0.0, seed: int = 7) -> tuple[Simulation, list]:
+class SampleTally:
+    """The distinct samples of a samples topic, read on from where the last look stopped."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.positions: dict[int, int] = {}
+        self.first: dict[str, tuple[int, int, Sample]] = {}  # sample id -> where it was first seen, and it
+
+    def distinct(self) -> int:
+        async def read_on() -> None:
+            async for record in read_topic(self.bootstrap, self.topic, start=dict(self.positions)):
+                self.positions[record.partition] = record.offset + 1
+                sample = Sample.from_json(record.value)
+                p, offset, previous = self.first.setdefault(sample.sample_id, (record.partition, record.offset, sample))
+                assert previous.label == sample.label, (
+                    f"sample {sample.sample_id} emitted with both labels: {previous} at {p}:{offset}, "
+                    f"{sample} at {record.partition}:{record.offset}"
+                )
+
+        asyncio.run(read_on())
+        return len(self.first)
+
+
+def _partition_of(key: bytes | None) -> int:
+    """The events partition the producer sends ``key`` to (the client's default partitioner)."""
+    return DefaultPartitioner()(key, list(range(PARTITIONS)), list(range(PARTITIONS)))
+
+
+def samples_due(chunks: list[list[SimRecord]]) -> list[int]:
+    """For each chunk, how many distinct samples a worker has emitted once it processed every chunk up to it.
+
+    The worker's rules in event time: an impression's sample is out once its click came, or once the
+    watermark of its partition (the latest event time it holds) passed the end of its window.
+    """
+    watermark = dict.fromkeys(range(PARTITIONS), -float("inf"))
+    deadlines: dict[str, tuple[int, float]] = {}  # open impression -> (partition, end of its window)
+    due: set[str] = set()
+    counts = []
+    for chunk in chunks:
+        for record in chunk:
+            p = _partition_of(record.key)
+            watermark[p] = max(watermark[p], record.timestamp)
+            if record.kind in ("impression", "click"):
+                event = orjson.loads(record.value)
+                sid = sample_id(event["request_id"], event["item_id"])
+                if record.kind == "impression":
+                    deadlines[sid] = (p, record.timestamp + WINDOW_S)
+                elif sid in deadlines:  # a click on no impression is a late click, not a sample
+                    due.add(sid)
+        due.update(sid for sid, (p, deadline) in deadlines.items() if deadline < watermark[p])
+        counts.append(len(due))
+    return counts
+
+
+def end_of_stream(records: list[SimRecord]) -> list[SimRecord]:
+    """One event per partition, later than every window: the watermarks pass them and the last windows close.
+
+    Clicks on no impression (they go to the late-click topic and make no sample)."""
+    ts = max(r.timestamp for r in records) + WINDOW_S + 1.0
+    keys: dict[int, bytes] = {}
+    n = 0
+    while len(keys) < PARTITIONS:
+        key = f"end-of-stream-{n}".encode()
+        keys.setdefault(_partition_of(key), key)
+        n += 1
+    return [
+        SimRecord(
+            key,
+            orjson.dumps(
+                {
+                    "schema_version": 1,
+                    "event_type": "click",
+                    "event_id": f"end-of-stream-{p}",
+                    "timestamp": ts,
+                    "request_id": "end-of-stream",
+                    "user_id": key.decode(),
+                    "item_id": "end-of-stream",
+                }
+            ),
+            ts,
+            "click",
+        )
+        for p, key in sorted(keys.items())
+    ]
+
+
+def simulation(
+    requests: int, bad_fraction: float = 0.0, seed: int = 7, requests_per_second: float = 100.0
+) -> tuple[Simulation, list]:
     sim = Simulation(
         SimConfig(
             users=60,
@@ -206,7 +305,7 @@ def simulation(requests: int, bad_fraction: float = 0.0, seed: int = 7) -> tuple
             requests=requests,
             slate_size=5,
             seed=seed,
-            requests_per_second=100.0,
+            requests_per_second=requests_per_second,
             click_delay_mean_s=0.5,
             click_delay_max_s=2.0,
             bad_fraction=bad_fraction,
@@ -365,34 +464,40 @@ async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
-    sim, records = simulation(requests=1600, seed=11)
+    # 50 requests per second of event time: 32 s, so a window (4 s) is short beside the gaps between the kills
+    sim, records = simulation(requests=1600, seed=11, requests_per_second=50.0)
     expected = truth_labels(sim)
-    # The production default idle advance (5 s): with 1.5 s, a worker stalled by its own restart on a loaded
-    # 2-core machine closed a few windows early once (positives became negatives); see the issue #3 note.
-    steady = make_setup(idle_advance_s=5.0)
-    crashy = make_setup(events_topic=steady.events, idle_advance_s=5.0)  # same input, its own group and outputs
+    steady = make_setup(idle_advance_s=NEVER_S)
+    crashy = make_setup(events_topic=steady.events, idle_advance_s=NEVER_S)  # same input, its own group and outputs
     steady.start_worker()
     crashy.start_worker()
-    # paced, so the kills land mid-replay (the worker reads a pre-loaded topic faster than the test can poll)
-    publisher = steady.publish_paced(records, seconds=30.0)
+    # The replay goes out in chunks, each one only once the crashy worker has emitted as many samples as the
+    # chunks up to `lag` before it make: however fast or slow the machine, the stream stays just ahead of the
+    # worker. Each kill comes right after the chunk at a fixed place in the stream went out: the worker has
+    # done most of what came before (seen in its samples), the chunks just sent are in flight, the rest is
+    # not even published. Positions in the stream, not seconds, decide where the kills land.
+    size = len(records) // 32 + 1
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    due = samples_due(chunks)
+    lag = 2
+    first_kill, second_kill = len(chunks) // 3, 2 * len(chunks) // 3
+    assert due[first_kill - lag] > 0
+    # the second kill waits on samples that the chunks the first worker could have read never make
+    assert due[second_kill - lag] > due[first_kill]
+    tally = SampleTally(crashy.bootstrap, crashy.samples)
     kills = 0
-    for fraction in (0.15, 0.5):
-        crashy.wait_for(
-            f"{fraction:.0%} of the samples",
-            lambda f=fraction: crashy.count(crashy.samples) >= f * len(expected),
-            timeout=180,
-        )
-        assert publisher.is_alive(), "the replay finished before the kill"
-        crashy.workers[-1].kill()
-        kills += 1
-        crashy.start_worker()
-    publisher.join(120)
+    for n, chunk in enumerate(chunks):
+        if n >= lag:
+            crashy.wait_until(f"the samples of chunk {n - lag}", tally.distinct, due[n - lag])
+        steady.publish(chunk)
+        if n in (first_kill, second_kill):
+            crashy.workers[-1].kill()
+            kills += 1
+            crashy.start_worker()
+    steady.publish(end_of_stream(records))
     for setup in (steady, crashy):
-        setup.wait_for(
-            "the stream to drain",
-            lambda s=setup: len(samples_by_id(s.bootstrap, s.samples)) >= len(expected),
-            timeout=240,
-        )
+        sink = SampleTally(setup.bootstrap, setup.samples)
+        setup.wait_until("every impression's sample", sink.distinct, len(expected))
     uninterrupted = samples_by_id(steady.bootstrap, steady.samples)
     recovered = samples_by_id(crashy.bootstrap, crashy.samples)
     assert kills == 2
@@ -413,13 +518,17 @@ def _partitions_taken(worker: Worker) -> set[int]:
 def test_two_workers_in_one_group_share_the_partitions_and_make_every_sample(make_setup):
     sim, records = simulation(requests=800, seed=5)
     expected = truth_labels(sim)
-    setup = make_setup(idle_advance_s=5.0)
+    setup = make_setup(idle_advance_s=NEVER_S)
     first, second = setup.start_worker(), setup.start_worker()  # same app id: one consumer group
-    publisher = setup.publish_paced(records, seconds=15.0)
-    publisher.join(120)
-    setup.wait_for(
-        "the stream to drain", lambda: len(samples_by_id(setup.bootstrap, setup.samples)) >= len(expected), timeout=240
-    )
+
+    def shared() -> bool:  # both in the group, each with its share (seen in their logs; start-up takes a while)
+        taken = [_partitions_taken(first), _partitions_taken(second)]
+        return all(taken) and taken[0] | taken[1] == set(range(PARTITIONS))
+
+    setup.wait_for("both workers to take partitions", shared, timeout=STALL_S)
+    setup.publish(records + end_of_stream(records))
+    sink = SampleTally(setup.bootstrap, setup.samples)
+    setup.wait_until("every impression's sample", sink.distinct, len(expected))
     time.sleep(7)  # longer than the session timeout: a worker that left the group would be seen below
     assert [w.proc.poll() for w in (first, second)] == [None, None], [w.tail() for w in (first, second)]
     got = samples_by_id(setup.bootstrap, setup.samples)
