@@ -1,19 +1,17 @@
 """Features DAG: Feast materialization (offline -> online store), then compaction of the offline parquet.
 
-Thin: the work is in ``recsys_ops.features`` (Feast is imported inside the tasks only).
+Thin: the work is in ``feature_repo.maintenance`` (Feast is imported inside its functions only).
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 from airflow.sdk import dag, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from core.settings import Settings  # noqa: E402
+from core.settings import Settings
+from feature_repo.maintenance import ENTITIES  # stdlib and settings only: cheap
 
 _defaults = Settings()
 
@@ -30,19 +28,21 @@ _defaults = Settings()
 )
 def recsys_features() -> None:
     @task
-    def materialize() -> dict:
-        from recsys_ops import features
+    def materialize() -> dict[str, Any]:
+        """Copy the newest offline rows into the online store."""
+        from feature_repo import maintenance
 
-        return features.materialize(Settings())
+        return maintenance.materialize(Settings())
 
     @task
-    def compact_offline(entity: str) -> dict:
-        from recsys_ops import features
+    def compact_offline(entity: str) -> dict[str, Any]:
+        """Merge each date folder's parquet files of one entity into one."""
+        from feature_repo import maintenance
 
-        return features.compact_offline(Settings().feast.data_dir, entity)
+        return maintenance.compact_offline(Settings().feast.data_dir, entity)
 
     # compaction after materialization: both read the same files, never at the same time
-    materialize() >> compact_offline.expand(entity=["user", "item"])
+    materialize() >> compact_offline.expand(entity=list(ENTITIES))
 
 
 recsys_features()

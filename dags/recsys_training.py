@@ -1,22 +1,19 @@
 """Training DAG: new samples? -> train (torchrun) -> evaluate -> gate -> promote -> publish -> reload serving.
 
-Thin on purpose: the tasks call ``recsys train`` and the small idempotent functions of
-``recsys_ops`` (imported inside the tasks, like everything heavy), so parsing this file
-costs a settings read. One active run at a time; a run with no new samples skips cleanly,
-and a challenger the gate refuses leaves the champion alone (promote/publish/reload skip).
+Thin on purpose: every task is one call of the model lifecycle library (``training.lifecycle``,
+imported inside the tasks like everything heavy), so parsing this file costs a settings read.
+One active run at a time; a run with no new samples skips cleanly, and a challenger the gate
+refuses leaves the champion alone (promote/publish/reload skip).
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
+from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # recsys_ops, in task processes too
-
-from core.settings import Settings  # noqa: E402  (pydantic only: cheap)
+from core.settings import Settings  # pydantic only: cheap
 
 _defaults = Settings()
 
@@ -64,70 +61,76 @@ _defaults = Settings()
 def recsys_training() -> None:
     @task.short_circuit
     def check_new_samples() -> bool:
-        from recsys_ops import training
+        """Skip the run unless at least ``min_new_samples`` arrived since the last committed job."""
+        from training.lifecycle.job import count_new_samples
 
-        params = get_current_context()["params"]
-        found = training.count_new_samples(Settings())
+        found = count_new_samples(Settings())
         print(f"new samples on {found['topic']}: {found['new']} (offsets {found['start']} -> {found['end']})")
-        return found["new"] >= int(params["min_new_samples"])
+        return found["new"] >= int(get_current_context()["params"]["min_new_samples"])
 
     @task
-    def train() -> dict:
+    def train() -> dict[str, Any]:
+        """`recsys train` once per DAG run; returns the new model version and its parameter version."""
         from airflow.exceptions import AirflowSkipException
-        from recsys_ops import training
+
+        from training.lifecycle.job import train_once, trained_model
+        from training.outcome import JobStatus
 
         ctx = get_current_context()
-        s = Settings()
-        outcome = training.train(
-            s,
+        outcome = train_once(
             f"{ctx['dag'].dag_id}__{ctx['run_id']}",
             int(ctx["params"]["ranks"]),
             int(ctx["params"]["epochs"]),
-            s.local.run_dir / "airflow" / "train-outcomes",
+            Settings().local.run_dir / "airflow" / "train-outcomes",
         )
-        if outcome.get("status") != "trained":
-            raise AirflowSkipException(f"nothing trained: {outcome.get('message', outcome.get('status'))}")
-        return {k: outcome[k] for k in ("run_id", "model_name", "model_version", "ps_version") if k in outcome}
+        if outcome.status is not JobStatus.TRAINED:
+            raise AirflowSkipException(f"nothing trained: {outcome.message or outcome.status}")
+        return trained_model(outcome)
 
     @task
-    def evaluate(trained: dict) -> dict:
-        from recsys_ops import training
+    def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
+        """The champion's and the challenger's AUC on the challenger's evaluation set."""
+        from training.lifecycle import evaluation
 
-        return training.evaluate(Settings(), trained["model_version"])
+        return evaluation.evaluate(Settings(), trained["model_version"])
 
     @task.short_circuit
-    def gate(evaluation: dict) -> dict | bool:
-        from recsys_ops import training
+    def gate(evaluation: dict[str, Any]) -> dict[str, Any] | bool:
+        """The gate's decision; a refused challenger skips everything after it."""
+        from training.lifecycle.gate import gate_challenger
 
-        decision = training.gate_decision(
-            Settings(), evaluation["model_version"], float(get_current_context()["params"]["tolerance"])
-        )
-        print(f"gate: {decision['reason']}")
-        return decision if decision["promote"] else False
-
-    @task
-    def promote(decision: dict) -> dict:
-        from recsys_ops import training
-
-        return training.promote(Settings(), decision)
+        tolerance = float(get_current_context()["params"]["tolerance"])
+        decision = gate_challenger(Settings(), evaluation["model_version"], tolerance)
+        print(f"gate: {decision.reason}")
+        return decision.as_dict() if decision.promote else False
 
     @task
-    def publish(trained: dict, promoted: dict) -> dict:
-        from recsys_ops import training
+    def promote(decision: dict[str, Any]) -> dict[str, Any]:
+        """Move the registry alias ``champion`` to the challenger."""
+        from training.lifecycle.gate import Decision, promote_challenger
+
+        return promote_challenger(Settings(), Decision(**decision))
+
+    @task
+    def publish(trained: dict[str, Any], promoted: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every inference replica applied the challenger's parameter version."""
+        from training.lifecycle.publish import wait_for_replicas
 
         s = Settings()
-        return training.wait_for_replicas(s, int(trained["ps_version"]), s.gate.publish_timeout_s)
+        return wait_for_replicas(s, int(trained["ps_version"]), s.gate.publish_timeout_s)
 
     @task
-    def reload_serving(promoted: dict, published: dict) -> dict:
-        from recsys_ops import training
+    def reload_serving(promoted: dict[str, Any], published: dict[str, Any]) -> dict[str, Any]:
+        """Ask every serving replica to load the new champion now."""
+        from training.lifecycle import publish as publication
 
-        return training.reload_serving(Settings(), promoted["champion"])
+        return publication.reload_serving(Settings(), promoted["champion"])
 
+    # TaskFlow hands XComArgs to the tasks (resolved at run time); Airflow's Task typing does not say so
     trained = train()
     check_new_samples() >> trained
-    promoted = promote(gate(evaluate(trained)))
-    reload_serving(promoted, publish(trained, promoted))
+    promoted = promote(gate(evaluate(trained)))  # type: ignore[arg-type]
+    reload_serving(promoted, publish(trained, promoted))  # type: ignore[arg-type]
 
 
 recsys_training()

@@ -1,17 +1,12 @@
-"""The promotion gate of the training DAG: pure rule, and against a real MLflow (SQLite backend)."""
+"""The promotion gate of the model lifecycle: pure rule, and against a real MLflow (SQLite backend)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from core.settings import PROJECT_ROOT
-
-sys.path.insert(0, str(PROJECT_ROOT / "dags"))
-
-from recsys_ops import gate  # noqa: E402
+from training.lifecycle import LifecycleError, gate
 
 
 def test_decide_rule() -> None:
@@ -24,6 +19,7 @@ def test_decide_rule() -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), -0.1, 1.5])
 def test_decide_rejects_bad_auc(bad: float) -> None:
+    assert issubclass(gate.GateError, LifecycleError)  # one error type for every lifecycle step
     with pytest.raises(gate.GateError, match="AUC"):
         gate.decide(bad, 0.7, 0.01)
     with pytest.raises(gate.GateError, match="AUC"):

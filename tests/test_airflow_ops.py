@@ -1,20 +1,17 @@
-"""Task helpers of the DAGs that need no Airflow: offline compaction on real parquet files,
-the new-sample check and publication against real Kafka / Redis."""
+"""What the DAGs' tasks call, without Airflow: offline compaction on real parquet files, and the
+lifecycle's publication steps."""
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from core.settings import PROJECT_ROOT
-
-sys.path.insert(0, str(PROJECT_ROOT / "dags"))
-
-from recsys_ops import features  # noqa: E402
+from core.settings import Settings
+from feature_repo import maintenance as features
 
 
 def _write(folder: Path, name: str, rows: list[dict]) -> None:
@@ -58,3 +55,46 @@ def test_compaction_merges_each_date_folder_and_drops_exact_duplicates(tmp_path:
 
 def test_compaction_of_a_missing_store_is_a_no_op(tmp_path: Path) -> None:
     assert features.compact_offline(tmp_path, "item") == {"entity": "item", "folders": 0, "files_merged": 0, "rows": 0}
+
+
+def test_publication_without_replicas_has_nothing_to_wait_for() -> None:
+    from training.lifecycle.publish import wait_for_replicas
+
+    s = Settings().override(ps={"replicas": []})
+    assert wait_for_replicas(s, 7, timeout_s=0.1) == {"ps_version": 7, "replicas": {}}
+
+
+def test_publication_names_the_replicas_behind_after_the_timeout() -> None:
+    from core.procs import free_port
+    from training.lifecycle import LifecycleError
+    from training.lifecycle.publish import wait_for_replicas
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    s = Settings().override(ps={"replicas": [dead], "timeout_s": 0.2})
+    with pytest.raises(LifecycleError, match="have not applied version 3") as caught:
+        wait_for_replicas(s, 3, timeout_s=0.0, poll_s=0.01)
+    assert dead in str(caught.value)
+
+
+def test_reload_of_a_serving_replica_that_does_not_run_is_reported() -> None:
+    from core.procs import free_port
+    from training.lifecycle.publish import reload_serving
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert reload_serving(Settings().override(serving={"reload_urls": [url]}), "3") == {url: "not running"}
+
+
+def test_a_retried_training_step_returns_the_settled_outcome_without_training(tmp_path: Path) -> None:
+    from training.lifecycle import LifecycleError, job
+    from training.outcome import JobOutcome, JobStatus
+
+    done = JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", model_version="4", ps_version=9)
+    (tmp_path / "dag__run_1.json").write_text(done.to_json())
+    again = job.train_once("dag__run:1", 1, 1, tmp_path)  # the key is made file-safe the same way
+    assert again == done
+    assert job.trained_model(again) == {"run_id": "r", "model_name": "m", "model_version": "4", "ps_version": 9}
+    with pytest.raises(LifecycleError, match="nothing trained"):
+        job.trained_model(JobOutcome(status=JobStatus.NO_NEW_SAMPLES, message="none"))
+    with pytest.raises(LifecycleError, match="does not parse"):
+        job._parse_outcome('progress...\n{"status": "trained", "run_id": "r"}')
+    assert job._parse_outcome("no json here") is None

@@ -29,7 +29,7 @@ def dagbag(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 def test_dag_files_import_without_errors(dagbag) -> None:  # noqa: ANN001
     assert dagbag.import_errors == {}
-    assert set(dagbag.dag_ids) == {"recsys_training", "recsys_features"}  # the helper package is ignored
+    assert set(dagbag.dag_ids) == {"recsys_training", "recsys_features"}
 
 
 def _edges(dag) -> set[tuple[str, str]]:  # noqa: ANN001

@@ -7,11 +7,14 @@ only the rows of ids it saw.
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
 
 from core.metrics import roc_auc
+from core.settings import Settings
 from feature_repo.contract import Sample
 from feature_repo.spec import SPEC, encode_item, encode_user, join_features
 from traffic.simulator import SimConfig
@@ -25,8 +28,9 @@ from training.data import (
     working_set,
 )
 from training.model import DLRM, POSITION_FEATURE, ModelConfig, load_dense, save_dense
+from training.outcome import JobFailed
 from training.params import conflicting_ids, table_configs
-from training.worker import JobFailed, eval_metrics, load_truth
+from training.quality import eval_metrics, load_truth
 
 
 def _sample(request: str, item: str, t: float, label: int = 0, genres: tuple[str, ...] = ("drama",)) -> Sample:
@@ -152,7 +156,7 @@ def test_dense_artifact_round_trip_scores_identically(tmp_path) -> None:
     pooled = torch.randn(5, len(config.sparse_features), 4)
     torch.testing.assert_close(arch(dense, pooled), model.dense_arch(dense, pooled))
     (tmp_path / "bad.pt").write_bytes(b"not a torch file")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         load_dense(tmp_path / "bad.pt")
 
 
@@ -235,9 +239,10 @@ def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -
     split = split_by_time(len(cols), 0.1)
     ws = working_set(cols, split.train)
     config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
+    hp = trainer.HParams.from_settings(Settings().train.model_copy(update={"epochs": 1, "batch_size": 64}))
     rank, world, device = trainer.init_distributed("gloo")
     try:
-        sharded = trainer.build_sharded(config, ws.rows, trainer.HParams(epochs=1, batch_size=64), device)
+        sharded = trainer.build_sharded(config, ws.rows, hp, device)
         assert sharded.owned(0) == list(config.sparse_features)
         rng = np.random.default_rng(0)
         loaded = {}
@@ -251,9 +256,7 @@ def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -
             np.testing.assert_array_equal(got_st, st)
         with pytest.raises(ValueError, match="do not fit"):
             trainer.load_rows(sharded, "gender", np.zeros((99, 4), np.float32), np.zeros((99, 1), np.float32))
-        result = trainer.train(
-            sharded, cols, ws.local, split.train, trainer.HParams(epochs=1, batch_size=64), rank, world, device
-        )
+        result = trainer.train(sharded, cols, ws.local, split.train, hp, rank, world, device)
         assert result.steps == len(result.losses) > 0 and all(np.isfinite(result.losses))
         w_after, st_after = trainer.read_rows(sharded, "item_id")
         moved = np.abs(w_after - loaded["item_id"][0]).max(axis=1) > 0
@@ -306,3 +309,82 @@ def test_runs_whose_job_process_is_gone_are_marked_killed_by_the_next_job(tmp_pa
     assert status == {dead: "KILLED", reused: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
     assert "is gone" in tracking.client.get_run(dead).data.tags[TAG_ABANDONED]
     assert tracking.close_abandoned_runs() == []
+
+
+def test_hparams_have_no_defaults_of_their_own() -> None:
+    from dataclasses import asdict
+
+    from training.trainer import HParams
+
+    with pytest.raises(TypeError):
+        HParams()  # type: ignore[call-arg]
+    train = Settings().train
+    assert asdict(HParams.from_settings(train)) == {
+        "epochs": train.epochs,
+        "batch_size": train.batch_size,
+        "embedding_lr": train.embedding_lr,
+        "dense_lr": train.dense_lr,
+        "seed": train.seed,
+    }
+
+
+def test_train_time_and_serve_time_pooling_agree_on_multi_valued_features_and_empty_bags() -> None:
+    """The model's tables (TorchRec MEAN) and mean_pool, which serving and the lifecycle's evaluation
+    call on rows they looked up, give the same vectors: equal up to float32 rounding of the summation order."""
+    from torchrec import KeyedJaggedTensor
+
+    import serving.ranker
+    import training.lifecycle.evaluation
+    from training.pooling import mean_pool
+
+    assert serving.ranker.mean_pool is mean_pool and training.lifecycle.evaluation.mean_pool is mean_pool
+    config = ModelConfig.from_spec(SPEC, 6, [8, 6], [8])
+    torch.manual_seed(3)
+    model = DLRM(config, {name: 9 for name in config.sparse_features})
+    rng = np.random.default_rng(0)
+    lengths = {name: np.array([1, 1, 1, 1, 1, 1]) for name in config.sparse_features}
+    lengths["genres"] = np.array([3, 0, 1, 5, 0, 2])  # multi-valued, with empty bags
+    values = {name: rng.integers(0, 9, int(n.sum())) for name, n in lengths.items()}
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(config.sparse_features),
+        values=torch.from_numpy(np.concatenate([values[n] for n in config.sparse_features])),
+        lengths=torch.from_numpy(np.concatenate([lengths[n] for n in config.sparse_features])),
+    )
+    trained = model.ebc(kjt)
+    for name in config.sparse_features:
+        table = model.ebc.embedding_bags[name].weight.detach().numpy()
+        served = mean_pool(table[values[name]], lengths[name])
+        np.testing.assert_allclose(served, trained[name].detach().numpy(), rtol=1e-6, atol=1e-7)
+    empty = lengths["genres"] == 0
+    assert (mean_pool(table[values["genres"]], lengths["genres"])[empty] == 0).all()
+    assert (trained["genres"].detach().numpy()[empty] == 0).all()
+    assert mean_pool(np.zeros(0, np.float32), np.array([0, 0])).shape == (2, 0)  # a lookup of nothing
+
+
+def test_job_outcome_json_keeps_the_keys_and_status_strings() -> None:
+    import json
+
+    from training.outcome import JobOutcome, JobStatus
+
+    # the JSON of `recsys train --json` and the worker's --result file: tests and the DAG read these strings
+    assert [s.value for s in JobStatus] == ["trained", "no_new_samples", "no_valid_samples", "error", "done"]
+    empty = JobOutcome(status=JobStatus.NO_NEW_SAMPLES, message="m", offsets={"start": {}, "end": {0: 5}})
+    assert json.loads(empty.to_json()) == {
+        "status": "no_new_samples",
+        "message": "m",
+        "offsets": {"start": {}, "end": {"0": 5}},
+    }
+    trained = JobOutcome(
+        status=JobStatus.TRAINED,
+        run_id="r",
+        model_name="m",
+        model_version="3",
+        ps_version=7,
+        metrics={"x": float("nan")},
+    )
+    again = JobOutcome.model_validate_json(trained.to_json())
+    assert again.status is JobStatus.TRAINED and again.model_version == "3" and np.isnan(again.metrics["x"])
+    assert trained.to_dict()["status"] == "trained" and "message" not in trained.to_dict()
+    with pytest.raises(ValueError, match="model_version"):
+        JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", ps_version=7)
+    assert JobStatus.NO_VALID_SAMPLES.settled and not JobStatus.ERROR.settled

@@ -8,13 +8,20 @@ compare numbers from different evaluation sets or from a champion that changed m
 
 Promotion moves the MLflow registry alias ``champion`` (idempotent: moving it to the version
 it already points at changes nothing) and tags the versions ``role=champion`` / ``role=retired``.
+
+The functions of a client take an ``MlflowClient``; ``gate_challenger`` and ``promote_challenger``
+are the lifecycle's steps, on the settings.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from core.settings import Settings
+from training.lifecycle import LifecycleError
 
 CHAMPION = "champion"
 CHALLENGER_METRIC = "eval_auc"
@@ -25,8 +32,10 @@ SAME_ROWS_METRIC = "challenger_eval_auc_same_rows"
 TAG_CHAMPION_VERSION = "recsys_champion_version"
 TAG_GATE = "recsys_gate"
 
+log = logging.getLogger(__name__)
 
-class GateError(RuntimeError):
+
+class GateError(LifecycleError):
     """The gate cannot decide (missing metric, evaluation of another champion, unknown version)."""
 
 
@@ -65,7 +74,8 @@ def decide(challenger_auc: float, champion_auc: float | None, tolerance: float) 
     )
 
 
-def client_for(tracking_uri: str):  # noqa: ANN201 - mlflow's MlflowClient, imported lazily
+def client_for(tracking_uri: str) -> Any:
+    """An MlflowClient of the tracking server and registry at ``tracking_uri`` (mlflow imported here)."""
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -150,3 +160,24 @@ def promote(client: Any, model_name: str, decision: Decision) -> bool:
         if previous is not None:
             client.set_model_version_tag(model_name, previous, "role", "retired")
     return True
+
+
+# --------------------------------------------------------------------------- the lifecycle's steps
+
+
+def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decision:
+    """The gate's verdict on the challenger, recorded as its version tag ``recsys_gate``; no alias moves here."""
+    client = client_for(s.mlflow.tracking_uri)
+    decision = evaluate_gate(client, s.train.model_name, str(model_version), tolerance)
+    client.set_model_version_tag(
+        s.train.model_name, str(model_version), TAG_GATE, "passed" if decision.promote else "refused"
+    )
+    log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
+    return decision
+
+
+def promote_challenger(s: Settings, decision: Decision) -> dict[str, Any]:
+    """Move the ``champion`` alias to a challenger that passed the gate (idempotent)."""
+    client = client_for(s.mlflow.tracking_uri)
+    promoted = promote(client, s.train.model_name, decision)
+    return {"champion": champion_version(client, s.train.model_name), "promoted": promoted}

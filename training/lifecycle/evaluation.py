@@ -8,12 +8,13 @@ and the inference replicas follow it), so "champion dense part + current rows" i
 serving keeps answering with if the challenger is refused, and the comparison isolates
 what the gate decides about: which dense part serves better.
 
-Imports torch, training and mlflow: only the evaluate task loads this module.
+Imports torch and mlflow inside the functions: only the evaluate step loads them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,10 @@ from typing import Any
 import numpy as np
 
 from core.settings import Settings
+from training.lifecycle import LifecycleError, gate
+from training.pooling import mean_pool
+
+log = logging.getLogger(__name__)
 
 
 def _manifest(client: Any, run_id: str) -> dict[str, Any]:
@@ -52,12 +57,11 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     import torch
 
     from core.metrics import roc_auc
-    from recsys_ops.gate import client_for
     from training.data import read_window, split_by_time, to_columns
-    from training.model import load_dense
+    from training.model import DenseArch, ModelConfig, load_dense
     from training.params import open_training_store, table_configs
 
-    client = client_for(s.mlflow.tracking_uri)
+    client = gate.client_for(s.mlflow.tracking_uri)
     manifest = _manifest(client, challenger_run_id)
     start = {int(p): int(o) for p, o in manifest["offsets"]["start"].items()}
     end = {int(p): int(o) for p, o in manifest["offsets"]["end"].items()}
@@ -69,7 +73,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
         raise ValueError(f"run {challenger_run_id} has an empty evaluation set")
     labels = columns.labels[rows]
 
-    models = {}
+    models: dict[str, tuple[ModelConfig, DenseArch]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, version in versions.items():
             config, arch, _extra = load_dense(
@@ -81,7 +85,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
         if config.sparse_features != first.sparse_features or config.embedding_dim != first.embedding_dim:
             raise ValueError(f"version {versions[label]} has another feature layout; AUCs would not be comparable")
 
-    # pooled rows [n_eval, n_sparse, D]: MEAN pooling, as the model's tables pool
+    # pooled rows [n_eval, n_sparse, D], pooled as the model's tables pool
     store = open_training_store(s.ps, table_configs(first.embedding_dim, s.train.init_std))
     try:
         pooled = np.zeros((len(rows), len(first.sparse_features), first.embedding_dim), np.float32)
@@ -90,9 +94,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
             lengths, values = columns.gather(feature, rows)
             uniq, inverse = np.unique(values, return_inverse=True)
             weights = store.pull(feature, uniq).weights
-            owner = np.repeat(np.arange(len(rows)), lengths)
-            np.add.at(pooled[:, j, :], owner, weights[inverse])
-            pooled[:, j, :] /= np.maximum(lengths, 1)[:, None]
+            pooled[:, j, :] = mean_pool(weights[inverse], lengths)
     finally:
         store.close()
 
@@ -103,3 +105,53 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
             probs = torch.sigmoid(arch(dense, torch.from_numpy(pooled))).numpy()
             result["auc"][label] = float(roc_auc(probs, labels))
     return result
+
+
+def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
+    """Make sure the champion's AUC on the challenger's evaluation set is recorded; return both AUCs.
+
+    The trainer evaluates on the newest share of its window and logs ``eval_auc``. The champion
+    (and the challenger beside it) are scored on that same set with the same parameter rows
+    (``score_versions``); the scores go to the challenger's run (``champion_eval_auc``,
+    ``challenger_eval_auc_same_rows``, tag ``recsys_champion_version``). A score recorded already
+    is reused, so a retry does not score twice.
+    """
+    client = gate.client_for(s.mlflow.tracking_uri)
+    name = s.train.model_name
+    version = client.get_model_version(name, str(model_version))
+    run = client.get_run(version.run_id)
+    champion = gate.champion_version(client, name)
+    info: dict[str, Any] = {
+        "model_version": str(model_version),
+        "run_id": version.run_id,
+        "challenger_auc": run.data.metrics.get(gate.CHALLENGER_METRIC),
+        "champion_version": champion,
+        "champion_auc": None,
+    }
+    if info["challenger_auc"] is None:
+        raise LifecycleError(f"{name} v{model_version} (run {version.run_id}) has no {gate.CHALLENGER_METRIC}")
+    if champion is None or champion == str(model_version):
+        return info
+    if run.data.tags.get(gate.TAG_CHAMPION_VERSION) == champion and gate.CHAMPION_METRIC in run.data.metrics:
+        info["champion_auc"] = run.data.metrics[gate.CHAMPION_METRIC]
+        return info
+    try:
+        scored = score_versions(s, version.run_id, {"challenger": str(model_version), "champion": champion})
+    except Exception as exc:  # noqa: BLE001 - any failure means: no comparable champion score
+        raise LifecycleError(
+            f"the champion v{champion} could not be scored on the evaluation set of v{model_version} "
+            f"({type(exc).__name__}: {exc}); the gate will not compare AUCs of different sets"
+        ) from exc
+    log.info("scored on the evaluation set of v%s: %s", model_version, scored)
+    gate.record_champion_score(
+        client,
+        name,
+        str(model_version),
+        champion,
+        scored["auc"]["champion"],
+        challenger_auc=scored["auc"]["challenger"],
+    )
+    info["challenger_auc_same_rows"] = scored["auc"]["challenger"]
+    info["eval_samples"] = scored["eval_samples"]
+    info["champion_auc"] = scored["auc"]["champion"]
+    return info

@@ -1,10 +1,11 @@
-"""What the features DAG's tasks do: Feast materialization and compaction of the offline parquet.
+"""Upkeep of the feature store: Feast materialization and compaction of the offline parquet.
 
 The stream worker pushes every encoded profile to the online store and appends the same rows
 to the offline store as small parquet files (``offline/<entity>/date=YYYY-MM-DD/part-*.parquet``).
 Materialization copies the newest offline rows into the online store (it repairs an online store
 that was lost or started empty); compaction merges each date folder's many small files into one,
-so point-in-time joins for training read a few files instead of thousands.
+so point-in-time joins for training read a few files instead of thousands. The features DAG
+runs both; each is idempotent.
 """
 
 from __future__ import annotations
@@ -22,15 +23,11 @@ log = logging.getLogger(__name__)
 ENTITIES = ("user", "item")
 
 
-def _redis_url(s: Settings) -> str | None:
-    return s.feast_redis_url
-
-
 def materialize(s: Settings, lookback: timedelta = timedelta(days=365)) -> dict[str, Any]:
     """``materialize_incremental`` up to now: idempotent, a rerun writes the same latest rows again."""
     from feature_repo.store import open_store
 
-    store = open_store(s.feast.data_dir, s.feast.online_store, _redis_url(s), apply=True)
+    store = open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url, apply=True)
     end = datetime.now(UTC)
     views = [v.name for v in store.list_feature_views()]
     # views never materialized start from `lookback` ago (Feast needs a start for the first interval)
