@@ -61,7 +61,36 @@ def test_publication_without_replicas_has_nothing_to_wait_for() -> None:
     from training.lifecycle.publish import wait_for_replicas
 
     s = Settings().override(ps={"replicas": []})
-    assert wait_for_replicas(s, 7, timeout_s=0.1) == {"ps_version": 7, "replicas": {}}
+    assert wait_for_replicas(s, 7, timeout_s=0.1) == {"ps_version": 7, "replicas": {}, "applied_s": {}}
+
+
+@pytest.mark.integration
+def test_publication_waits_until_every_replica_has_the_version(redis_factory) -> None:
+    import threading
+
+    import numpy as np
+
+    from paramserver import Rows, TableConfig, open_store
+    from training.lifecycle.publish import wait_for_replicas
+
+    near, far = redis_factory("publish-near"), redis_factory("publish-far")
+    s = Settings().override(ps={"replicas": [near.url, far.url], "namespace": "publishwait"})
+    table = [TableConfig("t", dim=2, capacity=16)]
+    # stand-ins for replicated copies: each server gets the version by a push of its own
+    stores = [open_store("redis", table, s.ps, shards=[server.url]) for server in (near, far)]
+    rows = Rows(np.arange(2, dtype=np.int64), np.ones((2, 2), np.float32), np.zeros((2, 1), np.float32))
+    target = stores[0].push({"t": rows})
+    assert stores[1].version() < target
+    late = threading.Timer(0.3, lambda: stores[1].push({"t": rows}))
+    late.start()
+    try:
+        waited = wait_for_replicas(s, target, timeout_s=60, poll_s=0.01)
+    finally:
+        late.join()
+        for store in stores:
+            store.close()
+    assert waited["replicas"] == {near.url: target, far.url: target}
+    assert waited["applied_s"][far.url] >= waited["applied_s"][near.url]
 
 
 def test_publication_names_the_replicas_behind_after_the_timeout() -> None:

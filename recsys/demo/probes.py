@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -108,6 +107,7 @@ def probe_replicas(s: Settings, probes: int, timeout: float) -> tuple[list[float
     import numpy as np
 
     from paramserver import Rows, TableConfig, open_reader, open_store
+    from training.lifecycle.publish import wait_for_replicas
 
     if not s.ps.replicas:
         raise DemoError("no inference replicas configured (RECSYS_PS_REPLICAS)")
@@ -122,7 +122,9 @@ def probe_replicas(s: Settings, probes: int, timeout: float) -> tuple[list[float
             rows = Rows(ids, np.full((4, 4), float(i), dtype=np.float32), np.zeros((4, 1), dtype=np.float32))
             sent = time.perf_counter()
             version = source.push({PROBE_TABLE: rows})
-            for spec, seconds in wait_for_replicas_applied(replicas, version, sent, timeout).items():
+            # polled every 2 ms: the time itself is the measurement
+            waited = wait_for_replicas(s, version, timeout, poll_s=0.002, since=sent, readers=replicas)
+            for spec, seconds in waited["applied_s"].items():
                 per_replica[spec].append(seconds)
             slowest.append(time.perf_counter() - sent)
     finally:
@@ -130,28 +132,6 @@ def probe_replicas(s: Settings, probes: int, timeout: float) -> tuple[list[float
         for reader in replicas.values():
             reader.close()
     return slowest, per_replica
-
-
-def wait_for_replicas_applied(
-    replicas: Mapping[str, Any], version: int, since: float, timeout: float
-) -> dict[str, float]:
-    """The demo's own "wait until every replica applied version N": seconds from ``since``
-    (a ``time.perf_counter()``) until each replica's ``version()`` reached ``version``.
-
-    Polled every 2 ms, because the time itself is the measurement (training.lifecycle's
-    wait_for_replicas polls for a DAG task at a coarser pace).
-    """
-    applied: dict[str, float] = {}
-    pending = set(replicas)
-    while pending:
-        for spec in list(pending):
-            if replicas[spec].version() >= version:
-                applied[spec] = time.perf_counter() - since
-                pending.discard(spec)
-        if time.perf_counter() - since > timeout:
-            raise DemoError(f"replicas {sorted(pending)} never applied version {version}")
-        time.sleep(0.002)
-    return applied
 
 
 def probe_champion(s: Settings, client: Any, version: str, probes: int, timeout: float) -> list[float]:
