@@ -8,8 +8,8 @@ demo: bootstrap
 test: bootstrap lint
 	uv run pytest -q --durations=15
 
-# Unit tests only (no services started), for the edit-test loop: about a minute and a half.
-test-fast: bootstrap lint
+# Unit tests only (no services started), for the edit-test loop; `make lint` runs the checks alone.
+test-fast: bootstrap
 	uv run pytest -q -m "not integration and not slow"
 
 # Layering contracts (import-linter), lint and format (ruff), types (mypy).
