@@ -9,11 +9,14 @@ import asyncio
 import gc
 import json
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from core.cli_support import load_settings
+
+if TYPE_CHECKING:
+    from feature_repo.store import Entity
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -41,8 +44,9 @@ def worker(
         start_http_server(s.stream.metrics_port, addr="127.0.0.1")
     from faust.worker import Worker
 
-    from streaming.app import app as faust_app
-    from streaming.app import worker as stream_worker
+    from streaming.factory import create_app
+
+    faust_app, stream_worker = create_app(s)
 
     if create_topics:
         topics = {
@@ -102,7 +106,8 @@ def features(
     s = load_settings()
     store = fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url, apply=False)
     out = {}
-    for entity, ids in (("user", users or []), ("item", items or [])):
+    wanted: tuple[tuple[Entity, list[str]], ...] = (("user", users or []), ("item", items or []))
+    for entity, ids in wanted:
         for entity_id, encoded in fs.read_online(store, entity, ids).items():
             out[f"{entity}:{entity_id}"] = (
                 None if encoded is None else {"sparse": encoded.sparse, "dense": encoded.dense}

@@ -14,7 +14,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from core.settings import PROJECT_ROOT
+from core.settings import PROJECT_ROOT, Settings
 from feature_repo.spec import (
     AGE_BOUNDARIES,
     GENDER_ALIASES,
@@ -25,7 +25,8 @@ from feature_repo.spec import (
     encode_user,
     join_features,
 )
-from streaming.processor import DictKV, Processor, ProcessorConfig, RawRecord
+from streaming.processor import Processor
+from streaming.records import DictKV, ProcessorConfig, RawRecord
 
 pytestmark = pytest.mark.integration
 
@@ -162,7 +163,8 @@ def test_every_vocabulary_value_encodes_identically_in_streaming_feature_store_a
     ]
 
     # streaming: the worker's processor encodes the profiles and builds the samples
-    proc = Processor(ProcessorConfig(attribution_window_s=5.0), DictKV(), DictKV(), DictKV(), DictKV())
+    config = ProcessorConfig.from_settings(Settings().override(stream={"attribution_window_s": 5.0}))
+    proc = Processor(config, DictKV(), DictKV(), DictKV(), DictKV())
     result = proc.process_batch(records)
     sample_values = [o.value for o in result.out if o.kind == "samples"]
     assert len(sample_values) == len(pairs)

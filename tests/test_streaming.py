@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
+from core.settings import Settings
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded
-from streaming.processor import (
-    DictKV,
-    Processor,
-    ProcessorConfig,
-    RawRecord,
-    headers_dict,
-)
+from streaming.processor import Processor
+from streaming.records import DictKV, Outgoing, ProcessorConfig, RawRecord, headers_dict
 
 T0 = 1_700_000_000.0
 WINDOW = 10.0
@@ -32,11 +30,14 @@ class Clock:
         return self.now
 
 
-def make(now: float = T0 + 100, **config) -> tuple[Processor, Clock]:
+def config(**stream) -> ProcessorConfig:
+    """The processor's config from the settings' defaults, with some stream fields replaced."""
+    return ProcessorConfig.from_settings(Settings().override(stream=stream))
+
+
+def make(now: float = T0 + 100) -> tuple[Processor, Clock]:
     clock = Clock(now)
-    cfg = ProcessorConfig(
-        attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2, **config
-    )
+    cfg = config(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2)
     return Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock), clock
 
 
@@ -350,7 +351,7 @@ def test_a_partition_not_read_to_its_end_is_not_idle():
     behind = {"value": True}
     clock = Clock(T0 + 1)
     proc = Processor(
-        ProcessorConfig(attribution_window_s=WINDOW, idle_advance_s=2),
+        config(attribution_window_s=WINDOW, idle_advance_s=2),
         DictKV(),
         DictKV(),
         DictKV(),
@@ -410,7 +411,7 @@ def test_stream_features_equal_join_features_in_spec_order_whether_profiles_are_
 
 class _FakeTable:
     def __init__(self, name: str) -> None:
-        self.data = {}
+        self.data: dict = {}
         self.changelog_topic = type("Topic", (), {"get_topic_name": lambda _self: f"app-{name}-changelog"})()
 
 
@@ -419,7 +420,7 @@ class _FakeConsumer:
         from faust.types import TP
 
         self.tps = [TP(topic, p) for p in range(3)]
-        self._committed_offset = {}
+        self._committed_offset: dict = {}
         self.positions: dict = {}
         self.highwaters: dict = {}
 
@@ -438,8 +439,7 @@ def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_take
     processed; taking the partition as quiet then closed windows from restored state ahead of them."""
     import asyncio
 
-    from core.settings import Settings
-    from streaming.app import StreamWorker
+    from streaming.worker import StreamWorker
 
     settings = Settings().override(kafka={"topic_events": "events.t"})
     consumer = _FakeConsumer("events.t")
@@ -460,7 +460,7 @@ class _FakeProducer:
     def __init__(self) -> None:
         from types import SimpleNamespace
 
-        self.handed: list[tuple[str, list, object]] = []  # (topic, records, ack future)
+        self.handed: list[tuple[str, list, asyncio.Future]] = []  # (topic, records, ack future)
         partitions = {0, 1, 2, 3}
         self.client = SimpleNamespace(
             cluster=SimpleNamespace(
@@ -492,9 +492,7 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
     """What lets a restored worker trust "resolved" in its tables: the sample was durable first."""
     import asyncio
 
-    from core.settings import Settings
-    from streaming.app import StreamWorker
-    from streaming.processor import Outgoing
+    from streaming.worker import StreamWorker
 
     settings = Settings().override(kafka={"topic_samples": "samples.t"})
     producer = _FakeProducer()
