@@ -11,7 +11,7 @@ and a message a person can act on.
 The writer side sits beside it: ``impression_event``, ``click_event``, ``user_profile_event``
 and ``item_profile_event`` build the JSON object of one event (``orjson.dumps`` it), and
 ``event_key`` gives its Kafka key. They do not validate (serving and the simulator call them
-on hot paths); tests/test_contract.py parses what each emits back with ``parse_event``.
+on hot paths); tests/feature_repo/test_contract.py parses what each emits back with ``parse_event``.
 """
 
 from __future__ import annotations

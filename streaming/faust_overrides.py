@@ -1,7 +1,7 @@
 """Where the worker reaches into Faust and aiokafka: every override and use of their private API, in one file.
 
 Written against faust-streaming 0.15.3 and aiokafka 0.14.0 (``PINNED``; pyproject pins both exactly).
-``tests/test_faust_overrides.py`` fails when the installed versions differ from these, or when a
+``tests/streaming/test_faust_overrides.py`` fails when the installed versions differ from these, or when a
 private method overridden or called here is gone or has another signature: read this file against
 the new version's source before moving a pin.
 
