@@ -12,6 +12,10 @@ DUPLICATES = Counter("recsys_stream_duplicates_dropped_total", "client retries d
 SAMPLES = Counter("recsys_stream_samples_total", "labelled samples emitted (first emission)", ["label"])
 LATE_CLICKS = Counter("recsys_stream_late_clicks_total", "clicks routed to the late topic", ["reason"])
 OPEN_IMPRESSIONS = Gauge("recsys_stream_open_impressions", "impressions waiting for a click")
+REDELIVERED = Counter(
+    "recsys_stream_redelivered_dropped_total",
+    "records delivered again at an offset this worker had handled already (skipped: their effects are kept)",
+)
 STALE_PROFILES = Counter("recsys_stream_stale_profiles_total", "profiles older than the one already known")
 FEATURE_SOURCE = Counter("recsys_stream_sample_features_total", "where sample features came from", ["source"])
 FEATURE_ROWS = Counter("recsys_stream_feature_rows_total", "encoded rows written to Feast", ["entity", "store"])

@@ -72,6 +72,7 @@ _COUNTERS = {
     "dead": metrics.DEADLETTERED,
     "late": metrics.LATE_CLICKS,
     "stale": metrics.STALE_PROFILES,
+    "redelivered": metrics.REDELIVERED,
 }
 
 # most event ids per de-duplication chunk (one changelog record): ids are <= 256 chars, so a chunk stays
@@ -182,6 +183,13 @@ class Processor:
         now = self.wall()
         for record in records:
             state = partitions[record.partition]
+            if record.offset < state.next_offset:
+                # Delivered again while this process still owns the partition (Faust resumes the stream
+                # before its seek to the committed offset, which then hands out records already handled):
+                # their effects are in the state already, and handling them twice could reopen an
+                # impression whose resolution has expired and give its sample a second label.
+                self.tally[("redelivered", "")] += 1
+                continue
             state.last_arrival_wall = now
             state.next_offset = record.offset + 1
             try:

@@ -145,6 +145,22 @@ def test_client_retry_is_dropped_but_a_redelivery_of_the_same_offset_is_processe
     assert restored.process_batch([retry_again]).out == []
 
 
+def test_records_delivered_again_to_the_same_owner_are_skipped_even_after_their_resolution_expired():
+    proc, clock = make()
+    feed = Feed()
+    handled = [feed.event(**impression("e1", T0)), feed.event(**click("c1", T0 + 1))]
+    assert [s.label for s in samples_of(proc.process_batch(handled).out)] == [1]
+    clock.now += 120  # past the resolved retention: the resolution is forgotten
+    proc.process_batch([feed.event(**impression("e2", T0 + 2, req="r2"))])
+    assert sample_id("r1", "i1") not in proc.joins
+    # a seek back to the committed offset hands the same records out again (same offsets, same process)
+    again = proc.process_batch(handled)
+    assert again.out == [] and sample_id("r1", "i1") not in proc.joins
+    # and no window closes on them later: the sample keeps its one label
+    later = proc.process_batch([feed.event(**impression("e3", T0 + 700, req="r3"))]).out
+    assert sample_id("r1", "i1") not in {s.sample_id for s in samples_of(later)}
+
+
 def test_dedup_chunks_are_capped(monkeypatch):
     from streaming import processor
 
