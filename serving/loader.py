@@ -93,6 +93,7 @@ class MlflowLoader:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
         self.model_name, self.alias = model_name, alias
 
     def champion_version(self) -> str | None:
@@ -115,7 +116,7 @@ class MlflowLoader:
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=mv.source,
                     dst_path=str(folder / "model"),
-                    tracking_uri=self.client._tracking_client.tracking_uri,
+                    tracking_uri=self.tracking_uri,
                 )
                 path = _find_dense(folder)
             except Exception:  # noqa: BLE001 - the weights may sit beside the logged model in the run

@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import orjson
 
+from core.aiokafka_private import refresh_metadata
 from feature_repo.spec import vocab_index
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ async def follow_events(
             await consumer.start()
             partitions = consumer.partitions_for_topic(topic)
             if not partitions:
-                await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+                await refresh_metadata(consumer)
                 partitions = consumer.partitions_for_topic(topic) or set()
             if not partitions:
                 raise RuntimeError(f"topic {topic} does not exist yet")
