@@ -50,8 +50,7 @@ def _full_rows(spec) -> dict[str, int]:
 def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from core.settings import ParamServerSettings
-    from core.settings import TrainingSettings
+    from core.settings import ParamServerSettings, TrainingSettings
     from feature_repo.spec import SPEC
     from paramserver import Rows
     from training import trainer
