@@ -90,6 +90,7 @@ class TopicRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()  # the dead-letter and late topics say why in a "reason" header
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
@@ -147,7 +148,9 @@ async def read_topic(
                 for record in records:
                     if record.offset >= end:
                         break
-                    yield TopicRecord(tp.partition, record.offset, record.key, record.value, record.timestamp)
+                    yield TopicRecord(
+                        tp.partition, record.offset, record.key, record.value, record.timestamp, tuple(record.headers)
+                    )
             # positions, not the last record's offset: transaction markers occupy offsets too
             for p in list(remaining):
                 if await consumer.position(tps[p]) >= remaining[p]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -133,35 +132,34 @@ def topics() -> None:
 @events_app.command("summary")
 def events_summary(
     topic: Annotated[str | None, typer.Option(help="topic to read (default: the events topic)")] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="how to read it: events, deadletter, samples or late "
+            "(default: recognised from the settings' topic names; other topics are read as events)"
+        ),
+    ] = None,
 ) -> None:
-    """Read a topic from the beginning to its current end and count records by event type and reject reason."""
-    from core.kafka import KafkaUnavailable, read_topic
-    from feature_repo.contract import InvalidEvent, parse_event
+    """Read a topic from the beginning to its current end and count its records; a bad record is a count too.
+
+    Events count by event type and reject reason, dead letters and late clicks by their reason
+    header, samples by label.
+    """
+    from core.kafka import KafkaUnavailable
+    from recsys.topic_summary import TopicKind, TopicMissing, kind_of, summarize
 
     s = load_settings()
     name = topic or s.kafka.topic_events
-    counts: Counter[str] = Counter()
-
-    async def run() -> None:
-        async for record in read_topic(s.kafka.bootstrap, name):
-            try:
-                event = parse_event(
-                    record.value or b"",
-                    max_bytes=s.events.max_event_bytes,
-                    max_future_skew_s=s.events.max_future_skew_s,
-                    max_age_s=s.events.max_event_age_s,
-                )
-                counts[event.event_type] += 1
-            except InvalidEvent as exc:
-                counts[f"invalid:{exc.reason.value}"] += 1
-
+    if kind is not None and kind not in TopicKind.__members__:
+        fail(f"unknown --kind {kind!r}; expected one of {', '.join(TopicKind.__members__)}", 2)
+    topic_kind = TopicKind(kind) if kind is not None else (kind_of(name, s) or TopicKind.events)
     try:
-        asyncio.run(run())
-    except KafkaUnavailable as exc:
+        counts = asyncio.run(summarize(s, name, topic_kind))
+    except (KafkaUnavailable, TopicMissing) as exc:
         fail(str(exc))
-    table = Table("kind", "records", title=f"{name}: {sum(counts.values())} records")
-    for kind, count in sorted(counts.items()):
-        table.add_row(kind, str(count))
+    table = Table("kind", "records", title=f"{name} ({topic_kind.value}): {sum(counts.values())} records")
+    for label, count in sorted(counts.items()):
+        table.add_row(label, str(count))
     out.print(table)
 
 
@@ -255,13 +253,18 @@ def replay(
     file: Annotated[
         Path | None,
         typer.Argument(
-            exists=True, dir_okay=False, readable=True, help="JSONL from `simulate --out` (or use --dataset)"
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="JSONL: a recording of `simulate --out`, or plain event lines (or use --dataset)",
         ),
     ] = None,
     rate: Annotated[
         float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")
     ] = 0.0,
-    rebase_time: Annotated[bool, typer.Option("--rebase/--no-rebase", help="shift event times to start now")] = True,
+    rebase_time: Annotated[
+        bool, typer.Option("--rebase/--no-rebase", help="shift event times so the last event happens now")
+    ] = True,
     topic: Annotated[str | None, typer.Option(help="topic to publish to (default: the events topic)")] = None,
     dataset: Annotated[
         str | None,
@@ -283,12 +286,16 @@ def replay(
     ] = True,
     limit: Annotated[int | None, typer.Option(min=1, help="--dataset: only the first N ratings by time")] = None,
 ) -> None:
-    """Publish a recorded JSONL file, or a MovieLens set (--dataset), to Kafka.
+    """Publish a JSONL file (a recording, or plain event lines), or a MovieLens set (--dataset), to Kafka.
 
-    Malformed lines of the file are reported and skipped.
+    Event times are moved so the last event happens now (the gaps kept), so no event lies beyond
+    the worker's future-skew limit; events the move leaves older than the event age limit are
+    counted and reported. Malformed lines of the file are reported and skipped.
     """
+    from array import array
+
     from core.kafka import KafkaUnavailable, publish
-    from traffic.recording import read_jsonl, rebase
+    from traffic.recording import read_any, shift_times
 
     s = load_settings()
     if dataset is not None or file is None:
@@ -308,10 +315,30 @@ def replay(
                 limit,
             )
         )
+    # a first pass for the times: the shift depends on the last event, and the report on all of them
+    times = array("d", (record.timestamp for record in read_any(file, [])))
+    now = time.time()
+    shift = now - max(times) if rebase_time and times else 0.0
+    stale = sum(1 for t in times if t + shift < now - s.events.max_event_age_s)
+    future = sum(1 for t in times if t + shift > now + s.events.max_future_skew_s)
+    if stale:
+        console.print(
+            f"[yellow]warning:[/yellow] {stale} of {len(times)} events are older than the event age limit "
+            f"({s.events.max_event_age_s:g}s, RECSYS_MAX_EVENT_AGE_S) "
+            + ("after moving the last event to now: the recording spans " if rebase_time else "(--no-rebase): ")
+            + (f"{max(times) - min(times):,.0f}s. " if rebase_time else "")
+            + "The stream worker will reject them as stale_timestamp.",
+            soft_wrap=True,
+        )
+    if future:
+        console.print(
+            f"[yellow]warning:[/yellow] {future} of {len(times)} events lie more than "
+            f"{s.events.max_future_skew_s:g}s in the future (--no-rebase): the stream worker will reject them "
+            "as future_timestamp.",
+            soft_wrap=True,
+        )
     errors: list[str] = []
-    records = read_jsonl(file, errors)
-    if rebase_time:
-        records = rebase(records, time.time())
+    records = shift_times(read_any(file, errors), shift)
     try:
         result = asyncio.run(
             publish(

@@ -16,6 +16,7 @@ import typer
 from core.cli_support import load_settings
 
 if TYPE_CHECKING:
+    from core.settings import Settings
     from feature_repo.store import Entity
 
 app = typer.Typer(no_args_is_help=True)
@@ -113,3 +114,83 @@ def features(
                 None if encoded is None else {"sparse": encoded.sparse, "dense": encoded.dense}
             )
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command("status")
+def status(
+    wait: Annotated[bool, typer.Option("--wait", help="block until the stream has drained (lag 0 everywhere)")] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="--wait: give up after this many seconds, exit 1 (default: settings)"),
+    ] = None,
+) -> None:
+    """Per partition of the events topic: the worker group's committed offset, end offset and lag; drained or not.
+
+    Read from Kafka (the group's commits, the topic's ends, the ``joins`` changelog), not from the
+    worker's metrics port. Drained means the group committed up to the end of every partition; the
+    open impressions are those still waiting for a click in the worker's ``joins`` table.
+    """
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.cli_support import fail
+    from core.consumer_lag import PartitionLag, group_lag
+    from core.kafka import KafkaUnavailable
+
+    s = load_settings()
+    limit = timeout if timeout is not None else s.stream.status_wait_timeout_s
+    deadline = time.monotonic() + limit
+
+    def read() -> list[PartitionLag]:
+        try:
+            return asyncio.run(group_lag(s.kafka.bootstrap, s.stream.app_id, s.kafka.topic_events))
+        except KafkaUnavailable as exc:
+            fail(str(exc))
+
+    lags = read()
+    if not lags:
+        fail(f"topic {s.kafka.topic_events} has no partitions (does it exist? `recsys topics` creates it)")
+    while wait and any(p.lag for p in lags) and time.monotonic() < deadline:
+        time.sleep(min(s.stream.status_poll_s, max(0.0, deadline - time.monotonic())))
+        lags = read()
+    drained = not any(p.lag for p in lags)
+    table = Table("partition", "committed", "end", "lag", title=f"{s.kafka.topic_events}, group {s.stream.app_id}")
+    for p in lags:
+        table.add_row(str(p.partition), "-" if p.committed is None else str(p.committed), str(p.end), str(p.lag))
+    out = Console()
+    out.print(table)
+    try:
+        opened = asyncio.run(_open_impressions(s))
+    except KafkaUnavailable as exc:
+        fail(str(exc))
+    out.print(f"lag: {sum(p.lag for p in lags)} records; drained: {'yes' if drained else 'no'}")
+    out.print(f"open impressions: {opened if opened is not None else 'unknown (no joins changelog yet)'}")
+    if wait and not drained:
+        fail(f"the stream did not drain within {limit:g}s (lag {sum(p.lag for p in lags)})")
+
+
+async def _open_impressions(s: Settings) -> int | None:
+    """Impressions waiting for a click: the ``joins`` changelog's latest value per key, counted when open.
+
+    None when the changelog topic does not exist (no worker ever ran with this app id).
+    """
+    import orjson
+
+    from core.kafka import end_offsets, read_topic
+    from streaming.joiner import OPEN
+
+    topic = f"{s.stream.app_id}-joins-changelog"  # Faust's name: <app id>-<table>-changelog
+    if not await end_offsets(s.kafka.bootstrap, topic):
+        return None
+    latest: dict[bytes, bool] = {}
+    async for record in read_topic(s.kafka.bootstrap, topic):
+        if record.key is None:
+            continue
+        try:
+            value = orjson.loads(record.value) if record.value else None
+        except orjson.JSONDecodeError:
+            value = None
+        latest[record.key] = isinstance(value, dict) and value.get("st") == OPEN
+    return sum(latest.values())

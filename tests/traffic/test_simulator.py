@@ -130,3 +130,27 @@ def test_jsonl_round_trip_keeps_bytes_and_reports_bad_lines(tmp_path) -> None:
     assert orjson.loads(first_valid.value)["timestamp"] == pytest.approx(START + 1000)
     bad_json = next(r for r, orig in zip(shifted, loaded) if r.kind == "bad:bad_json")
     assert bad_json.value == next(o.value for o in loaded if o.kind == "bad:bad_json")
+
+
+def test_replay_files_are_read_in_either_format(tmp_path) -> None:
+    from feature_repo.contract import click_event
+    from traffic.recording import is_recording, read_any, shift_times, time_span
+
+    sim = Simulation(small(requests=5))
+    recording = tmp_path / "recording.jsonl"
+    write_jsonl(sim.records(), recording)
+    plain = tmp_path / "client.jsonl"
+    events = [
+        click_event(event_id=f"c{n}", timestamp=START + n, request_id="r", user_id="u7", item_id="i") for n in (0, 9)
+    ]
+    plain.write_bytes(b"\n" + b"\n".join(orjson.dumps(e) for e in events) + b'\n{"no": "time"}\n[1]\n')
+    assert is_recording(recording) and not is_recording(plain)
+
+    errors: list[str] = []
+    loaded = list(read_any(plain, errors))
+    assert [(r.key, r.timestamp, r.kind) for r in loaded] == [(b"u7", START, "click"), (b"u7", START + 9, "click")]
+    assert len(errors) == 2 and all("not an event line" in e for e in errors)
+    assert time_span(loaded) == (START, START + 9)
+    moved = list(shift_times(loaded, 100.0))
+    assert [orjson.loads(r.value)["timestamp"] for r in moved] == [START + 100, START + 109]
+    assert len(list(read_any(recording, []))) == sim.stats.total
