@@ -209,6 +209,17 @@ class ServingSettings(BaseSettings):
     max_candidates: int = Field(1000, ge=1, le=100_000, description="most candidates of one request")
     max_pairs: int = Field(1000, ge=1, le=100_000, description="most (user, item) pairs of /v1/score")
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="larger request bodies get 413")
+    max_in_flight: int = Field(
+        64, ge=1, le=100_000, description="ranking requests (/v1/recommend, /v1/score) in flight; beyond: 503 at once"
+    )
+    shed_retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After header of a shed (503) request")
+    request_deadline_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="time a ranking request may take from admission; past it: 504 (well above the p99 of "
+        "tens of ms, so only a hung or very slow dependency hits it)",
+    )
     param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
     param_version_poll_s: float = Field(
         1.0, gt=0, description="how often the cache checks the replica's parameter version"

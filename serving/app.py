@@ -3,8 +3,8 @@
 ``create_app(settings)`` builds everything at start-up (Feast and MLflow imports included,
 so no request pays for them); tests pass ready-made ``Components`` instead. The app itself
 is only assembly: typed state on ``app.state.serving`` (``serving.state``), the lifespan
-(``serving.lifecycle``), the routers of ``serving.routers``, the error handlers and the
-body-limit middleware.
+(``serving.lifecycle``), the routers of ``serving.routers``, the error handlers, the
+body-limit middleware and load shedding (``serving.shedding``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from serving.metrics import Metrics
 from serving.middleware import BodyLimit
 from serving.routers import admin, health, recommend
 from serving.schemas import Problem
+from serving.shedding import Gate, LoadShed
 from serving.state import ServingState
 from serving.wiring import build_components
 
@@ -50,6 +51,13 @@ def create_app(settings: Settings, components: Components | None = None, builder
     app.include_router(health.router)
     app.include_router(admin.router)
     app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes)
+    # added last, so outermost: a shed request costs no body read and no parsing
+    app.add_middleware(
+        LoadShed,
+        gate=Gate(settings.serving.max_in_flight),
+        metrics=state.metrics,
+        retry_after_s=settings.serving.shed_retry_after_s,
+    )
     return app
 
 

@@ -58,6 +58,21 @@ class Metrics:
             "recsys_serving_impressions_buffered", "impressions waiting for Kafka", registry=r
         )
         self.retrieval_items = Gauge("recsys_serving_retrieval_items", "items known to the retrieval stage", registry=r)
+        self.shed = Counter(
+            "recsys_serving_shed",
+            "ranking requests answered 503 because too many were in flight",
+            ["endpoint"],
+            registry=r,
+        )
+        self.deadline_expired = Counter(
+            "recsys_serving_deadline_expired",
+            "ranking requests answered 504 at their deadline",
+            ["endpoint"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "recsys_serving_in_flight", "ranking requests in flight (with work abandoned at its deadline)", registry=r
+        )
 
     def row_lookup(self, hits: int, misses: int) -> None:
         if hits:

@@ -2,17 +2,20 @@
 
 The ranking itself is blocking (feature store, parameter reader), so it runs in the thread
 pool and the event loop stays free. Limits beyond the schema's (``max_k``, ``max_candidates``,
-``max_pairs``) come from the settings and answer 422 like a schema error.
+``max_pairs``) come from the settings and answer 422 like a schema error. Both endpoints
+sit behind load shedding (``serving.shedding``): 503 with ``Retry-After`` when too many
+requests are in flight, 504 when the ranking has not finished by the request's deadline.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
-from fastapi import APIRouter, HTTPException
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, HTTPException, Request
 
 from feature_repo.contract import impression_event
 from serving.metrics import Metrics
@@ -26,13 +29,27 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from serving.shedding import DeadlineExpired, run_with_deadline
 from serving.state import Started, State
 
-router = APIRouter(tags=["ranking"], responses={413: {"model": Problem}})
+T = TypeVar("T")
+
+router = APIRouter(
+    tags=["ranking"],
+    responses={
+        413: {"model": Problem},
+        503: {
+            "model": Problem,
+            "description": "too many requests in flight (retry after `Retry-After` seconds), or still starting up",
+            "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+        },
+        504: {"model": Problem, "description": "the ranking did not finish by the request's deadline"},
+    },
+)
 
 
 @router.post("/v1/recommend", response_model=RecommendResponse)
-async def recommend(body: RecommendRequest, state: State, running: Started) -> RecommendResponse:
+async def recommend(request: Request, body: RecommendRequest, state: State, running: Started) -> RecommendResponse:
     """Rank the candidates (or the retrieval stage's items) for a user; the top k are logged as impressions."""
     started = time.perf_counter()
     limits = state.settings.serving
@@ -44,7 +61,9 @@ async def recommend(body: RecommendRequest, state: State, running: Started) -> R
             f"at most {limits.max_candidates} candidates",
             len(body.candidate_item_ids),
         )
-    ranking = await run_in_threadpool(running.ranker.recommend, body.user_id, body.k, body.candidate_item_ids)
+    ranking = await _in_time(
+        request, state, "recommend", started, running.ranker.recommend, body.user_id, body.k, body.candidate_item_ids
+    )
     if ranking.items and running.components.log_impressions:
         running.impressions.log_records(_impression_records(ranking))
     _timed(state.metrics, "recommend", started)
@@ -61,7 +80,7 @@ async def recommend(body: RecommendRequest, state: State, running: Started) -> R
 
 
 @router.post("/v1/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, state: State, running: Started) -> ScoreResponse:
+async def score(request: Request, body: ScoreRequest, state: State, running: Started) -> ScoreResponse:
     """Scores of given (user, item) pairs with the current model; nothing is logged."""
     started = time.perf_counter()
     max_pairs = state.settings.serving.max_pairs
@@ -69,7 +88,7 @@ async def score(body: ScoreRequest, state: State, running: Started) -> ScoreResp
         raise _limit_error(["pairs"], f"at most {max_pairs} pairs", len(body.pairs))
     users = [p.user_id for p in body.pairs]
     items = [p.item_id for p in body.pairs]
-    scored = await run_in_threadpool(running.ranker.score_pairs, users, items)
+    scored = await _in_time(request, state, "score", started, running.ranker.score_pairs, users, items)
     _timed(state.metrics, "score", started)
     return ScoreResponse(
         request_id=uuid.uuid4().hex,
@@ -78,6 +97,19 @@ async def score(body: ScoreRequest, state: State, running: Started) -> ScoreResp
         degraded=bool(scored.degraded),
         degraded_reasons=scored.degraded,
     )
+
+
+async def _in_time(
+    request: Request, state: State, endpoint: str, started: float, fn: Callable[..., T], *args: object
+) -> T:
+    """``fn(*args)`` off the event loop, or 504 once the request's deadline has passed (counted per endpoint)."""
+    deadline_s = state.settings.serving.request_deadline_s
+    try:
+        return await run_with_deadline(getattr(request.state, "slot", None), deadline_s, fn, *args)
+    except DeadlineExpired as exc:
+        state.metrics.deadline_expired.labels(endpoint).inc()
+        _timed(state.metrics, endpoint, started, 504)
+        raise HTTPException(504, str(exc)) from None
 
 
 def _limit_error(field_loc: list[str], message: str, value: object) -> HTTPException:
