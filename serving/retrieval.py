@@ -1,12 +1,17 @@
 """The retrieval stage for requests without candidates: popular and recent items, per category.
 
 It follows ``recsys.events`` from inside the serving process (a consumer without a group:
-each serving replica keeps its own view). Clicks make an item popular (exponentially
-decayed counts, half-life ``serving_retrieval_half_life_s``), an item profile or a first
-impression makes it recent, item profiles give its category, and a user's clicks give the
-categories that user favours. Candidates for a user: the most popular items of their
-favourite categories, then the globally popular, then the most recent. Simple, bounded,
-and fresh within a poll of the stream; the ranking model does the rest.
+each serving replica keeps its own view). Only known items are ever candidates: an item
+enters the index with its ``item_profile`` event (read back at start-up or seen since), which
+also makes it recent and gives its category. Popularity is what users did: clicks, as
+exponentially decayed counts (half-life ``serving_retrieval_half_life_s``). Impressions do
+not count at all: they are what serving itself showed, candidate ids a client sent included,
+so counting them would let any client inject ids (junk ones too) and would feed our own
+ranking back into itself. A click on an item not yet profiled is kept aside (bounded) and
+credited when the profile arrives, since the profile and the click sit on different
+partitions and are read back in no particular order. A user's clicks give the categories
+that user favours. Candidates for a user: the most popular items of their favourite
+categories, then the globally popular, then the most recent.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _MAX_USERS = 100_000  # users whose favourite categories we remember (least recently active go first)
 _MAX_ITEMS = 200_000
+_MAX_PENDING = 100_000  # items with clicks but no profile yet (junk ids from clients end here, then fall out)
 
 
 class PopularityIndex:
@@ -36,7 +42,8 @@ class PopularityIndex:
         self.rate = math.log(2) / half_life_s
         self._t0 = time.time()
         # scores are stored as count * exp(rate * (t - t0)): adding never rescales old entries
-        self._score: dict[str, float] = {}
+        self._score: dict[str, float] = {}  # known items only (those with a profile)
+        self._pending: OrderedDict[str, float] = OrderedDict()  # clicks on items without a profile yet
         self._category: dict[str, int] = {}
         self._recent: OrderedDict[str, float] = OrderedDict()
         self._user_categories: OrderedDict[str, dict[int, float]] = OrderedDict()
@@ -64,29 +71,33 @@ class PopularityIndex:
                 category = event.get("category") or (genres[0] if isinstance(genres, list) and genres else None)
                 self._category[item] = vocab_index("item_category", category) if isinstance(category, str) else 0
                 self._touch(item, ts)
-            elif kind == "impression":
-                if item not in self._recent:
-                    self._touch(item, ts)
-                self._score.setdefault(item, 0.0)
+                self._score[item] = self._score.get(item, 0.0) + self._pending.pop(item, 0.0)
             elif kind == "click":
-                self._score[item] = self._score.get(item, 0.0) + self._weight(ts)
+                weight = self._weight(ts)
+                if item in self._score:
+                    self._score[item] += weight
+                else:  # not (yet) a known item: never a candidate, but its clicks count once it is
+                    self._pending[item] = self._pending.pop(item, 0.0) + weight
+                    if len(self._pending) > _MAX_PENDING:
+                        self._pending.popitem(last=False)
                 user = event.get("user_id")
                 category = self._category.get(item, 0)
                 if isinstance(user, str) and category:
                     prefs = self._user_categories.pop(user, {})
-                    prefs[category] = prefs.get(category, 0.0) + self._weight(ts)
+                    prefs[category] = prefs.get(category, 0.0) + weight
                     self._user_categories[user] = prefs
                     if len(self._user_categories) > _MAX_USERS:
                         self._user_categories.popitem(last=False)
+            # impressions (and any other kind) change nothing: see the module docstring
             if len(self._score) > _MAX_ITEMS:  # forget the least popular half
                 keep = sorted(self._score, key=self._score.__getitem__, reverse=True)[: _MAX_ITEMS // 2]
                 self._score = {i: self._score[i] for i in keep}
+                self._recent = OrderedDict((i, t) for i, t in self._recent.items() if i in self._score)
+                self._category = {i: c for i, c in self._category.items() if i in self._score}
 
     def _touch(self, item: str, ts: float) -> None:
         self._recent.pop(item, None)
         self._recent[item] = ts
-        if len(self._recent) > _MAX_ITEMS:
-            self._recent.popitem(last=False)
 
     def candidates(self, user_id: str | None, n: int) -> list[str]:
         with self._lock:
@@ -113,8 +124,9 @@ class PopularityIndex:
         return list(out)
 
     def __len__(self) -> int:
+        """Known items (those with a profile): the only ones that can be candidates."""
         with self._lock:
-            return len(self._recent.keys() | self._score.keys())
+            return len(self._score)
 
 
 async def follow_events(

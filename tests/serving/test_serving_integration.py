@@ -110,7 +110,8 @@ ITEM_PROFILE = {"genres": ["drama", "war"], "year": 1999}
 
 
 def _settings(base: Settings, **serving) -> Settings:
-    return base.override(serving={"admin_token": TOKEN, "reload_poll_s": 0, **serving})
+    # a generous deadline: these tests are about answers, on 2 shared cores; deadlines are tested in test_shedding.py
+    return base.override(serving={"admin_token": TOKEN, "reload_poll_s": 0, "request_deadline_s": 60.0, **serving})
 
 
 USERS = [f"u{i}" for i in range(20)]
@@ -523,12 +524,20 @@ def test_feature_store_down_gives_degraded_answer(redis_factory, services_run_di
 
 
 def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
-    """Without candidates, the items come from what the events topic says is popular and recent."""
+    """Without candidates, the items come from what the events topic says is popular and recent.
+
+    Only profiled items: junk ids on the topic (impressions and clicks of ids without a
+    profile) and junk candidates a client sends, which serving itself logs to the same topic
+    as impressions, never come back as retrieved items.
+    """
     from core.kafka import produce_all
 
     replica = redis_factory("serve-retr-replica")
-    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
+    topic = test_settings.kafka.topic_events
+    asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {topic: 2}))
     now = time.time()
+    known = {f"stream-item-{j}" for j in range(6)}
+    junk = ["no-such-item", "🙂", "junk-clicked"]
     events = [
         {
             "schema_version": 1,
@@ -543,32 +552,51 @@ def test_retrieval_follows_the_event_stream(redis_factory, test_settings):
     events += [
         {
             "schema_version": 1,
-            "event_type": "click",
-            "event_id": f"c{n}",
+            "event_type": kind,
+            "event_id": f"{kind}-{item}-{n}",
             "timestamp": now,
             "request_id": "r",
             "user_id": "fan",
-            "item_id": "stream-item-1",
+            "item_id": item,
+            "position": 0,
         }
         for n in range(3)
+        for item, kind in [("stream-item-1", "click")]
+        + [(j, "impression") for j in junk]
+        + [(j, "click") for j in junk]
     ]
     records = [(e.get("user_id", e["item_id"]).encode(), __import__("orjson").dumps(e)) for e in events]
     records.append((b"junk", b"{not json"))  # a malformed record must not stop the follower
-    asyncio.run(produce_all(test_settings.kafka.bootstrap, test_settings.kafka.topic_events, records))
+    asyncio.run(produce_all(test_settings.kafka.bootstrap, topic, records))
     settings = _settings(test_settings)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
         rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 1000, 0.5),
         features=StaticFeatures(),
         follow_stream=True,
-        log_impressions=False,
+        log_impressions=True,  # into the topic the index follows: the client-supplied ids below come back
     )
-    with serve(create_app(settings, comps)) as base:
+    app = create_app(settings, comps)
+
+    def wait_for_events(n: int) -> None:
+        # no requests while waiting: each served list is logged and would come back as more events
         deadline = time.time() + 60
-        while time.time() < deadline:
-            body = httpx.post(f"{base}/v1/recommend", json={"user_id": "fan", "k": 10}).json()
-            if len(body["items"]) == 6:
-                break
-            time.sleep(0.2)
-    assert body["retrieval"] is True
-    assert {i["item_id"] for i in body["items"]} == {f"stream-item-{j}" for j in range(6)}
+        while index.events < n:
+            assert time.time() < deadline, f"the index saw {index.events} of {n} events"
+            time.sleep(0.1)
+
+    def retrieved() -> set[str]:
+        body = httpx.post(f"{base}/v1/recommend", json={"user_id": "fan", "k": 20}).json()
+        assert body["retrieval"] is True
+        return {i["item_id"] for i in body["items"]}
+
+    with serve(app) as base:
+        index = app.state.serving.running.index
+        wait_for_events(len(events))
+        assert retrieved() == known  # served, so 6 impressions logged
+        r = httpx.post(
+            f"{base}/v1/recommend", json={"user_id": "client", "k": 5, "candidate_item_ids": [*junk, "stream-item-0"]}
+        )
+        assert r.status_code == 200 and len(r.json()["items"]) == 4  # 4 more impressions, 3 of junk ids
+        wait_for_events(len(events) + 6 + 4)  # both served lists came back through Kafka
+        assert retrieved() == known
