@@ -282,6 +282,20 @@ class GateSettings(BaseSettings):
         "worse than the champion's by more than this, on the same evaluation set",
     )
     min_new_samples: int = Field(1, ge=1, description="training runs skip when fewer new samples arrived")
+    # an AUC of a handful of clicks swings by more than the tolerance from one sample: below these
+    # counts the evaluation set is "not evaluable" and the gate refuses the challenger, saying so
+    min_eval_positives: int = Field(
+        20, ge=1, description="fewest clicks in a job's evaluation set for its AUC to be compared"
+    )
+    min_eval_negatives: int = Field(
+        20, ge=1, description="fewest non-clicked impressions in a job's evaluation set for its AUC to be compared"
+    )
+    max_carried_runs: int = Field(
+        3,
+        ge=0,
+        description="consecutive refused or not evaluable runs whose windows the next job trains on again; "
+        "past that the window is consumed anyway (bounds the window's growth)",
+    )
     publish_timeout_s: float = Field(
         300.0,
         gt=0,

@@ -3,7 +3,9 @@
 Thin on purpose: every task is one call of the model lifecycle library (``training.lifecycle``,
 imported inside the tasks like everything heavy), so parsing this file costs a settings read.
 One active run at a time; a run with no new samples skips cleanly, and a challenger the gate
-refuses leaves the champion alone (promote/publish/reload skip).
+refuses, or cannot judge because its evaluation set is not evaluable (one class, too few
+clicks), leaves the champion alone (promote/publish/reload skip) and its window is trained on
+again by the next run. Every task returns JSON-safe values (no NaN: Airflow cannot store it).
 """
 
 from __future__ import annotations
@@ -89,14 +91,17 @@ def recsys_training() -> None:
 
     @task
     def evaluate(trained: dict[str, Any]) -> dict[str, Any]:
-        """The champion's and the challenger's AUC on the challenger's evaluation set."""
+        """The champion's and the challenger's AUC on the challenger's evaluation set (or why there are none)."""
         from training.lifecycle import evaluation
 
-        return evaluation.evaluate(Settings(), trained["model_version"])
+        found = evaluation.evaluate(Settings(), trained["model_version"])
+        if not found["evaluable"]:
+            print(f"not evaluable: {found['reason']}")
+        return found
 
     @task.short_circuit
     def gate(evaluation: dict[str, Any]) -> dict[str, Any] | bool:
-        """The gate's decision; a refused challenger skips everything after it."""
+        """The gate's decision; a refused or not evaluable challenger skips everything after it."""
         from training.lifecycle.gate import gate_challenger
 
         tolerance = float(get_current_context()["params"]["tolerance"])

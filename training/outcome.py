@@ -42,7 +42,8 @@ class WindowOffsets(BaseModel):
 class JobOutcome(BaseModel):
     """A job's outcome; the fields a status does not produce stay None and are left out of the JSON."""
 
-    # metrics may be NaN (calibration of a window without clicks): kept as JSON's NaN, as json.dumps writes it
+    # the trainer's metrics are finite (training.quality leaves out what a set cannot give); should a NaN
+    # slip in anyway, it is kept as JSON's NaN, as json.dumps writes it, rather than failing the job's report
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     status: JobStatus

@@ -35,17 +35,54 @@ def load_truth(path: Path) -> dict[str, float]:
     return truth
 
 
-def eval_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+NOT_EVALUABLE = "not_evaluable"
+EVALUATED = "evaluated"
+
+
+def not_evaluable_reason(positives: int, negatives: int, min_positives: int, min_negatives: int) -> str | None:
+    """Why an evaluation set of these class counts gives no AUC worth comparing; None when it does.
+
+    One class gives no AUC at all (NaN); a few clicks give one that moves by more than the
+    gate's tolerance when one sample changes sides.
+    """
+    if positives < min_positives or negatives < min_negatives:
+        return (
+            f"evaluation set has {positives} clicks and {negatives} non-clicks; "
+            f"an AUC needs at least {min_positives} and {min_negatives} (RECSYS_GATE_MIN_EVAL_POSITIVES/_NEGATIVES)"
+        )
+    return None
+
+
+def eval_metrics(
+    predictions: np.ndarray, labels: np.ndarray, min_positives: int = 1, min_negatives: int = 1
+) -> tuple[dict[str, float], str | None]:
+    """Finite metrics of the evaluation set, and the reason it is not evaluable (None when it is).
+
+    Never NaN: MLflow stores a NaN metric but its UI and searches hide it, and Airflow cannot
+    return one from a task. A set below the minimum counts gets no AUC (and no calibration
+    without clicks); ``eval_positives`` / ``eval_negatives`` always say what it held.
+    """
     p = np.clip(predictions.astype(np.float64), 1e-7, 1 - 1e-7)
     y = labels.astype(np.float64)
+    positives = int((y > 0.5).sum())
+    negatives = int(len(y) - positives)
+    metrics = {"eval_positives": float(positives), "eval_negatives": float(negatives)}
+    if len(y) == 0:
+        return metrics, "empty evaluation set"
     ctr = float(y.mean())
-    return {
-        "eval_auc": roc_auc(p, y),
-        "eval_log_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-        "eval_calibration": float(p.mean() / ctr) if ctr > 0 else float("nan"),
-        "eval_ctr": ctr,
-        "eval_mean_prediction": float(p.mean()),
-    }
+    metrics.update(
+        {
+            "eval_log_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+            "eval_ctr": ctr,
+            "eval_mean_prediction": float(p.mean()),
+        }
+    )
+    if ctr > 0:
+        metrics["eval_calibration"] = float(p.mean() / ctr)
+    reason = not_evaluable_reason(positives, negatives, min_positives, min_negatives)
+    if reason is None:
+        metrics["eval_auc"] = roc_auc(p, y)
+    return metrics, reason
 
 
 def oracle_metrics(truth: dict[str, float], sample_ids: Sequence[str], labels: np.ndarray) -> dict[str, float]:
@@ -54,4 +91,8 @@ def oracle_metrics(truth: dict[str, float], sample_ids: Sequence[str], labels: n
     if not known:
         return {}
     probs = np.array([truth[sample_ids[i]] for i in known])
-    return {"eval_oracle_auc": roc_auc(probs, labels[known]), "eval_oracle_coverage": len(known) / len(sample_ids)}
+    found = {"eval_oracle_coverage": len(known) / len(sample_ids)}
+    auc = roc_auc(probs, labels[known])
+    if np.isfinite(auc):  # one class among the known samples: no oracle AUC, rather than a NaN metric
+        found["eval_oracle_auc"] = auc
+    return found

@@ -21,8 +21,8 @@ from paramserver import Rows, TableConfig
 from training.data import Columns, ReadStats, Split, WorkingSet
 from training.model import ModelConfig, save_dense
 from training.outcome import JobOutcome, JobStatus, WindowOffsets
-from training.quality import eval_metrics, oracle_metrics
-from training.tracking import DENSE_ARTIFACT_DIR, DENSE_FILE, MANIFEST_FILE, Tracking
+from training.quality import EVALUATED, NOT_EVALUABLE, eval_metrics, oracle_metrics
+from training.tracking import DENSE_ARTIFACT_DIR, DENSE_FILE, MANIFEST_FILE, TAG_EVAL_REASON, TAG_EVAL_STATUS, Tracking
 from training.trainer import TrainResult
 
 
@@ -56,10 +56,13 @@ class TrainedJob:
     ps_version: int
 
 
-def job_metrics(job: TrainedJob, timings: dict[str, float], truth: dict[str, float] | None) -> dict[str, float]:
+def job_metrics(
+    s: Settings, job: TrainedJob, timings: dict[str, float], truth: dict[str, float] | None
+) -> tuple[dict[str, float], str | None]:
+    """The run's finite metrics, and why its evaluation set is not evaluable (None when it is)."""
     split, columns, result = job.split, job.columns, job.result
     labels = columns.labels[split.eval]
-    metrics: dict[str, float] = eval_metrics(job.predictions, labels) if len(split.eval) else {}
+    metrics, not_evaluable = eval_metrics(job.predictions, labels, s.gate.min_eval_positives, s.gate.min_eval_negatives)
     if truth is not None:
         metrics.update(oracle_metrics(truth, [columns.sample_ids[r] for r in split.eval], labels))
     busy = timings["pull_s"] + timings["train_s"] + timings["push_s"]
@@ -75,7 +78,7 @@ def job_metrics(job: TrainedJob, timings: dict[str, float], truth: dict[str, flo
             **{f"time_{k}": v for k, v in timings.items()},
         }
     )
-    return metrics
+    return metrics, not_evaluable
 
 
 def rows_pulled(job: TrainedJob) -> dict[str, int]:
@@ -125,10 +128,21 @@ def record_trained(
     truth: dict[str, float] | None,
 ) -> JobOutcome:
     """Log the run's metrics, manifest and dense weights, register the challenger, end the run."""
-    metrics = job_metrics(job, timings, truth)
+    metrics, not_evaluable = job_metrics(s, job, timings, truth)
     written = manifest(s, job, world, metrics, timings)
+    eval_tags = (
+        {TAG_EVAL_STATUS: EVALUATED}
+        if not_evaluable is None
+        else {
+            TAG_EVAL_STATUS: NOT_EVALUABLE,
+            TAG_EVAL_REASON: not_evaluable,
+        }
+    )
+    written.update(eval_tags)
     tracking.log_series(job.run_id, "loss", job.result.losses)
     tracking.log_metrics(job.run_id, metrics)
+    # the run page says why there is no eval_auc (a missing metric says nothing by itself)
+    tracking.set_tags(job.run_id, eval_tags)
     tracking.log_json(job.run_id, MANIFEST_FILE, written)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_dense(
@@ -146,7 +160,7 @@ def record_trained(
             "ps_version": str(job.ps_version),
             "run_id": job.run_id,
             "feature_spec_hash": job.config.spec_hash,
-            "eval_auc": f"{metrics.get('eval_auc', float('nan')):.4f}",
+            "eval_auc": f"{metrics['eval_auc']:.4f}" if "eval_auc" in metrics else NOT_EVALUABLE,
         },
     )
     tracking.finish(job.run_id)

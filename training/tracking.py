@@ -4,7 +4,9 @@ Where the consumed offsets live: on the MLflow run of each job. Right after a jo
 the parameter service commits, its run gets the tags ``recsys_committed=true`` and
 ``recsys_offsets_end`` (JSON partition -> offset). The next job on the same topic starts from
 the end offsets of the newest committed run (``last_offsets``). So a job that dies before its
-push leaves neither rows nor offsets behind and the rerun reads the same window again.
+push leaves neither rows nor offsets behind and the rerun reads the same window again. A run
+the gate refused or could not evaluate is marked ``recsys_window=carried``: the next job's
+window starts before it (``window_start``), so its samples are trained on again.
 
 Metric names: ``loss`` (per step), ``eval_auc``, ``eval_log_loss``, ``eval_calibration``
 (mean prediction / observed CTR), ``eval_oracle_auc`` (when a truth file was given).
@@ -28,6 +30,12 @@ TAG_OFFSETS = "recsys_offsets_end"
 TAG_PS_VERSION = "recsys_ps_version"
 TAG_PROCESS = "recsys_process"  # host/pid/start ticks of the job that owns a RUNNING run
 TAG_ABANDONED = "recsys_abandoned"
+# set by the gate on a refused or not evaluable challenger's run: its window is trained on again
+TAG_WINDOW = "recsys_window"
+WINDOW_CARRIED = "carried"
+TAG_WINDOW_REASON = "recsys_window_reason"
+TAG_EVAL_STATUS = "eval_status"  # training.quality.EVALUATED | NOT_EVALUABLE
+TAG_EVAL_REASON = "eval_reason"
 CHALLENGER = "challenger"
 DENSE_ARTIFACT_DIR = "dense"
 DENSE_FILE = "dense.pt"
@@ -81,23 +89,44 @@ class Tracking:
             "server or point RECSYS_MLFLOW_TRACKING_URI at a running one (or a sqlite:///path/mlflow.db file)."
         )
 
-    def last_offsets(self, topic: str) -> tuple[dict[int, int], str | None]:
-        """End offsets recorded by the newest committed job on ``topic`` ({} and None before the first)."""
+    def _committed_runs(self, topic: str, newest: int) -> list[Any]:
         if not _TOPIC.match(topic):
             raise ValueError(f"invalid Kafka topic name {topic!r}")
         try:
-            runs = self.client.search_runs(
-                [self.experiment_id],
-                f"tags.{TAG_TOPIC} = '{topic}' and tags.{TAG_COMMITTED} = 'true'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
+            return list(
+                self.client.search_runs(
+                    [self.experiment_id],
+                    f"tags.{TAG_TOPIC} = '{topic}' and tags.{TAG_COMMITTED} = 'true'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=newest,
+                )
             )
         except Exception as exc:
             raise self.unreachable(exc) from exc
-        if not runs:
+
+    def last_offsets(self, topic: str) -> tuple[dict[int, int], str | None]:
+        """End offsets recorded by the newest committed job on ``topic`` ({} and None before the first).
+
+        Where new samples begin; a job's window may start earlier (``window_start``).
+        """
+        runs = self._committed_runs(topic, 1)
+        return (_end_offsets(runs[0]), runs[0].info.run_id) if runs else ({}, None)
+
+    def window_start(self, topic: str, max_carried: int) -> tuple[dict[int, int], str | None]:
+        """Where the next job's window starts: the end of the newest committed run whose window is not carried.
+
+        The gate marks the run of a refused or not evaluable challenger ``recsys_window=carried``:
+        its samples go into the next job's window again (its dense part, trained from scratch on
+        one window, is thrown away with it). At most ``max_carried`` such runs in a row are
+        carried; past that the window starts at the newest end, as without carrying.
+        """
+        runs = self._committed_runs(topic, max_carried + 1)
+        for run in runs:
+            if run.data.tags.get(TAG_WINDOW) != WINDOW_CARRIED:
+                return _end_offsets(run), run.info.run_id
+        if len(runs) <= max_carried:  # nothing but carried runs since the topic's first job
             return {}, None
-        raw = json.loads(runs[0].data.tags[TAG_OFFSETS])
-        return {int(p): int(o) for p, o in raw.items()}, runs[0].info.run_id
+        return _end_offsets(runs[0]), runs[0].info.run_id  # too many carried in a row: consume them
 
     def close_abandoned_runs(self) -> list[str]:
         """Mark KILLED the RUNNING runs whose job process on this host is gone (SIGKILL, OOM, a lost node).
@@ -152,6 +181,10 @@ class Tracking:
         self.client.set_tag(run_id, TAG_PS_VERSION, str(ps_version))
         self.client.set_tag(run_id, TAG_COMMITTED, "true")
 
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
     def log_json(self, run_id: str, name: str, data: Mapping[str, Any], artifact_path: str | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
@@ -179,3 +212,17 @@ class Tracking:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+
+def _end_offsets(run: Any) -> dict[int, int]:
+    raw = json.loads(run.data.tags[TAG_OFFSETS])
+    return {int(p): int(o) for p, o in raw.items()}
+
+
+def carry_window(client: Any, run_id: str, reason: str) -> None:
+    """Mark a committed run's window to be trained on again by the next job (idempotent).
+
+    ``client``: an MlflowClient (the gate has one; a ``Tracking`` needs an experiment).
+    """
+    client.set_tag(run_id, TAG_WINDOW, WINDOW_CARRIED)
+    client.set_tag(run_id, TAG_WINDOW_REASON, reason[:5000])

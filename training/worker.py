@@ -4,6 +4,8 @@ The job, in order (rank 0 decides, every rank takes part):
 
 1. window: rank 0 reads the end offsets recorded by the last committed job (MLflow) and the
    topic's end offsets now, and broadcasts them; no new records -> the job ends, saying so;
+   the window starts earlier when the gate refused the last jobs (their runs are "carried",
+   ``Tracking.window_start``), so their samples are trained on again;
 2. read: rank 0 reads the window (a bounded read), validates and de-duplicates it and
    broadcasts the columns, so every rank derives the same evaluation split and working set;
 3. pull: DistributedModelParallel shards the working-set tables; each rank pulls from the
@@ -89,6 +91,7 @@ class Window:
     start: dict[int, int]
     end: dict[int, int]
     previous_run: str | None
+    new_records: int = 0  # records after the newest committed job's end (the window may start before it)
     columns: Columns | None = None  # None: no valid sample among the records
     stats: ReadStats = field(default_factory=ReadStats)
 
@@ -125,10 +128,12 @@ def _find_and_read(job: Job, truth_path: Path | None) -> Window:
     job._tracking = tracking = Tracking(s.mlflow.tracking_uri, s.train.experiment)
     for run_id in tracking.close_abandoned_runs():
         print(f"marked run {run_id} KILLED: its job process is gone", file=sys.stderr)
-    start, previous = tracking.last_offsets(job.topic)
+    start, previous = tracking.window_start(job.topic, s.gate.max_carried_runs)
+    newest, _run = tracking.last_offsets(job.topic)
     end = asyncio.run(end_offsets(s.kafka.bootstrap, job.topic))
-    window = Window(start, end, previous)
-    if end and window_size(start, end):
+    # carried samples alone do not make a job: retraining them without news would give the same verdict
+    window = Window(start, end, previous, new_records=window_size(newest, end))
+    if end and window.new_records:
         t0 = time.perf_counter()
         samples, window.stats = read_window(s.kafka.bootstrap, job.topic, start, end)
         window.columns = to_columns(samples) if samples else None
@@ -141,7 +146,7 @@ def nothing_to_train(job: Job, window: Window) -> JobOutcome | None:
     if not window.end:
         message = f"topic {job.topic} has no partitions at {job.s.kafka.bootstrap} (not created yet?): nothing to train"
         return JobOutcome(status=JobStatus.NO_NEW_SAMPLES, message=message)
-    if window_size(window.start, window.end) == 0:
+    if window.new_records == 0:
         return JobOutcome(
             status=JobStatus.NO_NEW_SAMPLES,
             offsets=window.offsets,

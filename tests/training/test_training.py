@@ -200,7 +200,8 @@ def test_conflicting_ids() -> None:
 
 def test_eval_metrics_and_truth_file(tmp_path) -> None:
     labels = np.array([0, 0, 1, 1])
-    m = eval_metrics(np.array([0.1, 0.4, 0.35, 0.8]), labels)
+    m, unfit = eval_metrics(np.array([0.1, 0.4, 0.35, 0.8]), labels)
+    assert unfit is None and (m["eval_positives"], m["eval_negatives"]) == (2, 2)
     assert m["eval_auc"] == pytest.approx(0.75)
     assert m["eval_calibration"] == pytest.approx(np.mean([0.1, 0.4, 0.35, 0.8]) / 0.5)
     assert m["eval_log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])))

@@ -110,6 +110,10 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
 def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     """Make sure the champion's AUC on the challenger's evaluation set is recorded; return both AUCs.
 
+    JSON-safe (an orchestrator stores it): no NaN or infinity, ever. A challenger whose
+    evaluation set is not evaluable (``gate.not_evaluable``: one class, too few clicks) returns
+    ``evaluable: False`` and the reason, with no AUCs, and nobody is scored: the gate refuses it.
+
     The trainer evaluates on the newest share of its window and logs ``eval_auc``. The champion
     (and the challenger beside it) are scored on that same set with the same parameter rows
     (``score_versions``); the scores go to the challenger's run (``champion_eval_auc``,
@@ -127,7 +131,14 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
         "challenger_auc": run.data.metrics.get(gate.CHALLENGER_METRIC),
         "champion_version": champion,
         "champion_auc": None,
+        "evaluable": True,
+        "reason": None,
     }
+    unfit = gate.not_evaluable(run, s.gate.min_eval_positives, s.gate.min_eval_negatives)
+    if unfit is not None and champion != str(model_version):
+        log.warning("%s v%s is not evaluable: %s", name, model_version, unfit)
+        info.update(challenger_auc=None, evaluable=False, reason=unfit)
+        return info
     if info["challenger_auc"] is None:
         raise LifecycleError(f"{name} v{model_version} (run {version.run_id}) has no {gate.CHALLENGER_METRIC}")
     if champion is None or champion == str(model_version):

@@ -9,6 +9,12 @@ compare numbers from different evaluation sets or from a champion that changed m
 Promotion moves the MLflow registry alias ``champion`` (idempotent: moving it to the version
 it already points at changes nothing) and tags the versions ``role=champion`` / ``role=retired``.
 
+A challenger whose evaluation set is *not evaluable* (one class, or fewer clicks or non-clicks
+than ``RECSYS_GATE_MIN_EVAL_POSITIVES`` / ``_NEGATIVES``: the trainer tags its run
+``eval_status=not_evaluable`` with an ``eval_reason`` and logs no ``eval_auc``) is refused with
+that reason, never compared. A refused challenger's run is marked ``recsys_window=carried``: the
+next job trains on its window again (``training.tracking.Tracking.window_start``).
+
 The functions of a client take an ``MlflowClient``; ``gate_challenger`` and ``promote_challenger``
 are the lifecycle's steps, on the settings.
 """
@@ -22,6 +28,8 @@ from typing import Any
 
 from core.settings import Settings
 from training.lifecycle import LifecycleError
+from training.quality import NOT_EVALUABLE, not_evaluable_reason
+from training.tracking import TAG_EVAL_REASON, TAG_EVAL_STATUS, carry_window
 
 CHAMPION = "champion"
 CHALLENGER_METRIC = "eval_auc"
@@ -31,6 +39,7 @@ CHAMPION_METRIC = "champion_eval_auc"
 SAME_ROWS_METRIC = "challenger_eval_auc_same_rows"
 TAG_CHAMPION_VERSION = "recsys_champion_version"
 TAG_GATE = "recsys_gate"
+TAG_GATE_REASON = "recsys_gate_reason"  # on the challenger's run, when refused
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +53,11 @@ class Decision:
     promote: bool
     reason: str
     challenger_version: str
-    challenger_auc: float
+    challenger_auc: float | None  # None: not evaluable
     champion_version: str | None
     champion_auc: float | None
     tolerance: float
+    evaluable: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,15 +127,48 @@ def record_champion_score(
     client.set_tag(run_id, TAG_CHAMPION_VERSION, str(champion))
 
 
-def evaluate_gate(client: Any, model_name: str, challenger_version: str, tolerance: float) -> Decision:
-    """Read both AUCs from MLflow and decide; raises GateError when they are missing or do not match."""
+def not_evaluable(run: Any, min_positives: int = 1, min_negatives: int = 1) -> str | None:
+    """Why the challenger run's evaluation set gives no AUC to compare; None when it does.
+
+    The trainer's tag says so; a run of an older trainer may hold a NaN ``eval_auc`` instead,
+    and the class counts it logged are checked against the minimums in force now.
+    """
+    tags, metrics = run.data.tags, run.data.metrics
+    if tags.get(TAG_EVAL_STATUS) == NOT_EVALUABLE:
+        return tags.get(TAG_EVAL_REASON) or "the trainer found the evaluation set not evaluable"
+    auc = metrics.get(CHALLENGER_METRIC)
+    if auc is not None and not math.isfinite(auc):
+        return f"{CHALLENGER_METRIC} is {auc} (one class in the evaluation set?)"
+    if "eval_positives" in metrics and "eval_negatives" in metrics:
+        positives, negatives = int(metrics["eval_positives"]), int(metrics["eval_negatives"])
+        return not_evaluable_reason(positives, negatives, min_positives, min_negatives)
+    return None
+
+
+def evaluate_gate(
+    client: Any,
+    model_name: str,
+    challenger_version: str,
+    tolerance: float,
+    min_positives: int = 1,
+    min_negatives: int = 1,
+) -> Decision:
+    """Read both AUCs from MLflow and decide; raises GateError when they are missing or do not match.
+
+    A not evaluable challenger is a decision (refused, ``evaluable=False``), not an error.
+    """
     version = client.get_model_version(model_name, str(challenger_version))
     if not version.run_id:
         raise GateError(f"{model_name} version {challenger_version} has no MLflow run to read its AUC from")
+    champion = champion_version(client, model_name)
+    unfit = not_evaluable(client.get_run(version.run_id), min_positives, min_negatives)
+    if unfit is not None and champion != str(challenger_version):
+        return Decision(
+            False, f"not evaluable: {unfit}", str(challenger_version), None, champion, None, tolerance, False
+        )
     challenger_auc = _metric(client, version.run_id, CHALLENGER_METRIC)
     if challenger_auc is None:
         raise GateError(f"run {version.run_id} of {model_name} v{challenger_version} has no {CHALLENGER_METRIC}")
-    champion = champion_version(client, model_name)
     champion_auc = None
     if champion is not None and champion != str(challenger_version):
         tags = client.get_run(version.run_id).data.tags
@@ -166,12 +209,21 @@ def promote(client: Any, model_name: str, decision: Decision) -> bool:
 
 
 def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decision:
-    """The gate's verdict on the challenger, recorded as its version tag ``recsys_gate``; no alias moves here."""
+    """The gate's verdict on the challenger, recorded as its version tag ``recsys_gate``; no alias moves here.
+
+    A refused (or not evaluable) challenger's window is carried: the next job trains on it again.
+    """
     client = client_for(s.mlflow.tracking_uri)
-    decision = evaluate_gate(client, s.train.model_name, str(model_version), tolerance)
-    client.set_model_version_tag(
-        s.train.model_name, str(model_version), TAG_GATE, "passed" if decision.promote else "refused"
+    name = s.train.model_name
+    decision = evaluate_gate(
+        client, name, str(model_version), tolerance, s.gate.min_eval_positives, s.gate.min_eval_negatives
     )
+    verdict = "passed" if decision.promote else ("refused" if decision.evaluable else NOT_EVALUABLE)
+    client.set_model_version_tag(name, str(model_version), TAG_GATE, verdict)
+    if not decision.promote:
+        run_id = client.get_model_version(name, str(model_version)).run_id
+        client.set_tag(run_id, TAG_GATE_REASON, decision.reason[:5000])
+        carry_window(client, run_id, f"gate: {decision.reason}")
     log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
     return decision
 
