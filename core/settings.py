@@ -355,6 +355,10 @@ class StreamSettings(BaseSettings):
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    status_wait_timeout_s: float = Field(
+        300.0, gt=0, description="`recsys stream status --wait`: longest wait for the stream to drain"
+    )
+    status_poll_s: float = Field(1.0, gt=0, description="`recsys stream status --wait`: how often lag is read")
 
 
 SECTIONS: dict[str, type[BaseSettings]] = {
@@ -380,10 +384,6 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
-    status_wait_timeout_s: float = Field(
-        300.0, gt=0, description="`recsys stream status --wait`: longest wait for the stream to drain"
-    )
-    status_poll_s: float = Field(1.0, gt=0, description="`recsys stream status --wait`: how often lag is read")
     events: EventSettings = Field(default_factory=EventSettings)
     ps: ParamServerSettings = Field(default_factory=ParamServerSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
