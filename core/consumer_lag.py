@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_private import refresh_metadata
-from core.kafka import KafkaUnavailable, _start
+from core.kafka import KafkaUnavailable, start_client
 
 COORDINATOR_ATTEMPTS = 40  # x 0.5 s: the broker creates __consumer_offsets (50 partitions) in a few seconds
 
@@ -31,7 +31,7 @@ class PartitionLag:
 async def group_lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag]:
     """Committed offset, end offset and lag of ``group`` on every partition of ``topic`` (sorted by partition)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await _start(consumer, bootstrap, consumer.stop)
+    await start_client(consumer, bootstrap, consumer.stop)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:  # a topic created after the client started is not in its first metadata
@@ -45,7 +45,7 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag
     finally:
         await consumer.stop()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await _start(admin, bootstrap, admin.close)
+    await start_client(admin, bootstrap, admin.close)
     try:
         # the coordinator lookup fails while the broker creates __consumer_offsets (the first group of a
         # fresh broker) or moves a coordinator: retriable, so retry for a while before saying so

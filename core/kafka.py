@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -31,7 +31,7 @@ def unreachable(bootstrap: str, exc: BaseException) -> KafkaUnavailable:
     )
 
 
-async def _start(client, bootstrap: str, close) -> None:
+async def start_client(client: Any, bootstrap: str, close: Callable[[], Awaitable[Any]]) -> None:
     """Start an aiokafka client, turning connection failures into KafkaUnavailable."""
     try:
         await client.start()
@@ -50,7 +50,7 @@ async def ensure_topics(
     """Create the topics that do not exist yet (name -> partitions, optional per-topic configs);
     return the names created once the broker lists every wanted topic (at most ``wait_s``)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await _start(admin, bootstrap, admin.close)
+    await start_client(admin, bootstrap, admin.close)
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -79,7 +79,7 @@ async def start_producer(bootstrap: str, **options) -> AIOKafkaProducer:
     """A started producer tuned for throughput (batching with a short linger)."""
     config = {"linger_ms": 5, "max_batch_size": 256 * 1024, "request_timeout_ms": 30000, **options}
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **config)
-    await _start(producer, bootstrap, producer.stop)
+    await start_client(producer, bootstrap, producer.stop)
     return producer
 
 
@@ -96,7 +96,7 @@ class TopicRecord:
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Current end offset of each partition of ``topic``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await _start(consumer, bootstrap, consumer.stop)
+    await start_client(consumer, bootstrap, consumer.stop)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
@@ -133,7 +133,7 @@ async def read_topic(
         fetch_max_bytes=16 * 1024 * 1024,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    await _start(consumer, bootstrap, consumer.stop)
+    await start_client(consumer, bootstrap, consumer.stop)
     try:
         tps = {p: TopicPartition(topic, p) for p in remaining}
         consumer.assign(list(tps.values()))
