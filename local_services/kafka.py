@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from core.procs import LOCALHOST
+from core.settings import Settings
 from local_services import services
 
 KAFKA_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
@@ -208,3 +209,16 @@ def start_kafka(
 
     services.wait_until(ready, timeout, f"kafka {name}", log_file, record["pid"])
     return record
+
+
+def start_configured_kafka(s: Settings) -> dict:
+    """Start the broker the settings describe (RECSYS_KAFKA_PORT, RECSYS_KAFKA_VERSION, ...) under the run dir."""
+    return start_kafka(
+        s.local.run_dir,
+        s.local.cache_dir,
+        s.local.kafka_version,
+        s.local.kafka_port,
+        s.local.kafka_controller_port,
+        partitions=s.kafka.topic_partitions,
+        timeout=s.local.service_start_timeout_s,
+    )

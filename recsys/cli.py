@@ -59,15 +59,7 @@ def services_up(
                 f"kafka {s.local.kafka_version}: fetching jars if needed and starting "
                 f"on 127.0.0.1:{s.local.kafka_port} ..."
             )
-            local_kafka.start_kafka(
-                s.local.run_dir,
-                s.local.cache_dir,
-                s.local.kafka_version,
-                s.local.kafka_port,
-                s.local.kafka_controller_port,
-                partitions=s.kafka.topic_partitions,
-                timeout=s.local.service_start_timeout_s,
-            )
+            local_kafka.start_configured_kafka(s)
             created = asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
             if created:
                 console.print(f"created topics: {', '.join(created)}")

@@ -80,15 +80,7 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
         f"Kafka on 127.0.0.1:{s.local.kafka_port}, Redis on 127.0.0.1:{s.local.redis_port} "
         f"(logs under {s.local.run_dir}/logs)"
     )
-    local_kafka.start_kafka(
-        s.local.run_dir,
-        s.local.cache_dir,
-        s.local.kafka_version,
-        s.local.kafka_port,
-        s.local.kafka_controller_port,
-        partitions=s.kafka.topic_partitions,
-        timeout=s.local.service_start_timeout_s,
-    )
+    local_kafka.start_configured_kafka(s)
     asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
     services.start_redis(s.local.run_dir, s.local.redis_port, timeout=s.local.service_start_timeout_s)
 
