@@ -112,11 +112,11 @@ def launch(
 
 @app.callback()
 def train(
-    ranks: Annotated[int | None, typer.Option(min=1, max=512, help="torchrun ranks [settings: train_ranks]")] = None,
+    ranks: Annotated[int | None, typer.Option(min=1, max=512, help="torchrun ranks [default: RECSYS_TRAIN_RANKS]")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="passes over the window")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=1 << 20, help="samples per step and rank")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | gloo | nccl")] = None,
-    topic: Annotated[str | None, typer.Option(help="samples topic [settings: topic_samples]")] = None,
+    topic: Annotated[str | None, typer.Option(help="samples topic [default: RECSYS_TOPIC_SAMPLES]")] = None,
     truth: Annotated[
         Path | None,
         typer.Option(
