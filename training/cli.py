@@ -112,7 +112,9 @@ def launch(
 
 @app.callback()
 def train(
-    ranks: Annotated[int | None, typer.Option(min=1, max=512, help="torchrun ranks [default: RECSYS_TRAIN_RANKS]")] = None,
+    ranks: Annotated[
+        int | None, typer.Option(min=1, max=512, help="torchrun ranks [default: RECSYS_TRAIN_RANKS]")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="passes over the window")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=1 << 20, help="samples per step and rank")] = None,
     backend: Annotated[str | None, typer.Option(help="auto | gloo | nccl")] = None,
