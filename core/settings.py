@@ -296,6 +296,12 @@ class GateSettings(BaseSettings):
         description="consecutive refused or not evaluable runs whose windows the next job trains on again; "
         "past that the window is consumed anyway (bounds the window's growth)",
     )
+    rollback_depth: int = Field(
+        3,
+        ge=0,
+        description="promotions a rollback can undo, newest first: the rows each replaced are kept that long "
+        "(a staging area per promotion, the size of the rows it promoted)",
+    )
     publish_timeout_s: float = Field(
         300.0,
         gt=0,

@@ -4,8 +4,9 @@ Thin on purpose: every task is one call of the model lifecycle library (``traini
 imported inside the tasks like everything heavy), so parsing this file costs a settings read.
 One active run at a time; a run with no new samples skips cleanly, and a challenger the gate
 refuses, or cannot judge because its evaluation set is not evaluable (one class, too few
-clicks), leaves the champion alone (promote/publish/reload skip) and its window is trained on
-again by the next run. Every task returns JSON-safe values (no NaN: Airflow cannot store it).
+clicks), leaves the champion alone (promote/publish/reload skip; its staged rows are dropped, so
+no served score changes) and its window is trained on again by the next run. Every task returns
+JSON-safe values (no NaN: Airflow cannot store it).
 """
 
 from __future__ import annotations
@@ -111,18 +112,18 @@ def recsys_training() -> None:
 
     @task
     def promote(decision: dict[str, Any]) -> dict[str, Any]:
-        """Move the registry alias ``champion`` to the challenger."""
+        """The challenger's staged rows into the parameter service, then the registry alias ``champion``."""
         from training.lifecycle.gate import Decision, promote_challenger
 
         return promote_challenger(Settings(), Decision(**decision))
 
     @task
-    def publish(trained: dict[str, Any], promoted: dict[str, Any]) -> dict[str, Any]:
-        """Wait until every inference replica applied the challenger's parameter version."""
+    def publish(promoted: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every inference replica applied the parameter version holding the champion's rows."""
         from training.lifecycle.publish import wait_for_replicas
 
         s = Settings()
-        return wait_for_replicas(s, int(trained["ps_version"]), s.gate.publish_timeout_s)
+        return wait_for_replicas(s, int(promoted["ps_version"]), s.gate.publish_timeout_s)
 
     @task
     def reload_serving(promoted: dict[str, Any], published: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def recsys_training() -> None:
     trained = train()
     check_new_samples() >> trained
     promoted = promote(gate(evaluate(trained)))  # type: ignore[arg-type]
-    reload_serving(promoted, publish(trained, promoted))  # type: ignore[arg-type]
+    reload_serving(promoted, publish(promoted))  # type: ignore[arg-type]
 
 
 recsys_training()

@@ -54,6 +54,10 @@ class ParamStore(Protocol):
     def changed_since(self, version: int) -> dict[str, np.ndarray]: ...
     def snapshot(self, path: str | os.PathLike) -> SnapshotInfo: ...
     def restore(self, path: str | os.PathLike) -> int: ...
+    def read_all(self) -> dict[str, Rows]: ...
+    def stage(self, name: str) -> ParamStore: ...
+    def stages(self) -> list[str]: ...
+    def drop_stage(self, name: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -203,6 +207,36 @@ class BaseStore:
         """Ids (unique, sorted) per table written by versions after ``version``."""
         _, encoded = self._changes(int(version))
         return {name: np.unique(ids) for name, (ids, _) in encoded.items() if len(ids)}
+
+    # ------------------------------------------------------------------ staging
+    def read_all(self) -> dict[str, Rows]:
+        """Every stored row, per table (not necessarily of one version: for stages, which one writer fills)."""
+        out: dict[str, Rows] = {}
+        for name, config in self.tables.items():
+            chunks = list(self._scan(config))
+            if not chunks:
+                continue
+            ids, data = latest_per_id(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
+            weights, state = self._decode_with_init(config, ids, data, np.ones(len(ids), dtype=bool))
+            out[name] = Rows(ids, weights, state, self.version())
+        return out
+
+    def stage(self, name: str) -> BaseStore:
+        """The staging area ``name`` beside this store (created empty when new): same tables, own versions.
+
+        Rows a training job produced wait there until its model is promoted
+        (``paramserver.staging.promote_stage`` copies them in as one version) or refused
+        (``drop_stage``); readers of this store never see them.
+        """
+        raise NotImplementedError
+
+    def stages(self) -> list[str]:
+        """The names of the staging areas beside this store."""
+        raise NotImplementedError
+
+    def drop_stage(self, name: str) -> bool:
+        """Delete a staging area and its rows; False when there was none of that name."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, path: str | os.PathLike) -> SnapshotInfo:

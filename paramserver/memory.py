@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from paramserver.base import BaseStore, Encoded
-from paramserver.rows import LogTrimmed, TableConfig, TableMismatch
+from paramserver.rows import LogTrimmed, TableConfig, TableMismatch, check_stage_name
 
 
 class MemoryStore(BaseStore):
@@ -25,6 +25,21 @@ class MemoryStore(BaseStore):
         self._floor = 0  # changes before this version are unknown (a restore replaced the contents)
         self._data_lock = threading.Lock()  # readers see one version: writes swap under it
         self._push_lock = threading.Lock()  # serializes pushes (and read-modify-write deltas)
+        self._stages: dict[str, MemoryStore] = {}
+
+    def stage(self, name: str) -> MemoryStore:
+        name = check_stage_name(name)
+        with self._push_lock:
+            if name not in self._stages:
+                self._stages[name] = MemoryStore(list(self.tables.values()))
+            return self._stages[name]
+
+    def stages(self) -> list[str]:
+        return sorted(self._stages)
+
+    def drop_stage(self, name: str) -> bool:
+        with self._push_lock:
+            return self._stages.pop(check_stage_name(name), None) is not None
 
     def version(self) -> int:
         return self._version

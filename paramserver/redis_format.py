@@ -10,7 +10,10 @@ Layout (keys start with the namespace, ``ps`` by default):
   ``changed_since``, incremental snapshots and replicas.
 * shard 0 (the coordinator) also holds ``ps:version`` (last committed version), ``ps:commits``
   (a stream: version -> writer token and commit time, trimmed to the retention),
-  ``ps:floor`` (the log is complete after this version), ``ps:lock`` and ``ps:layout``.
+  ``ps:floor`` (the log is complete after this version), ``ps:lock`` and ``ps:layout``, and
+  ``ps:stages`` (a set: the names of the staging areas).
+* a staging area ``name`` is a store of its own under the namespace ``ps:stage:<name>``, on the
+  same servers: rows a training job wrote that no reader of ``ps`` sees until they are promoted.
 
 Pure encodings, no I/O: the store protocol that reads and writes them is ``redis_store``.
 """
@@ -72,6 +75,11 @@ class Keys:
         self.floor = f"{namespace}:floor"
         self.all_buckets = f"{namespace}:b:*"
         self.all_logs = f"{namespace}:log:*"
+        self.stages = f"{namespace}:stages"
+
+    def stage_namespace(self, name: str) -> str:
+        """The namespace of the staging area ``name``: its keys never match this namespace's patterns."""
+        return f"{self.namespace}:stage:{name}"
 
     def bucket_prefix(self, table: str) -> bytes:
         """The start of every bucket key of ``table``; the bucket number follows as 4 big-endian bytes."""

@@ -42,7 +42,14 @@ from paramserver.redis_format import (
 )
 from paramserver.redis_shards import Shards
 from paramserver.resp import check_replies, pack
-from paramserver.rows import LogTrimmed, ParamServerError, TableConfig, TableMismatch, latest_per_id
+from paramserver.rows import (
+    LogTrimmed,
+    ParamServerError,
+    TableConfig,
+    TableMismatch,
+    check_stage_name,
+    latest_per_id,
+)
 
 
 def _default(name: str) -> Any:
@@ -416,6 +423,43 @@ class RedisStore(BaseStore):
                 )
                 client0.set(self.keys.version, version)
                 client0.set(self.keys.floor, version)
+
+    # ------------------------------------------------------------------ staging areas
+    def stage(self, name: str) -> RedisStore:
+        name = check_stage_name(name)
+        with self.shards.guard(0):
+            self.shards.clients[0].sadd(self.keys.stages, name)
+        return RedisStore(
+            self.urls,
+            list(self.tables.values()),
+            namespace=self.keys.stage_namespace(name),
+            rows_per_bucket=self.shards.rows_per_bucket,
+            timeout=self.timeout,
+            lock_ttl_s=self.lock_ttl_s,
+            lock_wait_s=self.lock_wait_s,
+            log_retention_s=self.log_retention_s,
+            configure_servers=False,
+        )
+
+    def stages(self) -> list[str]:
+        with self.shards.guard(0):
+            return sorted(m.decode() for m in self.shards.clients[0].smembers(self.keys.stages))
+
+    def drop_stage(self, name: str) -> bool:
+        name = check_stage_name(name)
+        pattern = f"{self.keys.stage_namespace(name)}:*"
+        for shard, client in enumerate(self.shards.clients):
+            with self.shards.guard(shard):
+                batch: list[bytes] = []
+                for key in client.scan_iter(match=pattern, count=1000):
+                    batch.append(key)
+                    if len(batch) >= 1000:
+                        client.unlink(*batch)
+                        batch = []
+                if batch:
+                    client.unlink(*batch)
+        with self.shards.guard(0):
+            return bool(self.shards.clients[0].srem(self.keys.stages, name))
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

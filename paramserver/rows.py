@@ -7,6 +7,7 @@ the deterministic initial row of a never-seen id, and the routing hash (id -> sh
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,15 @@ class Rows:
 
 
 # --------------------------------------------------------------------------- validation
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,119}")
+
+
+def check_stage_name(name: object) -> str:
+    """A staging area's name: 1-120 letters, digits, ``_ . -``, starting with a letter or digit."""
+    if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+        raise BadRows(f"stage name must be 1-120 characters of [A-Za-z0-9_.-] starting alphanumeric, got {name!r}")
+    return name
 
 
 def check_ids(ids: object, what: str = "ids") -> np.ndarray:

@@ -23,6 +23,7 @@ from recsys import airflow_cli, demo
 from serving import cli as serve_cli
 from streaming import cli as stream_cli
 from training import cli as train_cli
+from training.lifecycle import cli as model_cli
 
 out = Console()
 
@@ -356,6 +357,7 @@ def replay(
 app.add_typer(stream_cli.app, name="stream", help="The Faust stream worker: validation, features, samples.")
 app.add_typer(ps_cli.app, name="ps", help="The parameter service: shards, replicas, status.")
 app.add_typer(train_cli.app, name="train", help="Train the model against the parameter service.")
+app.add_typer(model_cli.app, name="model", help="The served state (champion + its rows): show, rollback.")
 app.add_typer(serve_cli.app, name="serve", help="The recommendation API.")
 app.add_typer(demo.app, name="demo", help="The whole loop on local services, measured: report under reports/.")
 app.add_typer(airflow_cli.app, name="airflow", help="Local Airflow (api-server, scheduler, dag-processor, triggerer).")

@@ -106,6 +106,12 @@ class MlflowLoader:
                 return None
             raise
 
+    def rows_version(self, version: str) -> int | None:
+        from training.lifecycle.served import TAG_PS_VERSION
+
+        value = self.client.get_model_version(self.model_name, version).tags.get(TAG_PS_VERSION)
+        return int(value) if value is not None else None
+
     def load(self, version: str) -> DLRMScorer:
         mv = self.client.get_model_version(self.model_name, version)
         with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:

@@ -5,6 +5,10 @@ embedding of every sparse feature (rows from the parameter service, averaged ove
 a multi-valued feature by ``training.pooling.mean_pool``, as the trainer's tables pool) and
 the dense values in spec order, so it never talks to a store.
 
+A champion's dense part goes with the parameter rows it was promoted with (its registry
+version's ``ps_version``): the handle loads it only once the rows it reads have reached that
+version, so a new dense part never scores the previous champion's rows.
+
 The handle holds the current scorer behind one reference. A request reads that reference
 once and keeps its scorer to the end, so a reload (which builds the new scorer completely
 before assigning it) never changes the model under a request in flight.
@@ -81,6 +85,10 @@ class ModelLoader(Protocol):
         """Build the scorer of ``version`` completely (weights loaded, ready to score)."""
         ...
 
+    def rows_version(self, version: str) -> int | None:
+        """The parameter version holding the rows of ``version`` (None: not recorded)."""
+        ...
+
 
 class NoChampion(RuntimeError):
     """The registry has no model under the alias (and no fallback is allowed)."""
@@ -89,9 +97,16 @@ class NoChampion(RuntimeError):
 class ModelHandle:
     """The current scorer; ``reload`` swaps it atomically (one reference assignment)."""
 
-    def __init__(self, loader: ModelLoader | None, fallback: Callable[[], Scorer] | None) -> None:
+    def __init__(
+        self,
+        loader: ModelLoader | None,
+        fallback: Callable[[], Scorer] | None,
+        rows_version: Callable[[], int | None] | None = None,
+    ) -> None:
         self._loader = loader
         self._fallback = fallback
+        self._rows_version = rows_version  # the version of the rows serving reads (None: not known yet)
+        self.waiting_for_rows: tuple[str, int] | None = None  # (champion, parameter version) not loaded yet
         self._current: Scorer | None = None
         self._reload_lock = threading.Lock()  # one load at a time; requests never take it
         # the registry version the alias pointed at when we last loaded: scorer.version is
@@ -115,6 +130,18 @@ class ModelHandle:
         if self.on_swap is not None:
             self.on_swap(scorer, swapped)
 
+    def _rows_reached(self, version: str) -> bool:
+        """Whether the rows serving reads hold the parameter version ``version`` was promoted with."""
+        needed = self._loader.rows_version(version) if self._loader is not None else None
+        have = self._rows_version() if self._rows_version is not None else None
+        if needed is None or have is None or have >= needed:
+            self.waiting_for_rows = None
+            return True
+        if self.waiting_for_rows != (version, needed):
+            log.info("champion %s waits for parameter version %d (the replica holds %d)", version, needed, have)
+        self.waiting_for_rows = (version, needed)
+        return False
+
     def reload(self, force: bool = False) -> tuple[bool, str | None]:
         """Load the champion if it changed (or ``force``); returns (changed, previous version).
 
@@ -134,6 +161,8 @@ class ModelHandle:
                         return False, previous
             if version is not None:
                 if version in (previous, self._loaded_alias_version) and not force:
+                    return False, previous
+                if not self._rows_reached(version):
                     return False, previous
                 started = time.perf_counter()
                 scorer = self._loader.load(version)  # type: ignore[union-attr]

@@ -146,6 +146,17 @@ class RowFetcher:
     def version(self) -> int | None:
         return self.last_version
 
+    def refresh_version(self) -> int | None:
+        """The replica's version read now (not at the next poll), observed; the last one seen if it cannot be read.
+
+        What a model swap checks: the new champion's rows must be there before its dense part scores.
+        """
+        try:
+            self._observe(self.reader.version())
+        except (ParamServerError, OSError) as exc:
+            log.debug("parameter version read failed: %s", exc)
+        return self.last_version
+
     def table_configs(self) -> dict[str, TableConfig]:
         return dict(self.reader.tables)
 

@@ -61,7 +61,11 @@ def model_handle(settings: Settings, rows: RowFetcher | None) -> ModelHandle:
         tables = {name: cfg.dim for name, cfg in rows.table_configs().items()} if rows is not None else {}
         return EmbeddingDotScorer(tables)
 
-    return ModelHandle(mlflow_loader(settings), fallback if settings.serving.allow_fallback_scorer else None)
+    return ModelHandle(
+        mlflow_loader(settings),
+        fallback if settings.serving.allow_fallback_scorer else None,
+        rows_version=rows.refresh_version if rows is not None else None,
+    )
 
 
 def build_components(settings: Settings, metrics: Metrics) -> Components:

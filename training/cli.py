@@ -185,8 +185,8 @@ def _print_outcome(outcome: JobOutcome) -> None:
         f"trained: run {outcome.run_id}, model {outcome.model_name} version {outcome.model_version} (alias challenger)"
     )
     out.print(
-        f"parameter service: version {outcome.ps_version_before} -> {outcome.ps_version}, "
-        f"rows pulled {sum(pulled.values())}, pushed {sum(pushed.values())}"
+        f"parameter service: rows pulled at version {outcome.ps_version_before} ({sum(pulled.values())}), "
+        f"{sum(pushed.values())} trained rows staged as {outcome.ps_stage} (served once the model is promoted)"
     )
     offsets = outcome.to_dict().get("offsets", {})
     out.print(f"offsets: {offsets.get('start')} -> {offsets.get('end')}")

@@ -52,8 +52,8 @@ class JobOutcome(BaseModel):
     run_id: str | None = None
     model_name: str | None = None
     model_version: str | None = None
-    ps_version_before: int | None = None
-    ps_version: int | None = None
+    ps_version_before: int | None = None  # the parameter-service version the job pulled its rows at
+    ps_stage: str | None = None  # the staging area of its trained rows (served once the model is promoted)
     offsets: WindowOffsets | None = None
     read: dict[str, Any] | None = None  # training.data.ReadStats.to_dict()
     rows_pulled: dict[str, int] | None = None
@@ -64,7 +64,7 @@ class JobOutcome(BaseModel):
     @model_validator(mode="after")
     def _trained_names_its_model(self) -> JobOutcome:
         if self.status is JobStatus.TRAINED:
-            missing = [k for k in ("run_id", "model_name", "model_version", "ps_version") if getattr(self, k) is None]
+            missing = [k for k in ("run_id", "model_name", "model_version", "ps_stage") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"a trained outcome needs {missing}")
         return self

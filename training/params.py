@@ -32,6 +32,11 @@ def open_training_store(settings: ParamServerSettings, tables: list[TableConfig]
     return open_store("redis", tables, settings)
 
 
+def job_stage(run_id: str) -> str:
+    """The staging area of a job's rows (``paramserver.staging``): they wait there until its model is promoted."""
+    return f"job-{run_id}"
+
+
 def conflicting_ids(changed: dict[str, np.ndarray], ours: dict[str, np.ndarray]) -> dict[str, int]:
     """Per table, how many of our ids someone else changed since we pulled (empty: no conflict)."""
     out = {}

@@ -52,8 +52,8 @@ class TrainedJob:
     updates: dict[str, Rows]  # what was pushed
     owners: dict[str, int]  # table -> rank that trained it
     dense_weights: dict[str, torch.Tensor]
-    ps_version_before: int
-    ps_version: int
+    ps_version_before: int  # the parameter-service version the rows were pulled at
+    ps_stage: str  # the staging area holding the trained rows until promotion
 
 
 def job_metrics(
@@ -105,7 +105,7 @@ def manifest(
         "eval_start_time": float(columns.event_time[split.eval[0]]) if len(split.eval) else None,
         "ps_shards": [redact_url(u) for u in s.ps.shards],
         "ps_version_pulled": job.ps_version_before,
-        "ps_version_pushed": job.ps_version,
+        "ps_stage": job.ps_stage,
         "rows_pulled": rows_pulled(job),
         "rows_pushed": rows_pushed(job),
         "table_owners": job.owners,
@@ -149,7 +149,7 @@ def record_trained(
             Path(tmp) / DENSE_FILE,
             job.config,
             job.dense_weights,
-            extra={"ps_version": job.ps_version, "run_id": job.run_id, "tables": written["tables"]},
+            extra={"ps_stage": job.ps_stage, "run_id": job.run_id, "tables": written["tables"]},
         )
         source = tracking.log_file(job.run_id, path, DENSE_ARTIFACT_DIR)
     model_version = tracking.register(
@@ -157,7 +157,9 @@ def record_trained(
         s.train.model_name,
         source,
         {
-            "ps_version": str(job.ps_version),
+            # ps_version (the served rows' version) is tagged by the promotion
+            "ps_stage": job.ps_stage,
+            "ps_version_pulled": str(job.ps_version_before),
             "run_id": job.run_id,
             "feature_spec_hash": job.config.spec_hash,
             "eval_auc": f"{metrics['eval_auc']:.4f}" if "eval_auc" in metrics else NOT_EVALUABLE,
@@ -170,7 +172,7 @@ def record_trained(
         model_name=s.train.model_name,
         model_version=model_version,
         ps_version_before=job.ps_version_before,
-        ps_version=job.ps_version,
+        ps_stage=job.ps_stage,
         offsets=job.offsets,
         rows_pulled=rows_pulled(job),
         rows_pushed=rows_pushed(job),

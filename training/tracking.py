@@ -176,7 +176,7 @@ class Tracking:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def commit_offsets(self, run_id: str, end_offsets: Mapping[int, int], ps_version: int) -> None:
-        """Record that the job's rows are in the parameter service: its window is consumed."""
+        """Record that the job's rows are staged (pulled at ``ps_version``): its window is consumed."""
         self.client.set_tag(run_id, TAG_OFFSETS, json.dumps({str(p): o for p, o in sorted(end_offsets.items())}))
         self.client.set_tag(run_id, TAG_PS_VERSION, str(ps_version))
         self.client.set_tag(run_id, TAG_COMMITTED, "true")

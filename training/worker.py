@@ -12,13 +12,14 @@ The job, in order (rank 0 decides, every rank takes part):
    parameter service the rows (vectors + row-wise Adagrad state) of the tables it owns;
 4. train and evaluate;
 5. push: each rank hands the updated rows of its tables (only ids that training samples
-   used) to rank 0, which writes them as ONE new parameter-service version (the service's
-   commit point is single-writer) and records the window's end offsets;
+   used) to rank 0, which stages them beside the parameter service (``job-<run id>``, see
+   ``paramserver.staging``: no reader sees them until the gate promotes the model) and
+   records the window's end offsets;
 6. record: rank 0 logs the metrics, manifest and dense weights in MLflow and registers a
    model version (alias ``challenger``), see ``training.record``.
 
-A job that dies before step 5 leaves the parameter service and the recorded offsets as they
-were; rerunning it trains the same window again.
+A job that dies before step 5 leaves the recorded offsets as they were; rerunning it trains
+the same window again. No job changes the served rows: promotion does.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from training.data import (
 )
 from training.model import ModelConfig, dense_state_dict
 from training.outcome import JobFailed, JobOutcome, JobStatus, WindowOffsets
-from training.params import conflicting_ids, open_training_store, table_configs
+from training.params import conflicting_ids, job_stage, open_training_store, table_configs
 from training.quality import load_truth
 from training.record import TrainedJob, record_trained, redact_url
 from training.tracking import MANIFEST_FILE, Tracking, TrackingUnavailable
@@ -317,20 +318,24 @@ def gather_rows(job: Job, sharded: Sharded, ws: WorkingSet) -> dict[str, Rows] |
 
 
 def push(
-    job: Job, sharded: Sharded, ws: WorkingSet, store: ParamStore, base_version: int
-) -> tuple[dict[str, Rows], int] | None:
-    """Rank 0 gathers every rank's trained rows and pushes them; returns them and the new version (None elsewhere)."""
+    job: Job, sharded: Sharded, ws: WorkingSet, store: ParamStore, base_version: int, stage: str
+) -> dict[str, Rows] | None:
+    """Rank 0 gathers every rank's trained rows and stages them as ``stage``; returns them (None elsewhere)."""
     t0 = time.perf_counter()
     updates = gather_rows(job, sharded, ws)
     if updates is None:
         return None
-    new_version = push_rows(store, base_version, updates)
+    push_rows(store, base_version, updates, stage)
     job.timings["push_s"] = time.perf_counter() - t0
-    return updates, new_version
+    return updates
 
 
-def push_rows(store: ParamStore, base_version: int, updates: dict[str, Rows]) -> int:
-    """Rank 0 writes the rows as ONE new version, unless another job changed them since the pull."""
+def push_rows(store: ParamStore, base_version: int, updates: dict[str, Rows], stage: str) -> None:
+    """Rank 0 stages the rows (one version of the area ``stage``), unless another job changed them since the pull.
+
+    The promotion checks again (``paramserver.staging.promote_stage``); failing here saves
+    recording a model that could never be promoted.
+    """
     try:
         clash = conflicting_ids(store.changed_since(base_version), {t: r.ids for t, r in updates.items()})
     except LogTrimmed:
@@ -340,7 +345,8 @@ def push_rows(store: ParamStore, base_version: int, updates: dict[str, Rows]) ->
             f"rows of this window changed in the parameter service since the pull at version "
             f"{base_version} ({clash}): another job trained them; rerun this job"
         )
-    return store.push(updates)
+    store.drop_stage(stage)  # a fresh area: nothing of an earlier attempt mixes in
+    store.stage(stage).push(updates)
 
 
 # --------------------------------------------------------------------------- the job
@@ -368,13 +374,13 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         ws = working_set(columns, split.train)
         sharded, base_version = shard_and_pull(job, config, ws, hp, store)
         result, predictions = train_and_evaluate(job, sharded, columns, ws, split, hp)
-        pushed = push(job, sharded, ws, store, base_version)
-        if pushed is None:  # not rank 0
+        stage = job_stage(run_id) if run_id is not None else ""
+        updates = push(job, sharded, ws, store, base_version, stage)
+        if updates is None:  # not rank 0
             trainer.broadcast_from_rank0(None, rank, world)  # wait until rank 0 has committed and recorded
             return JobOutcome(status=JobStatus.RANK_DONE, rank=rank)
-        updates, new_version = pushed
         assert run_id is not None
-        job.tracking.commit_offsets(run_id, window.end, new_version)  # the commit point: the window is consumed
+        job.tracking.commit_offsets(run_id, window.end, base_version)  # the commit point: the window is consumed
         trained = TrainedJob(
             run_id=run_id,
             offsets=window.offsets,
@@ -391,7 +397,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
             owners=sharded.owners,
             dense_weights=dense_state_dict(sharded.model),
             ps_version_before=base_version,
-            ps_version=new_version,
+            ps_stage=stage,
         )
         outcome = record_trained(s, job.tracking, trained, world, job.timings, job.truth)  # 6. record
         trainer.broadcast_from_rank0("done", rank, world)

@@ -137,6 +137,16 @@ def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
+def _stages(s: Settings) -> list[str]:
+    from paramserver import open_store
+
+    store = open_store("redis", [], s.ps)
+    try:
+        return store.stages()
+    finally:
+        store.close()
+
+
 @pytest.mark.timeout(1500)  # three training runs: ~3-4 min on an idle 2-core machine, far more under load
 def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_one(
     airflow_settings: Settings, tmp_path: Path
@@ -185,22 +195,32 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
             if batch < 2:  # promoted: the first champion, then the better challenger
                 assert set(tasks.values()) == {"success"}, tasks
                 assert champion_version(client, s.train.model_name) == trained["model_version"]
-                assert _xcom(s, "recsys_training", "publish")["ps_version"] == trained["ps_version"]
+                # the champion's rows were staged by its job and promoted with it: publication waited for them
+                promoted = _xcom(s, "recsys_training", "promote")
+                assert promoted["ps_version"] is not None
+                assert _xcom(s, "recsys_training", "publish")["ps_version"] == promoted["ps_version"]
                 status = replica_status(None, [s.ps.replicas[0]], namespace=s.ps.namespace)
-                assert status["version"] >= trained["ps_version"]
+                assert status["version"] >= promoted["ps_version"]
+                served_version = status["version"]
                 assert _xcom(s, "recsys_training", "reload_serving") == {"http://127.0.0.1:9": "not running"}
             if batch == 0:
                 assert evaluation["champion_version"] is None
             if batch == 1:
                 assert evaluation["champion_version"] == versions[0]
-                assert evaluation["challenger_auc_same_rows"] > evaluation["champion_auc"]
+                assert evaluation["challenger_auc_rescored"] > evaluation["champion_auc"]
             if batch == 2:
                 assert tasks["evaluate"] == "success" and tasks["gate"] == "success", tasks
                 assert {tasks[t] for t in ("promote", "publish", "reload_serving")} == {"skipped"}, tasks
                 assert evaluation["champion_version"] == versions[1]
-                assert evaluation["challenger_auc_same_rows"] < evaluation["champion_auc"] - s.gate.tolerance
+                assert evaluation["challenger_auc_rescored"] < evaluation["champion_auc"] - s.gate.tolerance
                 assert champion_version(client, s.train.model_name) == versions[1]
                 assert client.get_model_version(s.train.model_name, versions[2]).tags[TAG_GATE] == "refused"
+                # the refused challenger's rows never reached the parameter service nor its replica
+                assert client.get_model_version(s.train.model_name, versions[2]).tags["ps_stage_dropped"] == "true"
+                assert trained["ps_stage"] not in _stages(s)
+                time.sleep(1.0)  # a replicator would have copied a pushed version by now
+                status = replica_status(None, [s.ps.replicas[0]], namespace=s.ps.namespace)
+                assert status["version"] == served_version
         assert client.get_model_version(s.train.model_name, versions[0]).tags["role"] == "retired"
     finally:
         replicator.terminate()

@@ -353,6 +353,9 @@ def test_model_swap_is_atomic_under_concurrent_scoring():
         def champion_version(self):
             return str(next(versions))
 
+        def rows_version(self, version):
+            return None
+
         def load(self, version):
             time.sleep(0.002)  # building a model takes time; requests must not see it half-built
             return Slow({"user_id": DIM, "item_id": DIM}, version=f"m{version}")
@@ -395,6 +398,34 @@ def test_model_swap_is_atomic_under_concurrent_scoring():
     assert len(seen) > 1
 
 
+def test_a_new_champion_waits_until_the_rows_serving_reads_hold_its_parameter_version():
+    replica = {"version": 4}
+    loaded: list[str] = []
+
+    class Loader:
+        champion = "1"
+
+        def champion_version(self):
+            return self.champion
+
+        def rows_version(self, version):
+            return {"1": 4, "2": 9}[version]
+
+        def load(self, version):
+            loaded.append(version)
+            return EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}, version=f"m/{version}")
+
+    loader = Loader()
+    handle = ModelHandle(loader, None, rows_version=lambda: replica["version"])
+    assert handle.reload() == (True, None) and handle.current.version == "m/1"
+    loader.champion = "2"  # the alias moved; the replica has not applied the champion's rows yet
+    assert handle.reload() == (False, "m/1") and handle.reload(force=True) == (False, "m/1")
+    assert handle.current.version == "m/1" and handle.waiting_for_rows == ("2", 9) and loaded == ["1"]
+    replica["version"] = 9
+    assert handle.reload() == (True, "m/1") and handle.current.version == "m/2"
+    assert handle.waiting_for_rows is None and loaded == ["1", "2"]
+
+
 def test_assemble_missing_and_out_of_range_columns():
     assert assemble("user", "u", {"gender": None, "age_bucket": None}) is None
     user = assemble("user", "u", {"gender": 2, "age_bucket": 3, "occupation": 10_000, "user_age": 0.5})
@@ -411,6 +442,9 @@ def test_model_poll_picks_up_a_new_champion(parts):
     class Loader:
         def champion_version(self):
             return champion["version"]
+
+        def rows_version(self, version):
+            return None
 
         def load(self, version):
             return EmbeddingDotScorer({"user_id": DIM, "item_id": DIM}, version=f"m/{version}", name="test")
@@ -450,6 +484,9 @@ def test_reload_does_not_rebuild_an_unchanged_champion_named_differently_from_it
     class Loader:
         def champion_version(self):
             return champion["version"]
+
+        def rows_version(self, version):
+            return None
 
         def load(self, version):
             loads.append(version)

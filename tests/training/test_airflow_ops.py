@@ -117,11 +117,19 @@ def test_a_retried_training_step_returns_the_settled_outcome_without_training(tm
     from training.lifecycle import LifecycleError, job
     from training.outcome import JobOutcome, JobStatus
 
-    done = JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", model_version="4", ps_version=9)
+    done = JobOutcome(
+        status=JobStatus.TRAINED, run_id="r", model_name="m", model_version="4", ps_stage="job-r", ps_version_before=2
+    )
     (tmp_path / "dag__run_1.json").write_text(done.to_json())
     again = job.train_once("dag__run:1", 1, 1, tmp_path)  # the key is made file-safe the same way
     assert again == done
-    assert job.trained_model(again) == {"run_id": "r", "model_name": "m", "model_version": "4", "ps_version": 9}
+    assert job.trained_model(again) == {
+        "run_id": "r",
+        "model_name": "m",
+        "model_version": "4",
+        "ps_stage": "job-r",
+        "ps_version_before": 2,
+    }
     with pytest.raises(LifecycleError, match="nothing trained"):
         job.trained_model(JobOutcome(status=JobStatus.NO_NEW_SAMPLES, message="none"))
     with pytest.raises(LifecycleError, match="does not parse"):

@@ -380,12 +380,14 @@ def test_job_outcome_json_keeps_the_keys_and_status_strings() -> None:
         run_id="r",
         model_name="m",
         model_version="3",
-        ps_version=7,
+        ps_stage="job-r",
         metrics={"x": float("nan")},
     )
     again = JobOutcome.model_validate_json(trained.to_json())
     assert again.status is JobStatus.TRAINED and again.model_version == "3" and np.isnan(again.metrics["x"])
     assert trained.to_dict()["status"] == "trained" and "message" not in trained.to_dict()
     with pytest.raises(ValueError, match="model_version"):
-        JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", ps_version=7)
+        JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", ps_stage="job-r")
+    with pytest.raises(ValueError, match="ps_stage"):
+        JobOutcome(status=JobStatus.TRAINED, run_id="r", model_name="m", model_version="3")
     assert JobStatus.NO_VALID_SAMPLES.settled and not JobStatus.ERROR.settled

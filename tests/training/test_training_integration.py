@@ -130,18 +130,20 @@ def _manifest(env: Env, run_id: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def test_two_rank_job_pushes_rows_logs_run_and_registers_challenger(env: Env, first_job) -> None:
+def test_two_rank_job_stages_rows_logs_run_and_registers_challenger(env: Env, first_job) -> None:
     outcome, synthetic, ends = first_job
     assert outcome["status"] == "trained"
-    assert outcome["ps_version"] > outcome["ps_version_before"] == 0
+    assert outcome["ps_version_before"] == 0 and outcome["ps_stage"] == f"job-{outcome['run_id']}"
     with env.store() as store:
-        assert store.version() == outcome["ps_version"]
         users = np.unique([s.sparse["user_id"][0] for s in synthetic.samples])
-        pulled = store.pull("user_id", users)
-        # trained rows differ from the deterministic initial rows and carry Adagrad state
         from paramserver import initial_rows
 
         init_w, _ = initial_rows(store.tables["user_id"], users)
+        # the served rows are untouched until the model is promoted ...
+        assert store.version() == 0
+        np.testing.assert_array_equal(store.pull("user_id", users).weights, init_w)
+        # ... the trained rows wait in the job's staging area, moved from their initial rows, with Adagrad state
+        pulled = store.stage(outcome["ps_stage"]).pull("user_id", users)
         moved = np.abs(pulled.weights - init_w).max(axis=1) > 1e-6
         assert moved.mean() > 0.9
         assert (pulled.state[moved] > 0).all()
@@ -155,7 +157,7 @@ def test_two_rank_job_pushes_rows_logs_run_and_registers_challenger(env: Env, fi
         assert np.isfinite(run.data.metrics[key]), key
 
     manifest = _manifest(env, outcome["run_id"])
-    assert manifest["ps_version_pushed"] == outcome["ps_version"]
+    assert manifest["ps_stage"] == outcome["ps_stage"] and manifest["ps_version_pulled"] == 0
     assert manifest["offsets"]["end"] == {str(p): o for p, o in ends.items()}
     assert manifest["offsets"]["start"] == {}
     assert manifest["feature_spec_hash"] == SPEC.spec_hash()
@@ -167,7 +169,7 @@ def test_two_rank_job_pushes_rows_logs_run_and_registers_challenger(env: Env, fi
     version = client.get_model_version_by_alias("recsys-dlrm", "challenger")
     assert str(version.version) == outcome["model_version"]
     assert version.tags["role"] == "challenger"
-    assert version.tags["ps_version"] == str(outcome["ps_version"])
+    assert version.tags["ps_stage"] == outcome["ps_stage"] and "ps_version" not in version.tags
 
     import mlflow
 
@@ -176,7 +178,7 @@ def test_two_rank_job_pushes_rows_logs_run_and_registers_challenger(env: Env, fi
     folder = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(env.tmp / "dense"))
     config, arch, extra = load_dense(Path(folder) / "dense.pt")
     assert config.sparse_features == tuple(SPEC.sparse_names)
-    assert extra["ps_version"] == outcome["ps_version"]
+    assert extra["ps_stage"] == outcome["ps_stage"]
     import torch
 
     probs = torch.sigmoid(
@@ -203,7 +205,7 @@ def test_quality_eval_auc_within_002_of_oracle(env: Env, first_job) -> None:
     assert run.data.metrics["eval_auc"] == pytest.approx(m["eval_auc"])
 
 
-def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows(env: Env, first_job) -> None:
+def test_second_job_continues_from_recorded_offsets_and_stages_only_window_rows(env: Env, first_job) -> None:
     _, _, first_ends = first_job
     with env.store() as store:
         before = store.version()
@@ -219,7 +221,6 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
     assert code == 0, log[-4000:]
     assert outcome["status"] == "trained"
     assert outcome["offsets"]["start"] == {str(p): o for p, o in first_ends.items()}
-    assert outcome["ps_version"] == before + 1
     manifest = _manifest(env, outcome["run_id"])
     assert manifest["read"]["samples"] == len(synthetic.samples)
     assert manifest["read"]["duplicates"] == 1
@@ -227,10 +228,11 @@ def test_second_job_continues_from_recorded_offsets_and_changes_only_window_rows
 
     window = {name: {i for s in synthetic.samples for i in s.sparse[name]} for name in SPEC.sparse_names}
     with env.store() as store:
-        changed = store.changed_since(before)
-        assert changed["user_id"].size > 0
-        for table, ids in changed.items():
-            assert set(ids.tolist()) <= window[table], table
+        assert store.version() == before  # nothing served changes before promotion
+        staged = store.stage(outcome["ps_stage"]).read_all()
+        assert staged["user_id"].ids.size > 0
+        for table, rows in staged.items():
+            assert set(rows.ids.tolist()) <= window[table], table
     # nothing new since: the job ends cleanly, saying so (in-process: this exit happens before any collective)
     import torch
 
@@ -268,10 +270,12 @@ def test_killed_job_leaves_parameter_service_unchanged_and_rerun_succeeds(env: E
 
     code, outcome, log = train(env)
     assert code == 0, log[-4000:]
-    assert outcome["status"] == "trained" and outcome["ps_version"] == version + 1
+    assert outcome["status"] == "trained"
     assert _manifest(env, outcome["run_id"])["read"]["samples"] == len(synthetic.samples)
     with env.store() as store:
-        assert not np.array_equal(store.pull("user_id", users).weights, rows_before)
+        assert store.version() == version
+        np.testing.assert_array_equal(store.pull("user_id", users).weights, rows_before)
+        assert not np.array_equal(store.stage(outcome["ps_stage"]).pull("user_id", users).weights, rows_before)
     # the killed job's run never committed: the runs that did are the ones consumed
     committed = client.search_runs(
         [run.info.experiment_id for run in [client.get_run(outcome["run_id"])]], "tags.recsys_committed = 'true'"

@@ -4,7 +4,8 @@ The training DAG only wires these steps (``dags/recsys_training.py``); each func
 idempotent, so an orchestrator may retry any step, and each takes the settings explicitly.
 
 - ``job``: new samples since the last committed job; `recsys train` once per orchestrator run;
-- ``evaluation``: the champion scored on the challenger's evaluation set, with the same rows;
+- ``evaluation``: the champion and the challenger scored on the challenger's evaluation set, each with its rows;
+- ``served``: a job's staged rows promoted with its model, dropped when refused; rollback;
 - ``gate``: the promotion rule and the MLflow registry alias ``champion``;
 - ``publish``: wait until every inference replica applied a version; reload serving.
 

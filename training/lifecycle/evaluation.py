@@ -1,12 +1,12 @@
-"""Score registered model versions on one challenger's evaluation set, with the same parameter rows.
+"""Score registered model versions on one challenger's evaluation set, each with its own rows.
 
 The evaluation set is the challenger's: the window of the samples topic its job consumed
 (manifest offsets) and the newest ``eval_fraction`` of it by event time, exactly as the
-trainer splits it. Every version is scored with the rows the parameter service holds now:
-the rows are shared by all model versions (the training copy moves forward with every job,
-and the inference replicas follow it), so "champion dense part + current rows" is what
-serving keeps answering with if the challenger is refused, and the comparison isolates
-what the gate decides about: which dense part serves better.
+trainer splits it. A served state is a dense part and its rows, gated together
+(``training.lifecycle.served``): the champion is scored with the rows the parameter service
+holds (what serving answers with while the challenger waits, and keeps answering with if it
+is refused), the challenger with its staged rows over them (what serving would answer with
+once it is promoted). So the gate compares the two served states a user would meet.
 
 Imports torch and mlflow inside the functions: only the evaluate step loads them.
 """
@@ -52,6 +52,17 @@ def _dense_artifact(client: Any, tracking_uri: str, model_name: str, version: st
     return found
 
 
+def _rows_of(client: Any, model_name: str, version: str, store: Any) -> Any:
+    """Where the rows of a model version are read: the parameter service once promoted, else its stage over it."""
+    from paramserver.staging import StagedView
+    from training.lifecycle.served import TAG_PS_STAGE, TAG_PS_VERSION
+
+    tags = client.get_model_version(model_name, version).tags
+    if TAG_PS_VERSION in tags or not tags.get(TAG_PS_STAGE):
+        return store
+    return StagedView(store, tags[TAG_PS_STAGE])
+
+
 def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, str]) -> dict[str, Any]:
     """AUC of each ``{label: model version}`` on the evaluation set of ``challenger_run_id``."""
     import torch
@@ -85,16 +96,20 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
         if config.sparse_features != first.sparse_features or config.embedding_dim != first.embedding_dim:
             raise ValueError(f"version {versions[label]} has another feature layout; AUCs would not be comparable")
 
-    # pooled rows [n_eval, n_sparse, D], pooled as the model's tables pool
+    # each version with its own rows: a promoted one with the parameter service's (the served
+    # rows), a challenger with its staged rows over them, as it would be served once promoted
     store = open_training_store(s.ps, table_configs(first.embedding_dim, s.train.init_std))
     try:
-        pooled = np.zeros((len(rows), len(first.sparse_features), first.embedding_dim), np.float32)
         version_read = store.version()
-        for j, feature in enumerate(first.sparse_features):
-            lengths, values = columns.gather(feature, rows)
-            uniq, inverse = np.unique(values, return_inverse=True)
-            weights = store.pull(feature, uniq).weights
-            pooled[:, j, :] = mean_pool(weights[inverse], lengths)
+        pooled: dict[str, np.ndarray] = {}
+        for label, version in versions.items():
+            reader = _rows_of(client, s.train.model_name, str(version), store)
+            pooled[label] = np.zeros((len(rows), len(first.sparse_features), first.embedding_dim), np.float32)
+            for j, feature in enumerate(first.sparse_features):
+                lengths, values = columns.gather(feature, rows)
+                uniq, inverse = np.unique(values, return_inverse=True)
+                weights = reader.pull(feature, uniq).weights
+                pooled[label][:, j, :] = mean_pool(weights[inverse], lengths)
     finally:
         store.close()
 
@@ -102,7 +117,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     result: dict[str, Any] = {"eval_samples": int(len(rows)), "ps_version": int(version_read), "auc": {}}
     with torch.no_grad():
         for label, (_config, arch) in models.items():
-            probs = torch.sigmoid(arch(dense, torch.from_numpy(pooled))).numpy()
+            probs = torch.sigmoid(arch(dense, torch.from_numpy(pooled[label]))).numpy()
             result["auc"][label] = float(roc_auc(probs, labels))
     return result
 
@@ -115,9 +130,9 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     ``evaluable: False`` and the reason, with no AUCs, and nobody is scored: the gate refuses it.
 
     The trainer evaluates on the newest share of its window and logs ``eval_auc``. The champion
-    (and the challenger beside it) are scored on that same set with the same parameter rows
+    (and the challenger beside it) are scored on that same set, each with its own rows
     (``score_versions``); the scores go to the challenger's run (``champion_eval_auc``,
-    ``challenger_eval_auc_same_rows``, tag ``recsys_champion_version``). A score recorded already
+    ``challenger_eval_auc_rescored``, tag ``recsys_champion_version``). A score recorded already
     is reused, so a retry does not score twice.
     """
     client = gate.client_for(s.mlflow.tracking_uri)
@@ -162,7 +177,7 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
         scored["auc"]["champion"],
         challenger_auc=scored["auc"]["challenger"],
     )
-    info["challenger_auc_same_rows"] = scored["auc"]["challenger"]
+    info["challenger_auc_rescored"] = scored["auc"]["challenger"]
     info["eval_samples"] = scored["eval_samples"]
     info["champion_auc"] = scored["auc"]["champion"]
     return info

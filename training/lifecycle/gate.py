@@ -9,6 +9,10 @@ compare numbers from different evaluation sets or from a champion that changed m
 Promotion moves the MLflow registry alias ``champion`` (idempotent: moving it to the version
 it already points at changes nothing) and tags the versions ``role=champion`` / ``role=retired``.
 
+The rows move with the alias (``training.lifecycle.served``): a job's rows stay staged until
+``promote_challenger`` copies them into the parameter service, before the alias moves; a
+refused challenger's staged rows are dropped, so it changes no served score.
+
 A challenger whose evaluation set is *not evaluable* (one class, or fewer clicks or non-clicks
 than ``RECSYS_GATE_MIN_EVAL_POSITIVES`` / ``_NEGATIVES``: the trainer tags its run
 ``eval_status=not_evaluable`` with an ``eval_reason`` and logs no ``eval_auc``) is refused with
@@ -28,15 +32,15 @@ from typing import Any
 
 from core.settings import Settings
 from training.lifecycle import LifecycleError
+from training.lifecycle.registry import CHAMPION, champion_version, client_for
 from training.quality import NOT_EVALUABLE, not_evaluable_reason
 from training.tracking import TAG_EVAL_REASON, TAG_EVAL_STATUS, carry_window
 
-CHAMPION = "champion"
 CHALLENGER_METRIC = "eval_auc"
 CHAMPION_METRIC = "champion_eval_auc"
-# the challenger scored beside the champion (same evaluation set, same parameter rows); preferred
+# the challenger scored beside the champion (same evaluation set, same code path, each with its rows); preferred
 # over the trainer's own eval_auc when present
-SAME_ROWS_METRIC = "challenger_eval_auc_same_rows"
+RESCORED_METRIC = "challenger_eval_auc_rescored"
 TAG_CHAMPION_VERSION = "recsys_champion_version"
 TAG_GATE = "recsys_gate"
 TAG_GATE_REASON = "recsys_gate_reason"  # on the challenger's run, when refused
@@ -84,25 +88,6 @@ def decide(challenger_auc: float, champion_auc: float | None, tolerance: float) 
     )
 
 
-def client_for(tracking_uri: str) -> Any:
-    """An MlflowClient of the tracking server and registry at ``tracking_uri`` (mlflow imported here)."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
-def champion_version(client: Any, model_name: str) -> str | None:
-    """The version the ``champion`` alias points at, None when there is none (or no such model)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
 def _metric(client: Any, run_id: str, key: str) -> float | None:
     value = client.get_run(run_id).data.metrics.get(key)
     return None if value is None else float(value)
@@ -118,12 +103,12 @@ def record_champion_score(
 ) -> None:
     """Log the champion's AUC on the challenger's evaluation set to the challenger's run (idempotent).
 
-    ``challenger_auc``: the challenger scored in the same pass (same rows), when the caller has it.
+    ``challenger_auc``: the challenger scored in the same pass, when the caller has it.
     """
     run_id = client.get_model_version(model_name, challenger_version).run_id
     client.log_metric(run_id, CHAMPION_METRIC, float(auc))
     if challenger_auc is not None:
-        client.log_metric(run_id, SAME_ROWS_METRIC, float(challenger_auc))
+        client.log_metric(run_id, RESCORED_METRIC, float(challenger_auc))
     client.set_tag(run_id, TAG_CHAMPION_VERSION, str(champion))
 
 
@@ -175,8 +160,8 @@ def evaluate_gate(
         scored = tags.get(TAG_CHAMPION_VERSION)
         champion_auc = _metric(client, version.run_id, CHAMPION_METRIC)
         if scored == champion:
-            same_rows = _metric(client, version.run_id, SAME_ROWS_METRIC)
-            challenger_auc = challenger_auc if same_rows is None else same_rows
+            rescored = _metric(client, version.run_id, RESCORED_METRIC)
+            challenger_auc = challenger_auc if rescored is None else rescored
         if scored != champion or champion_auc is None:
             raise GateError(
                 f"the champion (v{champion}) has no AUC on the evaluation set of v{challenger_version} "
@@ -221,15 +206,31 @@ def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decisi
     verdict = "passed" if decision.promote else ("refused" if decision.evaluable else NOT_EVALUABLE)
     client.set_model_version_tag(name, str(model_version), TAG_GATE, verdict)
     if not decision.promote:
+        from training.lifecycle.served import drop_rows
+
         run_id = client.get_model_version(name, str(model_version)).run_id
         client.set_tag(run_id, TAG_GATE_REASON, decision.reason[:5000])
         carry_window(client, run_id, f"gate: {decision.reason}")
+        drop_rows(s, client, str(model_version))
     log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
     return decision
 
 
 def promote_challenger(s: Settings, decision: Decision) -> dict[str, Any]:
-    """Move the ``champion`` alias to a challenger that passed the gate (idempotent)."""
+    """Promote a challenger that passed the gate: its rows into the parameter service, then the alias (idempotent).
+
+    Returns ``{"champion", "promoted", "ps_version"}``: ``ps_version`` is the parameter version
+    holding the champion's rows, the one publication waits for on every replica.
+    """
+    from training.lifecycle.served import promote_rows, served_version
+
     client = client_for(s.mlflow.tracking_uri)
-    promoted = promote(client, s.train.model_name, decision)
-    return {"champion": champion_version(client, s.train.model_name), "promoted": promoted}
+    name = s.train.model_name
+    if decision.promote:
+        previous = champion_version(client, name)
+        promote_rows(
+            s, client, decision.challenger_version, previous if previous != decision.challenger_version else None
+        )
+    promoted = promote(client, name, decision)
+    champion = champion_version(client, name)
+    return {"champion": champion, "promoted": promoted, "ps_version": served_version(client, name, champion)}

@@ -98,7 +98,7 @@ def trained_model(outcome: JobOutcome) -> dict[str, Any]:
     """What the steps after training need of a trained job (JSON-compatible, for an orchestrator's XCom)."""
     if outcome.status is not JobStatus.TRAINED:
         raise LifecycleError(f"nothing trained: {outcome.message or outcome.status}")
-    return outcome.model_dump(include={"run_id", "model_name", "model_version", "ps_version"})
+    return outcome.model_dump(include={"run_id", "model_name", "model_version", "ps_stage", "ps_version_before"})
 
 
 def _safe(key: str) -> str:
