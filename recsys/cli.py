@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -232,9 +231,8 @@ def simulate(
     """
     import orjson
 
-    given = {
-        name for name in ctx.params if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-    }
+    # typer vendors click, so its ParameterSource is compared by name
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"}
     wrong = given & (_OPEN_LOOP_ONLY if closed_loop else _CLOSED_LOOP_ONLY)
     if wrong:
         options = ", ".join(sorted("--" + _OPTION_NAMES.get(name, name).replace("_", "-") for name in wrong))

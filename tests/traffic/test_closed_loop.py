@@ -245,3 +245,23 @@ def test_summary_series_and_prometheus_agree_per_model_version(tmp_path):
     assert f'recsys_sim_impressions_total{{model_version="fallback@ps0"}} {float(impressions)}' in exported
     assert f'recsys_sim_requests_total{{outcome="served"}} {float(summary["outcomes"]["served"])}' in exported
     assert 'recsys_sim_expected_ctr{model_version="champion/1@ps3",policy="oracle"}' in exported
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--closed-loop", "--duration", "5x"], "invalid duration '5x'"),
+        (["--closed-loop", "--requests", "5"], "--requests: not an option of --closed-loop"),
+        (["--duration", "5m"], "--duration: not an option of the open loop"),
+        (["--closed-loop", "--serving", "ftp://x"], "expected http(s)://host[:port]"),
+        (["--closed-loop", "--rate", "0"], "requests/s must be positive"),
+    ],
+)
+def test_cli_rejects_bad_closed_loop_input_with_exit_2(args, message):
+    from typer.testing import CliRunner
+
+    from recsys.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
