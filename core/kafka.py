@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -193,8 +193,17 @@ def _parts(record: PublishRecord) -> tuple[bytes | None, bytes, float | None]:
     return record.key, record.value, getattr(record, "timestamp", None)
 
 
+async def _each(records: Iterable[PublishRecord] | AsyncIterable[PublishRecord]) -> AsyncIterator[PublishRecord]:
+    if isinstance(records, AsyncIterable):
+        async for record in records:
+            yield record
+    else:
+        for record in records:
+            yield record
+
+
 async def publish(
-    records: Iterable[PublishRecord],
+    records: Iterable[PublishRecord] | AsyncIterable[PublishRecord],
     bootstrap: str,
     topic: str,
     rate: float = 0.0,
@@ -212,7 +221,9 @@ async def publish(
     as the producer takes them. ``paced`` sends each record no earlier than its timestamp on
     ``clock`` (a replay at its event times). The Kafka record timestamp is the send time (the
     broker rejects record timestamps far from its clock, and retention runs on them); event
-    time travels in the payload. ``total`` (when known) sizes the progress bar.
+    time travels in the payload. ``total`` (when known) sizes the progress bar. ``records`` may
+    be an async iterable: a live source (the closed-loop simulator's clicks, due one by one) is
+    sent as it yields.
     """
     from rich.progress import (
         BarColumn,
@@ -240,7 +251,7 @@ async def publish(
         with progress:
             task = progress.add_task("publish", total=total, topic=topic, rate=0.0)
             window = []
-            for record in records:
+            async for record in _each(records):
                 key, value, at = _parts(record)
                 if paced and at is not None:
                     ahead = at - clock()

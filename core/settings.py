@@ -367,6 +367,32 @@ class StreamSettings(BaseSettings):
     status_poll_s: float = Field(1.0, gt=0, description="`recsys stream status --wait`: how often lag is read")
 
 
+class SimulatorSettings(BaseSettings):
+    """The closed-loop simulator (`recsys simulate --closed-loop`): how its users call serving."""
+
+    model_config = _section("SIM_")
+
+    serving_url: str | None = Field(
+        None, description="base URL of the serving API the simulated users call (default: http://host:port of serving)"
+    )
+    rate: float = Field(20.0, gt=0, le=100_000, description="target recommendation requests per second")
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight at most")
+    candidates_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of requests that send their own candidates; the others let serving's retrieval pick",
+    )
+    candidates: int = Field(
+        100, ge=1, le=100_000, description="candidate items drawn from the world for a request that sends them"
+    )
+    request_timeout_s: float = Field(5.0, gt=0, le=600, description="client-side timeout of one request")
+    max_retry_after_s: float = Field(
+        10.0, ge=0, le=3600, description="longest pause honoured for a shed request's Retry-After"
+    )
+    bucket_s: float = Field(10.0, gt=0, description="width of the time buckets of the online-metrics series")
+
+
 SECTIONS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "events": EventSettings,
@@ -379,6 +405,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "airflow": AirflowSettings,
     "gate": GateSettings,
     "stream": StreamSettings,
+    "sim": SimulatorSettings,
 }
 
 SectionT = TypeVar("SectionT", bound=BaseSettings)
@@ -400,6 +427,7 @@ class Settings(BaseModel):
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    sim: SimulatorSettings = Field(default_factory=SimulatorSettings)
 
     def override(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections replaced, validated like the environment's values:
@@ -416,6 +444,11 @@ class Settings(BaseModel):
     def feast_redis_url(self) -> str:
         """Redis of the Feast online store: RECSYS_FEAST_REDIS_URL, else the local services' Redis."""
         return self.feast.redis_url or self.local.redis_url
+
+    @property
+    def sim_serving_url(self) -> str:
+        """Serving as the closed-loop simulator calls it: RECSYS_SIM_SERVING_URL, else serving's own host and port."""
+        return self.sim.serving_url or f"http://{self.serving.host}:{self.serving.port}"
 
     @property
     def stream_data_dir(self) -> Path:

@@ -161,6 +161,7 @@ def events_summary(
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     users: Annotated[int, typer.Option(min=1, help="simulated users")] = 1000,
     items: Annotated[int, typer.Option(min=1, help="simulated items")] = 500,
     requests: Annotated[int, typer.Option(min=1, help="recommendation requests (each shows a slate)")] = 2000,
@@ -171,8 +172,13 @@ def simulate(
     ] = None,
     requests_per_second: Annotated[float, typer.Option(min=0.001, help="event-time density of requests")] = 200.0,
     rate: Annotated[
-        float, typer.Option(min=0, help="publish at most this many records/s (0: as fast as possible)")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            min=0,
+            help="open loop: publish at most this many records/s (0, the default: as fast as possible); "
+            "closed loop: requests/s [default: RECSYS_SIM_RATE]",
+        ),
+    ] = None,
     bad_fraction: Annotated[float, typer.Option(min=0, max=0.99, help="share of injected malformed records")] = 0.0,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="write JSONL for `recsys replay` instead of Kafka")
@@ -181,9 +187,78 @@ def simulate(
         Path | None, typer.Option("--truth", help="also write per-impression ground truth JSONL")
     ] = None,
     topic: Annotated[str | None, typer.Option(help="topic to publish to (default: the events topic)")] = None,
+    closed_loop: Annotated[
+        bool, typer.Option("--closed-loop", help="the users call serving and click on what it shows (below)")
+    ] = False,
+    serving: Annotated[
+        str | None, typer.Option(help="closed loop: serving's base URL [default: RECSYS_SIM_SERVING_URL]")
+    ] = None,
+    duration: Annotated[str | None, typer.Option(help="closed loop: how long, e.g. 30s, 5m, 1h [default: 1m]")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, max=1024, help="closed loop: requests in flight [default: RECSYS_SIM_CONCURRENCY]"),
+    ] = None,
+    candidates_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="closed loop: share of requests sending candidates [default: RECSYS_SIM_CANDIDATES_SHARE]",
+        ),
+    ] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option(min=1, help="closed loop: candidates per such request [default: RECSYS_SIM_CANDIDATES]"),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="closed loop: serve Prometheus metrics on this port")
+    ] = None,
+    summary_file: Annotated[
+        Path | None, typer.Option("--summary", help="closed loop: write the summary (JSON) here")
+    ] = None,
+    series_file: Annotated[
+        Path | None, typer.Option("--series", help="closed loop: write the per-bucket, per-version series (JSONL)")
+    ] = None,
+    bucket_s: Annotated[
+        float | None,
+        typer.Option("--bucket", min=0.001, help="closed loop: series bucket in s [default: RECSYS_SIM_BUCKET_S]"),
+    ] = None,
 ) -> None:
-    """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL."""
+    """Simulate users, items, impressions and clicks; publish them to Kafka or write JSONL.
+
+    With --closed-loop the simulated users ask serving (POST /v1/recommend) and click on what it
+    shows; serving logs the impressions, the simulator publishes profiles and clicks and measures
+    the served lists against a random and the oracle policy.
+    """
     import orjson
+
+    # typer vendors click, so its ParameterSource is compared by name
+    given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"}
+    wrong = given & (_OPEN_LOOP_ONLY if closed_loop else _CLOSED_LOOP_ONLY)
+    if wrong:
+        options = ", ".join(sorted("--" + _OPTION_NAMES.get(name, name).replace("_", "-") for name in wrong))
+        mode = "--closed-loop" if closed_loop else "the open loop (no --closed-loop)"
+        fail(f"{options}: not an option of {mode}", 2)
+    if closed_loop:
+        _simulate_closed_loop(
+            users=users,
+            items=items,
+            slate_size=slate_size,
+            seed=seed,
+            topic=topic,
+            truth_file=truth_file,
+            serving=serving,
+            duration=duration,
+            rate=rate,
+            concurrency=concurrency,
+            candidates_share=candidates_share,
+            candidates=candidates,
+            metrics_port=metrics_port,
+            summary_file=summary_file,
+            series_file=series_file,
+            bucket_s=bucket_s,
+        )
+        return
 
     from core.kafka import KafkaUnavailable, publish
     from traffic.recording import write_jsonl
@@ -216,7 +291,7 @@ def simulate(
                     sim.records(),
                     s.kafka.bootstrap,
                     topic or s.kafka.topic_events,
-                    rate=rate,
+                    rate=rate or 0.0,
                     total=estimated,
                     show_progress=sys.stderr.isatty(),
                 )
@@ -238,6 +313,178 @@ def simulate(
             "oracle_auc": round(sim.oracle_auc(), 4),
             "seconds": round(time.perf_counter() - started, 2),
         }
+    )
+
+
+# options of one mode only: given with the other mode they are an error, not silently ignored
+_OPEN_LOOP_ONLY = {"requests", "start_time", "requests_per_second", "bad_fraction", "out_file"}
+_CLOSED_LOOP_ONLY = {
+    "serving",
+    "duration",
+    "concurrency",
+    "candidates_share",
+    "candidates",
+    "metrics_port",
+    "summary_file",
+    "series_file",
+    "bucket_s",
+}
+_OPTION_NAMES = {"out_file": "out", "summary_file": "summary", "series_file": "series", "bucket_s": "bucket"}
+
+
+def _simulate_closed_loop(
+    *,
+    users: int,
+    items: int,
+    slate_size: int,
+    seed: int,
+    topic: str | None,
+    truth_file: Path | None,
+    serving: str | None,
+    duration: str | None,
+    rate: float | None,
+    concurrency: int | None,
+    candidates_share: float | None,
+    candidates: int | None,
+    metrics_port: int | None,
+    summary_file: Path | None,
+    series_file: Path | None,
+    bucket_s: float | None,
+) -> None:
+    """`recsys simulate --closed-loop`: run the users against serving, show progress, print the summary."""
+    import httpx
+
+    from core.kafka import KafkaUnavailable
+    from traffic.closed_loop import ClosedLoop, ClosedLoopConfig, kafka_sink, parse_duration
+    from traffic.simulator import SimConfig, World
+
+    try:
+        duration_s = parse_duration(duration or "1m")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--duration") from None
+    s = load_settings()
+    url = serving or s.sim_serving_url
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise typer.BadParameter(f"{url!r} is no URL ({exc})", param_hint="--serving") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise typer.BadParameter(f"{url!r}: expected http(s)://host[:port]", param_hint="--serving")
+    if rate == 0:
+        raise typer.BadParameter("requests/s must be positive in closed-loop mode", param_hint="--rate")
+    try:
+        world = World(SimConfig(users=users, items=items, slate_size=slate_size, seed=seed))
+        config = ClosedLoopConfig.from_settings(
+            s.sim,
+            url,
+            duration_s,
+            rate=rate,
+            concurrency=concurrency,
+            candidates_share=candidates_share,
+            candidates=candidates,
+            bucket_s=bucket_s,
+        )
+    except ValueError as exc:
+        fail(str(exc), 2)
+    loop = ClosedLoop(world, config, kafka_sink(s.kafka.bootstrap, topic or s.kafka.topic_events))
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=loop.metrics.registry)
+        except OSError as exc:
+            fail(f"cannot serve metrics on 127.0.0.1:{metrics_port}: {exc}")
+        console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
+    console.print(
+        f"closed loop against {url} for {duration_s:g}s: {config.rate:g} requests/s, {config.concurrency} in flight, "
+        f"{config.candidates_share:.0%} with {config.candidates} candidates, k={slate_size}"
+    )
+    try:
+        _run_with_progress(loop)
+    except KafkaUnavailable as exc:
+        fail(str(exc))
+    if truth_file is not None:
+        loop.write_truth(truth_file)
+    if summary_file is not None:
+        loop.write_summary(summary_file)
+    if series_file is not None:
+        loop.write_series(series_file)
+    _print_closed_loop_summary(loop)
+
+
+def _closed_loop_status(loop) -> str:
+    outcomes = loop.metrics.outcomes
+    errors = {kind: n for kind, n in sorted(outcomes.items()) if kind not in ("served", "empty")}
+    total = loop.metrics.total.as_dict()
+
+    def ctr(name: str) -> str:
+        return "-" if total[name] is None else f"{total[name]:.3f}"
+
+    return (
+        f"requests {sum(outcomes.values())} (served {outcomes.get('served', 0)}, empty {outcomes.get('empty', 0)}, "
+        f"errors {', '.join(f'{k} {n}' for k, n in errors.items()) or 'none'}) | clicks {loop.clicks} "
+        f"({loop.clicks_pending} pending) | CTR served {ctr('served_ctr')} random {ctr('random_ctr')} "
+        f"oracle {ctr('oracle_ctr')}"
+    )
+
+
+def _run_with_progress(loop) -> None:
+    """Run the loop; a live status line on a terminal, else a plain line every 10 s (logs of the demo)."""
+    if console.is_terminal:
+        from rich.live import Live
+
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            asyncio.run(loop.run(lambda lp: live.update(_closed_loop_status(lp)), progress_every_s=0.25))
+        return
+    last = [time.monotonic()]
+
+    def every_10s(lp) -> None:
+        if time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            console.print(_closed_loop_status(lp), soft_wrap=True)
+
+    asyncio.run(loop.run(every_10s))
+
+
+def _print_closed_loop_summary(loop) -> None:
+    summary = loop.summary()
+    table = Table(
+        "model version",
+        "requests",
+        "impressions",
+        "clicks",
+        "CTR (realised)",
+        "served (expected)",
+        "random",
+        "oracle",
+        title=f"closed loop: {summary['requests_sent']} requests in {summary['elapsed_s']:.1f}s",
+    )
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = list(summary["by_model_version"].items()) + [("all", summary["total"])]
+    for version, agg in rows:
+        table.add_row(
+            version,
+            str(agg["requests"]),
+            str(agg["impressions"]),
+            str(agg["clicks"]),
+            fmt(agg["realised_ctr"]),
+            fmt(agg["served_ctr"]),
+            fmt(agg["random_ctr"]),
+            fmt(agg["oracle_ctr"]),
+        )
+    out.print(table)
+    outcomes = Table("outcome", "requests", title="requests by outcome")
+    for kind, count in summary["outcomes"].items():
+        outcomes.add_row(kind, str(count))
+    out.print(outcomes)
+    auc = summary["oracle_auc"]
+    out.print(
+        f"profiles sent {summary['profiles_sent']}, clicks sent {summary['clicks_sent']}, "
+        f"unknown items served {summary['unknown_items']}, oracle AUC on served impressions "
+        f"{'-' if auc is None else f'{auc:.4f}'}"
     )
 
 

@@ -58,6 +58,20 @@ def test_pairs_triples_and_records_are_all_sent_in_order(producer: FakeProducer)
     assert asyncio.run(kafka.produce_all("unused:1", "t", [(b"k", b"v")])) == 1
 
 
+def test_an_async_source_is_sent_as_it_yields(producer: FakeProducer) -> None:
+    sent_before: list[int] = []
+
+    async def live():
+        for i in range(3):
+            sent_before.append(len(producer.sent))  # what the producer had when this record was asked for
+            yield (b"k", b"v%d" % i)
+            await asyncio.sleep(0)
+
+    result = asyncio.run(kafka.publish(live(), "unused:1", "t"))
+    assert result.records == 3 and [v for _, _, v, _ in producer.sent] == [b"v0", b"v1", b"v2"]
+    assert sent_before == [0, 1, 2]  # each record went out before the next was produced
+
+
 def test_paced_sends_no_record_before_its_time(producer: FakeProducer) -> None:
     start = time.time() + 0.05
     records = [SimRecord(b"k", f"v{i}".encode(), start + i * 0.05, "click") for i in range(4)]
