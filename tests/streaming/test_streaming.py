@@ -23,6 +23,18 @@ def restored_from_changelog(table: DictKV) -> DictKV:
     return DictKV({key: orjson.loads(orjson.dumps(value)) for key, value in table.items()})
 
 
+def restarted(proc: Processor, clock: Clock) -> Processor:
+    """A new worker process over ``proc``'s dedup and joins tables as their changelogs restore them."""
+    return Processor(
+        proc.config,
+        restored_from_changelog(proc.dedup),
+        restored_from_changelog(proc.joins),
+        DictKV(),
+        DictKV(),
+        wall=clock,
+    )
+
+
 class Clock:
     def __init__(self, now: float) -> None:
         self.now = now
@@ -302,14 +314,7 @@ def test_a_restart_resolves_again_what_had_not_reached_the_changelog_and_nothing
     assert sorted((s.sample_id, s.label) for s in again) == sorted((s.sample_id, s.label) for s in first_run)
 
     # once the changelog holds the resolutions, a restarted worker emits nothing again for them
-    restored = Processor(
-        proc.config,
-        restored_from_changelog(proc.dedup),
-        restored_from_changelog(proc.joins),
-        DictKV(),
-        DictKV(),
-        wall=clock,
-    )
+    restored = restarted(proc, clock)
     assert samples_of(restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out) == []
     late = restored.process_batch([feed.event(**click("c2", T0 + 32, item="i2"))]).out
     assert [headers_dict(o.headers)["reason"] for o in late if o.kind == "late"] == ["after_negative"]
@@ -396,14 +401,7 @@ def test_a_quiet_partition_taken_after_restart_closes_its_windows():
         ]
     )
     # restart: nothing left to read on partition 0, one impression still waits for its window
-    restored = Processor(
-        proc.config,
-        restored_from_changelog(proc.dedup),
-        restored_from_changelog(proc.joins),
-        DictKV(),
-        DictKV(),
-        wall=clock,
-    )
+    restored = restarted(proc, clock)
     restored.take_quiet_partition(0, feed.offset)
     clock.now += 1
     assert samples_of(restored.advance_idle()) == []
@@ -569,14 +567,7 @@ def test_samples_carry_the_impressions_propensity_and_policy_also_after_a_restar
         ]
     )
     # a new process restores the open entries from their changelog records before the labels are known
-    restored = Processor(
-        proc.config,
-        restored_from_changelog(proc.dedup),
-        restored_from_changelog(proc.joins),
-        DictKV(),
-        DictKV(),
-        wall=clock,
-    )
+    restored = restarted(proc, clock)
     out = restored.process_batch(
         [feed.event(**click("c1", T0 + 1, item="i1")), feed.event(**impression("e4", T0 + 30, req="r2"))]
     ).out
