@@ -59,7 +59,12 @@ def fit_predict(
     ws = working_set(columns, np.sort(train))
     config = ModelConfig.from_spec(SPEC, s.train.embedding_dim, s.train.dense_arch, s.train.over_arch)
     hp = trainer.HParams(
-        epochs=1, batch_size=s.train.batch_size, embedding_lr=s.train.embedding_lr, dense_lr=s.train.dense_lr, seed=seed
+        epochs=1,
+        batch_size=s.train.batch_size,
+        embedding_lr=s.train.embedding_lr,
+        dense_lr=s.train.dense_lr,
+        seed=seed,
+        ips_max_weight=None,  # ratings have no logging policy
     )
     sharded = trainer.build_sharded(config, ws.rows, hp, device)
     store = open_store("memory", table_configs(config.embedding_dim, s.train.init_std))
@@ -74,7 +79,12 @@ def fit_predict(
     for epoch in range(epochs):
         started = time.perf_counter()
         order_seed = trainer.HParams(
-            epochs=1, batch_size=hp.batch_size, embedding_lr=hp.embedding_lr, dense_lr=hp.dense_lr, seed=seed + epoch
+            epochs=1,
+            batch_size=hp.batch_size,
+            embedding_lr=hp.embedding_lr,
+            dense_lr=hp.dense_lr,
+            seed=seed + epoch,
+            ips_max_weight=None,
         )
         result = trainer.train(sharded, columns, ws.local, train, order_seed, rank, world, device)
         valid_auc = roc_auc(trainer.predict(sharded, columns, ws.local, valid, 8192, device), fa.labels[valid])

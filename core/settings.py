@@ -180,6 +180,13 @@ class TrainingSettings(BaseSettings):
     crash_after_steps: int | None = Field(
         None, ge=0, description="fault injection for tests: rank 0 kills itself (SIGKILL) after this many steps"
     )
+    # inverse-propensity weighting (README "Exploration and bias"): off by default, see there why
+    ips_weighting: bool = Field(
+        False, description="weight each sample's loss by 1 / its logged propensity (clipped; unknown: weight 1)"
+    )
+    ips_max_weight: float = Field(
+        10.0, ge=1, le=1e6, description="clip of the inverse-propensity weight (bounds the variance it adds)"
+    )
 
 
 class ServingSettings(BaseSettings):
@@ -243,6 +250,14 @@ class ServingSettings(BaseSettings):
         default_factory=list,
         description="base URLs of serving replicas told "
         "to reload after a promotion; empty: http://host:port of these settings",
+    )
+    # exploration (README "Exploration and bias"): the share of requests served by the uniformly random policy
+    explore_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="share of /v1/recommend requests whose list is a uniformly random ordered sample of the "
+        "candidates (epsilon-greedy; decided per request id); 0: always the greedy top k",
     )
 
 
@@ -365,6 +380,13 @@ class StreamSettings(BaseSettings):
         300.0, gt=0, description="`recsys stream status --wait`: longest wait for the stream to drain"
     )
     status_poll_s: float = Field(1.0, gt=0, description="`recsys stream status --wait`: how often lag is read")
+    # served CTR per model version (recsys_served_*_total): the label's cardinality is bounded here
+    served_metrics_max_versions: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="distinct model_version labels of the served-CTR counters; later versions count as 'other'",
+    )
 
 
 class SimulatorSettings(BaseSettings):

@@ -32,6 +32,26 @@ EVENT_TYPES = ("impression", "click", "user_profile", "item_profile")
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 
+# The policies that choose a served list (serving.exploration): the greedy top k, or an exploration draw.
+EXPLOIT: Literal["exploit"] = "exploit"
+EXPLORE: Literal["explore"] = "explore"
+Policy = Literal["exploit", "explore"]
+POLICIES: tuple[Policy, ...] = (EXPLOIT, EXPLORE)
+
+
+def _finite_propensity(value: Any) -> Any:
+    # before the bounds: NaN fails them with a message ("should be <= 1") that hides the real problem
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"propensity must be a finite number in (0, 1], got {value}")
+    return value
+
+
+# P(this item at this position) under the policy that logged the impression; 0 cannot have been shown
+Propensity = Annotated[
+    float,
+    Field(gt=0, le=1, description="probability that the logging policy showed this item at this position"),
+]
+
 
 class RejectReason(StrEnum):
     NOT_UTF8 = "not_utf8"
@@ -103,6 +123,10 @@ class Impression(_Event):
     position: Annotated[int, Field(ge=0, le=10_000)]
     model_version: str | None = None
     features: FeatureValues | None = Field(None, description="feature values serving used (feature logging)")
+    propensity: Propensity | None = None
+    policy: Policy | None = Field(None, description="the policy that chose the list: exploit (greedy) or explore")
+
+    _propensity_finite = field_validator("propensity", mode="before")(_finite_propensity)
 
 
 class Click(_Event):
@@ -154,8 +178,13 @@ class Sample(BaseModel):
     event_time: float
     position: int = 0
     model_version: str | None = None
+    # the impression's, when its logging policy said (None: unknown, e.g. impressions of an open-loop client)
+    propensity: Propensity | None = None
+    policy: Policy | None = None
     sparse: dict[str, list[int]]
     dense: dict[str, float]
+
+    _propensity_finite = field_validator("propensity", mode="before")(_finite_propensity)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
@@ -268,14 +297,20 @@ def impression_event(
     position: int,
     model_version: str | None = None,
     features: LoggedFeatures | None = None,
+    propensity: float | None = None,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
-    """An ``impression``: ``item_id`` was shown to ``user_id`` at ``position`` of request ``request_id``."""
+    """An ``impression``: ``item_id`` was shown to ``user_id`` at ``position`` of request ``request_id``.
+
+    ``propensity`` and ``policy`` come from the policy that chose the list (``serving.exploration``).
+    """
     event = _head("impression", event_id, timestamp)
     event.update(request_id=request_id, user_id=user_id, item_id=item_id, position=position)
     if model_version is not None:
         event["model_version"] = model_version
     if features is not None:
         event["features"] = {"sparse": features[0], "dense": features[1]}
+    _put_known(event, propensity=propensity, policy=policy)
     return event
 
 

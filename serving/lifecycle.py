@@ -56,7 +56,15 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
         comps.rows.on_lookup = metrics.row_lookup
         comps.rows.start()
     index = comps.index if comps.index is not None else PopularityIndex(settings.serving.retrieval_half_life_s)
-    ranker = Ranker(comps.model, comps.rows, comps.features, index, metrics, settings.serving.retrieval_candidates)
+    ranker = Ranker(
+        comps.model,
+        comps.rows,
+        comps.features,
+        index,
+        metrics,
+        settings.serving.retrieval_candidates,
+        settings.serving.explore_share,
+    )
     impressions = ImpressionLogger(
         settings.kafka.bootstrap,
         settings.kafka.topic_events,

@@ -49,6 +49,12 @@ class Metrics:
         self.model = Info("recsys_serving_model", "the model being served", registry=r)
         self.model_reloads = Counter("recsys_serving_model_reloads", "model swaps after the first load", registry=r)
         self.degraded = Counter("recsys_serving_degraded", "answers given in a degraded mode", ["reason"], registry=r)
+        self.policy = Counter(
+            "recsys_serving_recommendations",
+            "recommend answers by the policy that chose the list (exploit: greedy top k, explore: random)",
+            ["policy"],
+            registry=r,
+        )
         self.cold_start = Counter("recsys_serving_cold_start", "requests for users without a profile", registry=r)
         self.impressions_sent = Counter("recsys_serving_impressions_sent", "impressions written to Kafka", registry=r)
         self.impressions_dropped = Counter(

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from feature_repo.contract import Policy
 from feature_repo.spec import SPEC, EncodedEntity, encode_item, encode_user, join_features
+from serving.exploration import choose
 from serving.features import FeatureSource, FeaturesUnavailable
 from serving.metrics import Metrics
 from serving.model import ModelHandle, Scorer
@@ -58,6 +60,8 @@ class Ranking:
     cold_start: bool
     degraded: list[str]
     retrieval: bool
+    propensities: list[float]  # per shown item, under the epsilon-greedy logging policy
+    policy: Policy
 
 
 class Ranker:
@@ -68,11 +72,13 @@ class Ranker:
         features: FeatureSource | None,
         index: PopularityIndex | None,
         metrics: Metrics,
-        retrieval_candidates: int = 200,
+        retrieval_candidates: int,
+        explore_share: float,
     ) -> None:
         self.model, self.rows, self.features, self.index = model, rows, features, index
         self.metrics = metrics
         self.retrieval_candidates = retrieval_candidates
+        self.explore_share = explore_share
 
     def _stage(self, name: str, started: float) -> float:
         now = time.perf_counter()
@@ -170,7 +176,9 @@ class Ranker:
             # stable: equal scores keep the candidates' order
             order = np.argsort(-scored.scores, kind="stable").tolist()
             scores = scored.scores
-        top = order[:k]
+        slate = choose(order, k, self.explore_share, request_id)  # the greedy top k, or an exploration draw
+        top = slate.shown
+        self.metrics.policy.labels(slate.policy).inc()
         for reason in scored.degraded:
             self.metrics.degraded.labels(reason).inc()
         if cold:
@@ -184,4 +192,6 @@ class Ranker:
             cold,
             scored.degraded,
             from_retrieval,
+            slate.propensities,
+            slate.policy,
         )

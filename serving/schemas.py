@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from feature_repo.contract import EXPLOIT, Policy
+
 
 def _encodable(value: str) -> str:
     # JSON can smuggle lone surrogates into a str; ids are hashed and logged as UTF-8, so refuse them here
@@ -50,6 +52,9 @@ class RecommendResponse(BaseModel):
     degraded: bool = Field(False, description="a dependency failed; the answer is a fallback")
     degraded_reasons: list[str] = Field(default_factory=list)
     retrieval: bool = Field(False, description="candidates came from the retrieval stage")
+    policy: Policy = Field(
+        EXPLOIT, description="exploit: the greedy top k; explore: a uniformly random list (exploration share)"
+    )
 
 
 class Pair(_Strict):

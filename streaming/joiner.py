@@ -49,6 +49,9 @@ def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
             "event_time": entry["ts"],
             "position": entry["pos"],
             "model_version": entry["mv"],
+            # absent from an entry: the impression logged none (or predates propensities); the sample says null
+            "propensity": entry.get("pr"),
+            "policy": entry.get("pl"),
             "sparse": entry["sp"],
             "dense": entry["dn"],
         }
@@ -59,7 +62,8 @@ class Joiner:
     """Opens, resolves and expires the ``joins`` entries of the partitions the processor holds.
 
     ``features_for`` gives the stream's features of a (user, item) pair for impressions that logged
-    none; ``tally`` is the processor's per-batch metric counts.
+    none; ``tally`` is the processor's per-batch metric counts, ``served`` its per-batch count of
+    emitted samples by (model version, policy, label): the served CTR.
     """
 
     def __init__(
@@ -67,12 +71,14 @@ class Joiner:
         config: ProcessorConfig,
         joins: KV,
         tally: Counter[tuple[str, str]],
+        served: Counter[tuple[str | None, str | None, int]],
         features_for: Callable[[str, str], tuple[Any, Any]],
         wall: Callable[[], float],
     ) -> None:
         self.config = config
         self.joins = joins
         self.tally = tally
+        self.served = served
         self.features_for = features_for
         self.wall = wall
 
@@ -131,6 +137,10 @@ class Joiner:
             "sp": sparse,
             "dn": dense,
         }
+        if event.propensity is not None:  # (left out when unknown: every open entry is a changelog record)
+            entry["pr"] = event.propensity
+        if event.policy is not None:
+            entry["pl"] = event.policy
         self.joins.put(p, sid, entry)
         heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
         self.tally[("open", "")] += 1
@@ -183,6 +193,7 @@ class Joiner:
     def _sample(self, sid: str, entry: Mapping[str, Any], label: int) -> Outgoing:
         """The sample of an open entry."""
         self.tally[("samples", str(label))] += 1
+        self.served[(entry["mv"], entry.get("pl"), label)] += 1
         if self.tally[("samples", str(label))] % 16 == 1:  # sampled: a histogram observation costs ~10 us
             metrics.JOIN_LAG.observe(max(0.0, self.wall() - entry["ts"]))
         return Outgoing("samples", entry["u"].encode(), sample_bytes(sid, entry, label))

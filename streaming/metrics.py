@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_IN = Counter("recsys_stream_events_in_total", "valid events read from the events topic", ["event_type"])
@@ -39,8 +41,52 @@ FEATURE_PUSH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 
-# children bound once: .labels() costs more than the increment on the per-event path
-EVENTS_IN_BY_TYPE = {kind: EVENTS_IN.labels(kind) for kind in ("impression", "click", "user_profile", "item_profile")}
-SAMPLES_BY_LABEL = {label: SAMPLES.labels(str(label)) for label in (0, 1)}
-FEATURES_LOGGED = FEATURE_SOURCE.labels("logged")
-FEATURES_STREAM = FEATURE_SOURCE.labels("stream")
+
+# Served CTR per served state and policy: clicks / impressions, counted when the join emits a sample (its
+# label known). The stream owns the join, so it owns this; the label values are bounded by ServedCounters.
+SERVED_IMPRESSIONS = Counter(
+    "recsys_served_impressions_total",
+    "served impressions whose sample was emitted, by the model version that served them and the policy that chose",
+    ["model_version", "policy"],
+)
+SERVED_CLICKS = Counter(
+    "recsys_served_clicks_total",
+    "of recsys_served_impressions_total, the clicked ones (samples with label 1)",
+    ["model_version", "policy"],
+)
+
+UNKNOWN_LABEL = "none"  # an impression that named no model version or no policy
+OTHER_LABEL = "other"  # past the cap of distinct versions, or a version too long to be a label
+MAX_LABEL_CHARS = 128
+
+
+class ServedCounters:
+    """Adds per-batch served counts to the two counters, keeping their label values bounded.
+
+    Policies are the contract's few (``feature_repo.contract.POLICIES``); model versions are whatever
+    serving logged, so the first ``max_versions`` distinct ones get their own label and the rest
+    count as ``other`` (a worker restart starts over; served versions change per promotion, rarely).
+    """
+
+    def __init__(self, max_versions: int) -> None:
+        self.max_versions = max_versions
+        self.versions: set[str] = set()
+
+    def version_label(self, model_version: str | None) -> str:
+        if model_version is None:
+            return UNKNOWN_LABEL
+        if model_version in self.versions:
+            return model_version
+        if len(self.versions) >= self.max_versions or len(model_version) > MAX_LABEL_CHARS:
+            return OTHER_LABEL
+        self.versions.add(model_version)
+        return model_version
+
+    def add(self, counts: Mapping[tuple[str | None, str | None, int], int]) -> None:
+        """``counts``: samples by (model version, policy, label)."""
+        for (model_version, policy, label), count in counts.items():
+            labels = (self.version_label(model_version), policy or UNKNOWN_LABEL)
+            SERVED_IMPRESSIONS.labels(*labels).inc(count)
+            clicks = SERVED_CLICKS.labels(*labels)  # created at 0 beside its impressions, so the ratio exists
+            if label == 1:
+                clicks.inc(count)

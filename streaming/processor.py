@@ -109,7 +109,9 @@ class Processor:
         self.partitions: dict[int, PartitionState] = {}
         # per-batch counts, added to the Prometheus metrics once per batch (per-event .inc() took ~30% of the CPU)
         self.tally: Counter[tuple[str, str]] = Counter()
-        self.joiner = Joiner(config, joins, self.tally, self.features_for, wall)
+        self.served: Counter[tuple[str | None, str | None, int]] = Counter()  # emitted samples, for served CTR
+        self.served_counters = metrics.ServedCounters(config.served_metrics_max_versions)
+        self.joiner = Joiner(config, joins, self.tally, self.served, self.features_for, wall)
 
     # ------------------------------------------------------------------ partitions
 
@@ -401,6 +403,9 @@ class Processor:
             else:
                 _COUNTERS[name].inc(count)
         self.tally.clear()
+        if self.served:
+            self.served_counters.add(self.served)
+            self.served.clear()
 
     def open_count(self) -> int:
         return sum(len(s.open_heap) for s in self.partitions.values())

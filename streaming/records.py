@@ -37,6 +37,7 @@ class ProcessorConfig:
     max_future_skew_s: float
     max_event_age_s: float
     source_topic: str
+    served_metrics_max_versions: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProcessorConfig:
@@ -49,6 +50,7 @@ class ProcessorConfig:
             max_future_skew_s=settings.events.max_future_skew_s,
             max_event_age_s=settings.events.max_event_age_s,
             source_topic=settings.kafka.topic_events,
+            served_metrics_max_versions=settings.stream.served_metrics_max_versions,
         )
 
 

@@ -63,6 +63,8 @@ class Columns:
     lengths: dict[str, np.ndarray]  # feature -> int64 [N]
     values: dict[str, np.ndarray]  # feature -> int64 [sum(lengths)], raw (hashed) ids
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # feature -> int64 [N + 1]
+    # float32 [N]: the logging policy's propensity of each impression, NaN where it logged none; None: all unknown
+    propensity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name, lengths in self.lengths.items():
@@ -158,7 +160,23 @@ def to_columns(samples: Sequence[Sample], spec: FeatureSpec = SPEC) -> Columns:
         dense=dense,
         lengths=lengths,
         values=values,
+        propensity=np.fromiter(
+            (np.nan if s.propensity is None else s.propensity for s in ordered), dtype=np.float32, count=len(ordered)
+        ),
     )
+
+
+def ips_weights(columns: Columns, max_weight: float) -> np.ndarray:
+    """Per sample, the clipped inverse-propensity weight min(1 / propensity, max_weight); 1 where none was logged.
+
+    Clipping trades a little bias back for bounded variance: an explored item at a position the
+    greedy list would not have put it has propensity share / n, i.e. a weight of n / share unclipped.
+    """
+    if columns.propensity is None:
+        return np.ones(len(columns), dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = 1.0 / columns.propensity.astype(np.float64)
+    return np.where(np.isnan(inverse), 1.0, np.minimum(inverse, max_weight)).astype(np.float32)
 
 
 def dense_feature_names(spec: FeatureSpec = SPEC) -> list[str]:
@@ -212,12 +230,18 @@ class Batch:
     sparse: KeyedJaggedTensor  # local indices
     labels: torch.Tensor  # [B]
     size: int
+    weights: torch.Tensor | None = None  # [B] per-sample loss weights (inverse propensities), None: unweighted
 
 
 def make_batch(
-    columns: Columns, local_values: Mapping[str, np.ndarray], index: np.ndarray, features: Sequence[str]
+    columns: Columns,
+    local_values: Mapping[str, np.ndarray],
+    index: np.ndarray,
+    features: Sequence[str],
+    weights: np.ndarray | None = None,
 ) -> Batch:
-    """One batch of the samples at ``index`` with ids replaced by their local indices."""
+    """One batch of the samples at ``index`` with ids replaced by their local indices (``weights``: per row of
+    ``columns``)."""
     import torch
     from torchrec import KeyedJaggedTensor
 
@@ -231,14 +255,25 @@ def make_batch(
         values=torch.from_numpy(np.concatenate(all_values)),
         lengths=torch.from_numpy(np.concatenate(all_lengths).astype(np.int32)),
     )
-    return Batch(torch.from_numpy(columns.dense[index]), sparse, torch.from_numpy(columns.labels[index]), len(index))
+    return Batch(
+        torch.from_numpy(columns.dense[index]),
+        sparse,
+        torch.from_numpy(columns.labels[index]),
+        len(index),
+        None if weights is None else torch.from_numpy(weights[index]),
+    )
 
 
 def batches(
-    columns: Columns, local_values: Mapping[str, np.ndarray], rows: np.ndarray, batch_size: int, features: Sequence[str]
+    columns: Columns,
+    local_values: Mapping[str, np.ndarray],
+    rows: np.ndarray,
+    batch_size: int,
+    features: Sequence[str],
+    weights: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     for start in range(0, len(rows), batch_size):
-        yield make_batch(columns, local_values, rows[start : start + batch_size], features)
+        yield make_batch(columns, local_values, rows[start : start + batch_size], features, weights)
 
 
 def partition(rows: np.ndarray, world: int, rank: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from core.settings import TrainingSettings
-from training.data import Columns, batches, partition
+from training.data import Columns, batches, ips_weights, partition
 from training.model import DLRM, ModelConfig
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ class HParams:
     embedding_lr: float  # row-wise Adagrad of the tables
     dense_lr: float  # Adam of the dense part
     seed: int  # dense initialisation and batch order
+    ips_max_weight: float | None  # inverse-propensity weighting of the loss, clipped here; None: unweighted
 
     @classmethod
     def from_settings(cls, train: TrainingSettings) -> HParams:
@@ -49,6 +50,7 @@ class HParams:
             embedding_lr=train.embedding_lr,
             dense_lr=train.dense_lr,
             seed=train.seed,
+            ips_max_weight=train.ips_max_weight if train.ips_weighting else None,
         )
 
 
@@ -183,9 +185,13 @@ def train(
     on_step: Callable[[int, int, float], None] | None = None,
     crash_after_steps: int | None = None,
 ) -> TrainResult:
-    """Epochs of data-parallel training; each rank takes an equal share of a shuffled order per epoch."""
+    """Epochs of data-parallel training; each rank takes an equal share of a shuffled order per epoch.
+
+    With ``hparams.ips_max_weight`` the loss of each batch is its clipped inverse-propensity weighted
+    mean (normalised by the batch's weights, so the step size keeps its meaning).
+    """
     model, features = sharded.model, sharded.config.sparse_features
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    weights = None if hparams.ips_max_weight is None else ips_weights(columns, hparams.ips_max_weight)
     rng = np.random.default_rng(hparams.seed)  # same permutation on every rank: shares stay disjoint
     result = TrainResult()
     model.train()
@@ -193,9 +199,9 @@ def train(
     for _epoch in range(hparams.epochs):
         mine = partition(rng.permutation(train_rows), world, rank)
         epoch_losses = []
-        for batch in batches(columns, local, mine, hparams.batch_size, features):
+        for batch in batches(columns, local, mine, hparams.batch_size, features, weights):
             logits = model(batch.dense.to(device), batch.sparse.to(device))
-            loss = loss_fn(logits, batch.labels.to(device))
+            loss = weighted_bce(logits, batch.labels.to(device), batch.weights)
             sharded.dense_optimizer.zero_grad()
             loss.backward()
             sharded.dense_optimizer.step()
@@ -214,6 +220,15 @@ def train(
         result.losses.extend(losses.tolist())
     result.seconds = time.perf_counter() - start
     return result
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Binary cross-entropy of the batch: the plain mean, or with ``weights`` their weighted mean."""
+    if weights is None:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    weights = weights.to(logits.device)
+    per_sample = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (per_sample * weights).sum() / weights.sum()
 
 
 def predict(

@@ -1,5 +1,8 @@
 """Ranking: /v1/recommend (the top k of a user's candidates, logged as impressions) and /v1/score.
 
+A share of recommend requests (``RECSYS_SERVING_EXPLORE_SHARE``) shows a random list instead of the
+top k (``serving.exploration``); every impression logs its propensity and the policy that chose it.
+
 The ranking itself is blocking (feature store, parameter reader), so it runs in the thread
 pool and the event loop stays free. Limits beyond the schema's (``max_k``, ``max_candidates``,
 ``max_pairs``) come from the settings and answer 422 like a schema error. Both endpoints
@@ -76,6 +79,7 @@ async def recommend(request: Request, body: RecommendRequest, state: State, runn
         degraded=bool(ranking.degraded),
         degraded_reasons=ranking.degraded,
         retrieval=ranking.retrieval,
+        policy=ranking.policy,
     )
 
 
@@ -142,6 +146,8 @@ def _impression_records(ranking: Ranking) -> list[tuple[bytes, bytes]]:
             position=position,
             model_version=ranking.model_version,
             features=ranking.features[item_id],
+            propensity=ranking.propensities[position],
+            policy=ranking.policy,
         )
         out.append((key, orjson.dumps(event)))
     return out

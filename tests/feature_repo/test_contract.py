@@ -41,6 +41,8 @@ VALID = {
         position=3,
         model_version="7",
         features={"sparse": {"user_id": [5], "genres": [1, 2]}, "dense": {"user_age": 0.5}},
+        propensity=0.25,
+        policy="explore",
     ),
     "click": base("click", request_id="r1", user_id="u1", item_id="i1"),
     "user_profile": base("user_profile", user_id="u1", gender="F", age=31, occupation="writer", zip_code="94110"),
@@ -154,6 +156,67 @@ def test_sample_round_trip_and_deterministic_id() -> None:
         Sample.model_validate({**sample.model_dump(), "label": 2})
 
 
+@pytest.mark.parametrize(
+    "literal, reason",
+    [
+        ("0", RejectReason.BAD_VALUE),
+        ("-0.5", RejectReason.BAD_VALUE),
+        ("1.0000001", RejectReason.BAD_VALUE),
+        ("2", RejectReason.BAD_VALUE),
+        # JSON has no NaN or infinity: their usual spellings and an overflowing number are not JSON
+        ("NaN", RejectReason.BAD_JSON),
+        ("Infinity", RejectReason.BAD_JSON),
+        ("1e999", RejectReason.BAD_JSON),
+    ],
+)
+def test_a_propensity_outside_0_1_or_not_finite_is_rejected_with_a_reason(literal: str, reason: RejectReason) -> None:
+    raw = orjson.dumps({**VALID["impression"], "propensity": 0.5}).replace(
+        b'"propensity":0.5', b'"propensity":' + literal.encode()
+    )
+    assert literal.encode() in raw
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw)
+    assert caught.value.reason == reason
+    if reason == RejectReason.BAD_VALUE:
+        assert "propensity" in caught.value.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_propensity_from_python_is_refused_naming_it(value: float) -> None:
+    with pytest.raises(ValueError, match="propensity must be a finite number"):
+        Impression.model_validate({**VALID["impression"], "propensity": value})
+
+
+def test_an_impression_without_propensity_or_policy_still_parses_and_a_bad_policy_does_not() -> None:
+    old = {k: v for k, v in VALID["impression"].items() if k not in ("propensity", "policy")}
+    event = parse(old)
+    assert isinstance(event, Impression) and event.propensity is None and event.policy is None
+    assert parse({**old, "propensity": 1}).propensity == 1.0  # an integer 1 is a probability too
+    with pytest.raises(InvalidEvent, match="policy"):
+        parse({**old, "policy": "thompson"})
+    with pytest.raises(InvalidEvent, match="propensity"):
+        parse({**old, "propensity": "0.5"})
+
+
+def test_a_sample_carries_the_propensity_and_refuses_a_bad_one() -> None:
+    fields = dict(
+        sample_id="s",
+        request_id="r1",
+        user_id="u1",
+        item_id="i1",
+        label=0,
+        event_time=NOW,
+        sparse={},
+        dense={},
+    )
+    sample = Sample.from_json(orjson.dumps({**fields, "propensity": 0.05, "policy": "explore"}))
+    assert (sample.propensity, sample.policy) == (0.05, "explore")
+    assert Sample.from_json(orjson.dumps(fields)).propensity is None  # a sample written before propensities
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="propensity"):
+            Sample.model_validate({**fields, "propensity": bad})
+
+
 # --------------------------------------------------------------------------- the writer side
 
 BUILT = {
@@ -166,6 +229,8 @@ BUILT = {
         position=3,
         model_version="7",
         features=({"user_id": [5], "genres": [1, 2]}, {"user_age": 0.5}),
+        propensity=0.25,
+        policy="explore",
     ),
     "click": click_event(event_id="e-1", timestamp=NOW - 10, request_id="r1", user_id="u1", item_id="i1"),
     "user_profile": user_profile_event(

@@ -68,6 +68,7 @@ def _settings(**kw) -> Settings:
             "max_k": 20,
             "max_body_bytes": 4096,
             "param_version_poll_s": 0.05,
+            "explore_share": 0.0,  # the greedy order, which these tests assert (test_exploration covers the rest)
         },
         **kw,
     )
@@ -124,6 +125,38 @@ def test_recommend_ranks_by_embeddings_and_reports_versions(client):
     assert body["model_version"] == "embedding-dot@ps1"
     assert body["cold_start"] is False and body["degraded"] is False and body["retrieval"] is False
     assert len(body["request_id"]) == 32
+
+
+def test_explored_requests_say_so_and_log_the_mixture_propensity_of_each_shown_item(parts):
+    from feature_repo.contract import parse_event
+    from serving.exploration import propensity
+    from serving.routers.recommend import _impression_records
+
+    store, reader, rows, features, model = parts
+    comps = Components(model=model, rows=rows, features=features, follow_stream=False, log_impressions=False)
+    settings = _settings().override(serving={"explore_share": 0.5})
+    candidates = ["bad", "x", "good", "y"]
+    with TestClient(create_app(settings, comps)) as c:
+        pairs = [{"user_id": "u1", "item_id": i} for i in candidates]
+        scores = [p["score"] for p in c.post("/v1/score", json={"pairs": pairs}).json()["scores"]]
+        greedy = np.argsort(-np.array(scores), kind="stable").tolist()
+        bodies = [
+            c.post("/v1/recommend", json={"user_id": "u1", "k": 2, "candidate_item_ids": candidates}).json()
+            for _ in range(40)
+        ]
+        ranking = c.app.state.serving.running.ranker.recommend("u1", 2, candidates)
+    assert {b["policy"] for b in bodies} == {"exploit", "explore"}  # 40 requests at 0.5: both occur
+    for body in bodies:
+        shown = [i["item_id"] for i in body["items"]]
+        if body["policy"] == "exploit":
+            assert shown == [candidates[i] for i in greedy[:2]] and shown[0] == "good"
+        assert len(set(shown)) == 2 and set(shown) <= set(candidates)
+    events = [parse_event(value) for _, value in _impression_records(ranking)]
+    assert [e.item_id for e in events] == [item for item, _ in ranking.items]
+    for event in events:
+        assert event.policy == ranking.policy
+        expected = propensity(candidates.index(event.item_id), event.position, greedy, 0.5)
+        assert event.propensity == pytest.approx(expected)
 
 
 def test_score_endpoint_scores_pairs(client):

@@ -111,7 +111,9 @@ ITEM_PROFILE = {"genres": ["drama", "war"], "year": 1999}
 
 def _settings(base: Settings, **serving) -> Settings:
     # a generous deadline: these tests are about answers, on 2 shared cores; deadlines are tested in test_shedding.py
-    return base.override(serving={"admin_token": TOKEN, "reload_poll_s": 0, "request_deadline_s": 60.0, **serving})
+    # no exploration unless a test asks: several assert the greedy order
+    defaults = {"admin_token": TOKEN, "reload_poll_s": 0, "request_deadline_s": 60.0, "explore_share": 0.0}
+    return base.override(serving={**defaults, **serving})
 
 
 USERS = [f"u{i}" for i in range(20)]
@@ -183,7 +185,7 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
     version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
     _replicate(train.url, [replica.url])
     asyncio.run(ensure_topics(test_settings.kafka.bootstrap, {test_settings.kafka.topic_events: 2}))
-    settings = _settings(test_settings)
+    settings = _settings(test_settings, explore_share=0.5)
     comps = Components(
         model=ModelHandle(None, lambda: EmbeddingDotScorer({"user_id": DIM, "item_id": DIM})),
         rows=RowFetcher(open_reader(Settings().ps, [replica.url]), 1000, 0.5),
@@ -224,6 +226,11 @@ def test_impressions_reach_kafka_with_their_features(redis_factory, test_setting
                 item["item_id"],
             )
             assert event.features.sparse == sparse and event.features.dense == dense
+            # epsilon-greedy at 0.5 over 10 candidates: 0.5 + 0.05 where greedy put the item, 0.05 elsewhere
+            assert event.policy == body["policy"]
+            assert event.propensity in (pytest.approx(0.55), pytest.approx(0.05))
+            if body["policy"] == "exploit":
+                assert event.propensity == pytest.approx(0.55)
     assert served[1]["cold_start"] is True
     logged_u1 = next(e for e, _ in by_key.values() if e.user_id == "u1")
     assert logged_u1.features.sparse["occupation"] != [0]  # the profile's values, not the missing encoding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import orjson
 import pytest
@@ -20,6 +21,18 @@ WINDOW = 10.0
 def restored_from_changelog(table: DictKV) -> DictKV:
     """A table as a new process restores it: every value through its JSON changelog record."""
     return DictKV({key: orjson.loads(orjson.dumps(value)) for key, value in table.items()})
+
+
+def restarted(proc: Processor, clock: Clock) -> Processor:
+    """A new worker process over ``proc``'s dedup and joins tables as their changelogs restore them."""
+    return Processor(
+        proc.config,
+        restored_from_changelog(proc.dedup),
+        restored_from_changelog(proc.joins),
+        DictKV(),
+        DictKV(),
+        wall=clock,
+    )
 
 
 class Clock:
@@ -301,14 +314,7 @@ def test_a_restart_resolves_again_what_had_not_reached_the_changelog_and_nothing
     assert sorted((s.sample_id, s.label) for s in again) == sorted((s.sample_id, s.label) for s in first_run)
 
     # once the changelog holds the resolutions, a restarted worker emits nothing again for them
-    restored = Processor(
-        proc.config,
-        restored_from_changelog(proc.dedup),
-        restored_from_changelog(proc.joins),
-        DictKV(),
-        DictKV(),
-        wall=clock,
-    )
+    restored = restarted(proc, clock)
     assert samples_of(restored.process_batch([feed.event(**impression("e4", T0 + 31, req="r3"))]).out) == []
     late = restored.process_batch([feed.event(**click("c2", T0 + 32, item="i2"))]).out
     assert [headers_dict(o.headers)["reason"] for o in late if o.kind == "late"] == ["after_negative"]
@@ -330,12 +336,14 @@ def test_dedup_ids_expire_after_the_window():
 def test_sample_wire_format_is_the_contract_sample():
     proc, _ = make()
     feed = Feed()
-    proc.process_batch([feed.event(**impression("e1", T0, model_version="m7"))])
+    proc.process_batch([feed.event(**impression("e1", T0, model_version="m7", propensity=0.25, policy="explore"))])
     [out] = [o for o in proc.process_batch([feed.event(**click("c1", T0 + 1))]).out]
     sample = Sample.from_json(out.value)
     assert out.key == b"u1"
     assert orjson.loads(out.value) == orjson.loads(sample.to_json())
+    assert list(orjson.loads(out.value)) == list(Sample.model_fields)  # the same fields in the same order
     assert sample.model_version == "m7" and sample.event_time == T0
+    assert sample.propensity == 0.25 and sample.policy == "explore"
 
 
 @pytest.mark.parametrize("value", [b"", b"null", b"{}", b'{"event_type": null}', b"\x00" * 10])
@@ -393,14 +401,7 @@ def test_a_quiet_partition_taken_after_restart_closes_its_windows():
         ]
     )
     # restart: nothing left to read on partition 0, one impression still waits for its window
-    restored = Processor(
-        proc.config,
-        restored_from_changelog(proc.dedup),
-        restored_from_changelog(proc.joins),
-        DictKV(),
-        DictKV(),
-        wall=clock,
-    )
+    restored = restarted(proc, clock)
     restored.take_quiet_partition(0, feed.offset)
     clock.now += 1
     assert samples_of(restored.advance_idle()) == []
@@ -541,3 +542,80 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
         assert first.done() and second.done()
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- propensities and served CTR
+
+
+def served(metric: str, model_version: str, policy: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(
+        f"recsys_served_{metric}_total", {"model_version": model_version, "policy": policy}
+    )
+    return value or 0.0
+
+
+def test_samples_carry_the_impressions_propensity_and_policy_also_after_a_restart():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch(
+        [
+            feed.event(**impression("e1", T0, item="i1", propensity=0.05, policy="explore")),
+            feed.event(**impression("e2", T0, item="i2", propensity=0.91, policy="exploit")),
+            feed.event(**impression("e3", T0, item="i3")),  # an open-loop client: no logging policy known
+        ]
+    )
+    # a new process restores the open entries from their changelog records before the labels are known
+    restored = restarted(proc, clock)
+    out = restored.process_batch(
+        [feed.event(**click("c1", T0 + 1, item="i1")), feed.event(**impression("e4", T0 + 30, req="r2"))]
+    ).out
+    got = {s.item_id: (s.label, s.propensity, s.policy) for s in samples_of(out)}
+    assert got == {"i1": (1, 0.05, "explore"), "i2": (0, 0.91, "exploit"), "i3": (0, None, None)}
+    # an unknown propensity costs nothing in the open entry (one changelog record per impression)
+    assert "pr" not in restored.joins[sample_id("r2", "i1")]
+
+
+def test_served_counters_count_emitted_samples_by_model_version_and_policy():
+    proc, _ = make()
+    feed = Feed()
+    version = f"m-{uuid.uuid4().hex[:8]}@ps3"  # a label value no other test uses: the registry is global
+    before = {(m, p): served(m, version, p) for m in ("impressions", "clicks") for p in ("explore", "exploit", "none")}
+    shown = [("r1", "a", "exploit"), ("r1", "b", "exploit"), ("r2", "c", "explore"), ("r2", "d", "explore")]
+    shown += [("r3", "e", None)]
+    records = []
+    for n, (req, item, policy) in enumerate(shown):
+        extra = {"propensity": 0.5, "policy": policy} if policy else {}
+        records.append(feed.event(**impression(f"e{n}", T0, req=req, item=item, model_version=version, **extra)))
+    clicked = [("r1", "a"), ("r2", "c"), ("r2", "d"), ("r3", "e")]
+    records += [feed.event(**click(f"c{n}", T0 + 1, req=r, item=i)) for n, (r, i) in enumerate(clicked)]
+    out = proc.process_batch(records).out
+    # a's click made its sample; b waits for its window, so it is not counted yet
+    assert served("impressions", version, "exploit") - before[("impressions", "exploit")] == 1
+    out += proc.process_batch([feed.event(**impression("late", T0 + 30, req="r9", item="z"))]).out
+    labels = {(s.request_id, s.item_id): s.label for s in samples_of(out)}
+    for policy, requests in (("exploit", {"r1"}), ("explore", {"r2"}), ("none", {"r3"})):
+        emitted = [label for (req, _), label in labels.items() if req in requests]
+        assert served("impressions", version, policy) - before[("impressions", policy)] == len(emitted)
+        assert served("clicks", version, policy) - before[("clicks", policy)] == sum(emitted)
+    assert served("impressions", version, "exploit") - before[("impressions", "exploit")] == 2
+    assert served("clicks", version, "exploit") - before[("clicks", "exploit")] == 1
+
+
+def test_served_model_version_labels_are_capped_and_unknown_ones_bucketed():
+    from streaming.metrics import OTHER_LABEL, UNKNOWN_LABEL, ServedCounters
+
+    counters = ServedCounters(max_versions=2)
+    tag = uuid.uuid4().hex[:8]
+    assert [counters.version_label(f"{tag}-{n}") for n in (1, 2, 1, 3)] == [
+        f"{tag}-1",
+        f"{tag}-2",
+        f"{tag}-1",
+        OTHER_LABEL,
+    ]
+    assert counters.version_label(None) == UNKNOWN_LABEL
+    assert ServedCounters(max_versions=5).version_label("v" * 500) == OTHER_LABEL
+    before = served("impressions", OTHER_LABEL, "explore")
+    counters.add({(f"{tag}-4", "explore", 0): 3})
+    assert served("impressions", OTHER_LABEL, "explore") - before == 3

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,6 +25,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from feast.errors import FeatureViewNotFoundException
 
 from core.kafka import end_offsets, ensure_topics, produce_all, read_topic
+from core.procs import free_port
 from core.settings import PROJECT_ROOT
 from feature_repo.contract import Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features
@@ -403,11 +405,12 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
     def event(**fields) -> tuple[bytes, bytes]:
         return fields["user_id"].encode(), orjson.dumps({"schema_version": 1, **fields})
 
-    imp = {"event_type": "impression", "request_id": "r1", "user_id": "u1", "position": 0}
+    imp = {"event_type": "impression", "request_id": "r1", "user_id": "u1", "position": 0, "model_version": "m1@ps4"}
+    explored = {"propensity": 0.05, "policy": "explore"}
     records = [
-        event(**imp, event_id="i1", timestamp=now - 60, item_id="a"),
-        event(**imp, event_id="i1", timestamp=now - 60, item_id="a"),  # a client retry
-        event(**imp, event_id="i2", timestamp=now - 60, item_id="b"),
+        event(**imp, **explored, event_id="i1", timestamp=now - 60, item_id="a"),
+        event(**imp, **explored, event_id="i1", timestamp=now - 60, item_id="a"),  # a client retry
+        event(**imp, event_id="i2", timestamp=now - 60, item_id="b", propensity=0.9, policy="exploit"),
         event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
         event(event_type="click", event_id="c1", timestamp=now - 59, request_id="r1", user_id="u1", item_id="a"),
         # moves event time past both windows: b closes negative, and its click is late
@@ -420,6 +423,8 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
         event(event_type="click", event_id="c2", timestamp=now - 49, request_id="r1", user_id="u1", item_id="b"),
     ]
     asyncio.run(produce_all(setup.bootstrap, setup.events, records))
+    metrics_port = free_port()
+    setup.env["RECSYS_STREAM_METRICS_PORT"] = str(metrics_port)  # served only by `recsys stream worker`
     setup.start_worker(launcher)
     setup.wait_for(
         "three samples and a late click",
@@ -428,6 +433,23 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
     )
     samples = samples_by_id(setup.bootstrap, setup.samples)
     assert {s.item_id: s.label for s in samples.values()} == {"a": 1, "b": 0, "c": 0}
+    # the impressions' propensities and policies came through the join (c logged none)
+    assert {s.item_id: (s.propensity, s.policy) for s in samples.values()} == {
+        "a": (0.05, "explore"),
+        "b": (0.9, "exploit"),
+        "c": (None, None),
+    }
+    if launcher == "recsys":
+        # served CTR counters: one sample per (version, policy) here, the clicked one counted as a click too
+        expected_served = {
+            ("impressions", "m1@ps4", "explore"): 1.0,
+            ("clicks", "m1@ps4", "explore"): 1.0,
+            ("impressions", "m1@ps4", "exploit"): 1.0,
+            ("clicks", "m1@ps4", "exploit"): 0.0,
+            ("impressions", "m1@ps4", "none"): 1.0,
+            ("clicks", "m1@ps4", "none"): 0.0,
+        }
+        assert served_counters(metrics_port) == expected_served
     [late] = read_all(setup.bootstrap, setup.late)
     # after_window when expiry had not run yet on the click's batch, after_negative otherwise
     assert dict(late.headers)["reason"] in (b"after_window", b"after_negative")
@@ -442,6 +464,20 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
         )
     )
     assert set(policies.values()) == {"compact"}, policies
+
+
+def served_counters(port: int) -> dict[tuple[str, str, str], float]:
+    """The worker's recsys_served_{impressions,clicks}_total, by (which, model version, policy)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for which in ("impressions", "clicks"):
+                if sample.name == f"recsys_served_{which}_total":
+                    out[(which, sample.labels["model_version"], sample.labels["policy"])] = sample.value
+    return out
 
 
 async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:

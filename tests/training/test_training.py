@@ -230,17 +230,22 @@ def test_synthetic_samples_follow_the_contract_and_carry_truth() -> None:
     assert synthetic.oracle_auc == pytest.approx(roc_auc(np.array([synthetic.probability[i] for i in ids]), labels))
 
 
-def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows() -> None:
+@pytest.mark.parametrize("ips_weighting", [False, True])
+def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows(ips_weighting: bool) -> None:
     import torch.distributed as dist
 
     from training import trainer
 
     synthetic = simulate_samples(SimConfig(users=30, items=20, requests=40, seed=5))
-    cols = to_columns(synthetic.samples)
+    # every other sample explored (a small propensity: the clipped weight), the rest without one
+    samples = [_with_propensity(s, 0.01 if n % 2 else None) for n, s in enumerate(synthetic.samples)]
+    cols = to_columns(samples)
     split = split_by_time(len(cols), 0.1)
     ws = working_set(cols, split.train)
     config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
-    hp = trainer.HParams.from_settings(Settings().train.model_copy(update={"epochs": 1, "batch_size": 64}))
+    hp = trainer.HParams.from_settings(
+        Settings().train.model_copy(update={"epochs": 1, "batch_size": 64, "ips_weighting": ips_weighting})
+    )
     rank, world, device = trainer.init_distributed("gloo")
     try:
         sharded = trainer.build_sharded(config, ws.rows, hp, device)
@@ -326,7 +331,43 @@ def test_hparams_have_no_defaults_of_their_own() -> None:
         "embedding_lr": train.embedding_lr,
         "dense_lr": train.dense_lr,
         "seed": train.seed,
+        "ips_max_weight": None,  # inverse-propensity weighting is off unless asked for
     }
+    weighted = train.model_copy(update={"ips_weighting": True})
+    assert HParams.from_settings(weighted).ips_max_weight == train.ips_max_weight
+
+
+def _with_propensity(sample: Sample, propensity: float | None) -> Sample:
+    return sample.model_copy(update={"propensity": propensity, "policy": None if propensity is None else "explore"})
+
+
+def test_ips_weights_are_clipped_inverse_propensities_and_one_where_none_was_logged() -> None:
+    from training.data import ips_weights
+
+    samples = [
+        _with_propensity(_sample("r1", "i1", 13.0), 0.5),
+        _with_propensity(_sample("r2", "i1", 11.0), 0.001),  # 1000 unclipped
+        _with_propensity(_sample("r3", "i1", 12.0), None),
+        _with_propensity(_sample("r4", "i1", 10.0), 1.0),
+    ]
+    cols = to_columns(samples)  # time order: r4, r2, r3, r1
+    np.testing.assert_array_equal(cols.propensity, np.array([1.0, 0.001, np.nan, 0.5], np.float32))
+    np.testing.assert_allclose(ips_weights(cols, 10.0), [1.0, 10.0, 1.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(ips_weights(cols, 1e6), [1.0, 1000.0, 1.0, 2.0], rtol=1e-4)
+
+
+def test_weighted_loss_counts_a_sample_of_weight_w_like_w_copies_and_without_weights_is_the_plain_mean() -> None:
+    from training.trainer import weighted_bce
+
+    logits = torch.tensor([0.3, -1.2, 2.0])
+    labels = torch.tensor([1.0, 0.0, 0.0])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert torch.equal(weighted_bce(logits, labels, None), plain)
+    assert torch.allclose(weighted_bce(logits, labels, torch.ones(3)), plain)
+    copies = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([0.3, 0.3, 0.3, -1.2, 2.0]), torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    )
+    assert torch.allclose(weighted_bce(logits, labels, torch.tensor([3.0, 1.0, 1.0])), copies)
 
 
 def test_train_time_and_serve_time_pooling_agree_on_multi_valued_features_and_empty_bags() -> None:
