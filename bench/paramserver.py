@@ -8,7 +8,12 @@ beside a baseline from the same run:
 2. memory per stored row (INFO used_memory) versus dim x 4 bytes, and versus one key per row;
 3. replication lag p99 from push acknowledgement to visibility on a replica, under 20k row
    updates/s, versus Redis' own REPLICAOF replication of the same shard;
-4. failover time when the nearest replica dies, versus a normal read.
+4. failover time when the nearest replica dies, versus a normal read;
+5. the cost of gating served rows (``--only staging``, paramserver/staging.py): staging push and
+   promotion rows/s versus a plain push of the same rows, memory per staged row and per undo row
+   versus a stored row, and pull rows/s of the store while a stage waits beside it (what serving
+   pays: nothing, by construction) and through a ``StagedView`` (what evaluation pays), versus a
+   plain pull.
 """
 
 from __future__ import annotations
@@ -161,6 +166,83 @@ def bench_memory(run_dir: Path, n_rows: int, dtype: str, rows_per_bucket: int) -
         "key_per_row_bytes": per_key,
         "payload_bytes": config.row_bytes,
         "log_bytes_per_row": (with_log - after) / n_rows,
+    }
+
+
+# --------------------------------------------------------------------------- 5. gating (staging areas)
+
+
+def bench_staging(run_dir: Path, n_rows: int, repeats: int, rows_per_bucket: int) -> dict:
+    from paramserver.staging import StagedView, promote_stage
+
+    url = _start(run_dir, "bench-stage")
+    client = redis.Redis.from_url(url)
+    config = TableConfig("user", dim=DIM, capacity=n_rows)
+    rng = np.random.default_rng(2)
+    ids = rng.choice(2**62, size=n_rows, replace=False).astype(np.int64)
+    store = RedisStore([url], [config], namespace="gate", log_retention_s=0.0, rows_per_bucket=rows_per_bucket)
+
+    def used() -> int:
+        time.sleep(0.2)  # UNLINK frees in the background
+        return int(client.info("memory")["used_memory"])
+
+    def drop_log() -> None:
+        keys = list(client.scan_iter(match="gate*:log:*", count=1000))
+        if keys:
+            client.unlink(*keys)
+
+    for start in range(0, n_rows, BATCH):  # the champion's rows
+        store.push({"user": _rows(config, ids[start : start + BATCH], rng)})
+    plain_t = []  # the baseline: the same rows pushed over them, as a job without gating would
+    for start in range(0, n_rows, BATCH):
+        t = time.perf_counter()
+        store.push({"user": _rows(config, ids[start : start + BATCH], rng)})
+        plain_t.append(time.perf_counter() - t)
+    drop_log()
+    stored = used()
+    # a job's rows: the same ids, trained, staged in batches as a job's push would be (one version each)
+    stage = store.stage("job-bench")
+    stage_t = []
+    for start in range(0, n_rows, BATCH):
+        t = time.perf_counter()
+        stage.push({"user": _rows(config, ids[start : start + BATCH], rng)})
+        stage_t.append(time.perf_counter() - t)
+    drop_log()
+    staged = used()
+
+    pull_plain, pull_beside, pull_view = [], [], []
+    view = StagedView(store, "job-bench")
+    for _ in range(repeats):
+        batch = rng.choice(ids, size=BATCH, replace=False)
+        t = time.perf_counter()
+        view.pull("user", batch)
+        pull_view.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        store.pull("user", batch)
+        pull_beside.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    done = promote_stage(store, "job-bench", undo="undo-bench")
+    promote_s = time.perf_counter() - t
+    drop_log()
+    with_undo = used()
+    for _ in range(repeats):
+        batch = rng.choice(ids, size=BATCH, replace=False)
+        t = time.perf_counter()
+        store.pull("user", batch)
+        pull_plain.append(time.perf_counter() - t)
+    store.close()
+    services.stop(run_dir, "bench-stage")
+    assert done.rows == {"user": n_rows}
+    return {
+        "rows": n_rows,
+        "push_rows_s": n_rows / sum(plain_t),
+        "stage_rows_s": n_rows / sum(stage_t),
+        "promote_rows_s": n_rows / promote_s,
+        "staged_bytes_per_row": (staged - stored) / n_rows,
+        "undo_bytes_per_row": (with_undo - stored) / n_rows,
+        "pull_rows_s": BATCH / _median(pull_plain),
+        "pull_beside_stage_rows_s": BATCH / _median(pull_beside),
+        "pull_view_rows_s": BATCH / _median(pull_view),
     }
 
 
@@ -334,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-bucket", type=int, default=None, help="default: RECSYS_PS_ROWS_PER_BUCKET")
     parser.add_argument(
         "--only",
-        choices=["throughput", "memory", "lag", "failover"],
+        choices=["throughput", "memory", "lag", "failover", "staging"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -343,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < BATCH or args.repeats < 1:
         parser.error("--rows must be >= 4096 and --repeats >= 1")
     rpb = args.rows_per_bucket or get_settings().ps.rows_per_bucket
-    parts = set(args.only or ["throughput", "memory", "lag", "failover"])
+    parts = set(args.only or ["throughput", "memory", "lag", "failover", "staging"])
     with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
         run_dir = Path(tmp)
         try:
@@ -385,6 +467,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fo['trials']}; max {fo['max_s'] * 1000:.1f} ms; {fo['failed_reads']} failed reads)   "
                     f"normal read {fo['normal_read_s'] * 1000:.2f} ms   ratio (frozen) "
                     f"{fo['freeze_s'] / fo['normal_read_s']:.0f}  (target <= 1 s)"
+                )
+            if "staging" in parts:
+                st = bench_staging(run_dir, args.rows, args.repeats, rpb)
+                print(
+                    f"staging {st['rows']:,} rows: stage push {st['stage_rows_s']:,.0f} rows/s vs plain push "
+                    f"{st['push_rows_s']:,.0f} (ratio {st['stage_rows_s'] / st['push_rows_s']:.2f}); promotion "
+                    f"{st['promote_rows_s']:,.0f} rows/s (ratio {st['promote_rows_s'] / st['push_rows_s']:.2f} of a "
+                    f"plain push; reads the stage and the replaced rows, writes the undo area and the rows)"
+                )
+                print(
+                    f"staging memory: staged {st['staged_bytes_per_row']:.1f} B/row, kept undo "
+                    f"{st['undo_bytes_per_row']:.1f} B/row after promotion, vs a stored row (see memory above); "
+                    f"pull {st['pull_rows_s']:,.0f} rows/s, beside a waiting stage {st['pull_beside_stage_rows_s']:,.0f} "
+                    f"(ratio {st['pull_beside_stage_rows_s'] / st['pull_rows_s']:.2f}), through a StagedView "
+                    f"{st['pull_view_rows_s']:,.0f} (ratio {st['pull_view_rows_s'] / st['pull_rows_s']:.2f})"
                 )
         finally:
             for entry in services.status(run_dir):

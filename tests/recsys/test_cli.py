@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,19 @@ def test_simulate_replay_and_read_back_through_kafka(tmp_path, kafka_bootstrap: 
     assert summary.returncode == 0, summary.stderr
     assert f"{records} records" in summary.stdout
     assert "impression" in summary.stdout and "invalid:" in summary.stdout
+
+
+@pytest.mark.integration
+def test_model_show_and_rollback_without_a_champion_say_so(tmp_path, redis_server) -> None:
+    env = {
+        "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "RECSYS_PS_SHARDS": json.dumps([redis_server.url]),
+        "RECSYS_PS_NAMESPACE": "climodel",
+    }
+    shown = recsys("model", "show", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["champion"] is None
+    done = recsys("model", "rollback", env=env)
+    assert done.returncode == 1 and "no champion to roll back" in done.stderr and "Traceback" not in done.stderr
+    down = recsys("model", "show", env={**env, "RECSYS_PS_SHARDS": '["redis://127.0.0.1:9/0"]'})
+    assert down.returncode == 1 and "parameter service" in down.stderr and "Traceback" not in down.stderr
