@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"staging memory: staged {st['staged_bytes_per_row']:.1f} B/row, kept undo "
                     f"{st['undo_bytes_per_row']:.1f} B/row after promotion, vs a stored row (see memory above); "
-                    f"pull {st['pull_rows_s']:,.0f} rows/s, beside a waiting stage {st['pull_beside_stage_rows_s']:,.0f} "
+                    f"pull {st['pull_rows_s']:,.0f} rows/s, beside a waiting stage "
+                    f"{st['pull_beside_stage_rows_s']:,.0f} "
                     f"(ratio {st['pull_beside_stage_rows_s'] / st['pull_rows_s']:.2f}), through a StagedView "
                     f"{st['pull_view_rows_s']:,.0f} (ratio {st['pull_view_rows_s'] / st['pull_rows_s']:.2f})"
                 )

@@ -67,7 +67,7 @@ def print_status(s: Settings, as_json: bool = False) -> None:
         "memory",
         "keys",
         title=f"training copy: version {info.get('version', '?')}, tables {info.get('tables', [])}, "
-        f"{info.get('log_versions', 0)} versions in the delta log",
+        f"{info.get('log_versions', 0)} versions in the delta log, staging areas {info.get('stages', [])}",
     )
     for entry in info["shards"]:
         table.add_row(

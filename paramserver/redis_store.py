@@ -463,7 +463,7 @@ class RedisStore(BaseStore):
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        """Version, log floor, retained log versions, lock, and per shard: applied version, memory, keys."""
+        """Version, log floor, log versions, lock, staging areas, and per shard: applied version, memory, keys."""
         shards = []
         for shard, client in enumerate(self.shards.clients):
             entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
@@ -486,6 +486,7 @@ class RedisStore(BaseStore):
                 floor=int(client0.get(self.keys.floor) or 0),
                 locked=bool(client0.exists(self.keys.lock)),
                 log_versions=int(client0.xlen(self.keys.commits)),
+                stages=sorted(m.decode() for m in client0.smembers(self.keys.stages)),
             )
             last = client0.xrevrange(self.keys.commits, "+", "-", count=1)
             if last:

@@ -408,6 +408,10 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
                 job.tracking.finish(run_id, "FAILED")
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
+            try:  # rows staged by a job that then failed would never be promoted nor dropped
+                store.drop_stage(job_stage(run_id))
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
         raise
     finally:
         store.close()
