@@ -55,6 +55,14 @@ class MemoryReader:
     def healthy(self):
         return [not self.down]
 
+    def behind(self):
+        return [False]
+
+    floor = 0
+
+    def require_version(self, version):
+        pass
+
     def close(self):
         pass
 
