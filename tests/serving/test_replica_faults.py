@@ -20,7 +20,7 @@ import pytest
 
 from core.settings import Settings
 from local_services import services
-from paramserver import open_reader
+from paramserver import ReplicasBehind, open_reader
 from serving.app import create_app
 from serving.components import Components
 from serving.features import StaticFeatures
@@ -175,3 +175,22 @@ def test_replicas_restarted_empty_never_give_an_unflagged_answer(redis_factory, 
     assert after.status_code == 200 and not after.json()["degraded"]
     assert after.json()["model_version"] == f"embedding-dot@ps{version}"
     assert ready.status_code == 200 and ready.json()["not_ready_reasons"] == []
+
+
+def test_a_required_version_skips_replicas_below_it_until_one_catches_up(redis_factory):
+    train, near, far = redis_factory("faults-rq-train"), redis_factory("faults-rq-near"), redis_factory("faults-rq-far")
+    version = _seed_training_copy(train.url, USERS, ITEMS, TABLES)
+    _replicate(train.url, [near.url])  # the far replica stays empty (version 0)
+    reader = open_reader(Settings().ps.model_copy(update={"failover_probe_s": 0.1}), [far.url, near.url], TABLES)
+    try:
+        assert reader.pull("user_id", np.arange(5)).version == 0 and reader.current == 0  # nothing required yet
+        reader.require_version(version)
+        assert reader.pull("user_id", np.arange(5)).version == version and reader.current == 1
+        assert reader.behind() == [True, False] and reader.healthy() == [False, True]
+        reader.require_version(version + 1)  # e.g. a champion promoted with rows no replica holds yet
+        with pytest.raises(ReplicasBehind, match=f"version >= {version + 1}"):
+            reader.pull("user_id", np.arange(5))
+        reader.require_version(1)  # monotonic: a lower requirement changes nothing
+        assert reader.floor == version + 1
+    finally:
+        reader.close()
