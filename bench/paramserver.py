@@ -8,7 +8,9 @@ beside a baseline from the same run:
 2. memory per stored row (INFO used_memory) versus dim x 4 bytes, and versus one key per row;
 3. replication lag p99 from push acknowledgement to visibility on a replica, under 20k row
    updates/s, versus Redis' own REPLICAOF replication of the same shard;
-4. failover time when the nearest replica dies, versus a normal read;
+4. failover time when the nearest replica dies, versus a normal read; and (``--only
+   failover-concurrent``) the latency of each of 100 concurrent reads with the nearest replica
+   frozen, beside 100 concurrent reads without a fault;
 5. the cost of gating served rows (``--only staging``, paramserver/staging.py): staging push and
    promotion rows/s versus a plain push of the same rows, memory per staged row and per undo row
    versus a stored row, and pull rows/s of the store while a stage waits beside it (what serving
@@ -407,6 +409,60 @@ def bench_failover(run_dir: Path, trials: int) -> dict:
     }
 
 
+def bench_failover_concurrent(run_dir: Path, concurrent: int = 100, rounds: int = 3) -> dict:
+    """Per-read latency of ``concurrent`` reads at once, the nearest replica frozen at each round's start."""
+    source_urls = [_start(run_dir, "bench-foc-src")]
+    config = TableConfig("user", dim=DIM, capacity=50_000)
+    source = RedisStore(source_urls, [config], namespace="foc")
+    ids = np.arange(BATCH, dtype=np.int64)
+    source.push({"user": _rows(config, ids, np.random.default_rng(4))})
+    near_url, far_url = _start(run_dir, "bench-foc-near"), _start(run_dir, "bench-foc-far")
+    for url in (near_url, far_url):
+        with RedisStore([url], [], namespace="foc") as replica:
+            Replicator(source, replica).step()
+    timeout_s = get_settings().ps.failover_timeout_s
+    reader = FailoverReader([[near_url], [far_url]], [], probe_s=0.2, namespace="foc", timeout=timeout_s)
+    batch = ids[:512]
+    gate = threading.Barrier(concurrent)
+
+    def timed_read() -> float:
+        gate.wait()  # all reads start together
+        t = time.perf_counter()
+        reader.pull("user", batch)
+        return time.perf_counter() - t
+
+    pid = next(e.pid for e in services.status(run_dir) if e.name == "bench-foc-near")
+    normal: list[float] = []
+    frozen: list[float] = []
+    with ThreadPoolExecutor(concurrent) as pool:
+        for _ in range(rounds):
+            normal += list(pool.map(lambda _: timed_read(), range(concurrent)))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                frozen += list(pool.map(lambda _: timed_read(), range(concurrent)))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while reader.current != 0 and time.monotonic() < deadline:  # back to the nearest before the next round
+                reader.pull("user", batch)
+                time.sleep(0.05)
+    reader.close()
+    source.close()
+    for name in ("bench-foc-src", "bench-foc-near", "bench-foc-far"):
+        services.stop(run_dir, name)
+
+    def spread(xs: list[float]) -> dict[str, float]:
+        return {"p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99)), "max": max(xs)}
+
+    return {
+        "normal": spread(normal),
+        "frozen": spread(frozen),
+        "concurrent": concurrent,
+        "rounds": rounds,
+        "timeout_s": timeout_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench paramserver", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000, help="rows stored for throughput and memory")
@@ -416,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-bucket", type=int, default=None, help="default: RECSYS_PS_ROWS_PER_BUCKET")
     parser.add_argument(
         "--only",
-        choices=["throughput", "memory", "lag", "failover", "staging"],
+        choices=["throughput", "memory", "lag", "failover", "failover-concurrent", "staging"],
         action="append",
         help="run only these parts (repeatable)",
     )
@@ -425,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows < BATCH or args.repeats < 1:
         parser.error("--rows must be >= 4096 and --repeats >= 1")
     rpb = args.rows_per_bucket or get_settings().ps.rows_per_bucket
-    parts = set(args.only or ["throughput", "memory", "lag", "failover", "staging"])
+    parts = set(args.only or ["throughput", "memory", "lag", "failover", "failover-concurrent", "staging"])
     with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
         run_dir = Path(tmp)
         try:
@@ -467,6 +523,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"{fo['trials']}; max {fo['max_s'] * 1000:.1f} ms; {fo['failed_reads']} failed reads)   "
                     f"normal read {fo['normal_read_s'] * 1000:.2f} ms   ratio (frozen) "
                     f"{fo['freeze_s'] / fo['normal_read_s']:.0f}  (target <= 1 s)"
+                )
+            if "failover-concurrent" in parts:
+                fc = bench_failover_concurrent(run_dir)
+                n, f = fc["normal"], fc["frozen"]
+                print(
+                    f"{fc['concurrent']} concurrent reads of 512 rows ({fc['rounds']} rounds): normal p50 "
+                    f"{n['p50'] * 1000:.1f} / p99 {n['p99'] * 1000:.1f} / max {n['max'] * 1000:.1f} ms; nearest "
+                    f"frozen (SIGSTOP, {fc['timeout_s']} s timeout) p50 {f['p50'] * 1000:.1f} / p99 "
+                    f"{f['p99'] * 1000:.1f} / max {f['max'] * 1000:.1f} ms  (target: max <= timeout + a small margin)"
                 )
             if "staging" in parts:
                 st = bench_staging(run_dir, args.rows, args.repeats, rpb)

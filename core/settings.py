@@ -101,6 +101,14 @@ class ParamServerSettings(BaseSettings):
     failover_timeout_s: float = Field(0.3, gt=0, description="per-replica timeout before a reader moves on")
     failover_probe_s: float = Field(0.5, gt=0, description="how often a reader probes a failed nearer replica")
     replicator_poll_s: float = Field(0.05, gt=0, description="replicator wait for new versions per round")
+    # replica faults (README "Failover"): concurrent reads never share a connection
+    connections_per_server: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="RESP connections kept open per Redis server for concurrent reads (more open while needed), "
+        "and threads per server for reads spanning shards",
+    )
 
     @field_validator("shards")
     @classmethod

@@ -1,10 +1,10 @@
 """The N independent Redis servers of one store: connections, the table layout, and where a row lives.
 
-``Shards`` opens two connections per server (redis-py for the rare commands, a ``RespConnection``
-for the hot paths), records and checks the table layout on shard 0 (which tables exist and how
-many hash buckets each has per shard), routes ids to (shard, bucket), scans and deletes the rows,
-and raises the servers' listpack limits so buckets stay compact. It knows nothing of versions:
-that is ``redis_store``.
+``Shards`` opens two kinds of connections per server (redis-py's pool for the rare commands, a
+``RespPool`` for the hot paths; both let concurrent callers proceed side by side), records and
+checks the table layout on shard 0 (which tables exist and how many hash buckets each has per
+shard), routes ids to (shard, bucket), scans and deletes the rows, and raises the servers'
+listpack limits so buckets stay compact. It knows nothing of versions: that is ``redis_store``.
 
 redis-py annotates its synchronous and asyncio clients alike (every command returns
 ``Awaitable[Any] | Any``), so ``RedisClient`` and ``RedisPipeline`` declare the calls we make
@@ -27,7 +27,7 @@ import redis
 from redis.commands.core import Script
 
 from paramserver.redis_format import Keys
-from paramserver.resp import RespConnection, hash_commands, pack, parse_url
+from paramserver.resp import RespPool, hash_commands, pack, parse_url
 from paramserver.rows import ParamServerError, ShardUnavailable, TableConfig, TableMismatch, route_hash
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,19 @@ def connect(url: str, timeout: float) -> RedisClient:
 class Shards:
     """Connections to the shards of one store (shard 0 coordinates) and the layout of its tables."""
 
-    def __init__(self, urls: list[str], namespace: str, rows_per_bucket: int, timeout: float) -> None:
+    def __init__(
+        self, urls: list[str], namespace: str, rows_per_bucket: int, timeout: float, connections_per_server: int
+    ) -> None:
         self.urls = list(urls)
         self.keys = Keys(namespace)
         self.rows_per_bucket = rows_per_bucket
         for url in self.urls:
             parse_url(url)
         self.clients = [connect(u, timeout) for u in self.urls]
-        self.resp = [RespConnection(u, timeout) for u in self.urls]
+        self.resp = [RespPool(u, timeout, connections_per_server) for u in self.urls]
+        # as many threads as concurrent reads may use: a read spanning shards must not queue behind others
         self._pool = (
-            ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="ps-shard")
+            ThreadPoolExecutor(max_workers=len(self.urls) * connections_per_server, thread_name_prefix="ps-shard")
             if len(self.urls) > 1
             else None
         )

@@ -64,6 +64,7 @@ class StoreOptions(TypedDict):
     lock_ttl_s: float
     lock_wait_s: float
     log_retention_s: float
+    connections_per_server: int
 
 
 def store_options(settings: ParamServerSettings) -> StoreOptions:
@@ -75,6 +76,7 @@ def store_options(settings: ParamServerSettings) -> StoreOptions:
         lock_ttl_s=settings.lock_ttl_s,
         lock_wait_s=settings.lock_wait_s,
         log_retention_s=settings.log_retention_s,
+        connections_per_server=settings.connections_per_server,
     )
 
 
@@ -102,11 +104,13 @@ class RedisStore(BaseStore):
         lock_ttl_s: float = _default("lock_ttl_s"),
         lock_wait_s: float = _default("lock_wait_s"),
         log_retention_s: float = _default("log_retention_s"),
+        connections_per_server: int = _default("connections_per_server"),
         configure_servers: bool = True,
     ) -> None:
         if not shards:
             raise ParamServerError("the redis backend needs at least one shard URL")
-        self.shards = Shards(shards, namespace, rows_per_bucket, timeout)
+        self.shards = Shards(shards, namespace, rows_per_bucket, timeout, connections_per_server)
+        self.connections_per_server = connections_per_server
         self.urls = self.shards.urls
         self.keys: Keys = self.shards.keys
         self.timeout = timeout

@@ -23,7 +23,15 @@ import numpy as np
 
 from paramserver.base import read_manifest
 from paramserver.redis_store import RedisStore
-from paramserver.rows import LogTrimmed, ParamServerError, Rows, ShardUnavailable, TableConfig, UnknownTable
+from paramserver.rows import (
+    LogTrimmed,
+    ParamServerError,
+    ReplicasBehind,
+    Rows,
+    ShardUnavailable,
+    TableConfig,
+    UnknownTable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +130,17 @@ def replica_status(
 
 
 class FailoverReader:
-    """Reads rows from the nearest healthy replica; on an error or timeout moves to the next.
+    """Reads rows from the nearest healthy replica at an acceptable version; otherwise moves to the next.
 
-    Each attempt is bounded by the store timeout (``ps_failover_timeout_s``), so a read that
-    fails over takes at most about replicas x timeout. A background probe re-checks failed
-    nearer replicas every ``probe_s``; reads return to the nearest one once it answers and
-    holds at least the newest version this reader served (a replica that came back empty is
-    not read before its bootstrap).
+    Each attempt is bounded by the store timeout (``ps_failover_timeout_s``) for the whole call,
+    and concurrent reads use connections of their own (``RespPool``), so a frozen replica costs
+    each read in flight at most one timeout; the first failure marks it down and later reads go
+    to the next replica at once. A replica is *acceptable* when the version it answers with is at
+    least ``floor``: the newest version this reader served, and what the caller requires
+    (``require_version``, e.g. the champion's rows). A replica below it (one restarted empty
+    answers version 0 with initial rows) is skipped like a down one; when none is acceptable the
+    read raises ``ReplicasBehind``, never returns the older rows. A background probe re-checks
+    skipped replicas every ``probe_s`` and returns reads to them once they answer at the floor.
     """
 
     def __init__(
@@ -141,10 +153,12 @@ class FailoverReader:
         self._options = store_options
         self._stores: list[RedisStore | None] = [None] * len(replicas)
         self._down: list[bool] = [False] * len(replicas)
+        self._behind: list[bool] = [False] * len(replicas)  # down because it answered below the floor
         self._lock = threading.Lock()
         self.current: int | None = None
         self.failovers = 0
         self.last_version = 0  # the newest version served; a recovered replica must reach it first
+        self.min_version = 0  # what the caller requires besides (require_version)
         for i in range(len(replicas)):
             self._open(i)
         self._stop = threading.Event()
@@ -158,6 +172,17 @@ class FailoverReader:
             if store is not None:
                 return store.tables
         return {cfg.name: cfg for cfg in self._tables}
+
+    @property
+    def floor(self) -> int:
+        """The lowest version a replica may answer with to be read."""
+        return max(self.last_version, self.min_version)
+
+    def require_version(self, version: int) -> None:
+        """Read no replica below ``version`` from now on (monotonic: a lower value changes nothing)."""
+        if version > self.min_version:
+            with self._lock:
+                self.min_version = max(self.min_version, version)
 
     def _open(self, i: int) -> RedisStore | None:
         if self._stores[i] is not None:
@@ -176,33 +201,42 @@ class FailoverReader:
             down = [i for i in range(len(self.replicas)) if self._down[i]]
         return healthy + down  # failed replicas stay a last resort
 
-    def _call(self, what: str, fn: Any) -> Any:
+    def _mark_down(self, i: int, behind: bool) -> None:
+        with self._lock:
+            self._down[i], self._behind[i] = True, behind
+
+    def _call(self, what: str, fn: Any, serves_rows: bool = True) -> Any:
         errors = []
+        behind = False
         for i in self._order():
             store = self._open(i)
             if store is None:
                 errors.append(f"{self.replicas[i]}: not reachable")
                 continue
+            floor = self.floor
             try:
                 result = fn(store)
             except ShardUnavailable as exc:
-                with self._lock:
-                    self._down[i] = True
+                self._mark_down(i, behind=False)
                 errors.append(str(exc))
                 continue
+            version = _version_of(result)
+            if version is not None and version < floor:
+                self._mark_down(i, behind=True)
+                errors.append(f"{','.join(self.replicas[i])}: holds version {version}, below {floor}")
+                behind = True
+                continue
             with self._lock:
-                self._down[i] = False
+                self._down[i] = self._behind[i] = False
                 if self.current is not None and self.current != i:
                     self.failovers += 1
                     log.warning("parameter reads moved from replica %d to %d", self.current, i)
                 self.current = i
-                version = getattr(result, "version", None)
-                if isinstance(result, dict):
-                    version = max((rows.version for rows in result.values()), default=None)
-                if isinstance(version, int):
+                if serves_rows and version is not None:
                     self.last_version = max(self.last_version, version)
             return result
-        raise ShardUnavailable(f"{what}: no replica answered: " + "; ".join(errors))
+        error = ReplicasBehind if behind else ShardUnavailable
+        raise error(f"{what}: no replica answered at version >= {self.floor}: " + "; ".join(errors))
 
     def pull(self, table: str, ids: np.ndarray) -> Rows:
         if table not in self.tables:
@@ -217,11 +251,18 @@ class FailoverReader:
         return self._call("pull_many", lambda store: store.pull_many(requests))
 
     def version(self) -> int:
-        return self._call("version", lambda store: store.version())
+        """The committed version of the replica reads go to (one below the floor is skipped)."""
+        return int(self._call("version", lambda store: store.version(), serves_rows=False))
 
     def healthy(self) -> list[bool]:
+        """Per replica: read now (not down, not behind the floor)."""
         with self._lock:
             return [not d for d in self._down]
+
+    def behind(self) -> list[bool]:
+        """Per replica: skipped because it answered below the floor (restarted empty, or lagging)."""
+        with self._lock:
+            return list(self._behind)
 
     def _probe_loop(self) -> None:
         while not self._stop.wait(self._probe_s):
@@ -232,12 +273,13 @@ class FailoverReader:
                 if store is None or not all(store.ping(s) for s in range(len(store.urls))):
                     continue
                 try:
-                    caught_up = store.version() >= self.last_version
+                    version = store.version()
                 except ParamServerError:
                     continue
-                if caught_up:  # a replica that restarted empty waits for its bootstrap: reads never go back
-                    with self._lock:
-                        self._down[i] = False
+                with self._lock:
+                    # a replica that restarted empty waits for its bootstrap: reads never go back before
+                    self._behind[i] = version < self.floor
+                    self._down[i] = self._behind[i]
 
     def close(self) -> None:
         self._stop.set()
@@ -250,3 +292,14 @@ class FailoverReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _version_of(result: object) -> int | None:
+    """The parameter version a read answered with (rows, rows of several tables, or a version number)."""
+    if isinstance(result, Rows):
+        return result.version
+    if isinstance(result, dict):
+        return max((rows.version for rows in result.values()), default=None)
+    if isinstance(result, int):
+        return result
+    return None

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
@@ -79,7 +80,12 @@ def check_replies(replies: Sequence[Any], url: str) -> None:
 
 
 class RespConnection:
-    """One RESP connection for pipelined hot-path traffic; replies parsed by hiredis."""
+    """One RESP connection for pipelined hot-path traffic; replies parsed by hiredis.
+
+    ``timeout`` bounds a whole call (connect, send and every receive together), not each
+    socket operation: a server that trickles its answer costs a caller at most the timeout,
+    like one that does not answer at all.
+    """
 
     def __init__(self, url: str, timeout: float) -> None:
         self.url = url
@@ -87,6 +93,7 @@ class RespConnection:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader()
+        self._deadline = 0.0
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -95,8 +102,24 @@ class RespConnection:
                 self._sock.close()
         self._sock = None
 
+    def _remaining(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer within {self.timeout}s")
+        return left
+
+    def _recv(self, size: int) -> bytes:
+        assert self._sock is not None
+        self._sock.settimeout(self._remaining())
+        return self._sock.recv(size)
+
+    def _recv_into(self, view: memoryview) -> int:
+        assert self._sock is not None
+        self._sock.settimeout(self._remaining())
+        return self._sock.recv_into(view)
+
     def _connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock = socket.create_connection((self.host, self.port), timeout=self._remaining())
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self._reader = sock, hiredis.Reader()
         setup = []
@@ -110,20 +133,26 @@ class RespConnection:
                     raise ShardUnavailable(f"shard {self.url}: {reply}")
 
     def _send(self, payload: bytes) -> socket.socket:
-        """Send ``payload`` on the connection, opening it first if needed (the caller holds the lock)."""
+        """Send ``payload`` on the connection, opening it first if needed (the caller holds the lock).
+
+        Starts the call's deadline: everything until its last reply must fit in ``timeout``.
+        """
+        self._deadline = time.monotonic() + self.timeout
         if self._sock is None:
             self._connect()
         assert self._sock is not None
+        self._sock.settimeout(self._remaining())
         self._sock.sendall(payload)
         return self._sock
 
     def _exchange(self, payload: bytes, count: int) -> list[Any]:
         assert self._sock is not None
+        self._sock.settimeout(self._remaining())
         self._sock.sendall(payload)
         replies: list[Any] = []
         reader = self._reader
         while len(replies) < count:
-            data = self._sock.recv(1 << 20)
+            data = self._recv(1 << 20)
             if not data:
                 raise ConnectionError("connection closed by the server")
             reader.feed(data)
@@ -145,7 +174,7 @@ class RespConnection:
         stride = len(head) + row_bytes + 2
         with self.lock:
             try:
-                sock = self._send(payload)
+                self._send(payload)
                 buf = bytearray(n * stride + 512)
                 view = memoryview(buf)
                 filled = 0
@@ -155,7 +184,7 @@ class RespConnection:
                 while True:
                     if filled == len(buf):
                         break  # more data than rows of this size can be: not the fast path
-                    got = sock.recv_into(view[filled:])
+                    got = self._recv_into(view[filled:])
                     if not got:
                         raise ConnectionError("connection closed by the server")
                     filled += got
@@ -204,7 +233,7 @@ class RespConnection:
                     if reply is False:
                         if len(replies) >= n + 2:
                             break
-                        data = sock.recv(1 << 20)
+                        data = self._recv(1 << 20)
                         if not data:
                             raise ConnectionError("connection closed by the server")
                         reader.feed(data)
@@ -234,11 +263,11 @@ class RespConnection:
         """
         with self.lock:
             try:
-                sock = self._send(payload)
+                self._send(payload)
                 buf = bytearray()
                 seen = 0
                 while seen < lines:
-                    data = sock.recv(1 << 20)
+                    data = self._recv(1 << 20)
                     if not data:
                         raise ConnectionError("connection closed by the server")
                     scan_from = max(0, len(buf) - 1)
@@ -260,12 +289,76 @@ class RespConnection:
         """Send pipelined commands, return their ``count`` replies (errors as hiredis.ReplyError values)."""
         with self.lock:
             try:
+                self._deadline = time.monotonic() + self.timeout
                 if self._sock is None:
                     self._connect()
                 return self._exchange(payload, count)
             except (OSError, ConnectionError, hiredis.ProtocolError) as exc:
                 self.close()
                 raise ShardUnavailable(f"shard {self.url} unavailable: {exc or type(exc).__name__}") from None
+
+
+class RespPool:
+    """Connections to one server for concurrent callers: a call never waits behind another call.
+
+    Each call borrows an idle connection or opens a new one, and gives it back when it is done
+    (up to ``max_idle`` kept open). With one locked connection per server, callers queued behind
+    each other: against a frozen server every one of them paid the timeout in turn, so the
+    tenth request waited ten timeouts. Here each pays at most its own. A connection that failed
+    is closed, and so are the idle ones beside it (they most likely face the same dead server).
+    """
+
+    def __init__(self, url: str, timeout: float, max_idle: int) -> None:
+        parse_url(url)
+        self.url, self.timeout, self.max_idle = url, timeout, max_idle
+        self._idle: list[RespConnection] = []
+        self._lock = threading.Lock()
+        self.opened = 0  # connections opened so far (how many callers were concurrent at most, roughly)
+
+    @contextlib.contextmanager
+    def _borrow(self) -> Iterator[RespConnection]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                self.opened += 1
+        if conn is None:
+            conn = RespConnection(self.url, self.timeout)
+        try:
+            yield conn
+        except ShardUnavailable:
+            conn.close()
+            self.close()
+            raise
+        except BaseException:
+            conn.close()  # a reply stream cut short must not confuse the next caller
+            raise
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def call_rows(self, payload: bytes, n: int, row_bytes: int) -> tuple[Any, np.ndarray, np.ndarray, Any]:
+        """``RespConnection.call_rows`` on a connection of its own."""
+        with self._borrow() as conn:
+            return conn.call_rows(payload, n, row_bytes)
+
+    def call_lines(self, payload: bytes, lines: int) -> None:
+        """``RespConnection.call_lines`` on a connection of its own."""
+        with self._borrow() as conn:
+            conn.call_lines(payload, lines)
+
+    def call(self, payload: bytes, count: int) -> list[Any]:
+        """``RespConnection.call`` on a connection of its own."""
+        with self._borrow() as conn:
+            return conn.call(payload, count)
+
+    def close(self) -> None:
+        """Close the idle connections (borrowed ones close when given back over the bound, or fail)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _parse_bulk(buf: bytearray, pos: int, end: int) -> tuple[bytes | None, int] | Literal[False] | None:

@@ -36,6 +36,10 @@ class ShardUnavailable(ParamServerError, ConnectionError):
     """A shard or replica did not answer (down, refused, timed out)."""
 
 
+class ReplicasBehind(ShardUnavailable):
+    """No replica holds the version a reader needs: those that answered are older (e.g. restarted empty)."""
+
+
 class LogTrimmed(ParamServerError):
     """The changes asked for are older than the retained delta log."""
 

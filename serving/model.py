@@ -107,6 +107,7 @@ class ModelHandle:
         self._fallback = fallback
         self._rows_version = rows_version  # the version of the rows serving reads (None: not known yet)
         self.waiting_for_rows: tuple[str, int] | None = None  # (champion, parameter version) not loaded yet
+        self._current_rows: int | None = None  # the parameter version the loaded champion was promoted with
         self._current: Scorer | None = None
         self._reload_lock = threading.Lock()  # one load at a time; requests never take it
         # the registry version the alias pointed at when we last loaded: scorer.version is
@@ -120,9 +121,25 @@ class ModelHandle:
     def current(self) -> Scorer | None:
         return self._current
 
+    @property
+    def rows_needed(self) -> int | None:
+        """The lowest parameter version the rows may have to be served with the current model (None: any).
+
+        The loaded champion's rows version; while only the fallback (or nothing) is loaded and a
+        champion waits for its rows, the waiting champion's: rows older than the served state
+        the registry names are not the rows of any served state.
+        """
+        if self._current_rows is not None:
+            return self._current_rows
+        current = self._current
+        if self.waiting_for_rows is not None and (current is None or current.name == "embedding-dot"):
+            return self.waiting_for_rows[1]
+        return None
+
     def set(self, scorer: Scorer) -> None:
         previous = self._current
         self._current = scorer
+        self._current_rows = None  # reload records the champion's rows version after this
         swapped = previous is not None and previous.version != scorer.version
         if previous is None or swapped:
             self.reloads += swapped
@@ -130,17 +147,17 @@ class ModelHandle:
         if self.on_swap is not None:
             self.on_swap(scorer, swapped)
 
-    def _rows_reached(self, version: str) -> bool:
-        """Whether the rows serving reads hold the parameter version ``version`` was promoted with."""
+    def _rows_reached(self, version: str) -> tuple[bool, int | None]:
+        """Whether the rows serving reads hold the parameter version ``version`` was promoted with, and that version."""
         needed = self._loader.rows_version(version) if self._loader is not None else None
         have = self._rows_version() if self._rows_version is not None else None
         if needed is None or have is None or have >= needed:
             self.waiting_for_rows = None
-            return True
+            return True, needed
         if self.waiting_for_rows != (version, needed):
             log.info("champion %s waits for parameter version %d (the replica holds %d)", version, needed, have)
         self.waiting_for_rows = (version, needed)
-        return False
+        return False, needed
 
     def reload(self, force: bool = False) -> tuple[bool, str | None]:
         """Load the champion if it changed (or ``force``); returns (changed, previous version).
@@ -162,12 +179,14 @@ class ModelHandle:
             if version is not None:
                 if version in (previous, self._loaded_alias_version) and not force:
                     return False, previous
-                if not self._rows_reached(version):
+                reached, rows_needed = self._rows_reached(version)
+                if not reached:
                     return False, previous
                 started = time.perf_counter()
                 scorer = self._loader.load(version)  # type: ignore[union-attr]
                 log.info("loaded model %s in %.2fs", version, time.perf_counter() - started)
                 self.set(scorer)
+                self._current_rows = rows_needed
                 self._loaded_alias_version = version
                 self.last_error = None
                 return scorer.version != previous, previous

@@ -5,6 +5,11 @@ version every ``serving_param_version_poll_s``; a new version starts an empty ca
 never mixed across versions within one cache). A request whose pull comes back at a newer
 version than its cache re-reads everything at that version, so one answer is scored with the
 rows of one version.
+
+Rows older than what serving needs are never served as if they were current: the reader skips
+replicas below its floor (the newest version served, and the champion's rows version passed
+with each lookup), and when no replica reaches it the lookup raises ``RowsStale``, which the
+ranker answers as a flagged degraded answer (``stale_rows``).
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from typing import Protocol
 
 import numpy as np
 
-from paramserver import ParamServerError, Rows, ShardUnavailable, TableConfig, initial_rows
+from paramserver import ParamServerError, ReplicasBehind, Rows, ShardUnavailable, TableConfig, initial_rows
 
 log = logging.getLogger(__name__)
 
 
 class RowsUnavailable(RuntimeError):
     """No replica answered; the message lists why."""
+
+
+class RowsStale(RowsUnavailable):
+    """Replicas answered, but none at the version serving needs (restarted empty, or behind the champion)."""
 
 
 @dataclass
@@ -58,6 +67,10 @@ class RowReader(Protocol):
     def pull(self, table: str, ids: np.ndarray) -> Rows: ...
     def version(self) -> int: ...
     def healthy(self) -> list[bool]: ...
+    def behind(self) -> list[bool]: ...
+    @property
+    def floor(self) -> int: ...
+    def require_version(self, version: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -128,6 +141,7 @@ class RowFetcher:
         if set(fresh.tables) == set(self.reader.tables):
             fresh.close()
             return
+        fresh.require_version(self.reader.floor)  # what the old reader served stays the floor
         old, self.reader = self.reader, fresh
         log.info("parameter tables now %s", sorted(fresh.tables))
         with self._lock:
@@ -161,18 +175,25 @@ class RowFetcher:
         return dict(self.reader.tables)
 
     def lookup(
-        self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None
+        self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None, min_version: int | None = None
     ) -> tuple[dict[str, np.ndarray], int]:
         """Vectors ([len(ids), dim] per table) of one parameter version, and that version.
 
         Tables the replicas do not hold (a trainer has not pushed them yet) get the
         deterministic initial rows, exactly what a pull of never-seen ids returns; their dim
-        comes from ``dims``. Raises RowsUnavailable when no replica answers.
+        comes from ``dims``. ``min_version`` (the champion's rows) raises the reader's floor.
+        Raises RowsStale when replicas answer only below the floor, RowsUnavailable when none answers.
         """
+        if min_version is not None:
+            self.reader.require_version(min_version)
         for _ in range(3):
             cache = self._cache
+            if self.reader.floor > max(cache.version, 0):  # cached rows older than what serving needs now
+                cache = self._observe(self.reader.floor)
             try:
                 out, version = self._lookup(cache, ids, dims or {})
+            except ReplicasBehind as exc:
+                raise RowsStale(str(exc)) from None
             except ShardUnavailable as exc:
                 raise RowsUnavailable(str(exc)) from None
             if version == cache.version or cache.version < 0 and version <= 0:

@@ -19,12 +19,14 @@ from serving.exploration import choose
 from serving.features import FeatureSource, FeaturesUnavailable
 from serving.metrics import Metrics
 from serving.model import ModelHandle, Scorer
-from serving.params import RowFetcher, RowsUnavailable
+from serving.params import RowFetcher, RowsStale, RowsUnavailable
 from serving.retrieval import PopularityIndex
 from training.pooling import mean_pool
 
 _ENTITY_OF = {f.name: f.entity for f in SPEC.sparse}
 _DENSE_NAMES = [(f.name, f.entity) for f in SPEC.dense]
+# degraded reasons under which no model scored the candidates (a recommend keeps their given order)
+UNSCORED = ("model", "parameter_service", "stale_rows")
 
 
 @dataclass
@@ -134,10 +136,12 @@ class Ranker:
             lengths[table] = np.fromiter((len(p) for p in per_entity), np.int64, count=len(per_entity))
             ids[table] = np.fromiter((v for p in per_entity for v in p), np.int64, count=int(lengths[table].sum()))
         try:
-            vectors, version = self.rows.lookup(ids, needed)
-        except RowsUnavailable:
+            vectors, version = self.rows.lookup(ids, needed, min_version=self.model.rows_needed)
+        except RowsUnavailable as exc:
             self._stage("rows", t)
-            return Scored(np.zeros(n, np.float32), scorer.version, features, cold, degraded + ["parameter_service"])
+            # no rows of the served state: no model scores rather than scores of rows it was not trained with
+            reason = "stale_rows" if isinstance(exc, RowsStale) else "parameter_service"
+            return Scored(np.zeros(n, np.float32), scorer.version, features, cold, degraded + [reason])
         t = self._stage("rows", t)
         pooled: dict[str, np.ndarray] = {}
         for table, vecs in vectors.items():
@@ -169,7 +173,7 @@ class Ranker:
             cold = False
         else:
             cold = user_id in scored.cold_users
-        if any(reason in scored.degraded for reason in ("model", "parameter_service")):
+        if any(reason in scored.degraded for reason in UNSCORED):
             order = list(range(len(candidates)))  # no model scores: keep the candidates' (popularity) order
             scores = np.linspace(1.0, 0.0, num=len(candidates), dtype=np.float32) if candidates else scored.scores
         else:

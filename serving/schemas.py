@@ -94,6 +94,13 @@ class Readiness(BaseModel):
     feature_store: bool
     impressions_buffered: int
     impressions_dropped: int
+    replicas_behind: list[bool] = Field(
+        default_factory=list, description="per replica: skipped, it holds an older version than serving needs"
+    )
+    parameter_version_needed: int | None = Field(
+        None, description="the lowest parameter version serving reads (newest served, champion's rows)"
+    )
+    not_ready_reasons: list[str] = Field(default_factory=list, description="why not ready (empty when ready)")
 
 
 class ReloadResponse(BaseModel):

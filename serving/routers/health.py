@@ -19,6 +19,7 @@ _NOT_STARTED = Readiness(
     parameter_version=None,
     replicas_healthy=[],
     replica_in_use=None,
+    not_ready_reasons=["starting"],
     feature_store=False,
     impressions_buffered=0,
     impressions_dropped=0,
@@ -33,26 +34,43 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz(state: State) -> JSONResponse:
-    """Readiness: a model is loaded and at least one parameter replica answers."""
+    """Readiness: a model is loaded and at least one parameter replica answers at the version serving needs."""
     running = state.running
     if running is None:
         return JSONResponse(_NOT_STARTED.model_dump(), 503)
     comps = running.components
     scorer = comps.model.current
-    healthy = comps.rows.reader.healthy() if comps.rows is not None else []
-    in_use = comps.rows.reader.current if comps.rows is not None else None
+    reader = comps.rows.reader if comps.rows is not None else None
+    healthy = reader.healthy() if reader is not None else []
+    behind = reader.behind() if reader is not None else []
     _refresh_gauges(state.metrics, running)
-    ready = scorer is not None and any(healthy)
+    reasons = []
+    if scorer is None:
+        reasons.append("model: none loaded" + (f" ({comps.model.last_error})" if comps.model.last_error else ""))
+    if reader is None:
+        reasons.append("parameter_service: no reader configured")
+    elif not any(healthy):
+        if any(behind):
+            reasons.append(
+                f"stale_rows: no replica holds parameter version >= {reader.floor} "
+                f"(behind: {[i for i, b in enumerate(behind) if b]}; the others do not answer)"
+            )
+        else:
+            reasons.append("parameter_service: no replica answers")
+    ready = not reasons
     body = Readiness(
         ready=ready,
         model_version=scorer.version if scorer else None,
         scorer=scorer.name if scorer else None,
         parameter_version=comps.rows.version if comps.rows is not None else None,
         replicas_healthy=healthy,
-        replica_in_use=in_use,
+        replica_in_use=reader.current if reader is not None else None,
         feature_store=comps.features is not None and comps.features.healthy(),
         impressions_buffered=running.impressions.buffered,
         impressions_dropped=running.impressions.dropped,
+        replicas_behind=behind,
+        parameter_version_needed=reader.floor if reader is not None else None,
+        not_ready_reasons=reasons,
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

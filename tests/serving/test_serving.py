@@ -55,6 +55,14 @@ class MemoryReader:
     def healthy(self):
         return [not self.down]
 
+    def behind(self):
+        return [False]
+
+    floor = 0
+
+    def require_version(self, version):
+        pass
+
     def close(self):
         pass
 
@@ -451,12 +459,15 @@ def test_a_new_champion_waits_until_the_rows_serving_reads_hold_its_parameter_ve
     loader = Loader()
     handle = ModelHandle(loader, None, rows_version=lambda: replica["version"])
     assert handle.reload() == (True, None) and handle.current.version == "m/1"
+    assert handle.rows_needed == 4  # serving reads no replica below the loaded champion's rows
     loader.champion = "2"  # the alias moved; the replica has not applied the champion's rows yet
     assert handle.reload() == (False, "m/1") and handle.reload(force=True) == (False, "m/1")
     assert handle.current.version == "m/1" and handle.waiting_for_rows == ("2", 9) and loaded == ["1"]
+    assert handle.rows_needed == 4  # the old champion with its own rows is still a served state
     replica["version"] = 9
     assert handle.reload() == (True, "m/1") and handle.current.version == "m/2"
     assert handle.waiting_for_rows is None and loaded == ["1", "2"]
+    assert handle.rows_needed == 9
 
 
 def test_assemble_missing_and_out_of_range_columns():
