@@ -442,6 +442,7 @@ class RedisStore(BaseStore):
             lock_ttl_s=self.lock_ttl_s,
             lock_wait_s=self.lock_wait_s,
             log_retention_s=self.log_retention_s,
+            connections_per_server=self.connections_per_server,
             configure_servers=False,
         )
 
