@@ -49,6 +49,7 @@ def create_app(settings: Settings, components: Components | None = None, builder
         "replica and features from the online store; logs every served list.",
         responses=ANY_REQUEST_ERRORS,
         exception_handlers={Exception: _internal, RequestValidationError: _invalid},
+        swagger_ui_parameters={"validatorUrl": None},  # no online validator badge: nothing leaves the machine
     )
     app.state.serving = state
     app.include_router(recommend.router)
