@@ -28,6 +28,7 @@ from serving.components import Components
 from serving.features import FeastFeatures, StaticFeatures
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher
+from serving.server import server_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +38,12 @@ TOKEN = "integration-admin-token-0123456789"
 
 @contextlib.contextmanager
 def serve(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread on a free port; yields its base URL."""
+    """Run ``app`` under uvicorn in a thread on a free port, configured as `recsys serve` runs it from the app's
+    settings (header, body and keep-alive timeouts); yields its base URL."""
     port = services.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    serving = app.state.serving.settings.serving
+    config = server_config(app, serving, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
