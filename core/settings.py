@@ -267,6 +267,25 @@ class ServingSettings(BaseSettings):
         description="share of /v1/recommend requests whose list is a uniformly random ordered sample of the "
         "candidates (epsilon-greedy; decided per request id); 0: always the greedy top k",
     )
+    # slow clients (README "Serving", API): how long one connection may take to send a request; past it the
+    # request is cut off, so a slow-loris client cannot hold a connection (or a ranking slot) for ever
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="time a client has to send a request's line and headers, from its first byte (or the "
+        "connection's start); past it: 408 and the connection closed",
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="time a client has to send a request's whole body once its headers are in; "
+        "past it: 408 and the connection closed",
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, le=600, description="an idle keep-alive connection is closed after this long (uvicorn)"
+    )
 
 
 class AirflowSettings(BaseSettings):

@@ -4,7 +4,8 @@
 so no request pays for them); tests pass ready-made ``Components`` instead. The app itself
 is only assembly: typed state on ``app.state.serving`` (``serving.state``), the lifespan
 (``serving.lifecycle``), the routers of ``serving.routers``, the error handlers, the
-body-limit middleware and load shedding (``serving.shedding``).
+body middleware (size limit, read deadline) and load shedding (``serving.shedding``); the OpenAPI
+document states the settings' limits (``serving.openapi``) and /docs, /redoc work offline.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from core.settings import Settings
 from serving.components import Components
 from serving.lifecycle import Builder, lifespan
 from serving.metrics import Metrics
 from serving.middleware import BodyLimit
+from serving.openapi import state_limits
 from serving.routers import admin, health, recommend
-from serving.schemas import Problem
+from serving.schemas import ANY_REQUEST_ERRORS
 from serving.shedding import Gate, LoadShed
 from serving.state import ServingState
 from serving.wiring import build_components
@@ -37,20 +40,23 @@ def create_app(settings: Settings, components: Components | None = None, builder
     def run(app: FastAPI) -> AbstractAsyncContextManager[None]:
         return lifespan(state, components, builder or build_components)
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the app (a package's files), not from a CDN
+    app = FastAPIOffline(
         title="recsys serving",
         version="1",
         lifespan=run,
         description="Ranks items for users with the champion model, parameters from the nearest "
         "replica and features from the online store; logs every served list.",
-        responses={422: {"description": "invalid request"}, 413: {"model": Problem}},
+        responses=ANY_REQUEST_ERRORS,
         exception_handlers={Exception: _internal, RequestValidationError: _invalid},
+        swagger_ui_parameters={"validatorUrl": None},  # no online validator badge: nothing leaves the machine
     )
     app.state.serving = state
     app.include_router(recommend.router)
     app.include_router(health.router)
     app.include_router(admin.router)
-    app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes)
+    state_limits(app, settings.serving)
+    app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes, read_timeout_s=settings.serving.body_timeout_s)
     # added last, so outermost: a shed request costs no body read and no parsing
     app.add_middleware(
         LoadShed,

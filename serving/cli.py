@@ -1,4 +1,4 @@
-"""`recsys serve`: the recommendation API under uvicorn, on 127.0.0.1 by default."""
+"""`recsys serve`: the recommendation API under uvicorn (``serving.server``), on 127.0.0.1 by default."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ def serve(
     """Serve the recommendation API (POST /v1/recommend, /v1/score; /healthz, /readyz, /metrics, /docs)."""
     import logging
 
-    import uvicorn
-
     from core.cli_support import load_settings
+    from serving.server import run
 
     settings = load_settings()
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -32,6 +31,4 @@ def serve(
     port = port or settings.serving.port
     workers = workers or settings.serving.workers
     typer.echo(f"serving on http://{host}:{port} (docs: /docs)", err=True)
-    uvicorn.run(
-        "serving.asgi:app", host=host, port=port, workers=workers, log_level=log_level, access_log=False, lifespan="on"
-    )
+    run(settings.serving, host=host, port=port, workers=workers, log_level=log_level)

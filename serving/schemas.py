@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from feature_repo.contract import EXPLOIT, Policy
 
@@ -15,6 +15,14 @@ def _encodable(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("id is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _whole_number(value: object) -> object:
+    # JSON Schema's "integer" includes 10.0 (a number with no fraction): take it as 10, as the schema promises;
+    # strings stay refused ("3" is not a k)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
@@ -31,7 +39,9 @@ class _Strict(BaseModel):
 
 class RecommendRequest(_Strict):
     user_id: Id
-    k: Annotated[int, Field(ge=1, le=10_000, description="how many items to return")] = 10
+    k: Annotated[
+        int, Field(ge=1, le=10_000, description="how many items to return"), BeforeValidator(_whole_number)
+    ] = 10
     candidate_item_ids: Annotated[list[Id], Field(max_length=100_000)] | None = Field(
         None, description="items to rank; omitted: the retrieval stage supplies popular and recent items"
     )
@@ -110,5 +120,35 @@ class ReloadResponse(BaseModel):
 
 
 class Problem(BaseModel):
+    """Every error answer but 422: what went wrong (and, for a 500, the reference of the trace in our log)."""
+
     detail: str
     request_id: str | None = None
+
+
+class FieldError(BaseModel):
+    type: str = Field(description="pydantic's error type, or too_large for a limit of the settings")
+    loc: list[str | int] = Field(description='where: ["body", "k"], ["query", "force"], ...')
+    msg: str
+
+
+class ValidationProblem(BaseModel):
+    """A 422: every field the request got wrong."""
+
+    detail: list[FieldError]
+
+
+# the error answers, declared where they can happen (tests/serving/test_api.py keeps the declarations honest)
+ANY_REQUEST_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": Problem, "description": "the request's body was not received in time (connection closed)"},
+    413: {"model": Problem, "description": "the request's body is over RECSYS_SERVING_MAX_BODY_BYTES"},
+    500: {"model": Problem, "description": "an unexpected error; `request_id` names its trace in the server log"},
+}
+INVALID_REQUEST: dict[int | str, dict[str, Any]] = {
+    422: {"model": ValidationProblem, "description": "a parameter or body field is invalid or over a limit"}
+}
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "the body cannot be read (not UTF-8)"},
+    **INVALID_REQUEST,
+}
+STARTING_UP: dict[int | str, dict[str, Any]] = {503: {"model": Problem, "description": "still starting up"}}

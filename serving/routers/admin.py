@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from serving.model import NoChampion
-from serving.schemas import Problem, ReloadResponse
+from serving.schemas import INVALID_REQUEST, Problem, ReloadResponse
 from serving.state import Started, State
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,12 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 @router.post(
     "/admin/reload",
     response_model=ReloadResponse,
-    responses={401: {"model": Problem}, 403: {"model": Problem}, 503: {"model": Problem}},
+    responses={
+        **INVALID_REQUEST,
+        401: {"model": Problem, "description": "no valid admin bearer token"},
+        403: {"model": Problem, "description": "admin endpoints are disabled (no RECSYS_SERVING_ADMIN_TOKEN)"},
+        503: {"model": Problem, "description": "still starting up, no champion, or the new version failed to load"},
+    },
 )
 async def reload(running: Started, force: bool = False) -> ReloadResponse:
     """Load the model the alias points at now (swapped atomically; requests in flight finish on the old one)."""

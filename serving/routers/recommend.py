@@ -4,8 +4,9 @@ A share of recommend requests (``RECSYS_SERVING_EXPLORE_SHARE``) shows a random 
 top k (``serving.exploration``); every impression logs its propensity and the policy that chose it.
 
 The ranking itself is blocking (feature store, parameter reader), so it runs in the thread
-pool and the event loop stays free. Limits beyond the schema's (``max_k``, ``max_candidates``,
-``max_pairs``) come from the settings and answer 422 like a schema error. Both endpoints
+pool and the event loop stays free. The limits ``max_k``, ``max_candidates`` and ``max_pairs`` come from
+the settings (read per request, so a test may swap them) and answer 422 like a schema error; the
+OpenAPI document states the app's own (``serving.openapi``). Both endpoints
 sit behind load shedding (``serving.shedding``): 503 with ``Retry-After`` when too many
 requests are in flight, 504 when the ranking has not finished by the request's deadline.
 """
@@ -24,6 +25,7 @@ from feature_repo.contract import impression_event
 from serving.metrics import Metrics
 from serving.ranker import Ranking
 from serving.schemas import (
+    BODY_ERRORS,
     PairScore,
     Problem,
     RecommendRequest,
@@ -40,7 +42,7 @@ T = TypeVar("T")
 router = APIRouter(
     tags=["ranking"],
     responses={
-        413: {"model": Problem},
+        **BODY_ERRORS,
         503: {
             "model": Problem,
             "description": "too many requests in flight (retry after `Retry-After` seconds), or still starting up",
@@ -56,16 +58,17 @@ async def recommend(request: Request, body: RecommendRequest, state: State, runn
     """Rank the candidates (or the retrieval stage's items) for a user; the top k are logged as impressions."""
     started = time.perf_counter()
     limits = state.settings.serving
-    if body.k > limits.max_k:
-        raise _limit_error(["k"], f"k must be at most {limits.max_k}", body.k)
+    # an omitted k is the default, within the limit (the schema states the same default)
+    k = body.k if "k" in body.model_fields_set else min(body.k, limits.max_k)
+    if k > limits.max_k:
+        raise _limit_error(["k"], f"k must be at most {limits.max_k} (got {k})")
     if body.candidate_item_ids is not None and len(body.candidate_item_ids) > limits.max_candidates:
         raise _limit_error(
             ["candidate_item_ids"],
-            f"at most {limits.max_candidates} candidates",
-            len(body.candidate_item_ids),
+            f"at most {limits.max_candidates} candidates (got {len(body.candidate_item_ids)})",
         )
     ranking = await _in_time(
-        request, state, "recommend", started, running.ranker.recommend, body.user_id, body.k, body.candidate_item_ids
+        request, state, "recommend", started, running.ranker.recommend, body.user_id, k, body.candidate_item_ids
     )
     if ranking.items and running.components.log_impressions:
         running.impressions.log_records(_impression_records(ranking))
@@ -89,7 +92,7 @@ async def score(request: Request, body: ScoreRequest, state: State, running: Sta
     started = time.perf_counter()
     max_pairs = state.settings.serving.max_pairs
     if len(body.pairs) > max_pairs:
-        raise _limit_error(["pairs"], f"at most {max_pairs} pairs", len(body.pairs))
+        raise _limit_error(["pairs"], f"at most {max_pairs} pairs (got {len(body.pairs)})")
     users = [p.user_id for p in body.pairs]
     items = [p.item_id for p in body.pairs]
     scored = await _in_time(request, state, "score", started, running.ranker.score_pairs, users, items)
@@ -116,10 +119,9 @@ async def _in_time(
         raise HTTPException(504, str(exc)) from None
 
 
-def _limit_error(field_loc: list[str], message: str, value: object) -> HTTPException:
-    return HTTPException(
-        422, detail=[{"type": "too_large", "loc": ["body", *field_loc], "msg": message, "input": value}]
-    )
+def _limit_error(field_loc: list[str], message: str) -> HTTPException:
+    # the shape of every 422 (serving.schemas.ValidationProblem); the schema states the same limit
+    return HTTPException(422, detail=[{"type": "too_large", "loc": ["body", *field_loc], "msg": message}])
 
 
 def _timed(metrics: Metrics, endpoint: str, started: float, status: int = 200) -> None:
