@@ -408,8 +408,6 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     import subprocess
     import sys
 
-    from mlflow import MlflowClient
-
     pytest.importorskip("training.worker", reason="the trainer (issue #5) is not in this checkout")
     from feature_repo.store import open_store as open_feast
     from feature_repo.store import push_online, rows_frame
@@ -448,8 +446,14 @@ def test_ranking_reflects_the_trained_model(redis_factory, test_settings, tmp_pa
     assert job.returncode == 0, job.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "trained", result
-    client = MlflowClient(tracking_uri=test_settings.mlflow.tracking_uri)
-    client.set_registered_model_alias(model_name, "champion", result["model_version"])  # what orchestration does
+    # what orchestration does: the job's staged rows into the parameter service, then the champion alias
+    from training.lifecycle.gate import Decision, promote_challenger
+
+    promoted = promote_challenger(
+        test_settings.override(ps={"shards": [train.url]}, train={"model_name": model_name}),
+        Decision(True, "no champion yet", result["model_version"], None, None, None, 0.0),
+    )
+    assert promoted["champion"] == result["model_version"] and promoted["ps_version"] > 0
     _replicate(train.url, [replica.url])
 
     feast = open_feast(tmp_path / "feast", "redis", feast_redis.url, apply=True)
