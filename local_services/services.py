@@ -193,21 +193,56 @@ def ensure_redis_installed() -> str:
     return found
 
 
-def redis_ping(port: int) -> bool:
+@dataclass(frozen=True)
+class RedisAuth:
+    """Who a local redis-server lets in: ``password`` for ``username`` (None: Redis' default user)."""
+
+    password: str
+    username: str | None = None
+
+    def command(self) -> bytes:
+        """``AUTH [user] password`` in RESP."""
+        args = [b"AUTH", *([self.username.encode()] if self.username else []), self.password.encode()]
+        return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+    def config(self) -> str:
+        """redis.conf lines requiring these credentials (a named user replaces the default one, which is off)."""
+        if not self.username or self.username == "default":
+            return f"requirepass {_conf_quote(self.password)}\n"
+        user, password = _conf_quote(self.username), _conf_quote(">" + self.password)
+        return f"user default off\nuser {user} on {password} ~* &* +@all\n"
+
+
+def _conf_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def redis_ping(port: int, auth: RedisAuth | None = None) -> bool:
+    """True when the Redis on ``port`` answers PING (after AUTH with ``auth``)."""
     try:
         with socket.create_connection((LOCALHOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall((auth.command() if auth else b"") + b"PING\r\n")
+            reply, lines = b"", 2 if auth else 1
+            while reply.count(b"\r\n") < lines and (chunk := sock.recv(256)):
+                reply += chunk
+            return reply.startswith(b"+OK\r\n+PONG" if auth else b"+PONG")
     except OSError:
         return False
 
 
 def start_redis(
-    run_dir: Path, port: int, name: str = "redis", timeout: float = 30.0, extra_args: list[str] | None = None
+    run_dir: Path,
+    port: int,
+    name: str = "redis",
+    timeout: float = 30.0,
+    extra_args: list[str] | None = None,
+    auth: RedisAuth | None = None,
 ) -> dict:
-    """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent)."""
+    """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent); with ``auth`` it lets in
+    only clients that authenticate so (the credentials go in a config file only we can read, never on the
+    command line)."""
     record = recorded_alive(run_dir, name)
-    if record and redis_ping(record["port"]):
+    if record and redis_ping(record["port"], auth):
         return record
     if record is None and port_open(port):
         raise ServiceError(f"port {port} is already taken by another process; pick another with RECSYS_REDIS_PORT")
@@ -215,8 +250,15 @@ def start_redis(
     data_dir = run_dir / "data" / name
     data_dir.mkdir(parents=True, exist_ok=True)
     marker = f"{LOCALHOST}:{port}"
+    config_file = data_dir / "auth.conf"
+    config_file.unlink(missing_ok=True)
+    if auth is not None:
+        fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as config:
+            config.write(auth.config())
     cmd = [
         binary,
+        *([str(config_file)] if auth is not None else []),
         "--bind",
         LOCALHOST,
         "--port",
@@ -234,7 +276,7 @@ def start_redis(
         *(extra_args or []),
     ]
     record = spawn(run_dir, name, cmd, port, marker)
-    wait_until(lambda: redis_ping(port), timeout, f"redis {name}", log_file_of(run_dir, name), record["pid"])
+    wait_until(lambda: redis_ping(port, auth), timeout, f"redis {name}", log_file_of(run_dir, name), record["pid"])
     return record
 
 

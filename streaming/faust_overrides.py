@@ -30,7 +30,7 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from core.kafka import ensure_topics
+from core.kafka import Brokers, ensure_topics
 
 PINNED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
 
@@ -48,7 +48,7 @@ class StreamApp(faust.App):
     ``faust -A streaming.app worker`` get them.
     """
 
-    kafka_bootstrap: str = ""
+    kafka_bootstrap: Brokers = ""  # the settings' KafkaSettings, so the changelogs are created with SASL too
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
