@@ -13,6 +13,7 @@ Kafka, which needs its jars fetched first, is ``local_services.kafka`` on top of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.procs import LOCALHOST, free_port, process_start_ticks  # noqa: F401  (re-exported for the fixtures)
+from core.settings import MlflowSettings
 
 
 class ServiceError(RuntimeError):
@@ -323,8 +325,57 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float = 120.0) -> dict:
-    """`mlflow server` on 127.0.0.1:``port``: SQLite backend and artifacts under ``run_dir/mlflow``."""
+@dataclass(frozen=True)
+class MlflowAuth:
+    """The admin user of a basic-auth MLflow server, and its CSRF secret (MLflow requires a static one)."""
+
+    username: str
+    password: str
+    secret_key: str
+
+    @classmethod
+    def from_settings(cls, mlflow: MlflowSettings) -> MlflowAuth | None:
+        """The settings' credentials (None: no authentication configured)."""
+        if mlflow.password is None or mlflow.username is None:
+            return None
+        password = mlflow.password.get_secret_value()
+        secret = mlflow.server_secret_key.get_secret_value() if mlflow.server_secret_key else None
+        # a key of its own is better; derived, it is at least stable across restarts and no constant
+        derived = hashlib.sha256(b"recsys-mlflow-csrf:" + password.encode()).hexdigest()
+        return cls(mlflow.username, password, secret or derived)
+
+
+def _mlflow_auth_env(home: Path, auth: MlflowAuth) -> dict[str, str]:
+    """The environment of a basic-auth server: its config file (written 0600 under ``home``) and secrets."""
+    config = home / "basic_auth.ini"
+    config.unlink(missing_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        # no permission without a login: a client that does not authenticate cannot even read
+        out.write(
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{home / 'basic_auth.db'}\n"
+            f"admin_username = {auth.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+    return {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": auth.password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": auth.secret_key,
+    }
+
+
+def start_mlflow(
+    run_dir: Path, port: int, name: str = "mlflow", timeout: float = 120.0, auth: MlflowAuth | None = None
+) -> dict:
+    """`mlflow server` on 127.0.0.1:``port``: SQLite backend and artifacts under ``run_dir/mlflow``.
+
+    With ``auth`` it runs MLflow's basic-auth app: every request needs that user's (or another
+    user's) credentials; the password reaches the server through its environment, never its
+    command line.
+    """
     import sys
 
     home = run_dir / "mlflow"
@@ -344,6 +395,7 @@ def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float 
         str(home / "artifacts"),
         "--workers",
         "1",
+        *(["--app-name", "basic-auth"] if auth is not None else []),
     ]
     return start_command(
         run_dir,
@@ -353,4 +405,5 @@ def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float 
         marker=f"mlflow server --host {LOCALHOST} --port {port}",
         ready=lambda: http_ok(f"http://{LOCALHOST}:{port}/health"),
         timeout=timeout,
+        env=_mlflow_auth_env(home, auth) if auth is not None else None,
     )

@@ -14,7 +14,6 @@ import ssl
 from typing import Any
 
 import faust.auth
-
 from faust.types import TP
 
 from core.settings import KafkaSettings, Settings
