@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> tuple[StreamApp, StreamWorker]:
         key_serializer="raw",
         value_serializer="raw",
     )
-    app.kafka_bootstrap = s.kafka
+    app.kafka_brokers = s.kafka
     events = app.topic(
         s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions
     )

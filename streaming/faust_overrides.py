@@ -48,13 +48,13 @@ class StreamApp(faust.App):
     ``faust -A streaming.app worker`` get them.
     """
 
-    kafka_bootstrap: Brokers = ""  # the settings' KafkaSettings, so the changelogs are created with SASL too
+    kafka_brokers: Brokers = ""  # the settings' KafkaSettings, so the changelogs are created with SASL too
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
         changelogs = {table.changelog_topic.get_topic_name(): table.partitions for table in self.tables.values()}
         await ensure_topics(
-            self.kafka_bootstrap, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
+            self.kafka_brokers, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
         )
 
 
