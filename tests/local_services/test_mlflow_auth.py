@@ -66,7 +66,7 @@ def test_only_an_authenticated_client_moves_the_champion_alias(
     with pytest.raises((MlflowException, RestException)):
         client_for(wrong).set_registered_model_alias(MODEL, CHAMPION, second)
 
-    tracking_uri(authed_server)
+    tracking_uri(authed_server)  # credentials back in the environment: the admin client works again
     assert champion_version(admin, MODEL) == str(first)
     admin.set_registered_model_alias(MODEL, CHAMPION, second)
     assert champion_version(admin, MODEL) == str(second)
