@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_private import refresh_metadata
-from core.kafka import KafkaUnavailable, start_client
+from core.kafka import Brokers, KafkaUnavailable, connect_options, servers, start_client
 
 COORDINATOR_ATTEMPTS = 40  # x 0.5 s: the broker creates __consumer_offsets (50 partitions) in a few seconds
 
@@ -28,10 +28,10 @@ class PartitionLag:
     lag: int  # records after the committed offset (after the log start when nothing is committed)
 
 
-async def group_lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag]:
+async def group_lag(bootstrap: Brokers, group: str, topic: str) -> list[PartitionLag]:
     """Committed offset, end offset and lag of ``group`` on every partition of ``topic`` (sorted by partition)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await start_client(consumer, bootstrap, consumer.stop)
+    consumer = AIOKafkaConsumer(**connect_options(bootstrap), enable_auto_commit=False)
+    await start_client(consumer, servers(bootstrap), consumer.stop)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:  # a topic created after the client started is not in its first metadata
@@ -44,8 +44,8 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag
         ends = await consumer.end_offsets(tps)
     finally:
         await consumer.stop()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await start_client(admin, bootstrap, admin.close)
+    admin = AIOKafkaAdminClient(**connect_options(bootstrap), request_timeout_ms=15000)
+    await start_client(admin, servers(bootstrap), admin.close)
     try:
         # the coordinator lookup fails while the broker creates __consumer_offsets (the first group of a
         # fresh broker) or moves a coordinator: retriable, so retry for a while before saying so
@@ -56,7 +56,7 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> list[PartitionLag
             except KafkaError as exc:
                 if not exc.retriable or attempt == COORDINATOR_ATTEMPTS - 1:
                     raise KafkaUnavailable(
-                        f"cannot read the committed offsets of group {group!r} at {bootstrap}: "
+                        f"cannot read the committed offsets of group {group!r} at {servers(bootstrap)}: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
                 await asyncio.sleep(0.5)

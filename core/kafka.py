@@ -18,6 +18,22 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from core.aiokafka_private import refresh_metadata
+from core.settings import KafkaSettings
+
+# where the brokers are: a bootstrap string (plaintext), or the settings, which add their security options
+Brokers = str | KafkaSettings
+
+
+def servers(brokers: Brokers) -> str:
+    """The bootstrap servers of ``brokers``."""
+    return brokers if isinstance(brokers, str) else brokers.bootstrap
+
+
+def connect_options(brokers: Brokers) -> dict[str, Any]:
+    """Keyword arguments of any aiokafka client: the bootstrap servers, and SASL/TLS options from the settings."""
+    if isinstance(brokers, str):
+        return {"bootstrap_servers": brokers}
+    return {"bootstrap_servers": brokers.bootstrap, **brokers.client_options()}
 
 
 class KafkaUnavailable(RuntimeError):
@@ -41,7 +57,7 @@ async def start_client(client: Any, bootstrap: str, close: Callable[[], Awaitabl
 
 
 async def ensure_topics(
-    bootstrap: str,
+    bootstrap: Brokers,
     topics: dict[str, int],
     replication: int = 1,
     configs: dict[str, dict[str, str]] | None = None,
@@ -49,8 +65,8 @@ async def ensure_topics(
 ) -> list[str]:
     """Create the topics that do not exist yet (name -> partitions, optional per-topic configs);
     return the names created once the broker lists every wanted topic (at most ``wait_s``)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await start_client(admin, bootstrap, admin.close)
+    admin = AIOKafkaAdminClient(**connect_options(bootstrap), request_timeout_ms=15000)
+    await start_client(admin, servers(bootstrap), admin.close)
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -75,11 +91,11 @@ async def ensure_topics(
         await admin.close()
 
 
-async def start_producer(bootstrap: str, **options) -> AIOKafkaProducer:
+async def start_producer(bootstrap: Brokers, **options) -> AIOKafkaProducer:
     """A started producer tuned for throughput (batching with a short linger)."""
     config = {"linger_ms": 5, "max_batch_size": 256 * 1024, "request_timeout_ms": 30000, **options}
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **config)
-    await start_client(producer, bootstrap, producer.stop)
+    producer = AIOKafkaProducer(**connect_options(bootstrap), **config)
+    await start_client(producer, servers(bootstrap), producer.stop)
     return producer
 
 
@@ -93,10 +109,10 @@ class TopicRecord:
     headers: tuple[tuple[str, bytes], ...] = ()  # the dead-letter and late topics say why in a "reason" header
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def end_offsets(bootstrap: Brokers, topic: str) -> dict[int, int]:
     """Current end offset of each partition of ``topic``."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await start_client(consumer, bootstrap, consumer.stop)
+    consumer = AIOKafkaConsumer(**connect_options(bootstrap), enable_auto_commit=False)
+    await start_client(consumer, servers(bootstrap), consumer.stop)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
@@ -110,7 +126,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 
 async def read_topic(
-    bootstrap: str,
+    bootstrap: Brokers,
     topic: str,
     start: dict[int, int] | None = None,
     stop: dict[int, int] | None = None,
@@ -127,13 +143,13 @@ async def read_topic(
     if not remaining:
         return
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **connect_options(bootstrap),
         enable_auto_commit=False,
         max_poll_records=5000,
         fetch_max_bytes=16 * 1024 * 1024,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    await start_client(consumer, bootstrap, consumer.stop)
+    await start_client(consumer, servers(bootstrap), consumer.stop)
     try:
         tps = {p: TopicPartition(topic, p) for p in remaining}
         consumer.assign(list(tps.values()))
@@ -204,7 +220,7 @@ async def _each(records: Iterable[PublishRecord] | AsyncIterable[PublishRecord])
 
 async def publish(
     records: Iterable[PublishRecord] | AsyncIterable[PublishRecord],
-    bootstrap: str,
+    bootstrap: Brokers,
     topic: str,
     rate: float = 0.0,
     total: int | None = None,
@@ -277,6 +293,6 @@ async def publish(
     return PublishResult(sent, time.perf_counter() - started)
 
 
-async def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
+async def produce_all(bootstrap: Brokers, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
     """``publish`` without progress, returning only the count (the short form the tests use)."""
     return (await publish(records, bootstrap, topic)).records

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +45,17 @@ class KafkaSettings(BaseSettings):
     model_config = _section("KAFKA_")
 
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    # deploying safely (README "Deploying safely"): SASL for every producer, consumer and the Faust worker
+    security_protocol: str = Field(
+        "PLAINTEXT",
+        pattern=r"^(PLAINTEXT|SASL_PLAINTEXT|SASL_SSL|SSL)$",
+        description="Kafka security protocol of every client (SASL_*: with the mechanism and credentials below)",
+    )
+    sasl_mechanism: str = Field(
+        "PLAIN", pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$", description="SASL mechanism (SASL_* protocols)"
+    )
+    sasl_username: str | None = Field(None, min_length=1, description="SASL user (SASL_* protocols)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (SASL_* protocols)")
     topic_events: str = Field("recsys.events", validation_alias=_env("topic_events"))
     topic_samples: str = Field("recsys.samples", validation_alias=_env("topic_samples"))
     topic_deadletter: str = Field("recsys.events.deadletter", validation_alias=_env("topic_deadletter"))
@@ -59,6 +70,29 @@ class KafkaSettings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port], got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(
+                f"security protocol {self.security_protocol} needs RECSYS_KAFKA_SASL_USERNAME and "
+                "RECSYS_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    def client_options(self) -> dict[str, Any]:
+        """Security keyword arguments of aiokafka's producers, consumers and admin clients (none for PLAINTEXT)."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL_"):
+            assert self.sasl_password is not None
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password.get_secret_value(),
+            )
+        return options
 
     def all_topics(self) -> dict[str, int]:
         """Every topic of the project with its partition count."""
@@ -127,6 +161,32 @@ class MlflowSettings(BaseSettings):
         default_factory=lambda: f"sqlite:///{PROJECT_ROOT / '.run' / 'mlflow.db'}",
         description="MLflow tracking URI (a server URL or a sqlite:/// path)",
     )
+    # deploying safely (README "Deploying safely"): the server's basic-auth app and its clients
+    username: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow basic-auth user of every client (exported as MLFLOW_TRACKING_USERNAME); with a "
+        "password, the local MLflow server starts with its basic-auth app and this admin user",
+    )
+    password: SecretStr | None = Field(
+        None, min_length=12, description="password of that user (MLflow's policy: at least 12 characters)"
+    )
+    server_secret_key: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="CSRF secret of the local basic-auth MLflow server (default: derived from the password)",
+    )
+
+    @model_validator(mode="after")
+    def _user_and_password_together(self) -> MlflowSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("RECSYS_MLFLOW_USERNAME and RECSYS_MLFLOW_PASSWORD go together (set both or neither)")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether clients authenticate (and the local server requires it)."""
+        return self.password is not None
 
 
 class FeastSettings(BaseSettings):
@@ -528,7 +588,11 @@ def describe_error(exc: ValidationError) -> str:
     for error in exc.errors():
         field_name = str(error["loc"][0]) if error["loc"] else ""
         where = env_name(section, field_name) if section and field_name in section.model_fields else field_name
-        lines.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        if not field_name:  # a check across fields: its input is every field, secrets included
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        secret = "password" in field_name or "secret" in field_name
+        lines.append(f"{where}: {error['msg']} (got {'***' if secret else repr(error.get('input'))})")
     return "; ".join(lines)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 import pyarrow as pa
@@ -32,13 +33,23 @@ REPO_PATH = Path(__file__).resolve().parent
 
 
 def redis_connection_string(url: str) -> str:
-    """Feast's Redis store takes ``host:port,db=N`` rather than a redis:// URL."""
+    """Feast's Redis store takes ``host:port,db=N[,username=U][,password=P]`` rather than a redis:// URL.
+
+    The URL's credentials go along (a password-protected online store); Feast splits the string at
+    commas, so a user or password holding one is refused here rather than misread there.
+    """
     if not url.startswith("redis://"):
         return url
-    rest = url[len("redis://") :]
-    hostport, _, db = rest.partition("/")
-    hostport = hostport.rpartition("@")[2]
-    return f"{hostport},db={db or 0}"
+    parsed = urlsplit(url)
+    hostport = parsed.netloc.rpartition("@")[2]
+    parts = [hostport, f"db={parsed.path.lstrip('/') or 0}"]
+    for name, value in (("username", parsed.username), ("password", parsed.password)):
+        if value:
+            value = unquote(value)
+            if "," in value:
+                raise ValueError(f"the Feast online store's Redis {name} must not contain a comma (Feast splits at it)")
+            parts.append(f"{name}={value}")
+    return ",".join(parts)
 
 
 def repo_config(data_dir: Path, online_store: str = "sqlite", redis_url: str | None = None) -> RepoConfig:

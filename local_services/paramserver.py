@@ -5,8 +5,9 @@ stops what `up` started."""
 from __future__ import annotations
 
 import sys
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+from core.redact import redact_url
 from core.settings import Settings
 from local_services import services
 
@@ -18,8 +19,16 @@ def local_port(url: str) -> int:
     """The port of a ``redis://127.0.0.1:PORT`` URL; ValueError for any other URL."""
     parsed = urlparse(url)
     if parsed.scheme != "redis" or parsed.hostname not in ("127.0.0.1", "localhost") or not parsed.port:
-        raise ValueError(f"{url!r}: `recsys ps up` only starts servers at redis://127.0.0.1:PORT")
+        raise ValueError(f"{redact_url(url)!r}: `recsys ps up` only starts servers at redis://127.0.0.1:PORT")
     return parsed.port
+
+
+def url_auth(url: str) -> services.RedisAuth | None:
+    """The credentials a ``redis://[user]:password@host:port`` URL carries, as the server must require them."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return None
+    return services.RedisAuth(unquote(parsed.password), unquote(parsed.username) if parsed.username else None)
 
 
 def servers(s: Settings) -> list[tuple[str, str]]:
@@ -41,19 +50,25 @@ def up(s: Settings) -> list[str]:
     Raises ``services.ServiceError`` or ``ValueError`` (a URL that is not local)."""
     notes = []
     for name, url in servers(s):
-        port = local_port(url)
-        if services.redis_ping(port) and not _running(s, name):
-            notes.append(f"{name}: {url} already answers (not started by us), using it")
+        port, auth = local_port(url), url_auth(url)
+        if services.redis_ping(port, auth) and not _running(s, name):
+            notes.append(f"{name}: {redact_url(url)} already answers (not started by us), using it")
             continue
         services.start_redis(
-            s.local.run_dir, port, name=name, timeout=s.local.service_start_timeout_s, extra_args=REDIS_ARGS
+            s.local.run_dir,
+            port,
+            name=name,
+            timeout=s.local.service_start_timeout_s,
+            extra_args=REDIS_ARGS,
+            auth=auth,
         )
-    for i, spec in enumerate(s.ps.replicas):
+    for i, _spec in enumerate(s.ps.replicas):
         name = f"ps-replicator-{i}"
         if _running(s, name):
             continue
-        cmd = [sys.executable, "-m", "paramserver.cli", "replicate", "--replica", spec]
-        services.spawn(s.local.run_dir, name, cmd, 0, f"replicate --replica {spec}")
+        # by index, not URL: the replicator reads the URL (and its password) from the settings it inherits
+        cmd = [sys.executable, "-m", "paramserver.cli", "replicate", "--replica-index", str(i)]
+        services.spawn(s.local.run_dir, name, cmd, 0, f"replicate --replica-index {i}")
     return notes
 
 

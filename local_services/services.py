@@ -13,6 +13,7 @@ Kafka, which needs its jars fetched first, is ``local_services.kafka`` on top of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.procs import LOCALHOST, free_port, process_start_ticks  # noqa: F401  (re-exported for the fixtures)
+from core.settings import MlflowSettings
 
 
 class ServiceError(RuntimeError):
@@ -193,21 +195,56 @@ def ensure_redis_installed() -> str:
     return found
 
 
-def redis_ping(port: int) -> bool:
+@dataclass(frozen=True)
+class RedisAuth:
+    """Who a local redis-server lets in: ``password`` for ``username`` (None: Redis' default user)."""
+
+    password: str
+    username: str | None = None
+
+    def command(self) -> bytes:
+        """``AUTH [user] password`` in RESP."""
+        args = [b"AUTH", *([self.username.encode()] if self.username else []), self.password.encode()]
+        return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+    def config(self) -> str:
+        """redis.conf lines requiring these credentials (a named user replaces the default one, which is off)."""
+        if not self.username or self.username == "default":
+            return f"requirepass {_conf_quote(self.password)}\n"
+        user, password = _conf_quote(self.username), _conf_quote(">" + self.password)
+        return f"user default off\nuser {user} on {password} ~* &* +@all\n"
+
+
+def _conf_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def redis_ping(port: int, auth: RedisAuth | None = None) -> bool:
+    """True when the Redis on ``port`` answers PING (after AUTH with ``auth``)."""
     try:
         with socket.create_connection((LOCALHOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall((auth.command() if auth else b"") + b"PING\r\n")
+            reply, lines = b"", 2 if auth else 1
+            while reply.count(b"\r\n") < lines and (chunk := sock.recv(256)):
+                reply += chunk
+            return reply.startswith(b"+OK\r\n+PONG" if auth else b"+PONG")
     except OSError:
         return False
 
 
 def start_redis(
-    run_dir: Path, port: int, name: str = "redis", timeout: float = 30.0, extra_args: list[str] | None = None
+    run_dir: Path,
+    port: int,
+    name: str = "redis",
+    timeout: float = 30.0,
+    extra_args: list[str] | None = None,
+    auth: RedisAuth | None = None,
 ) -> dict:
-    """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent)."""
+    """Start redis-server on 127.0.0.1:``port`` without persistence (idempotent); with ``auth`` it lets in
+    only clients that authenticate so (the credentials go in a config file only we can read, never on the
+    command line)."""
     record = recorded_alive(run_dir, name)
-    if record and redis_ping(record["port"]):
+    if record and redis_ping(record["port"], auth):
         return record
     if record is None and port_open(port):
         raise ServiceError(f"port {port} is already taken by another process; pick another with RECSYS_REDIS_PORT")
@@ -215,8 +252,15 @@ def start_redis(
     data_dir = run_dir / "data" / name
     data_dir.mkdir(parents=True, exist_ok=True)
     marker = f"{LOCALHOST}:{port}"
+    config_file = data_dir / "auth.conf"
+    config_file.unlink(missing_ok=True)
+    if auth is not None:
+        fd = os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as config:
+            config.write(auth.config())
     cmd = [
         binary,
+        *([str(config_file)] if auth is not None else []),
         "--bind",
         LOCALHOST,
         "--port",
@@ -234,7 +278,7 @@ def start_redis(
         *(extra_args or []),
     ]
     record = spawn(run_dir, name, cmd, port, marker)
-    wait_until(lambda: redis_ping(port), timeout, f"redis {name}", log_file_of(run_dir, name), record["pid"])
+    wait_until(lambda: redis_ping(port, auth), timeout, f"redis {name}", log_file_of(run_dir, name), record["pid"])
     return record
 
 
@@ -281,8 +325,57 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float = 120.0) -> dict:
-    """`mlflow server` on 127.0.0.1:``port``: SQLite backend and artifacts under ``run_dir/mlflow``."""
+@dataclass(frozen=True)
+class MlflowAuth:
+    """The admin user of a basic-auth MLflow server, and its CSRF secret (MLflow requires a static one)."""
+
+    username: str
+    password: str
+    secret_key: str
+
+    @classmethod
+    def from_settings(cls, mlflow: MlflowSettings) -> MlflowAuth | None:
+        """The settings' credentials (None: no authentication configured)."""
+        if mlflow.password is None or mlflow.username is None:
+            return None
+        password = mlflow.password.get_secret_value()
+        secret = mlflow.server_secret_key.get_secret_value() if mlflow.server_secret_key else None
+        # a key of its own is better; derived, it is at least stable across restarts and no constant
+        derived = hashlib.sha256(b"recsys-mlflow-csrf:" + password.encode()).hexdigest()
+        return cls(mlflow.username, password, secret or derived)
+
+
+def _mlflow_auth_env(home: Path, auth: MlflowAuth) -> dict[str, str]:
+    """The environment of a basic-auth server: its config file (written 0600 under ``home``) and secrets."""
+    config = home / "basic_auth.ini"
+    config.unlink(missing_ok=True)
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        # no permission without a login: a client that does not authenticate cannot even read
+        out.write(
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{home / 'basic_auth.db'}\n"
+            f"admin_username = {auth.username}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+    return {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": auth.password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": auth.secret_key,
+    }
+
+
+def start_mlflow(
+    run_dir: Path, port: int, name: str = "mlflow", timeout: float = 120.0, auth: MlflowAuth | None = None
+) -> dict:
+    """`mlflow server` on 127.0.0.1:``port``: SQLite backend and artifacts under ``run_dir/mlflow``.
+
+    With ``auth`` it runs MLflow's basic-auth app: every request needs that user's (or another
+    user's) credentials; the password reaches the server through its environment, never its
+    command line.
+    """
     import sys
 
     home = run_dir / "mlflow"
@@ -302,6 +395,7 @@ def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float 
         str(home / "artifacts"),
         "--workers",
         "1",
+        *(["--app-name", "basic-auth"] if auth is not None else []),
     ]
     return start_command(
         run_dir,
@@ -311,4 +405,5 @@ def start_mlflow(run_dir: Path, port: int, name: str = "mlflow", timeout: float 
         marker=f"mlflow server --host {LOCALHOST} --port {port}",
         ready=lambda: http_ok(f"http://{LOCALHOST}:{port}/health"),
         timeout=timeout,
+        env=_mlflow_auth_env(home, auth) if auth is not None else None,
     )

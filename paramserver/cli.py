@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.cli_support import console, fail, load_settings
+from core.redact import redact_url, redact_urls
 from core.settings import Settings
 
 app = typer.Typer(no_args_is_help=True)
@@ -92,7 +93,17 @@ def print_status(s: Settings, as_json: bool = False) -> None:
 
 @app.command("replicate")
 def replicate(
-    replica: Annotated[str, typer.Option(help="replica Redis URL (comma-separated URLs for a sharded replica)")],
+    replica: Annotated[
+        str | None, typer.Option(help="replica Redis URL (comma-separated URLs for a sharded replica)")
+    ] = None,
+    replica_index: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="the replica at this position of RECSYS_PS_REPLICAS instead of --replica "
+            "(keeps its password off the command line, where `ps` shows it)",
+        ),
+    ] = None,
     snapshot_dir: Annotated[Path | None, typer.Option(help="bootstrap a new replica from this snapshot")] = None,
     once: Annotated[bool, typer.Option(help="catch up once and exit")] = False,
 ) -> None:
@@ -103,6 +114,13 @@ def replicate(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     s = load_settings()
+    if (replica is None) == (replica_index is None):
+        fail("give one of --replica URL or --replica-index N", 2)
+    if replica is None:
+        assert replica_index is not None
+        if replica_index >= len(s.ps.replicas):
+            fail(f"--replica-index {replica_index}: RECSYS_PS_REPLICAS has {len(s.ps.replicas)} replicas", 2)
+        replica = s.ps.replicas[replica_index]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     while not stop.is_set():
@@ -121,7 +139,7 @@ def replicate(
             pass
         out.print(f"replica at version {target.version()} (source {source.version()})")
         return
-    console.print(f"replicating {s.ps.shards} -> {replica}")
+    console.print(f"replicating {redact_urls(s.ps.shards)} -> {redact_url(replica)}")
     replicator.run(stop)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import redis
 from redis.commands.core import Script
 
+from core.redact import redact_urls
 from paramserver.redis_format import Keys
 from paramserver.resp import RespPool, hash_commands, pack, parse_url
 from paramserver.rows import ParamServerError, ShardUnavailable, TableConfig, TableMismatch, route_hash
@@ -91,6 +92,7 @@ class Shards:
         self, urls: list[str], namespace: str, rows_per_bucket: int, timeout: float, connections_per_server: int
     ) -> None:
         self.urls = list(urls)
+        self.names = redact_urls(self.urls)  # what messages name: never a password
         self.keys = Keys(namespace)
         self.rows_per_bucket = rows_per_bucket
         for url in self.urls:
@@ -112,9 +114,9 @@ class Shards:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise ShardUnavailable(f"shard {self.urls[shard]} unavailable: {exc}") from None
+            raise ShardUnavailable(f"shard {self.names[shard]} unavailable: {exc}") from None
         except redis.ResponseError as exc:
-            raise ParamServerError(f"shard {self.urls[shard]}: {exc}") from None
+            raise ParamServerError(f"shard {self.names[shard]}: {exc}") from None
 
     def each(self, fn: Callable[[int], T], shards: Sequence[int]) -> list[T]:
         """``fn`` of every shard in ``shards``, in parallel when there are several."""
@@ -200,7 +202,7 @@ class Shards:
                     layout: dict[str, Any] = json.loads(raw) if raw else {"shards": len(self.urls), "tables": {}}
                     if layout["shards"] != len(self.urls):
                         raise TableMismatch(
-                            f"the store in {self.urls[0]} (namespace {self.keys.namespace}) has {layout['shards']} "
+                            f"the store in {self.names[0]} (namespace {self.keys.namespace}) has {layout['shards']} "
                             f"shards, this client has {len(self.urls)}: resharding goes through snapshot + restore"
                         )
                     changed = False
@@ -246,7 +248,7 @@ class Shards:
                     client.config_set("hash-max-listpack-entries", need_entries)
             except redis.ResponseError as exc:
                 log.warning(
-                    "shard %s: cannot raise hash-max-listpack-* (%s); rows will use more memory", self.urls[shard], exc
+                    "shard %s: cannot raise hash-max-listpack-* (%s); rows will use more memory", self.names[shard], exc
                 )
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                raise ShardUnavailable(f"shard {self.urls[shard]} unavailable: {exc}") from None
+                raise ShardUnavailable(f"shard {self.names[shard]} unavailable: {exc}") from None

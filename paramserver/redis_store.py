@@ -112,6 +112,7 @@ class RedisStore(BaseStore):
         self.shards = Shards(shards, namespace, rows_per_bucket, timeout, connections_per_server)
         self.connections_per_server = connections_per_server
         self.urls = self.shards.urls
+        self.names = self.shards.names
         self.keys: Keys = self.shards.keys
         self.timeout = timeout
         self.lock_ttl_s, self.lock_wait_s, self.log_retention_s = lock_ttl_s, lock_wait_s, log_retention_s
@@ -178,7 +179,7 @@ class RedisStore(BaseStore):
                 pause = min(0.0005 * (attempt + 1), 0.01)
                 time.sleep(pause)
                 waited += pause
-        raise ParamServerError(f"shard {self.urls[shard]}: could not read between applies after 1000 tries")
+        raise ParamServerError(f"shard {self.names[shard]}: could not read between applies after 1000 tries")
 
     def _read(self, config: TableConfig, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         shard_of, bucket_of = self.shards.route(config, ids)
@@ -229,7 +230,7 @@ class RedisStore(BaseStore):
         )
         while True:
             taken, version = self.shards.resp[0].call(payload, 2)
-            check_replies([taken, version], self.urls[0])
+            check_replies([taken, version], self.names[0])
             if taken is not None:
                 break
             if time.monotonic() > deadline:
@@ -269,7 +270,7 @@ class RedisStore(BaseStore):
                 b"SET", self.keys.log(new, token), blob, b"PX", log_ttl_ms
             )
             applied, entry = self.shards.resp[shard].call(payload, 2)
-            check_replies([applied, entry], self.urls[shard])
+            check_replies([applied, entry], self.names[shard])
             done, pending = parse_applied(applied)
             if done < committed or pending is not None:  # a writer died during or before its apply: finish it
                 self._roll_forward(shard, committed)
@@ -338,12 +339,12 @@ class RedisStore(BaseStore):
                     return
                 tokens = self._commit_tokens(applied, target)
                 if not tokens:
-                    raise ParamServerError(f"shard {self.urls[shard]}: no commit record after version {applied}")
+                    raise ParamServerError(f"shard {self.names[shard]}: no commit record after version {applied}")
                 v = min(tokens)
                 entry = self._log_entries(shard, {v: tokens[v]}).get(v)
                 if entry is None:
                     raise ParamServerError(
-                        f"shard {self.urls[shard]}: the log entry of committed version {v} "
+                        f"shard {self.names[shard]}: the log entry of committed version {v} "
                         "is missing; restore from a snapshot"
                     )
                 with client.pipeline() as pipe:
@@ -389,7 +390,7 @@ class RedisStore(BaseStore):
             entries = self._log_entries(shard, tokens)
             missing = sorted(set(tokens) - set(entries))
             if missing:
-                raise LogTrimmed(f"shard {self.urls[shard]}: log entries of versions {missing[:5]} are gone")
+                raise LogTrimmed(f"shard {self.names[shard]}: log entries of versions {missing[:5]} are gone")
             for v in sorted(entries):
                 for name, ids, data in self._parse_entry(entries[v]):
                     per_table.setdefault(name, []).append((ids, data))
@@ -413,7 +414,7 @@ class RedisStore(BaseStore):
                     for start in range(0, len(idx), 5000):
                         chunk = idx[start : start + 5000]
                         body = self.shards.commands(b"HSET", name, bucket_of[chunk], ids[chunk], data[chunk])
-                        check_replies(self.shards.resp[shard].call(body, len(chunk)), self.urls[shard])
+                        check_replies(self.shards.resp[shard].call(body, len(chunk)), self.names[shard])
             for shard, client in enumerate(self.shards.clients):
                 with self.shards.guard(shard):
                     client.set(self.keys.applied, applied_marker(version))
@@ -471,7 +472,7 @@ class RedisStore(BaseStore):
         """Version, log floor, log versions, lock, staging areas, and per shard: applied version, memory, keys."""
         shards = []
         for shard, client in enumerate(self.shards.clients):
-            entry: dict[str, Any] = {"url": self.urls[shard], "up": False}
+            entry: dict[str, Any] = {"url": self.names[shard], "up": False}
             try:
                 info = client.info("memory")
                 entry.update(

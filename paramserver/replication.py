@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.redact import redact_urls
 from paramserver.base import read_manifest
 from paramserver.redis_store import RedisStore
 from paramserver.rows import (
@@ -65,7 +66,7 @@ class Replicator:
                 self.source.snapshot(tmp)
                 version = self.replica.restore(tmp)
         self.bootstraps += 1
-        log.info("replica %s bootstrapped at version %d", self.replica.urls, version)
+        log.info("replica %s bootstrapped at version %d", self.replica.names, version)
         return version
 
     def step(self, wait_s: float | None = None) -> int | None:
@@ -96,7 +97,7 @@ class Replicator:
             try:
                 self.step()
             except (ShardUnavailable, ParamServerError) as exc:
-                log.warning("replicator %s: %s; retrying", self.replica.urls, exc)
+                log.warning("replicator %s: %s; retrying", self.replica.names, exc)
                 stop.wait(min(1.0, self.poll_s * 10))
 
 
@@ -104,7 +105,7 @@ def replica_status(
     source: RedisStore | None, replica_urls: list[str], timeout: float = 1.0, namespace: str = "ps"
 ) -> dict[str, Any]:
     """Applied version, versions behind and lag (seconds) of one replica against the training copy."""
-    entry: dict[str, Any] = {"replica": ",".join(replica_urls), "up": False}
+    entry: dict[str, Any] = {"replica": ",".join(redact_urls(replica_urls)), "up": False}
     try:
         store = RedisStore(replica_urls, [], namespace=namespace, timeout=timeout, configure_servers=False)
     except ShardUnavailable as exc:

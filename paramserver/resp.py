@@ -20,18 +20,34 @@ from urllib.parse import unquote, urlparse
 import hiredis
 import numpy as np
 
+from core.redact import redact_url
 from paramserver.rows import ParamServerError, ShardUnavailable
 
 
 def parse_url(url: str) -> tuple[str, int, int, str | None]:
-    """``redis://[:password@]host[:port][/db]`` as (host, port, db, password)."""
+    """``redis://[[user]:password@]host[:port][/db]`` as (host, port, db, password); ``url_user`` has the user."""
     parsed = urlparse(url)
     if parsed.scheme != "redis" or not parsed.hostname:
-        raise ParamServerError(f"expected a redis://host:port[/db] URL, got {url!r}")
+        raise ParamServerError(f"expected a redis://host:port[/db] URL, got {redact_url(url)!r}")
     db = int(parsed.path.lstrip("/") or 0) if parsed.path.lstrip("/").isdigit() or not parsed.path.lstrip("/") else -1
     if db < 0:
-        raise ParamServerError(f"bad database number in {url!r}")
+        raise ParamServerError(f"bad database number in {redact_url(url)!r}")
     return parsed.hostname, parsed.port or 6379, db, unquote(parsed.password) if parsed.password else None
+
+
+def url_user(url: str) -> str | None:
+    """The ACL user of a ``redis://user:password@host`` URL (None: the default user, as redis-py reads it)."""
+    username = urlparse(url).username
+    return unquote(username) if username else None
+
+
+def auth_command(url: str) -> bytes | None:
+    """``AUTH [user] password`` for the URL's credentials (None when it has none)."""
+    _, _, _, password = parse_url(url)
+    if password is None:
+        return None
+    user = url_user(url)
+    return pack(b"AUTH", user.encode(), password.encode()) if user else pack(b"AUTH", password.encode())
 
 
 def pack(*args: bytes) -> bytes:
@@ -88,8 +104,9 @@ class RespConnection:
     """
 
     def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
-        self.host, self.port, self.db, self.password = parse_url(url)
+        self.host, self.port, self.db, _ = parse_url(url)
+        self._auth = auth_command(url)
+        self.url = redact_url(url)  # what error messages name: never the password
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader()
@@ -123,8 +140,8 @@ class RespConnection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock, self._reader = sock, hiredis.Reader()
         setup = []
-        if self.password:
-            setup.append(pack(b"AUTH", self.password.encode()))
+        if self._auth:
+            setup.append(self._auth)
         if self.db:
             setup.append(pack(b"SELECT", str(self.db).encode()))
         if setup:

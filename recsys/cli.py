@@ -61,7 +61,7 @@ def services_up(
                 f"on 127.0.0.1:{s.local.kafka_port} ..."
             )
             local_kafka.start_configured_kafka(s)
-            created = asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
+            created = asyncio.run(ensure_topics(s.kafka, s.kafka.all_topics()))
             if created:
                 console.print(f"created topics: {', '.join(created)}")
         if redis:
@@ -116,7 +116,7 @@ def topics() -> None:
 
     s = load_settings()
     try:
-        created = asyncio.run(ensure_topics(s.kafka.bootstrap, s.kafka.all_topics()))
+        created = asyncio.run(ensure_topics(s.kafka, s.kafka.all_topics()))
     except KafkaUnavailable as exc:
         fail(str(exc))
     out.print(f"created: {', '.join(created) or 'none (all exist)'}")
@@ -289,7 +289,7 @@ def simulate(
             result = asyncio.run(
                 publish(
                     sim.records(),
-                    s.kafka.bootstrap,
+                    s.kafka,
                     topic or s.kafka.topic_events,
                     rate=rate or 0.0,
                     total=estimated,
@@ -386,7 +386,7 @@ def _simulate_closed_loop(
         )
     except ValueError as exc:
         fail(str(exc), 2)
-    loop = ClosedLoop(world, config, kafka_sink(s.kafka.bootstrap, topic or s.kafka.topic_events))
+    loop = ClosedLoop(world, config, kafka_sink(s.kafka, topic or s.kafka.topic_events))
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -581,9 +581,7 @@ def replay(
     records = shift_times(read_any(file, errors), shift)
     try:
         result = asyncio.run(
-            publish(
-                records, s.kafka.bootstrap, topic or s.kafka.topic_events, rate=rate, show_progress=sys.stderr.isatty()
-            )
+            publish(records, s.kafka, topic or s.kafka.topic_events, rate=rate, show_progress=sys.stderr.isatty())
         )
     except KafkaUnavailable as exc:
         fail(str(exc))

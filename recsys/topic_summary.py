@@ -97,11 +97,11 @@ class TopicMissing(LookupError):
 
 async def summarize(s: Settings, topic: str, kind: TopicKind) -> Counter[str]:
     """Counts of the records of ``topic`` from its beginning to its end now, by the classes of ``kind``."""
-    ends = await end_offsets(s.kafka.bootstrap, topic)
+    ends = await end_offsets(s.kafka, topic)
     if not ends:
         raise TopicMissing(f"topic {topic!r} does not exist at {s.kafka.bootstrap} (`recsys topics` creates ours)")
     classify = classifier(kind, s)
     counts: Counter[str] = Counter()
-    async for record in read_topic(s.kafka.bootstrap, topic, stop=ends):
+    async for record in read_topic(s.kafka, topic, stop=ends):
         counts[classify(record)] += 1
     return counts

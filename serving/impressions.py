@@ -14,6 +14,7 @@ import collections
 import logging
 from collections.abc import Callable
 
+from core.kafka import Brokers, connect_options, servers
 from feature_repo.contract import Impression
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 class ImpressionLogger:
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: Brokers,
         topic: str,
         capacity: int,
         on_sent: Callable[[int], None] | None = None,
@@ -91,7 +92,7 @@ class ImpressionLogger:
 
         while not self._stop.is_set():
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, linger_ms=5, request_timeout_ms=10000, max_batch_size=256 * 1024
+                **connect_options(self.bootstrap), linger_ms=5, request_timeout_ms=10000, max_batch_size=256 * 1024
             )
             try:
                 await producer.start()
@@ -124,7 +125,9 @@ class ImpressionLogger:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any broker failure: reconnect, keep buffering
-                log.warning("impression producer (%s): %s; retrying in %.0fs", self.bootstrap, exc, self.retry_s)
+                log.warning(
+                    "impression producer (%s): %s; retrying in %.0fs", servers(self.bootstrap), exc, self.retry_s
+                )
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.retry_s)
                 except TimeoutError:

@@ -66,7 +66,7 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
         settings.serving.explore_share,
     )
     impressions = ImpressionLogger(
-        settings.kafka.bootstrap,
+        settings.kafka,
         settings.kafka.topic_events,
         settings.serving.impression_buffer,
         on_sent=metrics.impressions_sent.inc,
@@ -81,7 +81,7 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
             asyncio.create_task(
                 follow_events(
                     index,
-                    settings.kafka.bootstrap,
+                    settings.kafka,
                     settings.kafka.topic_events,
                     settings.serving.retrieval_lookback,
                     stop,

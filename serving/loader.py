@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from core.settings import Settings
+from core.mlflow_auth import tracking_uri
+from core.settings import MlflowSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,11 @@ def _find_dense(folder: Path) -> Path:
 class MlflowLoader:
     """Resolves ``models:/<name>@<alias>`` and builds the scorer of a version."""
 
-    def __init__(self, tracking_uri: str, model_name: str, alias: str) -> None:
+    def __init__(self, tracking: MlflowSettings | str, model_name: str, alias: str) -> None:
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = tracking_uri(tracking)  # settings with credentials: authenticated
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.model_name, self.alias = model_name, alias
 
     def champion_version(self) -> str | None:
@@ -135,7 +136,7 @@ class MlflowLoader:
 
 def mlflow_loader(settings: Settings) -> MlflowLoader | None:
     try:
-        return MlflowLoader(settings.mlflow.tracking_uri, settings.serving.model_name, settings.serving.model_alias)
+        return MlflowLoader(settings.mlflow, settings.serving.model_name, settings.serving.model_alias)
     except Exception as exc:  # noqa: BLE001 - no registry: serve with the fallback scorer (flagged in /readyz)
         log.error("MLflow registry unavailable: %s", exc)
         return None

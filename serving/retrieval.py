@@ -26,6 +26,7 @@ from collections import OrderedDict
 import orjson
 
 from core.aiokafka_private import refresh_metadata
+from core.kafka import Brokers, connect_options
 from feature_repo.spec import vocab_index
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class PopularityIndex:
 
 
 async def follow_events(
-    index: PopularityIndex, bootstrap: str, topic: str, lookback: int, stop: asyncio.Event, retry_s: float = 2.0
+    index: PopularityIndex, bootstrap: Brokers, topic: str, lookback: int, stop: asyncio.Event, retry_s: float = 2.0
 ) -> None:
     """Feed ``index`` from ``topic``: the last ``lookback`` records per partition, then new ones.
 
@@ -141,7 +142,7 @@ async def follow_events(
 
     while not stop.is_set():
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=10000, max_poll_records=5000
+            **connect_options(bootstrap), enable_auto_commit=False, request_timeout_ms=10000, max_poll_records=5000
         )
         try:
             await consumer.start()

@@ -55,7 +55,7 @@ def worker(
             for name in (s.kafka.topic_events, s.kafka.topic_samples, s.kafka.topic_deadletter, s.kafka.topic_late)
         }
         try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
-            asyncio.run(ensure_topics(s.kafka.bootstrap, topics))
+            asyncio.run(ensure_topics(s.kafka, topics))
         except KafkaUnavailable as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
@@ -145,7 +145,7 @@ def status(
 
     def read() -> list[PartitionLag]:
         try:
-            return asyncio.run(group_lag(s.kafka.bootstrap, s.stream.app_id, s.kafka.topic_events))
+            return asyncio.run(group_lag(s.kafka, s.stream.app_id, s.kafka.topic_events))
         except KafkaUnavailable as exc:
             fail(str(exc))
 
@@ -182,10 +182,10 @@ async def _open_impressions(s: Settings) -> int | None:
     from streaming.joiner import OPEN
 
     topic = f"{s.stream.app_id}-joins-changelog"  # Faust's name: <app id>-<table>-changelog
-    if not await end_offsets(s.kafka.bootstrap, topic):
+    if not await end_offsets(s.kafka, topic):
         return None
     latest: dict[bytes, bool] = {}
-    async for record in read_topic(s.kafka.bootstrap, topic):
+    async for record in read_topic(s.kafka, topic):
         if record.key is None:
             continue
         try:

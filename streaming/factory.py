@@ -10,14 +10,32 @@ form one consumer group (the README says what is verified about running several)
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
+import faust.auth
 from faust.types import TP
 
-from core.settings import Settings
+from core.settings import KafkaSettings, Settings
 from streaming.faust_overrides import StreamApp, install_batch_consumer
 from streaming.tables import declare_tables
 from streaming.worker import StreamWorker
+
+
+def broker_credentials(kafka: KafkaSettings) -> faust.auth.Credentials | None:
+    """Faust's credentials for the settings' security protocol (None: plaintext)."""
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    ssl_context = ssl.create_default_context() if kafka.security_protocol.endswith("SSL") else None
+    if kafka.security_protocol == "SSL":
+        return faust.auth.SSLCredentials(ssl_context)
+    assert kafka.sasl_password is not None
+    return faust.auth.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_password.get_secret_value(),
+        mechanism=kafka.sasl_mechanism,
+        ssl_context=ssl_context,
+    )
 
 
 def create_app(settings: Settings) -> tuple[StreamApp, StreamWorker]:
@@ -29,6 +47,7 @@ def create_app(settings: Settings) -> tuple[StreamApp, StreamWorker]:
     app = StreamApp(
         s.stream.app_id,
         broker=brokers,
+        broker_credentials=broker_credentials(s.kafka),
         store="memory://",
         datadir=str(folder),
         processing_guarantee="at_least_once",
@@ -51,7 +70,7 @@ def create_app(settings: Settings) -> tuple[StreamApp, StreamWorker]:
         key_serializer="raw",
         value_serializer="raw",
     )
-    app.kafka_bootstrap = s.kafka.bootstrap
+    app.kafka_brokers = s.kafka
     events = app.topic(
         s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions
     )

@@ -30,7 +30,7 @@ from faust.types import TP
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from core.kafka import ensure_topics
+from core.kafka import Brokers, ensure_topics
 
 PINNED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
 
@@ -48,13 +48,13 @@ class StreamApp(faust.App):
     ``faust -A streaming.app worker`` get them.
     """
 
-    kafka_bootstrap: str = ""
+    kafka_brokers: Brokers = ""  # the settings' KafkaSettings, so the changelogs are created with SASL too
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
         changelogs = {table.changelog_topic.get_topic_name(): table.partitions for table in self.tables.values()}
         await ensure_topics(
-            self.kafka_bootstrap, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
+            self.kafka_brokers, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
         )
 
 

@@ -41,7 +41,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
-from core.kafka import publish
+from core.kafka import Brokers, publish
 from core.metrics import roc_auc
 from core.settings import SimulatorSettings
 from feature_repo.contract import click_event, event_key
@@ -264,7 +264,7 @@ class ClosedLoopConfig:
 Sink = Callable[[Iterable[SimRecord] | AsyncIterable[SimRecord]], Coroutine[Any, Any, int]]
 
 
-def kafka_sink(bootstrap: str, topic: str) -> Sink:
+def kafka_sink(bootstrap: Brokers, topic: str) -> Sink:
     """A sink publishing through the project's one publish loop (``core.kafka.publish``)."""
 
     async def send(records: Iterable[SimRecord] | AsyncIterable[SimRecord]) -> int:

@@ -43,7 +43,7 @@ def preflight(settings: Any) -> None:
     from training.params import open_training_store, table_configs
 
     try:
-        asyncio.run(end_offsets(settings.kafka.bootstrap, settings.kafka.topic_samples))
+        asyncio.run(end_offsets(settings.kafka, settings.kafka.topic_samples))
     except KafkaUnavailable as exc:
         raise RuntimeError(str(exc)) from None
     try:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import torch
     from torchrec import KeyedJaggedTensor
 
+    from core.kafka import Brokers
+
 
 @dataclass
 class ReadStats:
@@ -286,7 +288,7 @@ def partition(rows: np.ndarray, world: int, rank: int) -> np.ndarray:
 
 
 async def _read_values(
-    bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int]
+    bootstrap: Brokers, topic: str, start: Mapping[int, int], stop: Mapping[int, int]
 ) -> list[bytes | None]:
     from core.kafka import read_topic
 
@@ -294,7 +296,7 @@ async def _read_values(
 
 
 def read_window(
-    bootstrap: str, topic: str, start: Mapping[int, int], stop: Mapping[int, int], spec: FeatureSpec = SPEC
+    bootstrap: Brokers, topic: str, start: Mapping[int, int], stop: Mapping[int, int], spec: FeatureSpec = SPEC
 ) -> tuple[list[Sample], ReadStats]:
     """Valid, de-duplicated samples of ``topic`` between ``start`` (inclusive) and ``stop`` (exclusive) offsets."""
     raw = asyncio.run(_read_values(bootstrap, topic, start, stop))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.redact import redact_url
 from core.settings import Settings
 from paramserver import Rows, TableConfig
 from training.data import Columns, ReadStats, Split, WorkingSet
@@ -24,14 +25,6 @@ from training.outcome import JobOutcome, JobStatus, WindowOffsets
 from training.quality import EVALUATED, NOT_EVALUABLE, eval_metrics, oracle_metrics
 from training.tracking import DENSE_ARTIFACT_DIR, DENSE_FILE, MANIFEST_FILE, TAG_EVAL_REASON, TAG_EVAL_STATUS, Tracking
 from training.trainer import TrainResult
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (manifests and messages name shards, never their secrets)."""
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    return url.replace(f":{parsed.password}@", ":***@") if parsed.password else url
 
 
 @dataclass

@@ -24,6 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.mlflow_auth import tracking_uri
+from core.settings import MlflowSettings
+
 TAG_TOPIC = "recsys_topic"
 TAG_COMMITTED = "recsys_committed"
 TAG_OFFSETS = "recsys_offsets_end"
@@ -66,10 +69,10 @@ def _this_process() -> str:
 
 
 class Tracking:
-    def __init__(self, uri: str, experiment: str) -> None:
+    def __init__(self, tracking: MlflowSettings | str, experiment: str) -> None:
         from mlflow import MlflowClient
 
-        self.uri = uri
+        self.uri = uri = tracking_uri(tracking)
         try:
             if uri.startswith("sqlite:///"):
                 Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

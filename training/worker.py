@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from core.kafka import KafkaUnavailable, end_offsets
+from core.redact import redact_urls
 from core.settings import Settings
 from feature_repo.spec import SPEC
 from paramserver import LogTrimmed, ParamStore, Rows, TableConfig
@@ -57,7 +58,7 @@ from training.model import ModelConfig, dense_state_dict
 from training.outcome import JobFailed, JobOutcome, JobStatus, WindowOffsets
 from training.params import conflicting_ids, job_stage, open_training_store, table_configs
 from training.quality import load_truth
-from training.record import TrainedJob, record_trained, redact_url
+from training.record import TrainedJob, record_trained
 from training.tracking import MANIFEST_FILE, Tracking, TrackingUnavailable
 from training.trainer import HParams, Sharded, TrainResult
 
@@ -126,17 +127,17 @@ def _find_and_read(job: Job, truth_path: Path | None) -> Window:
     s = job.s
     # a bad truth file fails the job before anything is trained or pushed
     job.truth = load_truth(truth_path) if truth_path is not None else None
-    job._tracking = tracking = Tracking(s.mlflow.tracking_uri, s.train.experiment)
+    job._tracking = tracking = Tracking(s.mlflow, s.train.experiment)
     for run_id in tracking.close_abandoned_runs():
         print(f"marked run {run_id} KILLED: its job process is gone", file=sys.stderr)
     start, previous = tracking.window_start(job.topic, s.gate.max_carried_runs)
     newest, _run = tracking.last_offsets(job.topic)
-    end = asyncio.run(end_offsets(s.kafka.bootstrap, job.topic))
+    end = asyncio.run(end_offsets(s.kafka, job.topic))
     # carried samples alone do not make a job: retraining them without news would give the same verdict
     window = Window(start, end, previous, new_records=window_size(newest, end))
     if end and window.new_records:
         t0 = time.perf_counter()
-        samples, window.stats = read_window(s.kafka.bootstrap, job.topic, start, end)
+        samples, window.stats = read_window(s.kafka, job.topic, start, end)
         window.columns = to_columns(samples) if samples else None
         job.timings["read_s"] = time.perf_counter() - t0
     return window
@@ -196,7 +197,7 @@ def open_parameters(job: Job, config: ModelConfig) -> tuple[list[TableConfig], P
         store = open_training_store(s.ps, tables)
     except Exception as exc:  # ShardUnavailable, TableMismatch, bad URL
         raise JobFailed(
-            f"parameter service {[redact_url(u) for u in s.ps.shards]} is unusable "
+            f"parameter service {redact_urls(s.ps.shards)} is unusable "
             f"({type(exc).__name__}: {exc}). Start it with `recsys ps up` or set RECSYS_PS_SHARDS."
         ) from None
     return tables, store

@@ -32,7 +32,9 @@ EXPECTED = {
     "serving-a",
     "serving-b",
 }
-INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::-([^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::([-?])([^}]*))?\}")
+# a required secret (`${NAME:?message}`) that this test's environment does not set
+PLACEHOLDER_SECRET = "placeholder-secret-123"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,11 @@ def compose() -> dict:
 
 
 def interpolate(value: str) -> str:
-    return INTERPOLATION.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    def value_of(m: re.Match) -> str:
+        default = m.group(3) if m.group(2) == "-" else PLACEHOLDER_SECRET if m.group(2) == "?" else ""
+        return os.environ.get(m.group(1), default or "")
+
+    return INTERPOLATION.sub(value_of, value)
 
 
 def test_compose_parses_and_has_every_role(compose: dict) -> None:
@@ -144,3 +150,26 @@ def test_dockerfile_copies_every_python_package() -> None:
     for package in [*packages, "dags"]:
         assert f"COPY {package} ./{package}" in dockerfile, package
     assert "uv sync --frozen" in dockerfile
+
+
+def test_deploying_safely_every_secret_is_required_and_every_client_uses_it(compose: dict) -> None:
+    """README "Deploying safely": Redis with a password, Kafka with SASL, MLflow with basic auth."""
+    services = compose["services"]
+    for name, service in app_services(compose).items():
+        env = {k: interpolate(str(v)) for k, v in service["environment"].items() if k.startswith("RECSYS_")}
+        for key in ("RECSYS_PS_SHARDS", "RECSYS_PS_REPLICAS", "RECSYS_FEAST_REDIS_URL", "RECSYS_REDIS_URL"):
+            assert env[key].count(f":{PLACEHOLDER_SECRET}@") >= 1, f"{name}: {key} has no password"
+        assert env["RECSYS_KAFKA_SECURITY_PROTOCOL"] == "SASL_PLAINTEXT", name
+        assert env["RECSYS_MLFLOW_PASSWORD"] == PLACEHOLDER_SECRET, name
+        assert not any("redis://" in str(token) for token in service.get("command", [])), f"{name}: URL on argv"
+    for name in ("redis-train", "redis-replica-a", "redis-replica-b", "redis-features"):
+        assert "--requirepass" in " ".join(services[name]["command"]), name
+    kafka_env = services["kafka"]["environment"]
+    assert "EXTERNAL:SASL_PLAINTEXT" in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert "INTERNAL:SASL_PLAINTEXT" in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"][-2:] == ["--app-name", "basic-auth"]
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in mlflow["environment"]
+    text = COMPOSE.read_text()
+    for secret in ("KAFKA_SASL_PASSWORD", "REDIS_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"):
+        assert f"${{{secret}:?" in text and f"${{{secret}:-" not in text, f"{secret} must be required, no default"

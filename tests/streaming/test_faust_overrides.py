@@ -22,6 +22,7 @@ from faust.stores import memory
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from core.kafka import servers
 from core.settings import PROJECT_ROOT, Settings
 from streaming import faust_overrides
 from streaming.faust_overrides import PINNED, BatchConsumer, ConsumerThread, StreamApp, table_dict
@@ -95,7 +96,7 @@ async def test_the_app_gets_the_batch_consumer_and_its_short_fetch_wait(tmp_path
         kafka={"bootstrap": "127.0.0.1:9"}, stream={"data_dir": tmp_path, "fetch_max_wait_ms": 37}
     )
     app, worker = create_app(settings)
-    assert isinstance(app, StreamApp) and app.kafka_bootstrap == "127.0.0.1:9"
+    assert isinstance(app, StreamApp) and servers(app.kafka_brokers) == "127.0.0.1:9"
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
     assert consumer.batch_topics == {settings.kafka.topic_events} and consumer.on_batch == worker.handle_batch

@@ -72,12 +72,12 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     from training.model import DenseArch, ModelConfig, load_dense
     from training.params import open_training_store, table_configs
 
-    client = gate.client_for(s.mlflow.tracking_uri)
+    client = gate.client_for(s.mlflow)
     manifest = _manifest(client, challenger_run_id)
     start = {int(p): int(o) for p, o in manifest["offsets"]["start"].items()}
     end = {int(p): int(o) for p, o in manifest["offsets"]["end"].items()}
     fraction = float(manifest["hparams"]["eval_fraction"])
-    samples, _stats = read_window(s.kafka.bootstrap, manifest["topic"], start, end)
+    samples, _stats = read_window(s.kafka, manifest["topic"], start, end)
     columns = to_columns(samples)
     rows = split_by_time(len(columns), fraction).eval
     if len(rows) == 0:
@@ -135,7 +135,7 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     ``challenger_eval_auc_rescored``, tag ``recsys_champion_version``). A score recorded already
     is reused, so a retry does not score twice.
     """
-    client = gate.client_for(s.mlflow.tracking_uri)
+    client = gate.client_for(s.mlflow)
     name = s.train.model_name
     version = client.get_model_version(name, str(model_version))
     run = client.get_run(version.run_id)

@@ -198,7 +198,7 @@ def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decisi
 
     A refused (or not evaluable) challenger's window is carried: the next job trains on it again.
     """
-    client = client_for(s.mlflow.tracking_uri)
+    client = client_for(s.mlflow)
     name = s.train.model_name
     decision = evaluate_gate(
         client, name, str(model_version), tolerance, s.gate.min_eval_positives, s.gate.min_eval_negatives
@@ -224,7 +224,7 @@ def promote_challenger(s: Settings, decision: Decision) -> dict[str, Any]:
     """
     from training.lifecycle.served import promote_rows, served_version
 
-    client = client_for(s.mlflow.tracking_uri)
+    client = client_for(s.mlflow)
     name = s.train.model_name
     if decision.promote:
         previous = champion_version(client, name)

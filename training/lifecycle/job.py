@@ -29,7 +29,7 @@ def _last_offsets(s: Settings) -> dict[int, int]:
     """End offsets of the newest committed training job (recorded by the trainer on its MLflow run)."""
     from training.tracking import Tracking
 
-    offsets, _run = Tracking(s.mlflow.tracking_uri, s.train.experiment).last_offsets(s.kafka.topic_samples)
+    offsets, _run = Tracking(s.mlflow, s.train.experiment).last_offsets(s.kafka.topic_samples)
     return offsets
 
 
@@ -41,7 +41,7 @@ def count_new_samples(s: Settings) -> dict[str, Any]:
     from core.kafka import KafkaUnavailable, end_offsets
 
     try:
-        end = asyncio.run(end_offsets(s.kafka.bootstrap, s.kafka.topic_samples))
+        end = asyncio.run(end_offsets(s.kafka, s.kafka.topic_samples))
     except KafkaUnavailable as exc:
         raise LifecycleError(str(exc)) from None
     start = _last_offsets(s)

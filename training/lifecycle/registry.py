@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.mlflow_auth import tracking_uri
+from core.settings import MlflowSettings
+
 CHAMPION = "champion"
 
 
-def client_for(tracking_uri: str) -> Any:
-    """An MlflowClient of the tracking server and registry at ``tracking_uri`` (mlflow imported here)."""
+def client_for(tracking: MlflowSettings | str) -> Any:
+    """An MlflowClient of the tracking server and registry of ``tracking`` (the settings, authenticated when
+    they carry credentials, or a bare URI); mlflow is imported here."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = tracking_uri(tracking)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def champion_version(client: Any, model_name: str) -> str | None:

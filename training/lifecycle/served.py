@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from core.redact import redact_urls
 from core.settings import Settings
 from training.lifecycle import LifecycleError
 from training.lifecycle.registry import CHAMPION, champion_version, client_for
@@ -131,7 +132,7 @@ def rollback(s: Settings) -> dict[str, Any]:
     """
     from paramserver.staging import NothingStaged, promote_stage
 
-    client = client_for(s.mlflow.tracking_uri)
+    client = client_for(s.mlflow)
     name = s.train.model_name
     current = champion_version(client, name)
     if current is None:
@@ -163,7 +164,7 @@ def describe(s: Settings) -> dict[str, Any]:
     """The champion, its rows' parameter version, the version a rollback returns to, the staging areas."""
     from paramserver import ParamServerError
 
-    client = client_for(s.mlflow.tracking_uri)
+    client = client_for(s.mlflow)
     name = s.train.model_name
     champion = champion_version(client, name)
     tags = client.get_model_version(name, champion).tags if champion is not None else {}
@@ -174,7 +175,7 @@ def describe(s: Settings) -> dict[str, Any]:
         finally:
             store.close()
     except ParamServerError as exc:
-        raise LifecycleError(f"the parameter service {s.ps.shards} is unusable: {exc}") from None
+        raise LifecycleError(f"the parameter service {redact_urls(s.ps.shards)} is unusable: {exc}") from None
     return {
         "model": name,
         "champion": champion,
