@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from core.kafka import publish
 from core.metrics import roc_auc
 from core.settings import SimulatorSettings
-from feature_repo.contract import click_event, event_key
+from feature_repo.contract import EXPLOIT, click_event, event_key
 from serving.schemas import RecommendResponse
 from traffic.simulator import SimRecord, Truth, World
 
@@ -145,6 +145,8 @@ class OnlineMetrics:
         self.started_at = started_at  # wall time of bucket 0's start
         self.total = Aggregate()
         self.by_version: dict[str, Aggregate] = {}
+        # exploration lowers the served average by design: exploit and explore lists are kept apart too
+        self.by_version_policy: dict[tuple[str, str], Aggregate] = {}
         self.by_bucket: dict[tuple[int, str], Aggregate] = {}
         self.outcomes: dict[str, int] = {}
         self.registry = r = CollectorRegistry()
@@ -179,12 +181,16 @@ class OnlineMetrics:
         self.outcomes[kind] = self.outcomes.get(kind, 0) + 1
         self._requests.labels(kind).inc()
 
-    def record(self, model_version: str, at: float, values: PolicyValues, clicks: int) -> None:
-        """One served list (received at wall time ``at``) with its realised clicks."""
+    def record(
+        self, model_version: str, at: float, values: PolicyValues, clicks: int, served_by: str = EXPLOIT
+    ) -> None:
+        """One served list (received at wall time ``at``, chosen by serving's policy ``served_by``) with its
+        realised clicks."""
         bucket = max(0, int((at - self.started_at) // self.bucket_s))
         for aggregate in (
             self.total,
             self.by_version.setdefault(model_version, Aggregate()),
+            self.by_version_policy.setdefault((model_version, served_by), Aggregate()),
             self.by_bucket.setdefault((bucket, model_version), Aggregate()),
         ):
             aggregate.add(values, clicks)
@@ -199,6 +205,13 @@ class OnlineMetrics:
             self._expected.labels(model_version, policy).inc(expected)
             self._slots.labels(model_version, policy).inc(slots)
             self._ctr.labels(model_version, policy).set(cumulative)
+
+    def by_version_and_policy(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{model version: {serving policy (exploit/explore): aggregate}}``, JSON-ready."""
+        nested: dict[str, dict[str, dict[str, Any]]] = {}
+        for (version, policy), aggregate in sorted(self.by_version_policy.items()):
+            nested.setdefault(version, {})[policy] = aggregate.as_dict()
+        return nested
 
     def series(self) -> list[dict[str, Any]]:
         """One entry per time bucket and model version, oldest first (the JSONL time series)."""
@@ -469,7 +482,7 @@ class ClosedLoop:
                 heapq.heappush(self._pending, (at, self._sequence, event))
                 self._wake.set()
         values = policy_values(w, user, candidates, probability, self.k)
-        self.metrics.record(served.model_version, now, values, int(clicked.sum()))
+        self.metrics.record(served.model_version, now, values, int(clicked.sum()), served.policy)
 
     async def _due_clicks(self) -> AsyncIterator[SimRecord]:
         """The clicks as they fall due, until the requests are over and the last click is out."""
@@ -521,6 +534,7 @@ class ClosedLoop:
             "oracle_auc": auc if math.isfinite(auc) else None,
             "total": self.metrics.total.as_dict(),
             "by_model_version": {v: a.as_dict() for v, a in sorted(self.metrics.by_version.items())},
+            "by_model_version_and_policy": self.metrics.by_version_and_policy(),
             "bucket_s": self.config.bucket_s,
         }
 
