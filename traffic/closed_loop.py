@@ -146,6 +146,7 @@ class OnlineMetrics:
         self.total = Aggregate()
         self.by_version: dict[str, Aggregate] = {}
         # exploration lowers the served average by design: exploit and explore lists are kept apart too
+        self.by_policy: dict[str, Aggregate] = {}
         self.by_version_policy: dict[tuple[str, str], Aggregate] = {}
         self.by_bucket: dict[tuple[int, str], Aggregate] = {}
         self.outcomes: dict[str, int] = {}
@@ -190,6 +191,7 @@ class OnlineMetrics:
         for aggregate in (
             self.total,
             self.by_version.setdefault(model_version, Aggregate()),
+            self.by_policy.setdefault(served_by, Aggregate()),
             self.by_version_policy.setdefault((model_version, served_by), Aggregate()),
             self.by_bucket.setdefault((bucket, model_version), Aggregate()),
         ):
@@ -273,6 +275,14 @@ class ClosedLoopConfig:
             raise ValueError(f"candidates_share must be in [0, 1], got {self.candidates_share}")
 
 
+def profile_records(world: World, id_prefix: str) -> list[SimRecord]:
+    """A profile event of every user and item of the world (event ids ``<id_prefix>-<n>``)."""
+    now = time.time()
+    events = [world.user_profile(i, f"{id_prefix}-u{i}", now) for i in range(len(world.user_ids))]
+    events += [world.item_profile(j, f"{id_prefix}-i{j}", now) for j in range(len(world.item_ids))]
+    return [SimRecord(event_key(e), orjson.dumps(e), now, e["event_type"]) for e in events]
+
+
 # sends records to Kafka (``kafka_sink``) or anywhere else (tests); returns how many it sent
 Sink = Callable[[Iterable[SimRecord] | AsyncIterable[SimRecord]], Coroutine[Any, Any, int]]
 
@@ -328,17 +338,11 @@ class ClosedLoop:
         self._sequence += 1
         return f"{kind}-{self.tag}-{self._sequence}"
 
-    def _profiles(self) -> list[SimRecord]:
-        w, now = self.world, time.time()
-        events = [w.user_profile(i, self._event_id("p"), now) for i in range(len(w.user_ids))]
-        events += [w.item_profile(j, self._event_id("p"), now) for j in range(len(w.item_ids))]
-        return [SimRecord(event_key(e), orjson.dumps(e), now, e["event_type"]) for e in events]
-
     async def run(self, on_progress: Callable[[ClosedLoop], None] | None = None, progress_every_s: float = 1.0) -> None:
         """Publish the profiles, then send requests for ``duration_s`` and the clicks they earn, until the last
         click is out (at most ``click_delay_max_s`` after the last request). A Kafka failure raises; serving
         failures are counted."""
-        self.profiles_sent = await self.sink(self._profiles())
+        self.profiles_sent = await self.sink(profile_records(self.world, f"p-{self.tag}"))
         started = time.monotonic()
         self.started_at = self.metrics.started_at = time.time()
         self._next_slot = started
@@ -534,6 +538,7 @@ class ClosedLoop:
             "oracle_auc": auc if math.isfinite(auc) else None,
             "total": self.metrics.total.as_dict(),
             "by_model_version": {v: a.as_dict() for v, a in sorted(self.metrics.by_version.items())},
+            "by_policy": {p: a.as_dict() for p, a in sorted(self.metrics.by_policy.items())},
             "by_model_version_and_policy": self.metrics.by_version_and_policy(),
             "bucket_s": self.config.bucket_s,
         }
@@ -544,7 +549,8 @@ class ClosedLoop:
     def write_series(self, path: Path) -> None:
         path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in self.metrics.series()))
 
-    def write_truth(self, path: Path) -> None:
+    def write_truth(self, path: Path, append: bool = False) -> None:
         """One line per served impression, the open-loop ``--truth`` format (request, user, item, position,
-        probability, clicked)."""
-        path.write_bytes(b"".join(orjson.dumps(asdict(t)) + b"\n" for t in self.truth))
+        probability, clicked); ``append``: after the lines already there (several runs, one file)."""
+        with path.open("ab" if append else "wb") as out:
+            out.write(b"".join(orjson.dumps(asdict(t)) + b"\n" for t in self.truth))
