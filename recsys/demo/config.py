@@ -43,7 +43,7 @@ class DemoConfig:
     rate: float = 20.0  # closed-loop recommendation requests per second
     concurrency: int = 8  # closed-loop requests in flight at most
     cold_s: float = 90.0  # the first phase, served by the fallback scorer (no champion yet)
-    phase_s: float = 150.0  # traffic during each training round (a DAG run takes ~2.5 min here)
+    phase_s: float = 150.0  # traffic during each training round, from the end of its train task
     final_s: float = 60.0  # the last phase, which measures the final champion
     rounds: int = 3  # training DAG runs
     bucket_s: float = 10.0  # time buckets of the served-CTR series

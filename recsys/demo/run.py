@@ -80,12 +80,22 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
     def training(index: int) -> Callable[[], None]:
         def run() -> None:
             assert got.startup is not None  # the services stage ran
-            # users keep arriving while the DAG trains, as they would: served by the champion of the
-            # moment (the switch to a promoted one shows in the series), their samples are the next
-            # round's window
-            traffic = Background(f"closed loop during round {index}", phase(f"during round {index}", config.phase_s))
+            traffic: list[Background] = []
+
+            def trained(task_id: str) -> None:
+                # users keep arriving while the model is evaluated, gated and promoted, as they would:
+                # served by the champion of the moment, then by the new one (the switch shows in the
+                # series); their samples are the next round's window. Not before the train task has
+                # read its window: the newest samples of a window cut while traffic flows are mostly
+                # clicks (an impression's negative sample waits for its attribution window), and an
+                # evaluation set of only clicks is not evaluable
+                if task_id == "train":
+                    traffic.append(
+                        Background(f"closed loop during round {index}", phase(f"during round {index}", config.phase_s))
+                    )
+
             since_ms = int(time.time() * 1000)
-            dag = run_training_dag(s, config, got.startup)
+            dag = run_training_dag(s, config, got.startup, on_success=trained)
             entry = loop.describe_round(s, index, dag, since_ms)
             report.rounds.append(entry)
             if entry["outcome"] == "promoted":
@@ -94,7 +104,8 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
                     f"{s.serving.model_name}/{entry['model_version']}",
                     config.stage_timeout_s,
                 )
-            traffic.result(config.phase_s + config.stage_timeout_s)
+            for background in traffic:
+                background.result(config.phase_s + config.stage_timeout_s)
 
         return run
 
@@ -158,7 +169,9 @@ def demo(
     cold_s: Annotated[
         float, typer.Option(min=5, help="seconds of the first phase, served by the fallback scorer")
     ] = _D.cold_s,
-    phase_s: Annotated[float, typer.Option(min=5, help="seconds of traffic during each training round")] = _D.phase_s,
+    phase_s: Annotated[
+        float, typer.Option(min=5, help="seconds of traffic during each training round, from the end of its train task")
+    ] = _D.phase_s,
     final_s: Annotated[float, typer.Option(min=5, help="seconds of the last phase (the final champion)")] = _D.final_s,
     rounds: Annotated[int, typer.Option(min=1, max=20, help="training rounds (DAG runs)")] = _D.rounds,
     bucket_s: Annotated[float, typer.Option(min=1, help="width of the served-CTR time buckets")] = _D.bucket_s,

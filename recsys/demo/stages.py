@@ -128,11 +128,14 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
     return startup
 
 
-def run_training_dag(s: Settings, config: DemoConfig, startup: Startup) -> dict[str, Any]:
+def run_training_dag(
+    s: Settings, config: DemoConfig, startup: Startup, on_success: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Trigger the training DAG through Airflow's REST API, wait for its run to end; its state and task states.
 
-    A refused challenger skips promote, publish and reload (the run still succeeds); any failed
-    task fails the demo.
+    ``on_success(task_id)`` is called once per task, when its success is first seen (polled every
+    3 s). A refused challenger skips promote, publish and reload (the run still succeeds); any
+    failed task fails the demo.
     """
     import httpx
 
@@ -159,11 +162,19 @@ def run_training_dag(s: Settings, config: DemoConfig, startup: Startup) -> dict[
         run_id = response.json()["dag_run_id"]
         started = time.monotonic()
         state = "queued"
+        succeeded: set[str] = set()
+        tasks: list[dict[str, Any]] = []
         while state not in ("success", "failed"):
             if time.monotonic() > deadline:
                 raise DemoError(f"DAG run {run_id} still {state} after {config.stage_timeout_s:.0f}s")
             time.sleep(3.0)
             state = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}").json().get("state", "?")
+            tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+            for task in tasks:
+                if task["state"] == "success" and task["task_id"] not in succeeded:
+                    succeeded.add(task["task_id"])
+                    if on_success is not None:
+                        on_success(task["task_id"])
         tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
     dag = {
         "run_id": run_id,
