@@ -287,7 +287,7 @@ def judge_targets(s: Settings, report: Report) -> None:
     from feature_repo.contract import EXPLOIT
 
     final = report.phases[-1]
-    champion = report.model.get("champion_version")
+    champion = str(report.model.get("champion_version"))  # the registry gives an int or a str
     trained = next((r for r in report.rounds if r.get("model_version") == champion), {})
     auc, oracle = trained.get("eval_auc"), trained.get("oracle_auc_same_eval")
     exploit = final["by_policy"].get(EXPLOIT, {})

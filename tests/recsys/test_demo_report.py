@@ -68,7 +68,7 @@ def _report() -> Report:
     ]
     report.rounds[0]["oracle_auc_same_eval"] = 0.86
     report.rounds[1]["oracle_auc_same_eval"] = 0.86
-    report.model = {"name": "recsys-dlrm", "champion_version": "2"}
+    report.model = {"name": "recsys-dlrm", "champion_version": 2}  # as the SQLite registry gives it: an int
     report.closed_loop["series"] = [
         {"phase": "cold start", "bucket": 0, "start": 100.0, "end": 110.0, "model_version": "fallback@ps0", **fallback},
         {
