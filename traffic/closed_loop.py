@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from core.kafka import Brokers, publish
 from core.metrics import roc_auc
 from core.settings import SimulatorSettings
-from feature_repo.contract import click_event, event_key
+from feature_repo.contract import EXPLOIT, click_event, event_key
 from serving.schemas import RecommendResponse
 from traffic.simulator import SimRecord, Truth, World
 
@@ -145,6 +145,9 @@ class OnlineMetrics:
         self.started_at = started_at  # wall time of bucket 0's start
         self.total = Aggregate()
         self.by_version: dict[str, Aggregate] = {}
+        # exploration lowers the served average by design: exploit and explore lists are kept apart too
+        self.by_policy: dict[str, Aggregate] = {}
+        self.by_version_policy: dict[tuple[str, str], Aggregate] = {}
         self.by_bucket: dict[tuple[int, str], Aggregate] = {}
         self.outcomes: dict[str, int] = {}
         self.registry = r = CollectorRegistry()
@@ -179,12 +182,17 @@ class OnlineMetrics:
         self.outcomes[kind] = self.outcomes.get(kind, 0) + 1
         self._requests.labels(kind).inc()
 
-    def record(self, model_version: str, at: float, values: PolicyValues, clicks: int) -> None:
-        """One served list (received at wall time ``at``) with its realised clicks."""
+    def record(
+        self, model_version: str, at: float, values: PolicyValues, clicks: int, served_by: str = EXPLOIT
+    ) -> None:
+        """One served list (received at wall time ``at``, chosen by serving's policy ``served_by``) with its
+        realised clicks."""
         bucket = max(0, int((at - self.started_at) // self.bucket_s))
         for aggregate in (
             self.total,
             self.by_version.setdefault(model_version, Aggregate()),
+            self.by_policy.setdefault(served_by, Aggregate()),
+            self.by_version_policy.setdefault((model_version, served_by), Aggregate()),
             self.by_bucket.setdefault((bucket, model_version), Aggregate()),
         ):
             aggregate.add(values, clicks)
@@ -199,6 +207,13 @@ class OnlineMetrics:
             self._expected.labels(model_version, policy).inc(expected)
             self._slots.labels(model_version, policy).inc(slots)
             self._ctr.labels(model_version, policy).set(cumulative)
+
+    def by_version_and_policy(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{model version: {serving policy (exploit/explore): aggregate}}``, JSON-ready."""
+        nested: dict[str, dict[str, dict[str, Any]]] = {}
+        for (version, policy), aggregate in sorted(self.by_version_policy.items()):
+            nested.setdefault(version, {})[policy] = aggregate.as_dict()
+        return nested
 
     def series(self) -> list[dict[str, Any]]:
         """One entry per time bucket and model version, oldest first (the JSONL time series)."""
@@ -260,6 +275,14 @@ class ClosedLoopConfig:
             raise ValueError(f"candidates_share must be in [0, 1], got {self.candidates_share}")
 
 
+def profile_records(world: World, id_prefix: str) -> list[SimRecord]:
+    """A profile event of every user and item of the world (event ids ``<id_prefix>-<n>``)."""
+    now = time.time()
+    events = [world.user_profile(i, f"{id_prefix}-u{i}", now) for i in range(len(world.user_ids))]
+    events += [world.item_profile(j, f"{id_prefix}-i{j}", now) for j in range(len(world.item_ids))]
+    return [SimRecord(event_key(e), orjson.dumps(e), now, e["event_type"]) for e in events]
+
+
 # sends records to Kafka (``kafka_sink``) or anywhere else (tests); returns how many it sent
 Sink = Callable[[Iterable[SimRecord] | AsyncIterable[SimRecord]], Coroutine[Any, Any, int]]
 
@@ -315,17 +338,11 @@ class ClosedLoop:
         self._sequence += 1
         return f"{kind}-{self.tag}-{self._sequence}"
 
-    def _profiles(self) -> list[SimRecord]:
-        w, now = self.world, time.time()
-        events = [w.user_profile(i, self._event_id("p"), now) for i in range(len(w.user_ids))]
-        events += [w.item_profile(j, self._event_id("p"), now) for j in range(len(w.item_ids))]
-        return [SimRecord(event_key(e), orjson.dumps(e), now, e["event_type"]) for e in events]
-
     async def run(self, on_progress: Callable[[ClosedLoop], None] | None = None, progress_every_s: float = 1.0) -> None:
         """Publish the profiles, then send requests for ``duration_s`` and the clicks they earn, until the last
         click is out (at most ``click_delay_max_s`` after the last request). A Kafka failure raises; serving
         failures are counted."""
-        self.profiles_sent = await self.sink(self._profiles())
+        self.profiles_sent = await self.sink(profile_records(self.world, f"p-{self.tag}"))
         started = time.monotonic()
         self.started_at = self.metrics.started_at = time.time()
         self._next_slot = started
@@ -469,7 +486,7 @@ class ClosedLoop:
                 heapq.heappush(self._pending, (at, self._sequence, event))
                 self._wake.set()
         values = policy_values(w, user, candidates, probability, self.k)
-        self.metrics.record(served.model_version, now, values, int(clicked.sum()))
+        self.metrics.record(served.model_version, now, values, int(clicked.sum()), served.policy)
 
     async def _due_clicks(self) -> AsyncIterator[SimRecord]:
         """The clicks as they fall due, until the requests are over and the last click is out."""
@@ -521,6 +538,8 @@ class ClosedLoop:
             "oracle_auc": auc if math.isfinite(auc) else None,
             "total": self.metrics.total.as_dict(),
             "by_model_version": {v: a.as_dict() for v, a in sorted(self.metrics.by_version.items())},
+            "by_policy": {p: a.as_dict() for p, a in sorted(self.metrics.by_policy.items())},
+            "by_model_version_and_policy": self.metrics.by_version_and_policy(),
             "bucket_s": self.config.bucket_s,
         }
 
@@ -530,7 +549,8 @@ class ClosedLoop:
     def write_series(self, path: Path) -> None:
         path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in self.metrics.series()))
 
-    def write_truth(self, path: Path) -> None:
+    def write_truth(self, path: Path, append: bool = False) -> None:
         """One line per served impression, the open-loop ``--truth`` format (request, user, item, position,
-        probability, clicked)."""
-        path.write_bytes(b"".join(orjson.dumps(asdict(t)) + b"\n" for t in self.truth))
+        probability, clicked); ``append``: after the lines already there (several runs, one file)."""
+        with path.open("ab" if append else "wb") as out:
+            out.write(b"".join(orjson.dumps(asdict(t)) + b"\n" for t in self.truth))

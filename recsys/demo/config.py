@@ -35,13 +35,19 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoConfig:
+    """Sizes of one demo run (the CLI's options, same defaults): the world, the closed loop's phases, training."""
+
     users: int = 500
     items: int = 300
-    requests: int = 4000
     seed: int = 1
-    bad_fraction: float = 0.01
-    rate: float = 0.0
-    epochs: int = 4
+    rate: float = 20.0  # closed-loop recommendation requests per second
+    concurrency: int = 8  # closed-loop requests in flight at most
+    cold_s: float = 90.0  # the first phase, served by the fallback scorer (no champion yet)
+    phase_s: float = 150.0  # traffic during each training round, from the end of its train task
+    final_s: float = 60.0  # the last phase, which measures the final champion
+    rounds: int = 3  # training DAG runs
+    bucket_s: float = 10.0  # time buckets of the served-CTR series
+    epochs: int = 8
     ranks: int = 1
     probes: int = 20
     query_users: int = 100
@@ -58,7 +64,9 @@ class Report:
     config: dict[str, Any]
     urls: dict[str, str] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
-    dag: dict[str, Any] = field(default_factory=dict)
+    phases: list[dict[str, Any]] = field(default_factory=list)  # closed-loop phases, in order
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # training DAG runs, in order
+    closed_loop: dict[str, Any] = field(default_factory=dict)  # series, label check, targets
     model: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)
     freshness: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The demo's report: report.json, report.md and its plots (loss, AUC, freshness) under one folder."""
+"""The demo's report: report.json, report.md and its plots (closed loop, loss, freshness) under one folder."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _fmt_s(value: float | None) -> str:
 
 
 def write_report(report: Report, out_dir: Path) -> Path:
-    """report.json, report.md and the plots (loss.png, auc.png, freshness.png) under ``out_dir``."""
+    """report.json, report.md and the plots (closed_loop.png, loss.png, freshness.png) under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     path = out_dir / "report.md"
@@ -61,22 +61,9 @@ def _plots(report: Report, out_dir: Path) -> list[tuple[str, str]]:
         fig.savefig(out_dir / "loss.png", dpi=110)
         plt.close(fig)
         plots.append(("Training loss", "loss.png"))
-    candidates = {
-        "oracle (true probabilities)": report.model.get("oracle_auc"),
-        "model (eval set)": report.model.get("eval_auc"),
-        "random": 0.5,
-    }
-    aucs = {k: float(v) for k, v in candidates.items() if v is not None}
-    fig, ax = plt.subplots(figsize=(6, 3.0))
-    colors = {"oracle (true probabilities)": "#4c72b0", "model (eval set)": "#dd8452", "random": "#999999"}
-    ax.barh(list(aucs), list(aucs.values()), color=[colors[k] for k in aucs])
-    for y, v in enumerate(aucs.values()):
-        ax.text(v, y, f" {v:.3f}", va="center")
-    ax.set(xlim=(0.4, 1.0), xlabel="AUC", title="AUC: oracle vs model vs random")
-    fig.tight_layout()
-    fig.savefig(out_dir / "auc.png", dpi=110)
-    plt.close(fig)
-    plots.append(("AUC", "auc.png"))
+    if report.closed_loop.get("series"):
+        _closed_loop_plot(report, out_dir / "closed_loop.png")
+        plots.append(("Served CTR over time, and AUC per training round", "closed_loop.png"))
     chains = [k for k in CHAINS if report.freshness.get(k, {}).get("n")]
     if chains:
         fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -95,9 +82,156 @@ def _plots(report: Report, out_dir: Path) -> list[tuple[str, str]]:
     return plots
 
 
+def _version_label(version: str) -> str:
+    """``recsys-dlrm/3@ps41`` -> ``v3``; the fallback scorer keeps its name."""
+    name = version.split("@", 1)[0]
+    return f"v{name.rsplit('/', 1)[1]}" if "/" in name else name
+
+
+def _closed_loop_plot(report: Report, path: Path) -> None:
+    """Left: expected CTR per time bucket of each model version's lists, with the random and oracle policies on
+    the same requests; right: each training round's evaluation AUC beside the oracle AUC on the same impressions."""
+    import matplotlib.pyplot as plt
+
+    series = report.closed_loop["series"]
+    t0 = min(line["start"] for line in series)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2.2, 1]})
+    versions = list(dict.fromkeys(line["model_version"] for line in series))
+    for color, version in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], versions, strict=False):
+        lines = [line for line in series if line["model_version"] == version and line["impressions"]]
+        t = [(line["start"] + line["end"]) / 2 - t0 for line in lines]
+        label = _version_label(version)
+        left.plot(t, [line["served_ctr"] for line in lines], "o-", color=color, lw=1.5, ms=3, label=f"{label} served")
+        left.plot(t, [line["oracle_ctr"] for line in lines], "--", color=color, lw=1, label=f"{label} oracle")
+        left.plot(t, [line["random_ctr"] for line in lines], ":", color=color, lw=1, label=f"{label} random")
+    left.set(
+        xlabel="seconds since the first closed-loop request (gaps: stream catch-up and training)",
+        ylabel="expected CTR (true probabilities)",
+        title="served vs random vs oracle on the same requests",
+    )
+    left.legend(fontsize=7, ncol=len(versions))
+    rounds = [r for r in report.rounds if r.get("eval_auc") is not None]
+    ys = range(len(rounds))
+    right.barh([y + 0.2 for y in ys], [r["eval_auc"] for r in rounds], height=0.4, label="model (eval AUC)")
+    right.barh([y - 0.2 for y in ys], [r.get("oracle_auc_same_eval") or 0 for r in rounds], height=0.4, label="oracle")
+    right.set_yticks(list(ys), [f"round {r['round']}: v{r['model_version']}\n{r['outcome']}" for r in rounds])
+    right.set(xlim=(0.5, 1.0), xlabel="AUC on the round's evaluation impressions", title="AUC per training round")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ctr(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _closed_loop_markdown(report: Report) -> list[str]:
+    """Phases, rounds, the per-bucket series, the label check and the targets."""
+    cl = report.closed_loop
+    lines = [
+        "## Closed loop",
+        "",
+        f"Simulated users call `POST /v1/recommend` and click on what serving shows (true probabilities, position "
+        f"bias, click delay); serving logs the impressions, the stream worker joins them with the clicks into "
+        f"samples. Exploration share of serving: **{cl.get('explore_share')}** (epsilon-greedy: that share of "
+        f"lists is a random order; it lowers the served average by design, so exploit lists are shown apart). "
+        f"No open-loop warm-up: the first phase is served by the fallback scorer.",
+        "",
+        "Expected CTR = mean true click probability of the shown items at their positions; random and oracle are "
+        "the expected CTR of a random and of the best order of the same request's candidates.",
+        "",
+        "| phase | s | requests | impressions | clicks | served by | served CTR | exploit | explore "
+        "| random | oracle | served/oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for phase in report.phases:
+        total, by_policy = phase["total"], phase.get("by_policy", {})
+        ratio = total["served_ctr"] / total["oracle_ctr"] if total["served_ctr"] and total["oracle_ctr"] else None
+        lines.append(
+            f"| {phase['name']} | {phase['duration_s']:.0f} | {phase['requests']} | {phase['impressions']} "
+            f"| {phase['clicks']} | {', '.join(_version_label(v) for v in phase['by_model_version'])} "
+            f"| {_ctr(total['served_ctr'])} | {_ctr(by_policy.get('exploit', {}).get('served_ctr'))} "
+            f"| {_ctr(by_policy.get('explore', {}).get('served_ctr'))} | {_ctr(total['random_ctr'])} "
+            f"| {_ctr(total['oracle_ctr'])} | {_ctr(ratio)} |"
+        )
+    lines += [
+        "",
+        "### Training rounds (DAG runs through Airflow)",
+        "",
+        "| round | DAG run | state | s | model | outcome | trained on | eval samples | eval AUC "
+        "| oracle AUC (same eval impressions) | truth coverage |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rounds:
+        dag = r["dag"]
+        lines.append(
+            f"| {r['round']} | `{dag['run_id']}` | {dag['state']} | {dag['seconds']} | v{r.get('model_version')} "
+            f"| {r.get('outcome')} | {r.get('train_samples')} | {r.get('eval_samples')} | {_ctr(r.get('eval_auc'))} "
+            f"| {_ctr(r.get('oracle_auc_same_eval'))} | {_ctr(r.get('eval_truth_coverage'))} |"
+        )
+    lines.append("")
+    lines += [
+        f"- round {r['round']} tasks: {', '.join(f'{k}={v}' for k, v in r['dag']['tasks'].items())}"
+        + (f"; gate: {r['gate_reason']}" if r.get("gate_reason") else "")
+        for r in report.rounds
+    ]
+    labels = cl.get("labels")
+    if labels:
+        lines += [
+            "",
+            f"Labels: {labels['joined_to_truth']} of {labels['samples']} samples on the samples topic joined to the "
+            f"simulator's truth by sample id (covering {_ctr(labels['truth_covered'])} of the "
+            f"{labels['truth_impressions']} served impressions), {labels['positives_joined']} of them clicks; "
+            f"{labels['label_differs_late_click']} are negatives whose click came after the attribution window "
+            f"(routed to the late-click topic; {labels['late_clicks']} late clicks in all), "
+            f"**{labels['label_mismatches']}** other labels differ from the truth's click. "
+            f"Truth: `{cl.get('truth_file')}`.",
+        ]
+    lines.append("")
+    targets = cl.get("targets")
+    if targets:
+        auc, ctr, margin = targets["auc"], targets["served_ctr"], targets["margin"]
+        lines += [
+            "### Targets (issue #15)",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+            f"| final champion (v{auc['champion_version']}) eval AUC within {auc['limit']} of the oracle AUC on the "
+            f"same evaluation impressions | {_ctr(auc['eval_auc'])} vs {_ctr(auc['oracle_auc_same_eval'])} "
+            f"(gap {_ctr(auc['gap'])}) | {'yes' if auc['met'] else '**no**'} |",
+            f"| served CTR at the end ≥ {ctr['limit']}× the oracle's on the same requests (phase {ctr['phase']}) "
+            f"| {_ctr(ctr['served'])} vs {_ctr(ctr['oracle'])} = {_ctr(ctr['ratio'])}×; exploit lists alone "
+            f"{_ctr(ctr['served_exploit'])} vs {_ctr(ctr['oracle_exploit'])} = {_ctr(ctr['ratio_exploit'])}× "
+            f"| {'yes' if ctr['met'] else '**no**'} |",
+            "",
+            f"Final champion's served CTR minus the random policy's on the same requests: "
+            f"{margin['final_served_minus_random_same_requests']:+.4f}; minus the fallback scorer's served CTR "
+            f"in the cold-start phase: {margin['final_served_minus_fallback_served']:+.4f}.",
+            "",
+        ]
+    series = cl.get("series", [])
+    if series:
+        t0 = min(line["start"] for line in series)
+        lines += [
+            "### Served CTR per time bucket",
+            "",
+            "| phase | t (s) | model | impressions | clicks | realised CTR | served (expected) | random | oracle |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *[
+                f"| {line['phase']} | {line['start'] - t0:.0f} | {_version_label(line['model_version'])} "
+                f"| {line['impressions']} | {line['clicks']} | {_ctr(line['realised_ctr'])} "
+                f"| {_ctr(line['served_ctr'])} | {_ctr(line['random_ctr'])} | {_ctr(line['oracle_ctr'])} |"
+                for line in series
+            ],
+            "",
+        ]
+    return lines
+
+
 def _markdown(report: Report, plots: list[tuple[str, str]]) -> list[str]:
     """The lines of report.md."""
-    c, m, sv = report.counts, report.model, report.serving
+    m, sv = report.model, report.serving
     ctr = sv.get("expected_ctr_top10", {})
     lines = [
         f"# recsys demo report ({report.started})",
@@ -106,30 +240,12 @@ def _markdown(report: Report, plots: list[tuple[str, str]]) -> list[str]:
         "",
         *[f"- {k.replace('_', ' ')}: {v}" for k, v in report.urls.items()],
         "",
-        "## Counts",
+        *_closed_loop_markdown(report),
+        "## Final champion",
         "",
-        "| stage | count |",
-        "|---|---|",
-        f"| events published (simulator) | {c.get('events_published')} |",
-        f"| events in (events topic) | {c.get('events_in')} |",
-        f"| malformed injected | {c.get('bad_injected')} |",
-        f"| dead-lettered | {c.get('deadlettered')} |",
-        f"| impressions / clicks | {c.get('impressions')} / {c.get('clicks')} |",
-        f"| samples (impression ⋈ click) | {c.get('samples')} |",
-        f"| late clicks | {c.get('late_clicks')} |",
-        "",
-        "## Training (through Airflow)",
-        "",
-        f"DAG run `{report.dag.get('run_id')}`: **{report.dag.get('state')}** in {report.dag.get('seconds')} s; "
-        f"tasks: {', '.join(f'{k}={v}' for k, v in report.dag.get('tasks', {}).items())}.",
-        "",
-        f"Champion `{m.get('name')}` v{m.get('champion_version')} (gate: {m.get('gate')}, parameter version "
-        f"{m.get('ps_version')}), trained on {m.get('train_samples')} samples, evaluated on {m.get('eval_samples')}.",
-        "",
-        "| AUC | value |",
-        "|---|---|",
-        f"| oracle (true click probabilities, all impressions) | {m.get('oracle_auc', float('nan')):.4f} |",
-        f"| model (evaluation set, newest share of the window) | {m.get('eval_auc') or float('nan'):.4f} |",
+        f"`{m.get('name')}` v{m.get('champion_version')} (gate: {m.get('gate')}, parameter version "
+        f"{m.get('ps_version')}), trained on {m.get('train_samples')} samples, evaluated on {m.get('eval_samples')}, "
+        f"eval AUC {_ctr(m.get('eval_auc'))}.",
         "",
         "## Serving",
         "",

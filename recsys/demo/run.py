@@ -18,17 +18,18 @@ from recsys.demo.config import DemoConfig, Report, console, demo_overrides, step
 from recsys.demo.probes import measure_freshness
 from recsys.demo.report import write_report
 from recsys.demo.stages import (
+    Background,
     Startup,
     champion,
     query_serving,
     run_training_dag,
-    simulate_and_stream,
     start_services,
     stop_everything,
+    wait_served,
 )
 
 if TYPE_CHECKING:
-    from traffic.simulator import Simulation
+    from traffic.simulator import World
 
 
 @dataclass
@@ -36,46 +37,101 @@ class _Handoff:
     """What one stage hands the later ones; each field is set by the stage named beside it."""
 
     startup: Startup | None = None  # services
-    sim: Simulation | None = None  # simulate_and_stream
+    world: World | None = None  # profiles
     client: Any = None  # champion: the MLflow client
     version: str = ""  # champion: its registered version
 
 
 def run_demo(config: DemoConfig) -> tuple[Report, Path]:
     """The whole loop; returns the report and the path of report.md."""
+    from recsys.demo import loop
+
     run_dir = Path(os.environ.get("RECSYS_RUN_DIR", str(PROJECT_ROOT / ".run"))).resolve()
     os.environ.update(demo_overrides(os.environ, run_dir, config.mlflow_port if config.mlflow_server else None))
     s = Settings()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out_dir = config.report_dir or PROJECT_ROOT / "reports" / f"demo-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth_path = out_dir / "truth.jsonl"
+    truth_path.write_bytes(b"")
     report = Report(
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     )
+    report.closed_loop["truth_file"] = str(truth_path)
     got = _Handoff()
 
     def services() -> None:
         got.startup = start_services(s, config, report)
 
-    def simulate() -> None:
-        got.sim = simulate_and_stream(s, config, report)
-
-    def training() -> None:
+    def profiles() -> None:
         assert got.startup is not None  # the services stage ran
-        run_training_dag(s, config, got.startup, report)
+        got.world = loop.make_world(config)
+        loop.publish_profiles(s, config, got.world, report)
+        got.startup.serving.result(config.stage_timeout_s)
+
+    def phase(name: str, duration_s: float) -> Callable[[], None]:
+        def run() -> None:
+            assert got.world is not None  # the profiles stage ran
+            loop.closed_loop_phase(s, config, got.world, name, duration_s, report, truth_path)
+
+        return run
+
+    def training(index: int) -> Callable[[], None]:
+        def run() -> None:
+            assert got.startup is not None  # the services stage ran
+            traffic: list[Background] = []
+
+            def trained(task_id: str) -> None:
+                # users keep arriving while the model is evaluated, gated and promoted, as they would:
+                # served by the champion of the moment, then by the new one (the switch shows in the
+                # series); their samples are the next round's window. Not before the train task has
+                # read its window: the newest samples of a window cut while traffic flows are mostly
+                # clicks (an impression's negative sample waits for its attribution window), and an
+                # evaluation set of only clicks is not evaluable
+                if task_id == "train":
+                    traffic.append(
+                        Background(f"closed loop during round {index}", phase(f"during round {index}", config.phase_s))
+                    )
+
+            since_ms = int(time.time() * 1000)
+            dag = run_training_dag(s, config, got.startup, on_success=trained)
+            entry = loop.describe_round(s, index, dag, since_ms)
+            report.rounds.append(entry)
+            if entry["outcome"] == "promoted":
+                wait_served(
+                    f"http://127.0.0.1:{s.serving.port}",
+                    f"{s.serving.model_name}/{entry['model_version']}",
+                    config.stage_timeout_s,
+                )
+            for background in traffic:
+                background.result(config.phase_s + config.stage_timeout_s)
+
+        return run
 
     def champion_stage() -> None:
         got.client, got.version = champion(s, report)
 
+    def measured() -> None:
+        truth = loop.read_truth(truth_path)
+        loop.check_labels(s, truth, report)
+        loop.add_round_oracles(s, report, truth)
+        loop.judge_targets(s, report)
+
     def serving(settled: bool = False) -> None:
-        assert got.sim is not None  # the simulate stage ran
-        query_serving(s, config, got.sim, got.version, report, settled)
+        assert got.world is not None  # the profiles stage ran
+        query_serving(s, config, got.world, got.version, report, settled)
 
     stages: list[tuple[str, Callable[[], None]]] = [
         ("services", services),
-        ("simulate_and_stream", simulate),
-        ("training_dag", training),
+        ("profiles", profiles),
+        ("phase_cold_start", phase("cold start", config.cold_s)),
+    ]
+    stages += [(f"training_round_{index}", training(index)) for index in range(1, config.rounds + 1)]
+    stages += [
+        ("phase_final", phase("final", config.final_s)),
         ("champion", champion_stage),
+        ("labels_and_targets", measured),
         ("serving", serving),
         ("freshness", lambda: measure_freshness(s, config, got.client, got.version, report)),
         ("serving_settled", lambda: serving(settled=True)),
@@ -96,28 +152,39 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
 
 
 app = typer.Typer(invoke_without_command=True)
+_D = DemoConfig()  # the options' defaults: one place
 
 
 @app.callback()
 def demo(
-    users: Annotated[int, typer.Option(min=10, help="simulated users")] = 500,
-    items: Annotated[int, typer.Option(min=10, max=1000, help="simulated items (all are ranked per query)")] = 300,
-    requests: Annotated[
-        int, typer.Option(min=50, help="simulated recommendation requests (10 impressions each)")
-    ] = 4000,
-    seed: Annotated[int, typer.Option(help="simulator seed")] = 1,
-    bad_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="share of malformed records")] = 0.01,
+    users: Annotated[int, typer.Option(min=10, help="simulated users")] = _D.users,
+    items: Annotated[int, typer.Option(min=10, max=1000, help="simulated items (all are ranked per query)")] = _D.items,
+    seed: Annotated[int, typer.Option(help="simulator seed")] = _D.seed,
     rate: Annotated[
-        float, typer.Option(min=0.0, help="publish at most this many records/s (0: as fast as possible)")
-    ] = 0.0,
-    epochs: Annotated[int, typer.Option(min=1, max=100, help="training epochs (DAG run parameter)")] = 4,
-    ranks: Annotated[int, typer.Option(min=1, max=8, help="torchrun ranks (DAG run parameter)")] = 1,
-    probes: Annotated[int, typer.Option(min=1, max=1000, help="freshness probes per chain")] = 20,
-    query_users: Annotated[int, typer.Option(min=1, help="users queried against serving")] = 100,
-    mlflow_server: Annotated[bool, typer.Option(help="run `mlflow server` (else a SQLite tracking URI)")] = True,
-    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="port of the MLflow server")] = 5000,
-    stop: Annotated[bool, typer.Option("--stop/--keep", help="stop every service at the end")] = False,
-    stage_timeout_s: Annotated[float, typer.Option(min=10, help="longest wait of one stage")] = 600.0,
+        float, typer.Option(min=0.1, max=10_000, help="closed loop: recommendation requests per second")
+    ] = _D.rate,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=1024, help="closed loop: requests in flight at most")
+    ] = _D.concurrency,
+    cold_s: Annotated[
+        float, typer.Option(min=5, help="seconds of the first phase, served by the fallback scorer")
+    ] = _D.cold_s,
+    phase_s: Annotated[
+        float, typer.Option(min=5, help="seconds of traffic during each training round, from the end of its train task")
+    ] = _D.phase_s,
+    final_s: Annotated[float, typer.Option(min=5, help="seconds of the last phase (the final champion)")] = _D.final_s,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="training rounds (DAG runs)")] = _D.rounds,
+    bucket_s: Annotated[float, typer.Option(min=1, help="width of the served-CTR time buckets")] = _D.bucket_s,
+    epochs: Annotated[int, typer.Option(min=1, max=100, help="training epochs (DAG run parameter)")] = _D.epochs,
+    ranks: Annotated[int, typer.Option(min=1, max=8, help="torchrun ranks (DAG run parameter)")] = _D.ranks,
+    probes: Annotated[int, typer.Option(min=1, max=1000, help="freshness probes per chain")] = _D.probes,
+    query_users: Annotated[int, typer.Option(min=1, help="users queried against serving")] = _D.query_users,
+    mlflow_server: Annotated[
+        bool, typer.Option(help="run `mlflow server` (else a SQLite tracking URI)")
+    ] = _D.mlflow_server,
+    mlflow_port: Annotated[int, typer.Option(min=1, max=65535, help="port of the MLflow server")] = _D.mlflow_port,
+    stop: Annotated[bool, typer.Option("--stop/--keep", help="stop every service at the end")] = _D.stop,
+    stage_timeout_s: Annotated[float, typer.Option(min=10, help="longest wait of one stage")] = _D.stage_timeout_s,
     report_dir: Annotated[Path | None, typer.Option(help="where the report goes (default reports/demo-<time>)")] = None,
 ) -> None:
     """Run the whole loop on local services, measure it and write a Markdown + PNG report."""
@@ -126,10 +193,14 @@ def demo(
     config = DemoConfig(
         users=users,
         items=items,
-        requests=requests,
         seed=seed,
-        bad_fraction=bad_fraction,
         rate=rate,
+        concurrency=concurrency,
+        cold_s=cold_s,
+        phase_s=phase_s,
+        final_s=final_s,
+        rounds=rounds,
+        bucket_s=bucket_s,
         epochs=epochs,
         ranks=ranks,
         probes=probes,

@@ -1,5 +1,5 @@
-"""The stages of the demo, in order: services, traffic through the stream worker, the training DAG,
-the champion, and serving queried with the simulator's users (freshness probes are ``probes``).
+"""The stages of the demo: services, the training DAG, the champion, and serving queried with the
+simulator's users (the closed-loop phases are ``loop``, the freshness probes ``probes``).
 
 Each stage imports the rooms it drives inside its body, so importing the demo stays cheap.
 """
@@ -21,7 +21,7 @@ from recsys.demo.config import TRAINING_DAG, DemoConfig, DemoError, Report, cons
 from recsys.demo.report import quantiles
 
 if TYPE_CHECKING:
-    from traffic.simulator import Simulation
+    from traffic.simulator import World
 
 
 def recsys_command(*args: str) -> list[str]:
@@ -128,76 +128,15 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
     return startup
 
 
-async def _topic_total(bootstrap: str, topic: str) -> int:
-    from core.kafka import end_offsets
+def run_training_dag(
+    s: Settings, config: DemoConfig, startup: Startup, on_success: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Trigger the training DAG through Airflow's REST API, wait for its run to end; its state and task states.
 
-    return sum((await end_offsets(bootstrap, topic)).values())
-
-
-def simulate_and_stream(s: Settings, config: DemoConfig, report: Report) -> Simulation:
-    """Publish the simulated traffic and wait until the stream worker turned it into samples and dead letters."""
-    from core.kafka import publish
-    from traffic.simulator import SimConfig, Simulation
-
-    totals = {t: asyncio.run(_topic_total(s.kafka.bootstrap, t)) for t in s.kafka.all_topics()}
-    sim_config = SimConfig(
-        users=config.users,
-        items=config.items,
-        requests=config.requests,
-        seed=config.seed,
-        bad_fraction=config.bad_fraction,
-    )
-    sim = Simulation(sim_config)
-    step(
-        f"simulating {config.requests} requests of {config.users} users over {config.items} items into Kafka "
-        f"({config.bad_fraction:.0%} malformed records injected)"
-    )
-    result = asyncio.run(
-        publish(
-            sim.records(), s.kafka.bootstrap, s.kafka.topic_events, rate=config.rate, show_progress=sys.stderr.isatty()
-        )
-    )
-    impressions, bad = len(sim.truth), sum(sim.stats.bad.values())
-    report.counts.update(
-        {
-            "events_published": result.records,
-            "events_by_type": dict(sim.stats.events),
-            "bad_injected": bad,
-            "bad_by_kind": dict(sim.stats.bad),
-            "impressions": impressions,
-            "clicks": int(sum(t.clicked for t in sim.truth)),
-            "publish_seconds": round(result.seconds, 2),
-        }
-    )
-    report.model["oracle_auc"] = sim.oracle_auc()
-
-    step(f"waiting for the stream worker: {impressions} samples and {bad} dead letters expected")
-    deadline = time.monotonic() + config.stage_timeout_s
-    seen: dict[str, int] = {}
-    while True:
-        seen = {t: asyncio.run(_topic_total(s.kafka.bootstrap, t)) - totals[t] for t in totals}
-        if seen[s.kafka.topic_samples] >= impressions and seen[s.kafka.topic_deadletter] >= bad:
-            break
-        if time.monotonic() > deadline:
-            raise DemoError(
-                f"stream worker did not catch up in {config.stage_timeout_s:.0f}s: {seen} "
-                f"(see {s.local.run_dir}/logs/stream-worker.log)"
-            )
-        time.sleep(2.0)
-    report.counts.update(
-        {
-            "events_in": seen[s.kafka.topic_events],
-            "deadlettered": seen[s.kafka.topic_deadletter],
-            "samples": seen[s.kafka.topic_samples],
-            "late_clicks": seen[s.kafka.topic_late],
-        }
-    )
-    console.print(report.counts)
-    return sim
-
-
-def run_training_dag(s: Settings, config: DemoConfig, startup: Startup, report: Report) -> None:
-    """Trigger the training DAG through Airflow's REST API and wait for its run to end."""
+    ``on_success(task_id)`` is called once per task, when its success is first seen (polled every
+    3 s). A refused challenger skips promote, publish and reload (the run still succeeds); any
+    failed task fails the demo.
+    """
     import httpx
 
     from local_services import airflow as airflow_local
@@ -223,23 +162,32 @@ def run_training_dag(s: Settings, config: DemoConfig, startup: Startup, report: 
         run_id = response.json()["dag_run_id"]
         started = time.monotonic()
         state = "queued"
+        succeeded: set[str] = set()
+        tasks: list[dict[str, Any]] = []
         while state not in ("success", "failed"):
             if time.monotonic() > deadline:
                 raise DemoError(f"DAG run {run_id} still {state} after {config.stage_timeout_s:.0f}s")
             time.sleep(3.0)
             state = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}").json().get("state", "?")
+            tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+            for task in tasks:
+                if task["state"] == "success" and task["task_id"] not in succeeded:
+                    succeeded.add(task["task_id"])
+                    if on_success is not None:
+                        on_success(task["task_id"])
         tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
-    report.dag = {
+    dag = {
         "run_id": run_id,
         "state": state,
         "seconds": round(time.monotonic() - started, 1),
         "tasks": {t["task_id"]: t["state"] for t in tasks},
     }
-    console.print(report.dag)
-    if state != "success":
+    console.print(dag)
+    if state != "success" or "failed" in dag["tasks"].values():
         raise DemoError(
-            f"training DAG run {run_id} {state}: {report.dag['tasks']} (task logs under {s.local.run_dir}/airflow/logs)"
+            f"training DAG run {run_id} {state}: {dag['tasks']} (task logs under {s.local.run_dir}/airflow/logs)"
         )
+    return dag
 
 
 def champion(s: Settings, report: Report) -> tuple[Any, str]:
@@ -296,7 +244,7 @@ def wait_served(base: str, expected: str, timeout: float) -> float:
 
 
 def query_serving(
-    s: Settings, config: DemoConfig, sim: Simulation, version: str, report: Report, settled: bool = False
+    s: Settings, config: DemoConfig, world: World, version: str, report: Report, settled: bool = False
 ) -> None:
     """Latency and expected CTR of served top 10s; ``settled``: again after the freshness probes.
 
@@ -310,12 +258,10 @@ def query_serving(
     expected = f"{s.serving.model_name}/{version}"
     step(f"serving at {base}: waiting for {expected}, then {config.query_users} recommendation requests")
     wait_served(base, expected, config.stage_timeout_s)
-    world, n_items = sim.world, sim.config.items
+    n_users, n_items = len(world.user_ids), len(world.item_ids)
     rng = np.random.default_rng(config.seed + 7)
     # users ask for recommendations as often as they visit: sample them by the simulator's activity
-    users = rng.choice(
-        sim.config.users, min(config.query_users, sim.config.users), replace=False, p=world.user_activity
-    )
+    users = rng.choice(n_users, min(config.query_users, n_users), replace=False, p=world.user_activity)
     latencies: list[float] = []
     served: list[float] = []
     rand: list[float] = []

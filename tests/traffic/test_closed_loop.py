@@ -107,6 +107,7 @@ class FakeServing:
                 "request_id": request_id,
                 "user_id": body["user_id"],
                 "model_version": self.versions[self.calls % len(self.versions)],
+                "policy": "explore" if self.calls % 3 == 0 else "exploit",
                 "items": [{"item_id": i, "score": 1.0, "position": p} for p, i in enumerate(shown)],
             },
         )
@@ -245,6 +246,11 @@ def test_summary_series_and_prometheus_agree_per_model_version(tmp_path):
     assert f'recsys_sim_impressions_total{{model_version="fallback@ps0"}} {float(impressions)}' in exported
     assert f'recsys_sim_requests_total{{outcome="served"}} {float(summary["outcomes"]["served"])}' in exported
     assert 'recsys_sim_expected_ctr{model_version="champion/1@ps3",policy="oracle"}' in exported
+    # exploit and explore lists are kept apart per model version, and add up to the version's figures
+    for version, by_policy in summary["by_model_version_and_policy"].items():
+        assert set(by_policy) == {"exploit", "explore"}
+        for field in ("requests", "impressions", "clicks"):
+            assert sum(a[field] for a in by_policy.values()) == summary["by_model_version"][version][field]
 
 
 @pytest.mark.parametrize(
