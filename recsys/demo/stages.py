@@ -89,7 +89,9 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
 
     def mlflow_then_serving() -> None:
         if config.mlflow_server:
-            services.start_mlflow(s.local.run_dir, config.mlflow_port, timeout=config.stage_timeout_s)
+            # basic auth when RECSYS_MLFLOW_USERNAME / _PASSWORD are set (README "Deploying safely")
+            auth = services.MlflowAuth.from_settings(s.mlflow)
+            services.start_mlflow(s.local.run_dir, config.mlflow_port, timeout=config.stage_timeout_s, auth=auth)
         port = s.serving.port
         services.start_command(
             s.local.run_dir,
