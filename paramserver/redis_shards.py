@@ -169,13 +169,14 @@ class Shards:
 
     def delete_rows(self) -> None:
         """Delete every row and log entry of this namespace (a restore starts from nothing)."""
+        self.unlink_matching(self.keys.all_buckets, self.keys.all_logs)
+
+    def unlink_matching(self, *patterns: str) -> None:
+        """Delete every key matching one of the SCAN ``patterns`` on every shard, in batches."""
         for shard, client in enumerate(self.clients):
             with self.guard(shard):
                 batch = []
-                for key in itertools.chain(
-                    client.scan_iter(match=self.keys.all_buckets, count=1000),
-                    client.scan_iter(match=self.keys.all_logs, count=1000),
-                ):
+                for key in itertools.chain(*(client.scan_iter(match=pattern, count=1000) for pattern in patterns)):
                     batch.append(key)
                     if len(batch) >= 1000:
                         client.unlink(*batch)

@@ -453,17 +453,7 @@ class RedisStore(BaseStore):
 
     def drop_stage(self, name: str) -> bool:
         name = check_stage_name(name)
-        pattern = f"{self.keys.stage_namespace(name)}:*"
-        for shard, client in enumerate(self.shards.clients):
-            with self.shards.guard(shard):
-                batch: list[bytes] = []
-                for key in client.scan_iter(match=pattern, count=1000):
-                    batch.append(key)
-                    if len(batch) >= 1000:
-                        client.unlink(*batch)
-                        batch = []
-                if batch:
-                    client.unlink(*batch)
+        self.shards.unlink_matching(f"{self.keys.stage_namespace(name)}:*")
         with self.shards.guard(0):
             return bool(self.shards.clients[0].srem(self.keys.stages, name))
 
