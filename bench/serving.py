@@ -54,12 +54,12 @@ async def _load(port: int, payloads: list[bytes], rate: float | None, seconds: f
     conns: asyncio.Queue = asyncio.Queue()
     for _ in range(connections):
         conns.put_nowait(await asyncio.open_connection("127.0.0.1", port))
-    latencies: list[float] = []
-    errors = 0
+    latencies: list[float] = []  # of answered (200) requests only: a fast 503 must not improve the quantiles
+    errors = shed = expired = 0
     loop = asyncio.get_running_loop()
 
     async def one(payload: bytes, scheduled: float) -> None:
-        nonlocal errors
+        nonlocal errors, shed, expired
         conn = await conns.get()
         try:
             status = await _request(conn, payload)
@@ -67,9 +67,14 @@ async def _load(port: int, payloads: list[bytes], rate: float | None, seconds: f
             errors += 1
             conn = await asyncio.open_connection("127.0.0.1", port)
         else:
-            if status != 200:
+            if status == 200:
+                latencies.append(loop.time() - scheduled)
+            elif status == 503:  # load shedding: the server said "retry later", by design
+                shed += 1
+            elif status == 504:  # the request's deadline passed
+                expired += 1
+            else:
                 errors += 1
-            latencies.append(loop.time() - scheduled)
         conns.put_nowait(conn)
 
     start = loop.time()
@@ -100,6 +105,8 @@ async def _load(port: int, payloads: list[bytes], rate: float | None, seconds: f
     return {
         "requests": len(latencies),
         "errors": errors,
+        "shed_503": shed,
+        "deadline_504": expired,
         "seconds": elapsed,
         "throughput": len(latencies) / elapsed,
         "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     open_loop[name].append(res)
                     print(
                         f"  open loop {args.rate:.0f}/s {name:9s} run {r + 1}: p50 {res['p50_ms']:.2f} ms, "
-                        f"p99 {res['p99_ms']:.2f} ms, {res['requests']} ok, {res['errors']} errors",
+                        f"p99 {res['p99_ms']:.2f} ms, {res['requests']} ok, {res['shed_503']} shed (503), "
+                        f"{res['deadline_504']} past deadline (504), {res['errors']} errors",
                         flush=True,
                     )
                 for name, payloads in (("recommend", recommend), ("ping", ping)):
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     closed[name].append(res)
                     print(
                         f"  closed loop (16 in flight) {name:9s} run {r + 1}: {res['throughput']:.0f} req/s, "
-                        f"p50 {res['p50_ms']:.2f} ms, {res['errors']} errors",
+                        f"p50 {res['p50_ms']:.2f} ms, {res['shed_503']} shed (503), {res['errors']} errors",
                         flush=True,
                     )
             metrics = __import__("httpx").get(f"http://127.0.0.1:{port}/metrics").text
@@ -361,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     rec_p50, rec_p99 = med(open_loop["recommend"], "p50_ms"), med(open_loop["recommend"], "p99_ms")
     ping_p50, ping_p99 = med(open_loop["ping"], "p50_ms"), med(open_loop["ping"], "p99_ms")
     rec_tp, ping_tp = med(closed["recommend"], "throughput"), med(closed["ping"], "throughput")
-    errors = sum(r["errors"] for runs in (*open_loop.values(), *closed.values()) for r in runs)
+    every_run = [r for runs in (*open_loop.values(), *closed.values()) for r in runs]
+    errors = sum(r["errors"] for r in every_run)
+    shed, expired = sum(r["shed_503"] for r in every_run), sum(r["deadline_504"] for r in every_run)
     sent = next(
         (line for line in metrics.splitlines() if line.startswith("recsys_serving_impressions_sent_total")),
         "impressions: ?",
@@ -380,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(ratio {rec_tp / ping_tp:.2f}x)"
     )
     print(f"  target p99 <= 20 ms at 200 req/s: {'met' if rec_p99 <= 20 and args.rate >= 200 else 'NOT met'}")
-    print(f"  failed requests: {errors}; {sent}")
+    print(
+        f"  failed requests: {errors}; shed (503, not in the quantiles): {shed}; past deadline (504): {expired}; {sent}"
+    )
     print(
         "  server-side mean per request (all runs): "
         + ", ".join(
