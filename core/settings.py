@@ -467,6 +467,12 @@ class StreamSettings(BaseSettings):
         300.0, gt=0, description="`recsys stream status --wait`: longest wait for the stream to drain"
     )
     status_poll_s: float = Field(1.0, gt=0, description="`recsys stream status --wait`: how often lag is read")
+    # the worker's log (core.logs): one error logged over and over (a broker restart) is written once per window
+    log_repeat_s: float = Field(
+        10.0,
+        ge=0,
+        description="a repeated warning or error is logged once per this many seconds, with its count (0: all)",
+    )
     # served CTR per model version (recsys_served_*_total): the label's cardinality is bounded here
     served_metrics_max_versions: int = Field(
         32,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from feature_repo.store import Entity
 
 app = typer.Typer(no_args_is_help=True)
+_log = logging.getLogger("streaming.cli")  # the worker's own lines before Faust starts: JSON like the rest
 
 
 @app.command("worker")
@@ -32,13 +34,22 @@ def worker(
 ) -> None:
     """Run one Faust stream worker (workers with one RECSYS_STREAM_APP_ID form one consumer group; see README)."""
     from core.kafka import KafkaUnavailable, ensure_topics
-    from streaming import logs
+    from core.logs import configure_json_logging
 
     s = load_settings()
     if loglevel not in {"debug", "info", "warning", "error", "critical"}:
         typer.echo(f"unknown log level {loglevel!r}", err=True)
         raise typer.Exit(2)
-    logs.configure(s.stream.log_level)
+    # one format for every line of the log, the libraries' included (Faust's own set-up is turned off below);
+    # aiokafka logs at debug per record sent: with it open to debug that cost ~15% of the CPU
+    configure_json_logging(
+        loglevel,
+        repeat_window_s=s.stream.log_repeat_s,
+        levels={
+            "streaming": s.stream.log_level,
+            "aiokafka": max(logging.WARNING, logging.getLevelName(loglevel.upper())),
+        },
+    )
     if s.stream.metrics_port:
         from prometheus_client import start_http_server
 
@@ -57,15 +68,17 @@ def worker(
         try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
             asyncio.run(ensure_topics(s.kafka, topics))
         except KafkaUnavailable as exc:
-            typer.echo(f"error: {exc}", err=True)
+            _log.error("error: %s", exc)
             raise typer.Exit(1) from None
     try:
         stream_worker.features.open_now()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
-        typer.echo(
-            f"error: cannot open the feature store ({s.feast.online_store} online store, "
-            f"{s.feast.data_dir}): {type(exc).__name__}: {exc}",
-            err=True,
+        _log.error(
+            "error: cannot open the feature store (%s online store, %s): %s: %s",
+            s.feast.online_store,
+            s.feast.data_dir,
+            type(exc).__name__,
+            exc,
         )
         raise typer.Exit(1) from None
     # Faust, Feast and torch leave millions of long-lived objects; the cyclic GC traversed them
@@ -75,8 +88,12 @@ def worker(
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
 
-    # Faust's worker owns the event loop and signal handling from here on
-    Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+    # Faust's worker owns the event loop and signal handling from here on; it keeps the logging set up
+    # above (mode's own would put a coloured handler on the root logger) and draws no terminal spinner
+    # (it wrote cursor escape codes into the log file)
+    faust_worker = Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False, override_logging=False)
+    faust_worker.spinner = None
+    faust_worker.execute_from_commandline()
 
 
 @app.command("feast-apply")
@@ -167,6 +184,12 @@ def status(
         fail(str(exc))
     out.print(f"lag: {sum(p.lag for p in lags)} records; drained: {'yes' if drained else 'no'}")
     out.print(f"open impressions: {opened if opened is not None else 'unknown (no joins changelog yet)'}")
+    # said, not left out: a reader looking for early clicks waiting for their impression should know there are none
+    out.print(
+        f"pending clicks: none kept by the worker (a click before its impression goes to {s.kafka.topic_late} "
+        "as no_impression)",
+        soft_wrap=True,
+    )
     if wait and not drained:
         fail(f"the stream did not drain within {limit:g}s (lag {sum(p.lag for p in lags)})")
 
