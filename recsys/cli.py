@@ -128,15 +128,15 @@ def events_summary(
     kind: Annotated[
         str | None,
         typer.Option(
-            help="how to read it: events, deadletter, samples or late "
-            "(default: recognised from the settings' topic names; other topics are read as events)"
+            help="how to read it: events, deadletter, samples, late or auto (default: recognised from the "
+            "settings' topic names; on other topics auto: each record by its headers and fields)"
         ),
     ] = None,
 ) -> None:
     """Read a topic from the beginning to its current end and count its records; a bad record is a count too.
 
     Events count by event type and reject reason, dead letters and late clicks by their reason
-    header, samples by label.
+    header, samples by label; a topic of another name record by record, by what each one is.
     """
     from core.kafka import KafkaUnavailable
     from recsys.topic_summary import TopicKind, TopicMissing, kind_of, summarize
@@ -145,7 +145,7 @@ def events_summary(
     name = topic or s.kafka.topic_events
     if kind is not None and kind not in TopicKind.__members__:
         fail(f"unknown --kind {kind!r}; expected one of {', '.join(TopicKind.__members__)}", 2)
-    topic_kind = TopicKind(kind) if kind is not None else (kind_of(name, s) or TopicKind.events)
+    topic_kind = TopicKind(kind) if kind is not None else (kind_of(name, s) or TopicKind.auto)
     try:
         counts = asyncio.run(summarize(s, name, topic_kind))
     except (KafkaUnavailable, TopicMissing) as exc:

@@ -6,6 +6,9 @@ Each topic has its own vocabulary, so each kind has its own classifier:
 * ``deadletter`` the ``reason`` header the worker wrote
 * ``samples``    ``label=0`` / ``label=1``, or ``unparsable:<what failed>``
 * ``late``       the ``reason`` header (after_negative, after_window, no_impression)
+* ``auto``       (a topic of another name) each record by what it is: a dead letter or a late click by
+  its headers (``deadletter reason:...``, ``late reason:...``), a sample by its fields (``sample label=1``),
+  anything else as an event
 
 A classifier never raises: a record it cannot read is a count of its own, so one bad record
 never hides the counts of the others.
@@ -17,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from enum import StrEnum
 
+import orjson
 from pydantic import ValidationError
 
 from core.kafka import TopicRecord, end_offsets, read_topic
@@ -29,10 +33,11 @@ class TopicKind(StrEnum):
     deadletter = "deadletter"
     samples = "samples"
     late = "late"
+    auto = "auto"
 
 
 def kind_of(topic: str, s: Settings) -> TopicKind | None:
-    """The kind of a topic, recognised by the settings' topic names; None for any other topic."""
+    """The kind of a topic, recognised by the settings' topic names; None for any other topic (read it as auto)."""
     names = {
         s.kafka.topic_events: TopicKind.events,
         s.kafka.topic_deadletter: TopicKind.deadletter,
@@ -83,11 +88,38 @@ def _sample(record: TopicRecord) -> str:
         return f"unparsable:{type(exc).__name__}"
 
 
+def _looks_like_sample(value: bytes | None) -> bool:
+    try:
+        data = orjson.loads(value or b"")
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and "sample_id" in data and "label" in data and "event_type" not in data
+
+
+def _recognising_classifier(s: Settings) -> Callable[[TopicRecord], str]:
+    """Each record by what it is: the headers the worker writes tell dead letters and late clicks apart."""
+    event = _event_classifier(s)
+
+    def classify(record: TopicRecord) -> str:
+        names = {key for key, _ in record.headers}
+        if "reason" in names and "message" in names:  # streaming.records.dead_letter
+            return f"deadletter {_by_reason(record)}"
+        if "reason" in names and "sample_id" in names:  # streaming.records.late_click
+            return f"late {_by_reason(record)}"
+        if _looks_like_sample(record.value):
+            return f"sample {_sample(record)}"
+        return event(record)
+
+    return classify
+
+
 def classifier(kind: TopicKind, s: Settings) -> Callable[[TopicRecord], str]:
     if kind is TopicKind.events:
         return _event_classifier(s)
     if kind is TopicKind.samples:
         return _sample
+    if kind is TopicKind.auto:
+        return _recognising_classifier(s)
     return _by_reason
 
 
@@ -103,5 +135,9 @@ async def summarize(s: Settings, topic: str, kind: TopicKind) -> Counter[str]:
     classify = classifier(kind, s)
     counts: Counter[str] = Counter()
     async for record in read_topic(s.kafka, topic, stop=ends):
-        counts[classify(record)] += 1
+        try:
+            label = classify(record)
+        except Exception as exc:  # noqa: BLE001 - a reader's bug on one record must not hide the others' counts
+            label = f"unreadable:{type(exc).__name__}"
+        counts[label] += 1
     return counts

@@ -58,6 +58,16 @@ def _sample(label: int) -> bytes:
     ).to_json()
 
 
+def _counts(stdout: str) -> dict[str, int]:
+    """The rows of the summary's table: label -> records."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) == 2 and cells[1].isdigit():
+            found[cells[0]] = int(cells[1])
+    return found
+
+
 def test_events_summary_counts_every_topic_kind_despite_bad_records(kafka_bootstrap: str) -> None:
     env = {"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, **_topics()}
     now = time.time()
@@ -91,12 +101,7 @@ def test_events_summary_counts_every_topic_kind_despite_bad_records(kafka_bootst
         done = recsys("events", "summary", "--topic", topic, *extra, env=env)
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr
-        found = {}
-        for line in done.stdout.splitlines():
-            cells = [c.strip() for c in line.strip("│┃ ").split("│")]
-            if len(cells) == 2 and cells[1].isdigit():
-                found[cells[0]] = int(cells[1])
-        return found
+        return _counts(done.stdout)
 
     assert rows(env["RECSYS_TOPIC_EVENTS"]) == {"impression": 2, "invalid:not_utf8": 1, "invalid:not_an_object": 1}
     assert rows(env["RECSYS_TOPIC_DEADLETTER"]) == {
@@ -114,6 +119,40 @@ def test_events_summary_counts_every_topic_kind_despite_bad_records(kafka_bootst
     assert bad.returncode == 2 and "nonsense" in bad.stderr
     missing = recsys("events", "summary", "--topic", "no.such.topic." + uuid.uuid4().hex[:6], env=env)
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_events_summary_recognises_each_record_on_a_topic_of_another_name(kafka_bootstrap: str) -> None:
+    """A topic the settings do not name (a copy, a mirror): each record is counted as what it is."""
+    env = {"RECSYS_KAFKA_BOOTSTRAP": kafka_bootstrap, **_topics()}
+    topic = f"mixed.{uuid.uuid4().hex[:8]}"
+    dead = [("reason", b"bad_json"), ("message", b"x"), ("source_topic", b"ev")]
+    late = [("reason", b"no_impression"), ("sample_id", b"s")]
+    asyncio.run(
+        _send(
+            kafka_bootstrap,
+            topic,
+            [
+                (_impression(1, time.time()), []),
+                (b"{", dead),
+                (b"\xff", dead),
+                (b"{}", late),
+                (_sample(1), []),
+                (b'{"sample_id": "s", "label": "maybe"}', []),  # a sample's fields, a broken value
+                (b"\xfe\xff garbage", []),
+            ],
+        )
+    )
+    done = recsys("events", "summary", "--topic", topic, env=env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"{topic} (auto): 7 records" in done.stdout
+    assert _counts(done.stdout) == {
+        "impression": 1,
+        "deadletter reason:bad_json": 2,
+        "late reason:no_impression": 1,
+        "sample label=1": 1,
+        "sample unparsable:missing": 1,
+        "invalid:not_utf8": 1,
+    }
 
 
 def test_stream_status_waits_for_the_group_to_commit_to_the_end(kafka_bootstrap: str) -> None:
