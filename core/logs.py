@@ -78,6 +78,7 @@ class RepeatFilter(logging.Filter):
         self.clock = clock
         # key -> [time let through, dropped since, the last dropped record]
         self._seen: OrderedDict[tuple[str, int, str, str, int], list] = OrderedDict()
+        self._dropping: set[tuple[str, int, str, str, int]] = set()  # keys with drops not yet counted in a line
         self._evicted: list[logging.LogRecord] = []  # counts of keys pushed out by the bound, not yet written
         self._lock = threading.Lock()  # Handler.handle filters outside the handler's lock; Faust has threads
 
@@ -91,13 +92,16 @@ class RepeatFilter(logging.Filter):
             if state is not None and now - state[0] < self.window_s:
                 state[1] += 1
                 state[2] = record
+                self._dropping.add(key)
                 return False
             if state is not None and state[1]:
                 record.repeated = int(state[1])
+            self._dropping.discard(key)
             self._seen[key] = [now, 0, None]
             self._seen.move_to_end(key)
             while len(self._seen) > self.max_keys:  # bounded: a message with ids in its template cannot grow it
-                evicted = self._seen.popitem(last=False)[1]
+                evicted_key, evicted = self._seen.popitem(last=False)
+                self._dropping.discard(evicted_key)
                 if evicted[1]:
                     self._evicted.append(self._summary(evicted))
             return True
@@ -114,10 +118,12 @@ class RepeatFilter(logging.Filter):
         with self._lock:
             out, self._evicted = self._evicted, []
             now = self.clock()
-            for state in self._seen.values():
-                if state[1] and (flush or now - state[0] >= self.window_s):
+            for key in list(self._dropping):
+                state = self._seen[key]
+                if flush or now - state[0] >= self.window_s:
                     out.append(self._summary(state))
                     state[0], state[1], state[2] = now, 0, None
+                    self._dropping.discard(key)
             return out
 
 

@@ -68,13 +68,13 @@ def worker(
         try:  # (the tables' changelog topics are the app's own: StreamApp creates them when it starts)
             asyncio.run(ensure_topics(s.kafka, topics))
         except KafkaUnavailable as exc:
-            _log.error("error: %s", exc)
+            _log.error("%s", exc)
             raise typer.Exit(1) from None
     try:
         stream_worker.features.open_now()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
         _log.error(
-            "error: cannot open the feature store (%s online store, %s): %s: %s",
+            "cannot open the feature store (%s online store, %s): %s: %s",
             s.feast.online_store,
             s.feast.data_dir,
             type(exc).__name__,
