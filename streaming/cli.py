@@ -26,7 +26,10 @@ _log = logging.getLogger("streaming.cli")  # the worker's own lines before Faust
 
 @app.command("worker")
 def worker(
-    loglevel: Annotated[str, typer.Option(help="Faust's own log level")] = "warning",
+    loglevel: Annotated[
+        str,
+        typer.Option(help="log level of the libraries (Faust, aiokafka, Feast); RECSYS_STREAM_LOG_LEVEL: the worker's"),
+    ] = "warning",
     create_topics: Annotated[
         bool,
         typer.Option("--create-topics/--no-create-topics", help="create the topics (RECSYS_TOPIC_PARTITIONS) first"),
