@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.recsys.test_cli import recsys
@@ -24,9 +25,7 @@ def test_status_wait_returns_once_a_real_worker_drained_the_stream_and_its_log_i
     make_setup,  # noqa: F811 - the fixture imported above
     monkeypatch,
 ) -> None:
-    import orjson
-
-    # Faust's and mode's own info lines too: they must come out in the same format
+    # Faust's own info lines too: they must come out in the same format
     monkeypatch.setitem(LAUNCHERS, "recsys-info", [*LAUNCHERS["recsys"], "--loglevel", "info"])
 
     _, records = simulation(requests=120, bad_fraction=0.05)
