@@ -15,14 +15,14 @@ from core.settings import Settings
 from feature_repo.contract import Sample
 from feature_repo.spec import SPEC
 from paramserver import BadRows, open_store
+from traffic.simulator import SimConfig
+from traffic.synthetic import simulate_samples
 from training.data import to_columns
 from training.model import DenseArch, ModelConfig
 from training.online.guard import Decision, FlushQuality, Guard, GuardConfig
 from training.online.learner import LearnerConfig, OnlineLearner
 from training.online.rows import ADAGRAD_EPS, DENSE_TABLE, RowCache, dense_table
 from training.params import table_configs
-from traffic.simulator import SimConfig
-from traffic.synthetic import simulate_samples
 
 GUARD = GuardConfig(margin=0.05, log_loss_margin=0.15, max_calibration=3.0, trailing=5, warmup=2, min_samples=50)
 
@@ -226,3 +226,13 @@ def test_rows_unchanged_by_a_refused_flush_are_pulled_fresh_after_it() -> None:
         learner.cache.weights("item_id", learner.cache.slots({"item_id": ids})["item_id"]),
         store.pull("item_id", ids).weights,
     )
+
+
+def test_a_batch_where_a_feature_has_no_ids_pools_it_to_zeros_and_trains() -> None:
+    store, config = _learner_store()
+    learner = OnlineLearner(store, config, Guard(GUARD))
+    samples = simulate_samples(SimConfig(users=10, items=10, requests=3, seed=8)).samples[:4]
+    bare = [s.model_copy(update={"sparse": {**s.sparse, "genres": []}}) for s in samples]
+    scores = learner.train_batch(to_columns(bare))
+    assert scores.shape == (4,) and np.isfinite(scores).all()
+    assert "genres" not in learner.cache.deltas() and "item_id" in learner.cache.deltas()

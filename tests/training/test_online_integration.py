@@ -29,9 +29,9 @@ from core.procs import free_port
 from core.settings import PROJECT_ROOT, Settings
 from feature_repo.contract import Sample
 from paramserver import initial_rows, open_store
-from training.params import table_configs
 from traffic.simulator import SimConfig
 from traffic.synthetic import produce_samples, simulate_samples
+from training.params import table_configs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

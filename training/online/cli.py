@@ -14,7 +14,8 @@ from core.cli_support import fail
 
 def online(
     metrics_port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="Prometheus port on 127.0.0.1 [default: RECSYS_ONLINE_METRICS_PORT]")
+        int | None,
+        typer.Option(min=0, max=65535, help="Prometheus port on 127.0.0.1 [default: RECSYS_ONLINE_METRICS_PORT]"),
     ] = None,
     group_id: Annotated[str | None, typer.Option(help="consumer group [default: RECSYS_ONLINE_GROUP_ID]")] = None,
     dense: Annotated[

@@ -124,9 +124,7 @@ class Guard:
         if quality.auc < auc - cfg.margin:
             problems.append(f"AUC {quality.auc:.4f} < trailing {auc:.4f} - margin {cfg.margin}")
         if quality.log_loss > log_loss + cfg.log_loss_margin:
-            problems.append(
-                f"log loss {quality.log_loss:.4f} > trailing {log_loss:.4f} + margin {cfg.log_loss_margin}"
-            )
+            problems.append(f"log loss {quality.log_loss:.4f} > trailing {log_loss:.4f} + margin {cfg.log_loss_margin}")
         if not 1.0 / cfg.max_calibration <= quality.calibration <= cfg.max_calibration:
             problems.append(f"calibration {quality.calibration:.3f} beyond x{cfg.max_calibration}")
         if problems:

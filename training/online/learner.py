@@ -83,13 +83,7 @@ class OnlineLearner:
         leaves = {
             name: torch.from_numpy(self.cache.weights(name, slots[name])).requires_grad_() for name in self.features
         }
-        pooled = torch.stack(
-            [
-                torch.nn.functional.embedding_bag(inverse[name], leaves[name], offsets[name], mode="mean")
-                for name in self.features
-            ],
-            dim=1,
-        )
+        pooled = torch.stack([self._pool(inverse[name], leaves[name], offsets[name]) for name in self.features], dim=1)
         dense = torch.from_numpy(columns.dense[index])
         labels = torch.from_numpy(columns.labels[index])
         self.dense.train()
@@ -110,6 +104,11 @@ class OnlineLearner:
         self._labels.append(columns.labels[index].copy())
         self.samples_since_flush += len(index)
         return scores
+
+    def _pool(self, index: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if len(rows) == 0:  # no ids of this feature in the whole batch: every bag is empty, pooled to zeros
+            return torch.zeros((len(offsets), self.config.model.embedding_dim))
+        return torch.nn.functional.embedding_bag(index, rows, offsets, mode="mean")
 
     # ------------------------------------------------------------------ flushing
     def quality(self) -> FlushQuality:

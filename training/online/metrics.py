@@ -20,9 +20,7 @@ class OnlineMetrics:
         self.flushes = Counter("recsys_online_flushes", "flushes by the guard's decision", ["decision"], registry=r)
         self.auc = Gauge("recsys_online_auc", "progressive-validation AUC of the last judged flush", registry=r)
         self.log_loss = Gauge("recsys_online_log_loss", "progressive-validation log loss of the last flush", registry=r)
-        self.calibration = Gauge(
-            "recsys_online_calibration", "mean score / click rate of the last flush", registry=r
-        )
+        self.calibration = Gauge("recsys_online_calibration", "mean score / click rate of the last flush", registry=r)
         self.trailing_auc = Gauge("recsys_online_trailing_auc", "the guard's trailing AUC level", registry=r)
         self.alert = Gauge(
             "recsys_online_publishing_halted", "1 while the guard refuses flushes (served rows held)", registry=r

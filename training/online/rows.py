@@ -70,9 +70,7 @@ class RowCache:
     def __init__(self, store: ParamStore, tables: list[str]) -> None:
         self.store = store
         self.names = list(tables)
-        self._tables = {
-            name: _Table(store.tables[name].dim, store.tables[name].state_dim) for name in self.names
-        }
+        self._tables = {name: _Table(store.tables[name].dim, store.tables[name].state_dim) for name in self.names}
         self.synced_version = store.version()
         self.pulled = 0  # rows pulled from the service so far
 

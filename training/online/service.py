@@ -77,11 +77,11 @@ class Journal:
     def pending(self, deltas: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         if self.folder is None:
             return
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for table, (ids, rows) in deltas.items():
             arrays[f"ids__{table}"], arrays[f"deltas__{table}"] = ids, rows
         with open(f"{self._stem()}.pending.npz", "wb") as handle:
-            np.savez(handle, **arrays)
+            np.savez(handle, allow_pickle=False, **arrays)
 
     def done(self, result: FlushResult, offsets: dict[int, list[int]]) -> None:
         if self.folder is None:
@@ -155,7 +155,7 @@ class OnlineTrainer:
         try:
             while not self.stop.is_set():
                 batches = await consumer.getmany(timeout_ms=self.o.poll_timeout_ms, max_records=self.o.batch_size)
-                values = []
+                values: list[bytes | None] = []
                 for tp, records in batches.items():
                     if records:
                         self.pending.add(tp.partition, records[0].offset, records[-1].offset)
@@ -270,7 +270,9 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
     try:
         store = open_training_store(s.ps, tables)
     except Exception as exc:  # noqa: BLE001 - ShardUnavailable, TableMismatch, bad URL: one message
-        raise RuntimeError(f"the parameter service {redact_urls(s.ps.shards)} is unusable ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(
+            f"the parameter service {redact_urls(s.ps.shards)} is unusable ({type(exc).__name__}: {exc})"
+        ) from None
     learner_config = LearnerConfig(
         model=config,
         embedding_lr=t.embedding_lr,
