@@ -286,6 +286,9 @@ class OnlineTrainingSettings(BaseSettings):
     journal_dir: Path | None = Field(
         None, description="folder of a per-flush journal (version, offsets, deltas), for audits and tests; None: off"
     )
+    torch_threads: int = Field(
+        1, ge=1, le=256, description="intra-op threads of one trainer (scale out with more trainers, not threads)"
+    )
     poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="longest wait of one fetch from Kafka")
     session_timeout_s: float = Field(
         10.0, ge=6, description="Kafka group session timeout: how soon a dead trainer's partitions move to the others"
