@@ -7,9 +7,11 @@ samples come from the traffic simulator. Kafka, Redis and processes: test_online
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from core.settings import Settings
 from feature_repo.contract import Sample
@@ -23,6 +25,15 @@ from training.online.guard import Decision, FlushQuality, Guard, GuardConfig
 from training.online.learner import LearnerConfig, OnlineLearner
 from training.online.rows import ADAGRAD_EPS, DENSE_TABLE, RowCache, dense_table
 from training.params import table_configs
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """As the trainer runs (RECSYS_ONLINE_TORCH_THREADS): small batches are several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 GUARD = GuardConfig(margin=0.05, log_loss_margin=0.15, max_calibration=3.0, trailing=5, warmup=2, min_samples=50)
 
