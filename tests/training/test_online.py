@@ -26,6 +26,7 @@ from training.online.learner import LearnerConfig, OnlineLearner
 from training.online.rows import ADAGRAD_EPS, DENSE_TABLE, RowCache, dense_table
 from training.params import table_configs
 
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """As the trainer runs (RECSYS_ONLINE_TORCH_THREADS): small batches are several times faster on one thread."""

@@ -75,8 +75,8 @@ class Group:
         self.procs.append((proc, log))
         return proc, log
 
-    def produce(self, samples: list[Sample]) -> None:
-        produce_samples(self.bootstrap, self.topic, samples)
+    def produce(self, samples: list[Sample], extra: list[bytes] | None = None) -> None:
+        produce_samples(self.bootstrap, self.topic, samples, extra)
 
     def wait_until_owned(self, members: list[tuple[subprocess.Popen, Path]], timeout: float = 180.0) -> None:
         """Until each member's latest assignment is non-empty and together they own all 4 partitions."""
@@ -182,8 +182,10 @@ def test_two_trainers_split_the_partitions_both_count_and_a_sigkill_loses_no_com
     first, second = group.start(), group.start()
     try:
         group.wait_until_owned([first, second])
-        group.produce(samples[:1600])
+        group.produce(samples[:1600], extra=[b"not json", b'{"schema_version": 1}'])  # skipped, never fatal
         group.wait_until_committed()
+        logs = "".join(log.read_text() for _, log in (first, second))
+        assert "skipped 2 invalid records" in logs or logs.count("skipped 1 invalid records") == 2
         records = group.records()
         by_member: dict[str, dict[int, list[list[int]]]] = {}
         for r in records:
@@ -212,7 +214,8 @@ def test_two_trainers_split_the_partitions_both_count_and_a_sigkill_loses_no_com
         first[0].wait()
         before_restart = group.wait_until_committed()
         known = {r["member"] for r in group.records()}
-        group.start()  # the restarted trainer joins again and resumes from the committed offsets
+        third = group.start()  # the restarted trainer joins again and resumes from the committed offsets
+        group.wait_until_owned([second, third])
         group.produce(samples[3200:])
         ends = group.wait_until_committed()
     finally:

@@ -16,6 +16,7 @@ class OnlineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.records = Counter("recsys_online_records", "records read from the samples topic", registry=r)
+        self.rejected = Counter("recsys_online_rejected", "records skipped as invalid samples", registry=r)
         self.samples = Counter("recsys_online_samples", "valid samples trained on", registry=r)
         self.flushes = Counter("recsys_online_flushes", "flushes by the guard's decision", ["decision"], registry=r)
         self.auc = Gauge("recsys_online_auc", "progressive-validation AUC of the last judged flush", registry=r)

@@ -171,9 +171,18 @@ class OnlineTrainer:
             await consumer.stop()
 
     def train(self, values: list[bytes | None]) -> None:
-        records_before = self.stats.records
+        records_before, rejected_before = self.stats.records, sum(self.stats.rejected.values())
         samples, _ = parse_samples(values, stats=self.stats)
         self.metrics.records.inc(self.stats.records - records_before)
+        rejected = sum(self.stats.rejected.values()) - rejected_before
+        if rejected:  # never fatal: the valid samples beside them train
+            self.metrics.rejected.inc(rejected)
+            log.warning(
+                "skipped %d invalid records (so far %s); e.g. %s",
+                rejected,
+                dict(self.stats.rejected),
+                self.stats.examples[-1],
+            )
         if samples:
             self.learner.train_batch(to_columns(samples))
             self.metrics.samples.inc(len(samples))
