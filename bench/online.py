@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.settings import ParamServerSettings, Settings, TrainingSettings
     from feature_repo.spec import SPEC
     from paramserver import open_store
+    from traffic.simulator import SimConfig
+    from traffic.synthetic import simulate_samples
     from training import trainer
     from training.data import to_columns
     from training.model import DenseArch, ModelConfig
@@ -50,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     from training.online.learner import LearnerConfig, OnlineLearner
     from training.online.rows import dense_table
     from training.params import table_configs
-    from traffic.simulator import SimConfig
-    from traffic.synthetic import simulate_samples
 
     torch.set_num_threads(args.threads)
     s = Settings()
