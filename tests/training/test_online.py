@@ -248,3 +248,23 @@ def test_a_batch_where_a_feature_has_no_ids_pools_it_to_zeros_and_trains() -> No
     scores = learner.train_batch(to_columns(bare))
     assert scores.shape == (4,) and np.isfinite(scores).all()
     assert "genres" not in learner.cache.deltas() and "item_id" in learner.cache.deltas()
+
+
+def test_dense_weights_are_written_on_their_slower_cadence_named_by_parameter_version(tmp_path) -> None:
+    from training.model import load_dense
+    from training.online.service import OnlineTrainer
+
+    store, config = _learner_store()
+    learner = OnlineLearner(store, config, Guard(GUARD))
+    s = Settings().override(online={"dense_dir": tmp_path, "dense_publish_interval_s": 3600})
+    trainer = OnlineTrainer(s, store, learner)
+    trainer._publish_dense(7)
+    assert not list(tmp_path.iterdir()), "only the owner of partition 0 writes them"
+    trainer.owned = {0, 2}
+    trainer._publish_dense(8)
+    trainer._publish_dense(9)  # within the interval: not written again
+    assert [p.name for p in tmp_path.iterdir()] == ["dense-v8.pt"]
+    loaded_config, arch, extra = load_dense(tmp_path / "dense-v8.pt")
+    assert loaded_config == config.model and extra == {"ps_version": 8}
+    for name, value in learner.dense.state_dict().items():
+        assert torch.equal(arch.state_dict()[name], value)
