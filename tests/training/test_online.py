@@ -147,6 +147,20 @@ def test_row_cache_applies_row_wise_adagrad_and_owes_exactly_its_updates() -> No
     assert cache.deltas() == {}
 
 
+def test_row_cache_grows_past_its_first_capacity_keeping_every_row() -> None:
+    store = _store()
+    cache = RowCache(store, ["a", "b"])
+    batches = [np.arange(k * 700, (k + 1) * 700, dtype=np.int64) for k in range(4)]  # 2800 ids: grows twice
+    for ids in batches:
+        cache.slots({"a": ids})
+    everything = np.concatenate(batches)
+    slots = cache.slots({"a": everything})["a"]
+    assert cache.rows("a") == len(everything) and cache.pulled == len(everything)
+    np.testing.assert_array_equal(cache.weights("a", slots), store.pull("a", everything).weights)
+    cache.adagrad("a", slots[-3:], np.ones((3, 4), np.float32), lr=0.1)
+    np.testing.assert_array_equal(cache.deltas()["a"][0], everything[-3:])
+
+
 # --------------------------------------------------------------------------- the learner
 
 

@@ -39,8 +39,11 @@ def dense_table(n_params: int) -> TableConfig:
 
 
 class _Table:
+    """Cached rows of one table in arrays that grow by doubling (slot i holds ``ids[i]``; ``n`` slots used)."""
+
     def __init__(self, dim: int, state_dim: int) -> None:
         self.slot: dict[int, int] = {}
+        self.n = 0
         self.ids = np.zeros(0, np.int64)
         self.weights = np.zeros((0, dim), np.float32)
         self.state = np.zeros((0, state_dim), np.float32)
@@ -49,19 +52,24 @@ class _Table:
         self.touched = np.zeros(0, bool)
 
     def __len__(self) -> int:
-        return len(self.slot)
+        return self.n
 
     def add(self, rows: Rows) -> None:
-        start = len(self.slot)
+        count = len(rows.ids)
+        if self.n + count > len(self.ids):
+            capacity = max(1024, 2 * (self.n + count))
+            for name in ("ids", "weights", "state", "delta_w", "delta_s", "touched"):
+                old = getattr(self, name)
+                grown = np.zeros((capacity, *old.shape[1:]), old.dtype)
+                grown[: self.n] = old[: self.n]
+                setattr(self, name, grown)
         for k, i in enumerate(rows.ids.tolist()):
-            self.slot[i] = start + k
-        n = len(rows.ids)
-        self.ids = np.concatenate([self.ids, rows.ids])
-        self.weights = np.concatenate([self.weights, rows.weights])
-        self.state = np.concatenate([self.state, rows.state])
-        self.delta_w = np.concatenate([self.delta_w, np.zeros((n, self.weights.shape[1]), np.float32)])
-        self.delta_s = np.concatenate([self.delta_s, np.zeros((n, self.state.shape[1]), np.float32)])
-        self.touched = np.concatenate([self.touched, np.zeros(n, bool)])
+            self.slot[i] = self.n + k
+        end = self.n + count
+        self.ids[self.n : end] = rows.ids
+        self.weights[self.n : end] = rows.weights
+        self.state[self.n : end] = rows.state
+        self.n = end
 
 
 class RowCache:
@@ -114,7 +122,7 @@ class RowCache:
         """Per table, the touched ids and their deltas [n, dim + state_dim] (vectors, then Adagrad state)."""
         out = {}
         for name, table in self._tables.items():
-            hit = np.flatnonzero(table.touched)
+            hit = np.flatnonzero(table.touched[: table.n])
             if len(hit):
                 out[name] = (table.ids[hit], np.hstack([table.delta_w[hit], table.delta_s[hit]]))
         return out
@@ -144,7 +152,7 @@ class RowCache:
         for name, ids in changed.items():
             table = self._tables.get(name)
             if table is not None and len(table):
-                cached = ids[np.isin(ids, table.ids)]
+                cached = ids[np.isin(ids, table.ids[: table.n])]
                 if len(cached):
                     requests[name] = cached
         count = 0

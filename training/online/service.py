@@ -208,12 +208,12 @@ class OnlineTrainer:
 
     async def _commit(self, offsets: dict[int, list[int]]) -> None:
         from aiokafka import TopicPartition
-        from aiokafka.errors import CommitFailedError, IllegalStateError
+        from aiokafka.errors import KafkaError
 
         topic = self.s.kafka.topic_samples
         try:
             await self._consumer.commit({TopicPartition(topic, p): span[1] for p, span in offsets.items()})
-        except (CommitFailedError, IllegalStateError) as exc:
+        except KafkaError as exc:
             # the group moved on without us: the next owner re-reads these samples (at-least-once)
             log.warning("offsets %s not committed (%s): their samples will be trained on again", offsets, exc)
 
