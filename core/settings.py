@@ -257,6 +257,64 @@ class TrainingSettings(BaseSettings):
     )
 
 
+class OnlineTrainingSettings(BaseSettings):
+    """The online trainer (`recsys train online`): its consumer group, flush cadence and publishing guard.
+
+    The model's shape and learning rates are the batch trainer's (``TrainingSettings``): one model.
+    """
+
+    model_config = _section("ONLINE_")
+
+    group_id: str = Field(
+        "recsys-online-trainer",
+        pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+        description="Kafka consumer group of the online trainers: N processes share the partitions of the samples",
+    )
+    batch_size: int = Field(256, ge=1, le=1 << 16, description="samples per training step")
+    flush_interval_s: float = Field(
+        2.0, gt=0, le=5.0, description="how often a trainer pushes its accumulated deltas as one parameter version"
+    )
+    flush_max_samples: int = Field(
+        0, ge=0, description="also flush after this many samples since the last flush (0: by time only)"
+    )
+    dense_publish_interval_s: float = Field(
+        60.0, gt=0, description="how often the dense weights are written as a named artifact (slower than flushes)"
+    )
+    dense_dir: Path | None = Field(
+        None, description="folder of the published dense artifacts (default: run_dir/online)"
+    )
+    journal_dir: Path | None = Field(
+        None, description="folder of a per-flush journal (version, offsets, deltas), for audits and tests; None: off"
+    )
+    torch_threads: int = Field(
+        1, ge=1, le=256, description="intra-op threads of one trainer (scale out with more trainers, not threads)"
+    )
+    poll_timeout_ms: int = Field(200, ge=1, le=60_000, description="longest wait of one fetch from Kafka")
+    session_timeout_s: float = Field(
+        10.0, ge=6, description="Kafka group session timeout: how soon a dead trainer's partitions move to the others"
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of a trainer (0: off)")
+    # the publishing guard (progressive validation): see training/online/guard.py
+    guard_margin: float = Field(
+        0.05, gt=0, lt=1, description="a flush whose AUC is this far below the trailing level is not published"
+    )
+    guard_log_loss_margin: float = Field(
+        0.15, gt=0, description="... or whose log loss is this far above the trailing level"
+    )
+    guard_max_calibration: float = Field(
+        3.0, gt=1, description="... or whose calibration (mean score / click rate) is beyond this factor either way"
+    )
+    guard_trailing_flushes: int = Field(
+        20, ge=1, le=10_000, description="published flushes the trailing level averages over"
+    )
+    guard_warmup_flushes: int = Field(
+        3, ge=1, le=10_000, description="published flushes needed before the guard judges (cold start)"
+    )
+    guard_min_samples: int = Field(
+        200, ge=2, description="a flush with fewer scored samples (or one class only) is not judged on its own"
+    )
+
+
 class ServingSettings(BaseSettings):
     """The recommendation API: address, limits, caches, what it loads and how often it looks again."""
 
@@ -521,6 +579,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "gate": GateSettings,
     "stream": StreamSettings,
     "sim": SimulatorSettings,
+    "online": OnlineTrainingSettings,
 }
 
 SectionT = TypeVar("SectionT", bound=BaseSettings)
@@ -543,6 +602,7 @@ class Settings(BaseModel):
     gate: GateSettings = Field(default_factory=GateSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
     sim: SimulatorSettings = Field(default_factory=SimulatorSettings)
+    online: OnlineTrainingSettings = Field(default_factory=OnlineTrainingSettings)
 
     def override(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections replaced, validated like the environment's values:

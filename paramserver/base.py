@@ -50,6 +50,7 @@ class ParamStore(Protocol):
     def pull_many(self, requests: dict[str, np.ndarray]) -> dict[str, Rows]: ...
     def push(self, updates: dict[str, Rows], unchanged_since: int | None = None) -> int: ...
     def push_delta(self, table: str, ids: np.ndarray, deltas: np.ndarray) -> int: ...
+    def push_deltas(self, deltas: dict[str, tuple[np.ndarray, np.ndarray]]) -> int: ...
     def version(self) -> int: ...
     def changed_since(self, version: int) -> dict[str, np.ndarray]: ...
     def snapshot(self, path: str | os.PathLike) -> SnapshotInfo: ...
@@ -173,28 +174,40 @@ class BaseStore:
         state). Repeated ids add up. Read-add-write runs under the push lock, so concurrent
         deltas from several trainers to the same row all count.
         """
-        config = self.table(table)
-        ids = check_ids(ids)
-        deltas_arr = np.asarray(deltas) if not isinstance(deltas, np.ndarray) else deltas
-        width = deltas_arr.shape[1] if deltas_arr.ndim == 2 else -1
-        if width not in (config.dim, config.dim + config.state_dim):
-            raise BadRows(
-                f"deltas for {table}: expected shape ({len(ids)}, {config.dim}) or "
-                f"({len(ids)}, {config.dim + config.state_dim}), got {deltas_arr.shape}"
-            )
-        deltas_arr = check_matrix(deltas_arr, len(ids), width, f"deltas for {table}")
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        summed = np.zeros((len(uniq), width), dtype=np.float64)
-        np.add.at(summed, inverse, deltas_arr)
+        return self.push_deltas({table: (ids, deltas)})
+
+    def push_deltas(self, deltas: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+        """``push_delta`` of several tables as ONE new version (all or nothing): an online trainer's flush."""
+        summed: dict[str, tuple[TableConfig, np.ndarray, np.ndarray]] = {}
+        for table, (ids, rows) in deltas.items():
+            config = self.table(table)
+            ids = check_ids(ids)
+            deltas_arr = np.asarray(rows) if not isinstance(rows, np.ndarray) else rows
+            width = deltas_arr.shape[1] if deltas_arr.ndim == 2 else -1
+            if width not in (config.dim, config.dim + config.state_dim):
+                raise BadRows(
+                    f"deltas for {table}: expected shape ({len(ids)}, {config.dim}) or "
+                    f"({len(ids)}, {config.dim + config.state_dim}), got {deltas_arr.shape}"
+                )
+            deltas_arr = check_matrix(deltas_arr, len(ids), width, f"deltas for {table}")
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            total = np.zeros((len(uniq), width), dtype=np.float64)
+            np.add.at(total, inverse, deltas_arr)
+            summed[table] = (config, uniq, total)
+        if not summed:
+            raise BadRows("push_deltas: no tables given")
         with self._locked() as lock:
-            data, found, _ = self._read(config, uniq)
-            weights, state = self._decode_with_init(config, uniq, data, found)
-            new_w = (weights + summed[:, : config.dim]).astype(np.float32)
-            new_s = (state + summed[:, config.dim :]).astype(np.float32) if width > config.dim else state
-            check_matrix(new_w, len(uniq), config.dim, f"{table} after delta", config.storage_dtype == "float16")
-            check_matrix(new_s, len(uniq), config.state_dim, f"{table} state after delta")
-            data = np.frombuffer(encode_rows(config, new_w, new_s), np.uint8).reshape(len(uniq), config.row_bytes)
-            return self._write(lock, {table: (uniq, data)})
+            encoded: Encoded = {}
+            for table, (config, uniq, total) in summed.items():
+                data, found, _ = self._read(config, uniq)
+                weights, state = self._decode_with_init(config, uniq, data, found)
+                new_w = (weights + total[:, : config.dim]).astype(np.float32)
+                new_s = (state + total[:, config.dim :]).astype(np.float32) if total.shape[1] > config.dim else state
+                check_matrix(new_w, len(uniq), config.dim, f"{table} after delta", config.storage_dtype == "float16")
+                check_matrix(new_s, len(uniq), config.state_dim, f"{table} state after delta")
+                rows = np.frombuffer(encode_rows(config, new_w, new_s), np.uint8).reshape(len(uniq), config.row_bytes)
+                encoded[table] = (uniq, rows)
+            return self._write(lock, encoded)
 
     def changes(self, since: int) -> tuple[int, Encoded]:
         """The latest encoded rows of every id written after version ``since``, and the version they reach.

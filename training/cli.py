@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from core.cli_support import console, fail
+from training.online import cli as online_cli
 from training.outcome import JobOutcome, JobStatus
 
 app = typer.Typer(invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False)
@@ -112,6 +113,7 @@ def launch(
 
 @app.callback()
 def train(
+    ctx: typer.Context,
     ranks: Annotated[
         int | None, typer.Option(min=1, max=512, help="torchrun ranks [default: RECSYS_TRAIN_RANKS]")
     ] = None,
@@ -131,7 +133,12 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
     check: Annotated[bool, typer.Option(help="check Kafka, the parameter service and MLflow first")] = True,
 ) -> None:
-    """Train on the samples that arrived since the last job; push rows, log and register the model."""
+    """Train on the samples that arrived since the last job; push rows, log and register the model.
+
+    `recsys train online` runs the continuous trainer instead (see its --help).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from pydantic import ValidationError
 
     from core.settings import Settings, describe_error
@@ -201,6 +208,9 @@ def _print_outcome(outcome: JobOutcome) -> None:
         f"throughput: {m['samples_per_s_with_ps']:.0f} samples/s with pull+push "
         f"(pull {t['pull_s']:.2f}s, train {t['train_s']:.2f}s, push {t['push_s']:.2f}s)"
     )
+
+
+app.command("online")(online_cli.online)
 
 
 if __name__ == "__main__":  # `python -m training.cli`: the lifecycle runs the job this way (recsys.cli mounts `app`)

@@ -75,3 +75,35 @@ def test_unreachable_mlflow_is_named(monkeypatch: pytest.MonkeyPatch, kafka_boot
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1
     assert f"MLflow at {dead} is unreachable" in result.output
+
+
+def test_online_trainer_rejects_bad_settings_with_the_variable_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, RECSYS_ONLINE_FLUSH_INTERVAL_S="30")  # more than the 5 s the issue allows
+    result = runner.invoke(app, ["train", "online"])
+    assert result.exit_code == 2
+    assert "invalid configuration" in result.output and "RECSYS_ONLINE_FLUSH_INTERVAL_S" in result.output
+    result = runner.invoke(app, ["train", "online", "--metrics-port", "70000"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.integration
+def test_online_trainer_names_an_unreachable_parameter_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"redis://{_dead_url()}/0"
+    _env(monkeypatch, RECSYS_PS_SHARDS=json.dumps([dead]), RECSYS_PS_TIMEOUT_S="1")
+    result = runner.invoke(app, ["train", "online"])
+    assert result.exit_code == 1
+    assert "the parameter service" in result.output and "is unusable" in result.output
+
+
+@pytest.mark.integration
+def test_online_trainer_names_unreachable_kafka(monkeypatch: pytest.MonkeyPatch, redis_server) -> None:
+    dead = _dead_url()
+    _env(
+        monkeypatch,
+        RECSYS_KAFKA_BOOTSTRAP=dead,
+        RECSYS_PS_SHARDS=json.dumps([redis_server.url]),
+        RECSYS_PS_NAMESPACE="onlinecli",
+    )
+    result = runner.invoke(app, ["train", "online"])
+    assert result.exit_code == 1
+    assert f"Kafka at {dead} is unreachable" in result.output
