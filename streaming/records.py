@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -85,6 +85,7 @@ class Record(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 class Outgoing(NamedTuple):
@@ -128,13 +130,20 @@ class PartitionState:
     chunk_key: str = ""
 
 
+def _original_headers(record: Record) -> tuple[tuple[str, bytes], ...]:
+    # the client's own headers (trace ids, schema hints, ...) come first; ours after them, so a reader
+    # taking the last value of a name gets ours even if the client used the same name
+    return tuple((name, value or b"") for name, value in record.headers or ())  # (Kafka allows null values)
+
+
 def dead_letter(record: Record, reason: str, message: str, source_topic: str) -> Outgoing:
-    """The record for the dead-letter topic: the original bytes, untouched, and why in the headers."""
+    """The record for the dead-letter topic: the original bytes and headers, untouched, and why in more headers."""
     return Outgoing(
         "deadletter",
         record.key,
         record.value or b"",
-        (
+        _original_headers(record)
+        + (
             ("reason", reason.encode()),
             ("message", message[:1000].encode("utf-8", "replace")),
             ("source_topic", source_topic.encode()),
@@ -145,12 +154,13 @@ def dead_letter(record: Record, reason: str, message: str, source_topic: str) ->
 
 
 def late_click(record: Record, sid: str, reason: str) -> Outgoing:
-    """The record for the late-click topic: the click's bytes and the sample it came too late for."""
+    """The record for the late-click topic: the click's bytes and headers, and the sample it came too late for."""
     return Outgoing(
         "late",
         record.key,
         record.value or b"",
-        (
+        _original_headers(record)
+        + (
             ("reason", reason.encode()),
             ("sample_id", sid.encode()),
             ("source_partition", str(record.partition).encode()),
@@ -160,4 +170,5 @@ def late_click(record: Record, sid: str, reason: str) -> Outgoing:
 
 
 def headers_dict(headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Headers by name; of a name given twice, the last value (the worker's, after the client's own)."""
     return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)) for k, v in (headers or ())}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.settings import Settings
-from feature_repo.contract import Sample, sample_id
+from feature_repo.contract import RejectReason, Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded
 from streaming.processor import Processor
 from streaming.records import DictKV, Outgoing, ProcessorConfig, RawRecord, headers_dict
@@ -128,6 +131,38 @@ def test_every_malformed_kind_is_dead_lettered_with_reason_and_good_neighbours_s
     # the good impression and its click, on both sides of the bad records, made a positive sample
     [sample] = samples_of(result.out)
     assert sample.label == 1 and sample.sample_id == sample_id("r1", "i1")
+
+
+def test_dead_letters_and_late_clicks_keep_the_records_own_headers():
+    proc, _ = make()
+    client = (("trace_id", b"t-42"), ("reason", b"client's own"), ("empty", None))
+    bad = RawRecord(0, 0, b"u1", b"[1, 2]", headers=client)
+    result = proc.process_batch([bad])
+    [letter] = [o for o in result.out if o.kind == "deadletter"]
+    assert letter.headers[:3] == (("trace_id", b"t-42"), ("reason", b"client's own"), ("empty", b""))
+    assert headers_dict(letter.headers)["reason"] == "not_an_object"  # ours come last and win by name
+    assert headers_dict(letter.headers)["trace_id"] == "t-42"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(["impression", "click"]),
+    st.sampled_from(["event_type", "schema_version", "position", "user_id", "timestamp", "features", "propensity"]),
+    JSON_VALUES,
+)
+def test_no_event_value_is_an_internal_error(event_type, field, value):
+    proc, _ = make()
+    event = impression("e1", T0) if event_type == "impression" else click("c1", T0)
+    out = proc.process_batch([Feed().raw(json.dumps({"schema_version": 1, **event, field: value}).encode())]).out
+    reasons = [headers_dict(o.headers)["reason"] for o in out if o.kind == "deadletter"]
+    assert set(reasons) <= {r.value for r in RejectReason}
 
 
 def test_logged_features_that_break_the_spec_are_dead_lettered():
