@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from feature_repo.contract import Click, Impression, InvalidEvent, RejectReason, UserProfile, parse_event
+from feature_repo.contract import Click, Impression, InvalidEvent, ItemProfile, RejectReason, UserProfile, parse_event
 from feature_repo.spec import EncodedEntity, encode_item, encode_user, validate_encoded
 from streaming import metrics
 from streaming.joiner import Joiner
@@ -60,6 +60,8 @@ from streaming.records import (
     ProcessorConfig,
     Record,
     dead_letter,
+    is_rekeyed,
+    rekeyed,
 )
 
 log = logging.getLogger("streaming.processor")
@@ -73,6 +75,7 @@ _COUNTERS = {
     "late": metrics.LATE_CLICKS,
     "stale": metrics.STALE_PROFILES,
     "redelivered": metrics.REDELIVERED,
+    "rekeyed": metrics.REKEYED,
 }
 
 # most event ids per de-duplication chunk (one changelog record): ids are <= 256 chars, so a chunk stays
@@ -94,8 +97,13 @@ class Processor:
         items: KV,
         wall: Callable[[], float] = time.time,
         caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True,
+        home_partition: Callable[[bytes], int | None] | None = None,
     ) -> None:
         self.config = config
+        # key -> the events partition Kafka's default partitioner gives it (None: not known yet); None: one
+        # partition, or a test that does not route (a single process holds every partition's tables anyway)
+        self.home_partition = home_partition
+        self._homes: dict[str, int] = {}
         # (partition, next offset) -> has this worker read everything the partition holds? Only a
         # caught-up partition counts as idle: a busy or restarting worker must not close windows early.
         self.caught_up = caught_up
@@ -252,8 +260,19 @@ class Processor:
             except ValueError as exc:
                 self._deadletter(record, RejectReason.BAD_VALUE.value, f"logged features: {exc}", result.out)
                 return
-        self.tally[("events", kind)] += 1
         p = record.partition
+        if self.home_partition is not None and not isinstance(event, ItemProfile) and not is_rekeyed(record):
+            home = self._homes.get(event.user_id)
+            if home is None:
+                home = self._home(event.user_id)
+            if home is not None and home != p:
+                # keyed by something else than its user (null, empty, another user's key, a custom partitioner):
+                # its impression, its click and its profile would be on different partitions, owned by different
+                # workers, and never join. Re-published under its user's key, it is processed where they are.
+                self.tally[("rekeyed", kind)] += 1
+                result.out.append(rekeyed(record, event.user_id.encode()))
+                return
+        self.tally[("events", kind)] += 1
         if event.timestamp > state.watermark:
             state.watermark = event.timestamp
             state.anchor_wall = now
@@ -298,6 +317,15 @@ class Processor:
                 encode_item(event.item_id, event.model_dump()),
                 event.timestamp,
             )
+
+    def _home(self, user_id: str) -> int | None:
+        assert self.home_partition is not None
+        home = self.home_partition(user_id.encode())
+        if home is not None:
+            if len(self._homes) >= 500_000:
+                self._homes.clear()
+            self._homes[user_id] = home
+        return home
 
     def _expire(self, p: int, state: PartitionState, out: list[Outgoing], now: float) -> None:
         self.joiner.expire(p, state, out, now)

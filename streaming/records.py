@@ -23,6 +23,8 @@ MISSING_KEY = "missing_value"
 LATE_AFTER_NEGATIVE = "after_negative"
 LATE_AFTER_WINDOW = "after_window"
 LATE_NO_IMPRESSION = "no_impression"
+# the header of an event the worker re-published under its owner's key (value: "partition:offset" of the original)
+REKEYED_FROM = "rekeyed_from"
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,20 @@ class DictKV(dict[str, Any]):
 class Record(Protocol):
     """What the processor reads of a Kafka record (aiokafka's ``ConsumerRecord`` is one, as is ``RawRecord``)."""
 
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 @dataclass(frozen=True)
@@ -151,6 +162,25 @@ def dead_letter(record: Record, reason: str, message: str, source_topic: str) ->
             ("source_offset", str(record.offset).encode()),
         ),
     )
+
+
+def rekeyed(record: Record, key: bytes) -> Outgoing:
+    """The event again, for the events topic under its owner's key: the original bytes and headers, and where it was.
+
+    ``kind`` "events": the worker sends it to the partition Kafka's default partitioner gives ``key``.
+    """
+    original_key = () if record.key is None else (("original_key", record.key),)
+    return Outgoing(
+        "events",
+        key,
+        record.value or b"",
+        _original_headers(record) + original_key + ((REKEYED_FROM, f"{record.partition}:{record.offset}".encode()),),
+    )
+
+
+def is_rekeyed(record: Record) -> bool:
+    """Was this record re-published by a worker? (It is then processed where it is, never forwarded again.)"""
+    return any(name == REKEYED_FROM for name, _ in record.headers or ())
 
 
 def late_click(record: Record, sid: str, reason: str) -> Outgoing:

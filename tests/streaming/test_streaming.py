@@ -223,6 +223,77 @@ def test_dedup_chunks_are_capped(monkeypatch):
     }
 
 
+def test_an_event_on_another_partition_than_its_users_is_re_published_under_the_user_id():
+    homes = {b"u1": 1, b"u2": 0}
+    clock = Clock(T0 + 100)
+    cfg = config(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2)
+    proc = Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock, home_partition=homes.get)
+    on_1, on_0 = Feed(partition=1), Feed(partition=0)
+    out = proc.process_batch(
+        [
+            on_1.event(**impression("e1", T0)),
+            # a click with a null key, one with u2's key, a user profile keyed by nothing: all on partition 0
+            on_0.raw(orjson.dumps({"schema_version": 1, **click("c1", T0 + 1)}), key=None),
+            on_0.raw(orjson.dumps({"schema_version": 1, **click("c2", T0 + 1, item="i2")}), key=b"u2"),
+            on_0.raw(
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "event_type": "user_profile",
+                        "event_id": "p1",
+                        "timestamp": T0,
+                        "user_id": "u1",
+                    }
+                ),
+                key=b"",
+            ),
+            # an item profile goes to every worker's GlobalTable: wherever it is, it is processed there
+            on_0.raw(
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "event_type": "item_profile",
+                        "event_id": "p2",
+                        "timestamp": T0,
+                        "item_id": "i1",
+                    }
+                ),
+                key=None,
+            ),
+            # u2's own event on u2's partition, under a null key: processed in place
+            on_0.raw(orjson.dumps({"schema_version": 1, **impression("e2", T0, user="u2")}), key=None),
+        ]
+    ).out
+    forwarded = [o for o in out if o.kind == "events"]
+    assert [(o.key, orjson.loads(o.value)["event_id"]) for o in forwarded] == [
+        (b"u1", "c1"),
+        (b"u1", "c2"),
+        (b"u1", "p1"),
+    ]
+    assert [headers_dict(o.headers)["rekeyed_from"] for o in forwarded] == ["0:0", "0:1", "0:2"]
+    assert headers_dict(forwarded[1].headers)["original_key"] == "u2"
+    assert "original_key" not in headers_dict(forwarded[0].headers)
+    assert not samples_of(out) and not [o for o in out if o.kind == "late"]
+    assert (
+        proc.items.get("i1") is not None
+        and proc.joins.get(
+            sample_id(
+                "r1",
+                "i1",
+            )
+        )
+        is not None
+    )
+    # the copies, read back from u1's partition, join there; a copy is never forwarded again
+    copies = [RawRecord(1, on_1.offset + n, o.key, o.value, headers=o.headers) for n, o in enumerate(forwarded)]
+    out = proc.process_batch(copies).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["no_impression"]  # i2: none
+    assert proc.users.get("u1") is not None
+    stray = RawRecord(3, 0, b"u1", copies[0].value, headers=copies[0].headers)
+    assert [o.kind for o in proc.process_batch([stray]).out] == []  # processed there (a retry of c1: dropped)
+
+
 def test_click_in_window_is_positive_and_silence_is_negative():
     proc, _ = make()
     feed = Feed()
