@@ -1,10 +1,16 @@
 """The joiner: an impression waits in the ``joins`` table for its click until event time passes its deadline.
 
-The whole life of an impression (open, positive, negative) is one key of ``joins`` (its sample id),
-so the state restored for it after a crash is a prefix of its transitions (``streaming.processor``
-says why the labels survive a crash). An open entry holds what its sample needs; a resolved entry
-keeps only its status and times, for ``resolved_retention_s`` of wall time, to tell late clicks
-and impression retries apart.
+The whole life of an impression (held click, open, positive, negative) is one key of ``joins`` (its
+sample id), so the state restored for it after a crash is a prefix of its transitions
+(``streaming.processor`` says why the labels survive a crash). An open entry holds what its sample
+needs; a resolved entry keeps only its status and times, for ``resolved_retention_s`` of wall time,
+to tell late clicks and impression retries apart.
+
+A click that comes before its impression (another device, or another partition, uploaded first) is
+held under the same key (``HELD``: the click record itself, to send it on if nothing comes) until
+event time passes ``click time + early_click_wait_s``; its impression arriving within that resolves
+the entry positive at once. A held click whose wait ends goes to the late topic as ``no_impression``
+and is forgotten (an impression arriving after that is an impression without a click: label 0).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from streaming.records import (
     LATE_AFTER_NEGATIVE,
     LATE_AFTER_WINDOW,
     LATE_NO_IMPRESSION,
+    LATE_TOO_OLD_TO_WAIT,
     Outgoing,
     PartitionState,
     ProcessorConfig,
+    RawRecord,
     Record,
     late_click,
 )
@@ -33,7 +41,31 @@ from streaming.records import (
 if TYPE_CHECKING:
     from feature_repo.contract import Click, Impression
 
-OPEN, POSITIVE, NEGATIVE = "o", "p", "n"
+OPEN, POSITIVE, NEGATIVE, HELD = "o", "p", "n", "c"
+
+
+def _held_entry(p: int, ts: float, record: Record) -> dict[str, Any]:
+    """A held click: what its late record needs if no impression comes (bytes kept exactly: latin-1 is 1:1)."""
+    return {
+        "st": HELD,
+        "p": p,
+        "ts": ts,
+        "o": record.offset,
+        "k": None if record.key is None else record.key.decode("latin-1"),
+        "v": (record.value or b"").decode("latin-1"),
+        "h": [[name, (value or b"").decode("latin-1")] for name, value in record.headers or ()],
+    }
+
+
+def _held_record(entry: Mapping[str, Any]) -> Record:
+    key = entry["k"]
+    return RawRecord(
+        entry["p"],
+        entry["o"],
+        None if key is None else key.encode("latin-1"),
+        entry["v"].encode("latin-1"),
+        headers=tuple((name, value.encode("latin-1")) for name, value in entry["h"]),
+    )
 
 
 def sample_bytes(sid: str, entry: Mapping[str, Any], label: int) -> bytes:
@@ -93,6 +125,8 @@ class Joiner:
                 continue
             if entry["st"] == OPEN:
                 state.open_heap.append((entry["ts"] + window, sid))
+            elif entry["st"] == HELD:
+                state.held_heap.append((entry["ts"] + self.config.early_click_wait_s, sid))
             else:
                 state.resolved_heap.append((entry.get("at", 0.0), sid))
 
@@ -105,18 +139,28 @@ class Joiner:
         return sum(1 for _, sid in state.open_heap if (self.joins.get(sid) or {}).get("st") == OPEN)
 
     def waits(self, state: PartitionState) -> bool:
-        """Does an impression of this partition wait for its window? (Drops the heap's resolved heads.)"""
-        heap = state.open_heap
-        while heap and (self.joins.get(heap[0][1]) or {}).get("st") != OPEN:
-            heapq.heappop(heap)  # resolved by a click: nothing waits on it
-        return bool(heap)
+        """Does an impression (or a held click) of this partition wait on event time? (Drops resolved heads.)"""
+        for heap, status in ((state.open_heap, OPEN), (state.held_heap, HELD)):
+            while heap and (self.joins.get(heap[0][1]) or {}).get("st") != status:
+                heapq.heappop(heap)  # resolved: nothing waits on it
+        return bool(state.open_heap or state.held_heap)
 
     # ------------------------------------------------------------------ events
 
-    def impression(self, event: Impression, p: int, state: PartitionState) -> None:
+    def impression(self, event: Impression, p: int, state: PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
-        if self.joins.get(sid) is not None:
-            return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
+        held = self.joins.get(sid)
+        if held is not None:
+            if held["st"] != HELD:
+                return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
+            if state.watermark > held["ts"] + self.config.early_click_wait_s:
+                # the click's wait is over in event time even if expiry has not run yet: it is late, and this
+                # is an impression without a click
+                self._late(_held_record(held), sid, LATE_NO_IMPRESSION, out)
+                held = None
+            elif held["ts"] > event.timestamp + self.config.attribution_window_s:
+                self._late(_held_record(held), sid, LATE_AFTER_WINDOW, out)  # clicked, but after the window
+                held = None
         sparse: Any
         dense: Any
         if event.features is not None:
@@ -141,15 +185,25 @@ class Joiner:
             entry["pr"] = event.propensity
         if event.policy is not None:
             entry["pl"] = event.policy
+        self.tally[("open", "")] += 1
+        if held is not None:  # its click came first and waited for it
+            out.append(self._resolve(p, sid, entry, POSITIVE, state, now))
+            return
         self.joins.put(p, sid, entry)
         heapq.heappush(state.open_heap, (event.timestamp + self.config.attribution_window_s, sid))
-        self.tally[("open", "")] += 1
 
     def click(self, event: Click, record: Record, state: PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
         entry = self.joins.get(sid)
         if entry is None:
-            self._late(record, sid, LATE_NO_IMPRESSION, out)
+            deadline = event.timestamp + self.config.early_click_wait_s
+            if state.watermark > deadline:
+                self._late(record, sid, LATE_TOO_OLD_TO_WAIT, out)
+            else:  # before its impression: held for it
+                self.joins.put(record.partition, sid, _held_entry(record.partition, event.timestamp, record))
+                heapq.heappush(state.held_heap, (deadline, sid))
+        elif entry["st"] == HELD:
+            self.tally[("dup", "click_on_held")] += 1  # a retry of a held click
         elif entry["st"] == OPEN:
             if state.watermark > entry["ts"] + self.config.attribution_window_s:
                 # the window has closed in event time even if expiry has not run yet: negative, click is late
@@ -170,6 +224,13 @@ class Joiner:
             entry = self.joins.get(sid)
             if entry is not None and entry["st"] == OPEN:
                 out.append(self._resolve(p, sid, entry, NEGATIVE, state, now))
+        held = state.held_heap
+        while held and held[0][0] < state.watermark:
+            _, sid = heapq.heappop(held)
+            entry = self.joins.get(sid)
+            if entry is not None and entry["st"] == HELD:
+                self._late(_held_record(entry), sid, LATE_NO_IMPRESSION, out)
+                self.joins.delete(p, sid)
         resolved = state.resolved_heap
         while resolved and resolved[0][0] < now - self.config.resolved_retention_s:
             _, sid = heapq.heappop(resolved)

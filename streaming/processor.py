@@ -148,6 +148,7 @@ class Processor:
                         "partition": p,
                         "open": len(state.open_heap),
                         "resolved": len(state.resolved_heap),
+                        "held_clicks": len(state.held_heap),
                         "dedup_chunks": len(chunks[p]),
                     }
                 },
@@ -296,7 +297,7 @@ class Processor:
             if event.timestamp > chunk["ts"]:
                 chunk["ts"] = event.timestamp
         if isinstance(event, Impression):
-            self.joiner.impression(event, p, state)
+            self.joiner.impression(event, p, state, result.out, now)
         elif isinstance(event, Click):
             self.joiner.click(event, record, state, result.out, now)
         elif isinstance(event, UserProfile):

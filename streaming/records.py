@@ -22,7 +22,16 @@ MISSING_KEY = "missing_value"
 # reasons of the late-click topic
 LATE_AFTER_NEGATIVE = "after_negative"
 LATE_AFTER_WINDOW = "after_window"
-LATE_NO_IMPRESSION = "no_impression"
+LATE_NO_IMPRESSION = "no_impression"  # held for the early-click wait; no impression came
+LATE_TOO_OLD_TO_WAIT = "too_old_to_wait"  # no impression known, and the click's wait was over when it came
+LATE_MESSAGES = {
+    LATE_AFTER_NEGATIVE: "its impression's window had closed: the sample was emitted with label 0",
+    LATE_AFTER_WINDOW: "the click came after its impression's attribution window: the sample has label 0",
+    LATE_NO_IMPRESSION: "held for RECSYS_STREAM_EARLY_CLICK_WAIT_S of event time, its impression never came",
+    LATE_TOO_OLD_TO_WAIT: "no impression known and the partition's event time was already past the click's "
+    "early-click wait: its impression never came, or was resolved and its status forgotten "
+    "(kept RECSYS_STREAM_RESOLVED_RETENTION_S)",
+}
 # the header of an event the worker re-published under its owner's key (value: "partition:offset" of the original)
 REKEYED_FROM = "rekeyed_from"
 
@@ -32,6 +41,7 @@ class ProcessorConfig:
     """What the processor reads of the settings; no defaults here: they live in ``core.settings`` only."""
 
     attribution_window_s: float
+    early_click_wait_s: float
     dedup_window_s: float
     resolved_retention_s: float
     idle_advance_s: float
@@ -45,6 +55,7 @@ class ProcessorConfig:
     def from_settings(cls, settings: Settings) -> ProcessorConfig:
         return cls(
             attribution_window_s=settings.stream.attribution_window_s,
+            early_click_wait_s=settings.stream.early_click_wait_s,
             dedup_window_s=settings.stream.dedup_window_s,
             resolved_retention_s=settings.stream.resolved_retention_s,
             idle_advance_s=settings.stream.idle_advance_s,
@@ -136,6 +147,7 @@ class PartitionState:
     next_offset: int = -1  # offset after the last record handled
     open_heap: list[tuple[float, str]] = field(default_factory=list)  # (deadline, sample id)
     resolved_heap: list[tuple[float, str]] = field(default_factory=list)  # (resolved wall time, sample id)
+    held_heap: list[tuple[float, str]] = field(default_factory=list)  # (end of its wait, sample id): early clicks
     dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (newest event time, chunk key)
     chunk: dict[str, Any] | None = None  # the event ids first seen in the current batch, not yet in the table
     chunk_key: str = ""
@@ -192,6 +204,7 @@ def late_click(record: Record, sid: str, reason: str) -> Outgoing:
         _original_headers(record)
         + (
             ("reason", reason.encode()),
+            ("message", LATE_MESSAGES[reason].encode()),
             ("sample_id", sid.encode()),
             ("source_partition", str(record.partition).encode()),
             ("source_offset", str(record.offset).encode()),

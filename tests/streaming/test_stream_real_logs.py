@@ -24,6 +24,7 @@ from test_streaming_kafka import (
     samples_by_id,
 )
 
+from core.consumer_lag import group_lag
 from feature_repo.contract import click_event, impression_event, sample_id
 from traffic.simulator import SimRecord
 
@@ -123,3 +124,59 @@ def test_two_workers_join_clicks_keyed_by_nothing_or_another_user(make_setup):
     # the test means something only if some click was on the other worker's partition than its impression
     owner = {p: w for w, worker in enumerate((first, second)) for p in _partitions_taken(worker)}
     assert any(owner[p] != owner[_partition_of(orjson.loads(v)["user_id"].encode())] for p, k, v in clicks[::2])
+
+
+def committed_all(setup: Setup) -> int:
+    """Records of the events topic the worker's group has committed (every one processed and durable)."""
+    lags = asyncio.run(group_lag(setup.bootstrap, setup.env["RECSYS_STREAM_APP_ID"], setup.events))
+    return sum(lag.end - lag.lag for lag in lags)
+
+
+@pytest.mark.slow
+def test_clicks_published_seconds_before_their_impressions_get_label_1_across_a_restart(make_setup):
+    setup: Setup = make_setup(idle_advance_s=NEVER_S)
+    setup.env["RECSYS_STREAM_EARLY_CLICK_WAIT_S"] = "3"
+    now = time.time() - 120
+    users = users_with_homes(6)
+    impressions, clicks, expected = [], [], {}
+    for n, user in enumerate(users):
+        ts = now + n * 0.1
+        for item in ("a", "b"):
+            impressions.append(
+                impression_event(
+                    event_id=f"imp-{user}-{item}",
+                    timestamp=ts,
+                    request_id=f"r-{user}",
+                    user_id=user,
+                    item_id=item,
+                    position=0,
+                )
+            )
+            expected[sample_id(f"r-{user}", item)] = int(item == "a")
+        # the click happened after its impression, but its device uploaded first
+        clicks.append(
+            click_event(event_id=f"clk-{user}-a", timestamp=ts + 0.5, request_id=f"r-{user}", user_id=user, item_id="a")
+        )
+    # and one click whose impression never comes
+    orphan = click_event(event_id="clk-orphan", timestamp=now, request_id="r-none", user_id=users[0], item_id="a")
+    first = setup.start_worker()
+    setup.publish([as_sim(e) for e in [*clicks, orphan]])
+    setup.wait_until("the clicks processed and committed", lambda: committed_all(setup), len(clicks) + 1)
+    first.kill()  # the held clicks live in the joins table: a new worker restores them from its changelog
+    time.sleep(2)  # seconds between the clicks and their impressions
+    setup.start_worker()
+    setup.publish([as_sim(e) for e in impressions])
+    setup.wait_until("the impressions' samples", lambda: len(samples_by_id(setup.bootstrap, setup.samples)), len(users))
+    setup.publish(end_of_stream([as_sim(e) for e in impressions]))  # event time passes every window and wait
+    setup.wait_until(
+        "every impression's sample", lambda: len(samples_by_id(setup.bootstrap, setup.samples)), len(expected)
+    )
+    setup.wait_until("the orphan click late", lambda: setup.count(setup.late), 1)
+
+    got = samples_by_id(setup.bootstrap, setup.samples)
+    assert {sid: s.label for sid, s in got.items()} == expected
+    late = [r for r in read_all(setup.bootstrap, setup.late) if orjson.loads(r.value)["event_id"].startswith("clk-")]
+    assert [(orjson.loads(r.value)["event_id"], dict(r.headers)["reason"]) for r in late] == [
+        ("clk-orphan", b"no_impression")
+    ]
+    assert late[0].value == orjson.dumps(orphan)  # the click itself, as its client sent it

@@ -53,7 +53,9 @@ def config(**stream) -> ProcessorConfig:
 
 def make(now: float = T0 + 100) -> tuple[Processor, Clock]:
     clock = Clock(now)
-    cfg = config(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2)
+    cfg = config(
+        attribution_window_s=WINDOW, early_click_wait_s=5, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2
+    )
     return Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock), clock
 
 
@@ -288,7 +290,8 @@ def test_an_event_on_another_partition_than_its_users_is_re_published_under_the_
     copies = [RawRecord(1, on_1.offset + n, o.key, o.value, headers=o.headers) for n, o in enumerate(forwarded)]
     out = proc.process_batch(copies).out
     assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
-    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["no_impression"]  # i2: none
+    assert [o.kind for o in out if o.kind == "late"] == []  # i2's click waits for its impression there
+    assert proc.joins.get(sample_id("r1", "i2"))["p"] == 1
     assert proc.users.get("u1") is not None
     stray = RawRecord(3, 0, b"u1", copies[0].value, headers=copies[0].headers)
     assert [o.kind for o in proc.process_batch([stray]).out] == []  # processed there (a retry of c1: dropped)
@@ -337,12 +340,6 @@ def test_click_past_the_window_before_expiry_ran_is_negative_and_late():
     ).out
     assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
     assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["after_window"]
-
-
-def test_click_without_impression_is_routed_late_not_lost():
-    proc, _ = make()
-    out = proc.process_batch([Feed().event(**click("c1", T0))]).out
-    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["no_impression"]
 
 
 def test_idle_partition_advances_with_the_wall_clock():
@@ -725,3 +722,81 @@ def test_served_model_version_labels_are_capped_and_unknown_ones_bucketed():
     before = served("impressions", OTHER_LABEL, "explore")
     counters.add({(f"{tag}-4", "explore", 0): 3})
     assert served("impressions", OTHER_LABEL, "explore") - before == 3
+
+
+WAIT = 5.0  # make()'s early-click wait
+
+
+def late_reasons(out) -> list[str]:
+    return [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"]
+
+
+def test_a_click_before_its_impression_waits_for_it_and_makes_a_positive():
+    proc, _ = make()
+    feed = Feed()
+    out = proc.process_batch([feed.event(**click("c1", T0 + 1))]).out
+    assert out == [] and proc.joins.get(sample_id("r1", "i1"))["st"] == "c"  # held
+    out = proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**impression("e2", T0, item="i2"))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+    assert late_reasons(out) == []
+    # its impression's retry, and a retry of the click, change nothing
+    out = proc.process_batch([feed.event(**impression("e3", T0)), feed.event(**click("c2", T0 + 1))]).out
+    assert samples_of(out) == [] and late_reasons(out) == []
+
+
+def test_a_held_click_survives_a_restart_and_still_joins():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**click("c1", T0 + 1))])
+    again = restarted(proc, clock)
+    out = again.process_batch([feed.event(**impression("e1", T0))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+
+
+def test_a_held_click_whose_impression_never_comes_goes_late_as_itself_after_the_wait():
+    proc, clock = make()
+    feed = Feed()
+    held = RawRecord(
+        0, feed.offset, b"u1", orjson.dumps({"schema_version": 1, **click("c1", T0)}), headers=(("t", b"\xff"),)
+    )
+    feed.offset += 1
+    assert proc.process_batch([held]).out == []
+    # event time passes the wait on a restored worker (the held click is in the table, not only in memory)
+    proc = restarted(proc, clock)
+    out = proc.process_batch([feed.event(**impression("e9", T0 + WAIT + 1, req="r9"))]).out
+    [late] = [o for o in out if o.kind == "late"]
+    assert late.value == held.value and late.key == held.key and late.headers[0] == ("t", b"\xff")
+    meta = headers_dict(late.headers)
+    assert meta["reason"] == "no_impression" and meta["source_offset"] == "0" and "never came" in meta["message"]
+    # the impression coming after that is one without a click: it waits for its window like any other
+    out = proc.process_batch([feed.event(**impression("e1", T0))]).out
+    assert samples_of(out) == [] and proc.joins.get(sample_id("r1", "i1"))["st"] == "o"
+    out = proc.process_batch([feed.event(**impression("e8", T0 + WINDOW + 1, req="r8"))]).out
+    assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
+
+
+def test_a_click_whose_wait_is_over_when_it_comes_is_late_at_once_saying_why():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e9", T0 + 100, req="r9"))])
+    out = proc.process_batch([feed.event(**click("c1", T0))]).out
+    assert late_reasons(out) == ["too_old_to_wait"]
+    assert "forgotten" in headers_dict(out[0].headers)["message"]
+
+
+def test_a_held_click_after_its_impressions_window_is_late_and_the_impression_negative():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**click("c1", T0 + WINDOW + 2))])
+    out = proc.process_batch([feed.event(**impression("e1", T0))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 0)]
+    assert late_reasons(out) == ["after_window"]
+
+
+def test_a_quiet_stream_ends_the_wait_of_a_held_click():
+    proc, clock = make()
+    proc.process_batch([Feed().event(**click("c1", T0))])
+    clock.now += 1  # not idle yet
+    assert late_reasons(proc.advance_idle()) == []
+    clock.now += WAIT + 1  # idle, and event time follows the clock past the wait
+    assert late_reasons(proc.advance_idle()) == ["no_impression"]
