@@ -11,12 +11,20 @@ held under the same key (``HELD``: the click record itself, to send it on if not
 event time passes ``click time + early_click_wait_s``; its impression arriving within that resolves
 the entry positive at once. A held click whose wait ends goes to the late topic as ``no_impression``
 and is forgotten (an impression arriving after that is an impression without a click: label 0).
+
+One label forever: every resolved sample id is remembered with its label (``PartitionState.labels``,
+changelogged as chunks in table ``resolved``, one record per batch and partition rather than one per
+sample) until its partition's event time is ``max_event_age_s + max_future_skew_s`` past it, when no
+event of it can be accepted any more. A re-sent impression of a remembered id is dropped; a re-sent
+click on it is a duplicate (label 1) or late ``after_negative`` (label 0): a log published twice, after
+de-duplication forgot its event ids and the joins forgot its entries, never gives an id a second label.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +50,8 @@ if TYPE_CHECKING:
     from feature_repo.contract import Click, Impression
 
 OPEN, POSITIVE, NEGATIVE, HELD = "o", "p", "n", "c"
+# most sample ids per label-memory chunk (one changelog record): 1000 x ~40 bytes stays far below Kafka's 1 MB
+LABELS_CHUNK_IDS = 1000
 
 
 def _held_entry(p: int, ts: float, record: Record) -> dict[str, Any]:
@@ -102,6 +112,7 @@ class Joiner:
         self,
         config: ProcessorConfig,
         joins: KV,
+        resolved: KV,
         tally: Counter[tuple[str, str]],
         served: Counter[tuple[str | None, str | None, int]],
         features_for: Callable[[str, str], tuple[Any, Any]],
@@ -109,6 +120,9 @@ class Joiner:
     ) -> None:
         self.config = config
         self.joins = joins
+        self.resolved = resolved
+        # event time a resolved id is remembered: until no event of it can be accepted any more
+        self.labels_horizon_s = config.max_event_age_s + config.max_future_skew_s
         self.tally = tally
         self.served = served
         self.features_for = features_for
@@ -129,6 +143,14 @@ class Joiner:
                 state.held_heap.append((entry["ts"] + self.config.early_click_wait_s, sid))
             else:
                 state.resolved_heap.append((entry.get("at", 0.0), sid))
+        for key, chunk in list(self.resolved.items()):
+            state = states.get(chunk.get("p"))
+            if state is None:
+                continue
+            state.labels.update(zip(chunk["ids"], map(int, chunk["lab"])))
+            state.labels_queue.append((chunk["ts"], key))
+        for state in states.values():
+            state.labels_queue = deque(sorted(state.labels_queue))
 
     def event_times(self, p: int) -> list[float]:
         """Event times of the restored entries of partition ``p`` (a quiet partition's watermark starts there)."""
@@ -150,6 +172,9 @@ class Joiner:
     def impression(self, event: Impression, p: int, state: PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
         held = self.joins.get(sid)
+        if held is None and sid in state.labels:
+            self.tally[("dup", "impression_resolved")] += 1  # re-sent after its entry was forgotten: one label
+            return
         if held is not None:
             if held["st"] != HELD:
                 return  # a retry of the same impression under a new event id, or a re-delivery: first one wins
@@ -195,6 +220,8 @@ class Joiner:
     def click(self, event: Click, record: Record, state: PartitionState, out: list[Outgoing], now: float) -> None:
         sid = sample_id(event.request_id, event.item_id)
         entry = self.joins.get(sid)
+        if entry is None and sid in state.labels:  # resolved, its entry forgotten: what its label says
+            entry = {"st": POSITIVE if state.labels[sid] else NEGATIVE}
         if entry is None:
             deadline = event.timestamp + self.config.early_click_wait_s
             if state.watermark > deadline:
@@ -235,8 +262,44 @@ class Joiner:
         while resolved and resolved[0][0] < now - self.config.resolved_retention_s:
             _, sid = heapq.heappop(resolved)
             entry = self.joins.get(sid)
-            if entry is not None and entry["st"] != OPEN:
+            if entry is not None and entry["st"] in (POSITIVE, NEGATIVE):
+                if sid not in state.labels:  # (its label chunk was lost in a crash mid-changelog: kept now)
+                    self._remember(p, sid, int(entry["st"] == POSITIVE), entry["ts"], state)
                 self.joins.delete(p, sid)
+        self._forget_labels(p, state)
+        if state.labels_chunk is not None:
+            self.resolved.put(p, state.labels_key, state.labels_chunk)
+            state.labels_queue.append((state.labels_chunk["ts"], state.labels_key))
+            state.labels_chunk = None
+
+    def _remember(self, p: int, sid: str, label: int, ts: float, state: PartitionState) -> None:
+        """Add a resolved id to the label memory and to the chunk of this batch (written by ``expire``)."""
+        state.labels[sid] = label
+        chunk = state.labels_chunk
+        if chunk is None or len(chunk["ids"]) >= LABELS_CHUNK_IDS:
+            if chunk is not None:
+                self.resolved.put(p, state.labels_key, chunk)
+                state.labels_queue.append((chunk["ts"], state.labels_key))
+            # a fresh key each time: a chunk written again after a crash must not replace another's ids
+            chunk = state.labels_chunk = {"p": p, "ts": ts, "ids": [], "lab": ""}
+            state.labels_key = f"{p}:{uuid.uuid4().hex[:16]}"
+        chunk["ids"].append(sid)
+        chunk["lab"] += "1" if label else "0"
+        if ts > chunk["ts"]:
+            chunk["ts"] = ts
+
+    def _forget_labels(self, p: int, state: PartitionState) -> None:
+        """Forget the chunks whose newest impression is older than any event that can still be accepted."""
+        queue = state.labels_queue
+        horizon = state.watermark - self.labels_horizon_s
+        while queue and queue[0][0] < horizon:
+            _, key = queue.popleft()
+            chunk = self.resolved.get(key)
+            if chunk is None:
+                continue
+            for sid in chunk["ids"]:
+                state.labels.pop(sid, None)
+            self.resolved.delete(p, key)
 
     # ------------------------------------------------------------------ outputs
 
@@ -248,6 +311,7 @@ class Joiner:
         # what later records need (status, times, partition): the sample itself is durable before this is
         self.joins.put(p, sid, {"st": status, "p": entry["p"], "ts": entry["ts"], "at": now})
         heapq.heappush(state.resolved_heap, (now, sid))
+        self._remember(p, sid, label, entry["ts"], state)
         self.tally[("open", "")] -= 1
         return sample
 

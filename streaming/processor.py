@@ -55,6 +55,7 @@ from streaming.records import (
     KV,
     MISSING_KEY,
     BatchResult,
+    DictKV,
     Outgoing,
     PartitionState,
     ProcessorConfig,
@@ -98,6 +99,7 @@ class Processor:
         wall: Callable[[], float] = time.time,
         caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True,
         home_partition: Callable[[bytes], int | None] | None = None,
+        resolved: KV | None = None,
     ) -> None:
         self.config = config
         # key -> the events partition Kafka's default partitioner gives it (None: not known yet); None: one
@@ -119,7 +121,8 @@ class Processor:
         self.tally: Counter[tuple[str, str]] = Counter()
         self.served: Counter[tuple[str | None, str | None, int]] = Counter()  # emitted samples, for served CTR
         self.served_counters = metrics.ServedCounters(config.served_metrics_max_versions)
-        self.joiner = Joiner(config, joins, self.tally, self.served, self.features_for, wall)
+        self.resolved = DictKV() if resolved is None else resolved
+        self.joiner = Joiner(config, joins, self.resolved, self.tally, self.served, self.features_for, wall)
 
     # ------------------------------------------------------------------ partitions
 
@@ -149,6 +152,7 @@ class Processor:
                         "open": len(state.open_heap),
                         "resolved": len(state.resolved_heap),
                         "held_clicks": len(state.held_heap),
+                        "remembered_labels": len(state.labels),
                         "dedup_chunks": len(chunks[p]),
                     }
                 },

@@ -28,9 +28,9 @@ LATE_MESSAGES = {
     LATE_AFTER_NEGATIVE: "its impression's window had closed: the sample was emitted with label 0",
     LATE_AFTER_WINDOW: "the click came after its impression's attribution window: the sample has label 0",
     LATE_NO_IMPRESSION: "held for RECSYS_STREAM_EARLY_CLICK_WAIT_S of event time, its impression never came",
-    LATE_TOO_OLD_TO_WAIT: "no impression known and the partition's event time was already past the click's "
-    "early-click wait: its impression never came, or was resolved and its status forgotten "
-    "(kept RECSYS_STREAM_RESOLVED_RETENTION_S)",
+    LATE_TOO_OLD_TO_WAIT: "no impression known, and the partition's event time was already past the click's "
+    "early-click wait when it came: its impression never came (resolved ones are remembered as long as "
+    "events are accepted, RECSYS_MAX_EVENT_AGE_S)",
 }
 # the header of an event the worker re-published under its owner's key (value: "partition:offset" of the original)
 REKEYED_FROM = "rekeyed_from"
@@ -151,6 +151,11 @@ class PartitionState:
     dedup_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (newest event time, chunk key)
     chunk: dict[str, Any] | None = None  # the event ids first seen in the current batch, not yet in the table
     chunk_key: str = ""
+    # resolved sample id -> its label, for as long as events are accepted (``streaming.joiner``'s label memory)
+    labels: dict[str, int] = field(default_factory=dict)
+    labels_queue: deque[tuple[float, str]] = field(default_factory=deque)  # (newest impression time, chunk key)
+    labels_chunk: dict[str, Any] | None = None  # the ids resolved in the current batch, not yet in the table
+    labels_key: str = ""
 
 
 def _original_headers(record: Record) -> tuple[tuple[str, bytes], ...]:

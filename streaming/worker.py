@@ -41,6 +41,7 @@ class StreamWorker:
             kv["items"],
             caught_up=self.caught_up,
             home_partition=self.home_partition,
+            resolved=kv["resolved"],
         )
         self.features = FeatureWriter(settings)
         self.topics = {

@@ -16,12 +16,15 @@ from test_streaming_kafka import (
     NEVER_S,
     PARTITIONS,
     STALL_S,
+    WINDOW_S,
     Setup,
     _partition_of,
     _partitions_taken,
     end_of_stream,
     read_all,
     samples_by_id,
+    simulation,
+    truth_labels,
 )
 
 from core.consumer_lag import group_lag
@@ -49,6 +52,13 @@ def send_to(bootstrap: str, topic: str, records: list[tuple[int, bytes | None, b
 
 def as_sim(event: dict) -> SimRecord:
     return SimRecord(event["user_id"].encode(), orjson.dumps(event), event["timestamp"], event["event_type"])
+
+
+def shown(user: str, ts: float, item: str) -> dict:
+    """The impression of ``item`` in the one request of ``user`` (request id ``r-<user>``)."""
+    return impression_event(
+        event_id=f"imp-{user}-{item}", timestamp=ts, request_id=f"r-{user}", user_id=user, item_id=item, position=0
+    )
 
 
 def users_with_homes(n: int) -> list[str]:
@@ -79,16 +89,7 @@ def test_two_workers_join_clicks_keyed_by_nothing_or_another_user(make_setup):
         # and must still find its impression's window open (windows are 4 s here, 600 s by default)
         ts = now + n * 0.1
         for item in ("a", "b", "c"):
-            impressions.append(
-                impression_event(
-                    event_id=f"imp-{user}-{item}",
-                    timestamp=ts,
-                    request_id=f"r-{user}",
-                    user_id=user,
-                    item_id=item,
-                    position=0,
-                )
-            )
+            impressions.append(shown(user, ts, item))
             expected[sample_id(f"r-{user}", item)] = int(item in "ac")
         home = _partition_of(user.encode())
         # "a": clicked, but keyed wrongly and on another partition (one, two or three away: whatever the
@@ -142,16 +143,7 @@ def test_clicks_published_seconds_before_their_impressions_get_label_1_across_a_
     for n, user in enumerate(users):
         ts = now + n * 0.1
         for item in ("a", "b"):
-            impressions.append(
-                impression_event(
-                    event_id=f"imp-{user}-{item}",
-                    timestamp=ts,
-                    request_id=f"r-{user}",
-                    user_id=user,
-                    item_id=item,
-                    position=0,
-                )
-            )
+            impressions.append(shown(user, ts, item))
             expected[sample_id(f"r-{user}", item)] = int(item == "a")
         # the click happened after its impression, but its device uploaded first
         clicks.append(
@@ -180,3 +172,47 @@ def test_clicks_published_seconds_before_their_impressions_get_label_1_across_a_
         ("clk-orphan", b"no_impression")
     ]
     assert late[0].value == orjson.dumps(orphan)  # the click itself, as its client sent it
+
+
+def markers(ts: float, tag: str) -> list[SimRecord]:
+    """One click per partition at event time ``ts`` (on no impression): every partition's event time moves there."""
+    keys: dict[int, str] = {}
+    n = 0
+    while len(keys) < PARTITIONS:
+        keys.setdefault(_partition_of(f"marker-{n}".encode()), f"marker-{n}")
+        n += 1
+    return [
+        as_sim(click_event(event_id=f"{tag}-{p}", timestamp=ts, request_id=f"{tag}", user_id=user, item_id="marker"))
+        for p, user in sorted(keys.items())
+    ]
+
+
+@pytest.mark.slow
+def test_a_log_published_again_after_the_dedup_window_gives_no_sample_id_a_second_label(make_setup):
+    setup: Setup = make_setup(idle_advance_s=NEVER_S)
+    # both forget quickly here: event ids after 2 s of event time, resolved entries after 1 s of wall time
+    setup.env["RECSYS_STREAM_DEDUP_WINDOW_S"] = "2"
+    setup.env["RECSYS_STREAM_RESOLVED_RETENTION_S"] = "1"
+    sim, records = simulation(requests=200, seed=11)
+    expected = truth_labels(sim)
+    assert 0 < sum(expected.values()) < len(expected)
+    end = max(r.timestamp for r in records)
+    setup.start_worker()
+    setup.publish(records + markers(end + WINDOW_S + 1, "first-end"))
+    setup.wait_until(
+        "every impression's sample", lambda: len(samples_by_id(setup.bootstrap, setup.samples)), len(expected)
+    )
+    first_pass = setup.count(setup.samples)
+    # event time far past the de-dup window, then wall time past the retention of resolved entries
+    setup.publish(markers(end + 60, "later"))
+    published = len(records) + 2 * PARTITIONS
+    setup.wait_until("the first pass committed", lambda: committed_all(setup), published)
+    time.sleep(3)
+    setup.publish(records)  # the client sends the whole log again
+    setup.publish(markers(end + 120, "second-end"))
+    published += len(records) + PARTITIONS
+    setup.wait_until("the second pass committed", lambda: committed_all(setup), published)
+
+    got = samples_by_id(setup.bootstrap, setup.samples)  # fails on an id with two labels
+    assert {sid: s.label for sid, s in got.items()} == expected
+    assert setup.count(setup.samples) == first_pass  # nothing emitted again at all

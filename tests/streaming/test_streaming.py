@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 
@@ -35,6 +36,7 @@ def restarted(proc: Processor, clock: Clock) -> Processor:
         DictKV(),
         DictKV(),
         wall=clock,
+        resolved=restored_from_changelog(proc.resolved),
     )
 
 
@@ -564,7 +566,7 @@ def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_take
     settings = Settings().override(kafka={"topic_events": "events.t"})
     consumer = _FakeConsumer("events.t")
     app = type("App", (), {"consumer": consumer, "rebalancing": False, "in_recovery": False})()
-    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "resolved", "users", "items")})
     worker.ready = True
     p0, p1, p2 = consumer.tps
     consumer.highwaters = {p0: 100, p1: 50, p2: 0}
@@ -617,7 +619,7 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
     settings = Settings().override(kafka={"topic_samples": "samples.t"})
     producer = _FakeProducer()
     app = type("App", (), {"producer": type("P", (), {"_ensure_producer": lambda _self: producer})()})()
-    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "resolved", "users", "items")})
 
     async def scenario() -> None:
         async def settle() -> None:
@@ -781,7 +783,7 @@ def test_a_click_whose_wait_is_over_when_it_comes_is_late_at_once_saying_why():
     proc.process_batch([feed.event(**impression("e9", T0 + 100, req="r9"))])
     out = proc.process_batch([feed.event(**click("c1", T0))]).out
     assert late_reasons(out) == ["too_old_to_wait"]
-    assert "forgotten" in headers_dict(out[0].headers)["message"]
+    assert "never came" in headers_dict(out[0].headers)["message"]
 
 
 def test_a_held_click_after_its_impressions_window_is_late_and_the_impression_negative():
@@ -800,3 +802,50 @@ def test_a_quiet_stream_ends_the_wait_of_a_held_click():
     assert late_reasons(proc.advance_idle()) == []
     clock.now += WAIT + 1  # idle, and event time follows the clock past the wait
     assert late_reasons(proc.advance_idle()) == ["no_impression"]
+
+
+def test_a_log_sent_again_after_de_duplication_and_the_joins_forgot_it_gives_no_id_a_second_label():
+    proc, clock = make()
+    feed = Feed()
+
+    def log() -> list:
+        return [
+            feed.event(**impression("e1", T0)),
+            feed.event(**click("c1", T0 + 1)),
+            feed.event(**impression("e2", T0, req="r2")),
+            feed.event(**impression("e3", T0 + WINDOW + 1, req="r3")),  # closes r2's window: negative
+            feed.event(**click("c2", T0 + WINDOW + 2, req="r2")),  # late: after r2's negative
+        ]
+
+    out = proc.process_batch(log()).out
+    assert sorted((s.request_id, s.label) for s in samples_of(out)) == [("r1", 1), ("r2", 0)]
+    assert late_reasons(out) == ["after_window"]  # r2's window closed in this batch
+    # event time moves past the de-dup window, wall time past the resolved entries' retention: both forget
+    proc.process_batch([feed.event(**impression("e4", T0 + 80, req="r4"))])
+    clock.now += 31
+    proc.process_batch([feed.event(**impression("e5", T0 + 81, req="r5"))])
+    assert proc.joins.get(sample_id("r1", "i1")) is None and "e1" not in proc.seen
+    proc = restarted(proc, clock)  # the label memory is in the resolved table too
+    out = proc.process_batch(log()).out  # the same log, re-sent by its client
+    assert samples_of(out) == []
+    assert late_reasons(out) == ["after_negative"]  # r2's click, again: its sample has label 0
+    assert len(proc.resolved) >= 1 and len(proc.resolved) < 5  # chunks, not one record per sample
+
+
+def test_the_label_memory_is_forgotten_once_no_event_of_it_can_be_accepted():
+    clock = Clock(T0 + 100)
+    cfg = dataclasses.replace(
+        config(attribution_window_s=WINDOW, early_click_wait_s=5, resolved_retention_s=30, idle_advance_s=2),
+        max_event_age_s=100,
+        max_future_skew_s=10,
+    )
+    proc = Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock)
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**click("c1", T0 + 1))])
+    assert proc.partitions[0].labels == {sample_id("r1", "i1"): 1}
+    clock.now = T0 + 200
+    proc.process_batch([feed.event(**impression("e2", T0 + 105, req="r2"))])
+    assert sample_id("r1", "i1") in proc.partitions[0].labels  # T0 + 105 - 110 < T0: still acceptable
+    proc.process_batch([feed.event(**impression("e3", T0 + 115, req="r3"))])
+    assert sample_id("r1", "i1") not in proc.partitions[0].labels
+    assert all(sample_id("r1", "i1") not in chunk["ids"] for _, chunk in proc.resolved.items())
