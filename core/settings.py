@@ -482,6 +482,12 @@ class StreamSettings(BaseSettings):
     )
     data_dir: Path | None = Field(None, description="Faust table data of the worker (default: run_dir/stream)")
     attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
+    early_click_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="event time a click that came before its impression (another device or partition uploaded "
+        "first) is held for it; clicks whose impression never comes within it go to the late topic",
+    )
     dedup_window_s: float = Field(
         3600.0, gt=0, description="event time an event id is remembered for de-duplicating client retries"
     )

@@ -17,6 +17,7 @@ on hot paths); tests/feature_repo/test_contract.py parses what each emits back w
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -200,18 +201,74 @@ def sample_id(request_id: str, item_id: str) -> str:
 
 
 _TYPE_ERRORS = ("_type", "literal_error", "model_type", "dict_type", "list_type", "is_instance_of", "none_required")
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _type_name(value: object) -> str:
+    """The JSON name of a parsed value's type (what a client wrote, not Python's name for it)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "value")
 
 
 def _classify(error: ValidationError) -> tuple[RejectReason, str]:
     first = error.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "(root)"
     kind = first["type"]
+    value = first.get("input")
     if kind == "missing":
         return RejectReason.MISSING_FIELD, f"missing field {where!r}"
+    if kind == "float_type" and type(value) is int:  # an integer beyond any float (only the exact re-parse has one)
+        return RejectReason.BAD_VALUE, f"field {where!r}: integer out of range (beyond a 64-bit float)"
     if kind.endswith(_TYPE_ERRORS) or kind in _TYPE_ERRORS:
-        got = type(first.get("input")).__name__
-        return RejectReason.WRONG_TYPE, f"field {where!r}: {first['msg']} (got {got})"
+        return RejectReason.WRONG_TYPE, f"field {where!r}: {first['msg']} (got {_type_name(value)})"
+    if kind in _BOUND_ERRORS:
+        shown = str(value) if len(str(value)) <= 32 else f"{str(value)[:29]}..."
+        return RejectReason.BAD_VALUE, f"field {where!r}: {shown} is out of range ({first['msg']})"
     return RejectReason.BAD_VALUE, f"field {where!r}: {first['msg']}"
+
+
+def _exact(raw: bytes) -> Any:
+    """The record parsed keeping integers beyond 64 bits as integers (orjson reads them as floats), or None."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # more than 4300 digits, or nested deeper than the stdlib parser goes
+        return None
+
+
+def _validate(data: Any) -> Event:
+    """The checks after JSON syntax: object shape, event type, schema version, fields."""
+    if not isinstance(data, dict):
+        raise InvalidEvent(RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {_type_name(data)}")
+    if "event_type" not in data:
+        raise InvalidEvent(RejectReason.MISSING_FIELD, "missing field 'event_type'")
+    event_type = data["event_type"]
+    if not isinstance(event_type, str):
+        raise InvalidEvent(
+            RejectReason.WRONG_TYPE, f"field 'event_type': should be a string (got {_type_name(event_type)})"
+        )
+    if event_type not in EVENT_CLASSES:
+        raise InvalidEvent(
+            RejectReason.UNKNOWN_EVENT_TYPE,
+            f"unknown event_type {event_type[:64]!r}; expected one of {', '.join(EVENT_TYPES)}",
+        )
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if type(version) is not int:  # "1", 1.0 and true are type errors, not versions
+        raise InvalidEvent(
+            RejectReason.WRONG_TYPE, f"field 'schema_version': should be an integer (got {_type_name(version)})"
+        )
+    if version != SCHEMA_VERSION:
+        shown = str(version) if len(str(version)) <= 16 else f"{str(version)[:13]}..."
+        raise InvalidEvent(
+            RejectReason.UNSUPPORTED_VERSION,
+            f"schema_version {shown} is not supported (this worker reads {SCHEMA_VERSION})",
+        )
+    try:
+        return EVENT_CLASSES[event_type].model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(*_classify(exc)) from None
 
 
 def parse_event(
@@ -225,7 +282,8 @@ def parse_event(
     """Validate one raw Kafka record against the contract.
 
     Raises InvalidEvent with the first problem found, checked in this order: size, UTF-8,
-    JSON syntax, object shape, event type, schema version, fields, timestamp window.
+    JSON syntax, object shape, event type, schema version, fields, timestamp window. Never
+    raises anything else, whatever the bytes (tests/feature_repo/test_contract.py fuzzes it).
     """
     if len(raw) > max_bytes:
         raise InvalidEvent(RejectReason.OVERSIZED, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
@@ -236,27 +294,16 @@ def parse_event(
             raw.decode("utf-8")
         except UnicodeDecodeError as not_utf8:
             raise InvalidEvent(RejectReason.NOT_UTF8, f"not valid UTF-8 at byte {not_utf8.start}") from None
+        if "number is infinity" in str(exc):  # valid JSON, a number beyond a 64-bit float
+            raise InvalidEvent(RejectReason.BAD_VALUE, f"a number is out of range: {exc}") from None
         raise InvalidEvent(RejectReason.BAD_JSON, f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidEvent(RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(data).__name__}")
-    event_type = data.get("event_type")
-    if event_type is None:
-        raise InvalidEvent(RejectReason.MISSING_FIELD, "missing field 'event_type'")
-    if event_type not in EVENT_CLASSES:
-        raise InvalidEvent(
-            RejectReason.UNKNOWN_EVENT_TYPE,
-            f"unknown event_type {str(event_type)[:64]!r}; expected one of {', '.join(EVENT_TYPES)}",
-        )
-    version = data.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise InvalidEvent(
-            RejectReason.UNSUPPORTED_VERSION,
-            f"schema_version {str(version)[:16]!r} is not supported (this worker reads {SCHEMA_VERSION})",
-        )
     try:
-        event = EVENT_CLASSES[event_type].model_validate(data)
-    except ValidationError as exc:
-        raise InvalidEvent(*_classify(exc)) from None
+        event = _validate(data)
+    except InvalidEvent as exc:
+        # orjson reads an integer beyond 64 bits as a float: the exact parse tells "out of range" from "got number"
+        if exc.reason is not RejectReason.WRONG_TYPE or (exact := _exact(raw)) is None:
+            raise
+        event = _validate(exact)  # raises the exact reason
     current = time.time() if now is None else now
     if event.timestamp > current + max_future_skew_s:
         raise InvalidEvent(

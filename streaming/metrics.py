@@ -14,6 +14,11 @@ DUPLICATES = Counter("recsys_stream_duplicates_dropped_total", "client retries d
 SAMPLES = Counter("recsys_stream_samples_total", "labelled samples emitted (first emission)", ["label"])
 LATE_CLICKS = Counter("recsys_stream_late_clicks_total", "clicks routed to the late topic", ["reason"])
 OPEN_IMPRESSIONS = Gauge("recsys_stream_open_impressions", "impressions waiting for a click")
+REKEYED = Counter(
+    "recsys_stream_rekeyed_total",
+    "events keyed to another partition than their user's, re-published to the events topic under the user id",
+    ["event_type"],
+)
 REDELIVERED = Counter(
     "recsys_stream_redelivered_dropped_total",
     "records delivered again at an offset this worker had handled already (skipped: their effects are kept)",

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from feature_repo.contract import Click, Impression, InvalidEvent, RejectReason, UserProfile, parse_event
+from feature_repo.contract import Click, Impression, InvalidEvent, ItemProfile, RejectReason, UserProfile, parse_event
 from feature_repo.spec import EncodedEntity, encode_item, encode_user, validate_encoded
 from streaming import metrics
 from streaming.joiner import Joiner
@@ -55,11 +55,14 @@ from streaming.records import (
     KV,
     MISSING_KEY,
     BatchResult,
+    DictKV,
     Outgoing,
     PartitionState,
     ProcessorConfig,
     Record,
     dead_letter,
+    is_rekeyed,
+    rekeyed,
 )
 
 log = logging.getLogger("streaming.processor")
@@ -73,6 +76,7 @@ _COUNTERS = {
     "late": metrics.LATE_CLICKS,
     "stale": metrics.STALE_PROFILES,
     "redelivered": metrics.REDELIVERED,
+    "rekeyed": metrics.REKEYED,
 }
 
 # most event ids per de-duplication chunk (one changelog record): ids are <= 256 chars, so a chunk stays
@@ -94,8 +98,14 @@ class Processor:
         items: KV,
         wall: Callable[[], float] = time.time,
         caught_up: Callable[[int, int], bool] = lambda partition, next_offset: True,
+        home_partition: Callable[[bytes], int | None] | None = None,
+        resolved: KV | None = None,
     ) -> None:
         self.config = config
+        # key -> the events partition Kafka's default partitioner gives it (None: not known yet); None: one
+        # partition, or a test that does not route (a single process holds every partition's tables anyway)
+        self.home_partition = home_partition
+        self._homes: dict[str, int] = {}
         # (partition, next offset) -> has this worker read everything the partition holds? Only a
         # caught-up partition counts as idle: a busy or restarting worker must not close windows early.
         self.caught_up = caught_up
@@ -111,7 +121,8 @@ class Processor:
         self.tally: Counter[tuple[str, str]] = Counter()
         self.served: Counter[tuple[str | None, str | None, int]] = Counter()  # emitted samples, for served CTR
         self.served_counters = metrics.ServedCounters(config.served_metrics_max_versions)
-        self.joiner = Joiner(config, joins, self.tally, self.served, self.features_for, wall)
+        self.resolved = DictKV() if resolved is None else resolved
+        self.joiner = Joiner(config, joins, self.resolved, self.tally, self.served, self.features_for, wall)
 
     # ------------------------------------------------------------------ partitions
 
@@ -140,6 +151,8 @@ class Processor:
                         "partition": p,
                         "open": len(state.open_heap),
                         "resolved": len(state.resolved_heap),
+                        "held_clicks": len(state.held_heap),
+                        "remembered_labels": len(state.labels),
                         "dedup_chunks": len(chunks[p]),
                     }
                 },
@@ -252,8 +265,19 @@ class Processor:
             except ValueError as exc:
                 self._deadletter(record, RejectReason.BAD_VALUE.value, f"logged features: {exc}", result.out)
                 return
-        self.tally[("events", kind)] += 1
         p = record.partition
+        if self.home_partition is not None and not isinstance(event, ItemProfile) and not is_rekeyed(record):
+            home = self._homes.get(event.user_id)
+            if home is None:
+                home = self._home(event.user_id)
+            if home is not None and home != p:
+                # keyed by something else than its user (null, empty, another user's key, a custom partitioner):
+                # its impression, its click and its profile would be on different partitions, owned by different
+                # workers, and never join. Re-published under its user's key, it is processed where they are.
+                self.tally[("rekeyed", kind)] += 1
+                result.out.append(rekeyed(record, event.user_id.encode()))
+                return
+        self.tally[("events", kind)] += 1
         if event.timestamp > state.watermark:
             state.watermark = event.timestamp
             state.anchor_wall = now
@@ -277,7 +301,7 @@ class Processor:
             if event.timestamp > chunk["ts"]:
                 chunk["ts"] = event.timestamp
         if isinstance(event, Impression):
-            self.joiner.impression(event, p, state)
+            self.joiner.impression(event, p, state, result.out, now)
         elif isinstance(event, Click):
             self.joiner.click(event, record, state, result.out, now)
         elif isinstance(event, UserProfile):
@@ -298,6 +322,15 @@ class Processor:
                 encode_item(event.item_id, event.model_dump()),
                 event.timestamp,
             )
+
+    def _home(self, user_id: str) -> int | None:
+        assert self.home_partition is not None
+        home = self.home_partition(user_id.encode())
+        if home is not None:
+            if len(self._homes) >= 500_000:
+                self._homes.clear()
+            self._homes[user_id] = home
+        return home
 
     def _expire(self, p: int, state: PartitionState, out: list[Outgoing], now: float) -> None:
         self.joiner.expire(p, state, out, now)

@@ -1,9 +1,11 @@
 """The worker's Faust tables, and the adapter that makes one of them the processor's KV.
 
-State lives in four tables changelogged to Kafka (``<app id>-<table>-changelog``):
+State lives in five tables changelogged to Kafka (``<app id>-<table>-changelog``):
 
 * ``dedup``  "partition:first offset" -> event ids first seen in one batch (client-retry de-duplication)
 * ``joins``  sample id -> impression and its join status     (the attribution window)
+* ``resolved`` "partition:chunk id" -> sample ids resolved in one batch and their labels (one label
+  forever: remembered for as long as events are accepted)
 * ``users``  user id -> latest encoded user features         (co-partitioned with the events)
 * ``items``  item id -> latest encoded item features         (a GlobalTable: items are keyed
   by item id on the topic, impressions by user id, so every worker needs every item)
@@ -26,11 +28,12 @@ Changelog = dict[tuple[str, str], tuple[int, Any]]  # (topic, key) -> (partition
 
 
 def declare_tables(app: faust.App, partitions: int) -> dict[str, Any]:
-    """The four tables, by name; JSON keys and values (what the changelog records hold)."""
+    """The five tables, by name; JSON keys and values (what the changelog records hold)."""
     schema: SchemaT = faust.Schema(key_serializer="json", value_serializer="json")
     return {
         "dedup": app.Table("dedup", partitions=partitions, schema=schema),
         "joins": app.Table("joins", partitions=partitions, schema=schema),
+        "resolved": app.Table("resolved", partitions=partitions, schema=schema),
         "users": app.Table("users", partitions=partitions, schema=schema),
         "items": app.GlobalTable("items", partitions=partitions, schema=schema),
     }

@@ -40,13 +40,17 @@ class StreamWorker:
             kv["users"],
             kv["items"],
             caught_up=self.caught_up,
+            home_partition=self.home_partition,
+            resolved=kv["resolved"],
         )
         self.features = FeatureWriter(settings)
         self.topics = {
             "samples": settings.kafka.topic_samples,
             "deadletter": settings.kafka.topic_deadletter,
             "late": settings.kafka.topic_late,
+            "events": settings.kafka.topic_events,  # events re-published under their user's key
         }
+        self._events_metadata = False
         self.lock = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[tuple[str, bytes | None], int] = {}
@@ -62,9 +66,21 @@ class StreamWorker:
             return False
         return highwater is not None and next_offset >= highwater
 
+    def home_partition(self, key: bytes) -> int | None:
+        """The events partition of ``key`` under Kafka's default partitioner (None while the topic's metadata is
+        not known): where the worker owning that user's tables reads."""
+        partitions = aiokafka_producer(self.app).client.cluster.partitions_for_topic(self.settings.kafka.topic_events)
+        if not partitions:
+            return None
+        ordered = sorted(partitions)
+        return int(self._partitioner(key, ordered, ordered))
+
     async def handle_batch(self, messages: list[Any]) -> asyncio.Future[Any]:
         """Process a batch and hand its outputs to Kafka; the returned future completes once all are durable."""
         started = time.perf_counter()
+        if not self._events_metadata:  # the producer's view of the events topic: where each user's key goes
+            await wait_on_metadata(aiokafka_producer(self.app), self.settings.kafka.topic_events)
+            self._events_metadata = True
         async with self.lock:
             metrics.RECORDS_IN.inc(len(messages))
             result = self.processor.process_batch(messages)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from feature_repo.contract import (
     Click,
@@ -157,19 +161,22 @@ def test_sample_round_trip_and_deterministic_id() -> None:
 
 
 @pytest.mark.parametrize(
-    "literal, reason",
+    "literal, reason, mentions",
     [
-        ("0", RejectReason.BAD_VALUE),
-        ("-0.5", RejectReason.BAD_VALUE),
-        ("1.0000001", RejectReason.BAD_VALUE),
-        ("2", RejectReason.BAD_VALUE),
-        # JSON has no NaN or infinity: their usual spellings and an overflowing number are not JSON
-        ("NaN", RejectReason.BAD_JSON),
-        ("Infinity", RejectReason.BAD_JSON),
-        ("1e999", RejectReason.BAD_JSON),
+        ("0", RejectReason.BAD_VALUE, "propensity"),
+        ("-0.5", RejectReason.BAD_VALUE, "propensity"),
+        ("1.0000001", RejectReason.BAD_VALUE, "propensity"),
+        ("2", RejectReason.BAD_VALUE, "propensity"),
+        # JSON has no NaN or infinity: their usual spellings are not JSON
+        ("NaN", RejectReason.BAD_JSON, "invalid JSON"),
+        ("Infinity", RejectReason.BAD_JSON, "invalid JSON"),
+        # valid JSON syntax, but beyond any 64-bit float
+        ("1e999", RejectReason.BAD_VALUE, "out of range"),
     ],
 )
-def test_a_propensity_outside_0_1_or_not_finite_is_rejected_with_a_reason(literal: str, reason: RejectReason) -> None:
+def test_a_propensity_outside_0_1_or_not_finite_is_rejected_with_a_reason(
+    literal: str, reason: RejectReason, mentions: str
+) -> None:
     raw = orjson.dumps({**VALID["impression"], "propensity": 0.5}).replace(
         b'"propensity":0.5', b'"propensity":' + literal.encode()
     )
@@ -177,8 +184,7 @@ def test_a_propensity_outside_0_1_or_not_finite_is_rejected_with_a_reason(litera
     with pytest.raises(InvalidEvent) as caught:
         parse(raw)
     assert caught.value.reason == reason
-    if reason == RejectReason.BAD_VALUE:
-        assert "propensity" in caught.value.message
+    assert mentions in caught.value.message
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -277,3 +283,73 @@ def test_builders_start_with_the_version_and_leave_unknown_attributes_out() -> N
         assert parse(event).event_type == event["event_type"]
     with pytest.raises(ValueError, match="user_id or an item_id"):
         event_key({"event_type": "click"})
+
+
+# --------------------------------------------------------------------------- type confusions, fuzzed
+
+TYPE_CONFUSIONS = [
+    (
+        {**VALID["click"], "event_type": ["click"]},
+        RejectReason.WRONG_TYPE,
+        "'event_type': should be a string (got array)",
+    ),
+    ({**VALID["click"], "event_type": {"k": 1}}, RejectReason.WRONG_TYPE, "(got object)"),
+    ({**VALID["click"], "event_type": True}, RejectReason.WRONG_TYPE, "(got boolean)"),
+    ({**VALID["click"], "schema_version": "1"}, RejectReason.WRONG_TYPE, "'schema_version': should be an integer"),
+    ({**VALID["click"], "schema_version": True}, RejectReason.WRONG_TYPE, "(got boolean)"),
+    ({**VALID["click"], "schema_version": 1.0}, RejectReason.WRONG_TYPE, "(got number)"),
+    ({**VALID["impression"], "position": 2**70}, RejectReason.BAD_VALUE, "1180591620717411303424 is out of range"),
+    ({**VALID["impression"], "position": 2**64}, RejectReason.BAD_VALUE, "is out of range"),
+    ({**VALID["click"], "schema_version": 2**70}, RejectReason.UNSUPPORTED_VERSION, "is not supported"),
+    ({**VALID["click"], "user_id": 2**70}, RejectReason.WRONG_TYPE, "(got integer)"),
+    ({**VALID["click"], "timestamp": 10**400}, RejectReason.BAD_VALUE, "out of range"),
+    ({**VALID["impression"], "position": 3.0}, RejectReason.WRONG_TYPE, "(got number)"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason", "mentions"), TYPE_CONFUSIONS, ids=[m[2] for m in TYPE_CONFUSIONS])
+def test_type_confusions_get_their_exact_reason(data: dict, reason: RejectReason, mentions: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(json.dumps(data).encode())  # the stdlib writes integers beyond 64 bits exactly (orjson refuses)
+    assert caught.value.reason is reason
+    assert mentions in caught.value.message
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+FIELDS = sorted({name for event in VALID.values() for name in event} | {"features"})
+
+
+def _parses_or_gives_a_documented_reason(raw: bytes) -> None:
+    try:
+        parse(raw)
+    except InvalidEvent as exc:
+        assert exc.reason in set(RejectReason)
+        assert exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_parse_event_never_raises_on_any_json_value(value) -> None:
+    _parses_or_gives_a_documented_reason(json.dumps(value).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(VALID)), st.sampled_from(FIELDS), JSON)
+def test_parse_event_never_raises_when_one_field_of_a_valid_event_is_any_json_value(event_type, field, value) -> None:
+    _parses_or_gives_a_documented_reason(json.dumps({**VALID[event_type], field: value}).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_parse_event_never_raises_on_any_bytes(raw: bytes) -> None:
+    _parses_or_gives_a_documented_reason(raw)
+
+
+def test_every_reason_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## The contract") : readme.index("<!-- room sections")]
+    assert [r.value for r in RejectReason if f"`{r.value}`" not in section] == []

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import uuid
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.settings import Settings
-from feature_repo.contract import Sample, sample_id
+from feature_repo.contract import RejectReason, Sample, sample_id
 from feature_repo.spec import encode_item, encode_user, join_features, validate_encoded
 from streaming.processor import Processor
 from streaming.records import DictKV, Outgoing, ProcessorConfig, RawRecord, headers_dict
@@ -32,6 +36,7 @@ def restarted(proc: Processor, clock: Clock) -> Processor:
         DictKV(),
         DictKV(),
         wall=clock,
+        resolved=restored_from_changelog(proc.resolved),
     )
 
 
@@ -50,7 +55,9 @@ def config(**stream) -> ProcessorConfig:
 
 def make(now: float = T0 + 100) -> tuple[Processor, Clock]:
     clock = Clock(now)
-    cfg = config(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2)
+    cfg = config(
+        attribution_window_s=WINDOW, early_click_wait_s=5, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2
+    )
     return Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock), clock
 
 
@@ -130,6 +137,38 @@ def test_every_malformed_kind_is_dead_lettered_with_reason_and_good_neighbours_s
     assert sample.label == 1 and sample.sample_id == sample_id("r1", "i1")
 
 
+def test_dead_letters_and_late_clicks_keep_the_records_own_headers():
+    proc, _ = make()
+    client = (("trace_id", b"t-42"), ("reason", b"client's own"), ("empty", None))
+    bad = RawRecord(0, 0, b"u1", b"[1, 2]", headers=client)
+    result = proc.process_batch([bad])
+    [letter] = [o for o in result.out if o.kind == "deadletter"]
+    assert letter.headers[:3] == (("trace_id", b"t-42"), ("reason", b"client's own"), ("empty", b""))
+    assert headers_dict(letter.headers)["reason"] == "not_an_object"  # ours come last and win by name
+    assert headers_dict(letter.headers)["trace_id"] == "t-42"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(["impression", "click"]),
+    st.sampled_from(["event_type", "schema_version", "position", "user_id", "timestamp", "features", "propensity"]),
+    JSON_VALUES,
+)
+def test_no_event_value_is_an_internal_error(event_type, field, value):
+    proc, _ = make()
+    event = impression("e1", T0) if event_type == "impression" else click("c1", T0)
+    out = proc.process_batch([Feed().raw(json.dumps({"schema_version": 1, **event, field: value}).encode())]).out
+    reasons = [headers_dict(o.headers)["reason"] for o in out if o.kind == "deadletter"]
+    assert set(reasons) <= {r.value for r in RejectReason}
+
+
 def test_logged_features_that_break_the_spec_are_dead_lettered():
     proc, _ = make()
     feed = Feed()
@@ -188,6 +227,78 @@ def test_dedup_chunks_are_capped(monkeypatch):
     }
 
 
+def test_an_event_on_another_partition_than_its_users_is_re_published_under_the_user_id():
+    homes = {b"u1": 1, b"u2": 0}
+    clock = Clock(T0 + 100)
+    cfg = config(attribution_window_s=WINDOW, dedup_window_s=60, resolved_retention_s=30, idle_advance_s=2)
+    proc = Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock, home_partition=homes.get)
+    on_1, on_0 = Feed(partition=1), Feed(partition=0)
+    out = proc.process_batch(
+        [
+            on_1.event(**impression("e1", T0)),
+            # a click with a null key, one with u2's key, a user profile keyed by nothing: all on partition 0
+            on_0.raw(orjson.dumps({"schema_version": 1, **click("c1", T0 + 1)}), key=None),
+            on_0.raw(orjson.dumps({"schema_version": 1, **click("c2", T0 + 1, item="i2")}), key=b"u2"),
+            on_0.raw(
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "event_type": "user_profile",
+                        "event_id": "p1",
+                        "timestamp": T0,
+                        "user_id": "u1",
+                    }
+                ),
+                key=b"",
+            ),
+            # an item profile goes to every worker's GlobalTable: wherever it is, it is processed there
+            on_0.raw(
+                orjson.dumps(
+                    {
+                        "schema_version": 1,
+                        "event_type": "item_profile",
+                        "event_id": "p2",
+                        "timestamp": T0,
+                        "item_id": "i1",
+                    }
+                ),
+                key=None,
+            ),
+            # u2's own event on u2's partition, under a null key: processed in place
+            on_0.raw(orjson.dumps({"schema_version": 1, **impression("e2", T0, user="u2")}), key=None),
+        ]
+    ).out
+    forwarded = [o for o in out if o.kind == "events"]
+    assert [(o.key, orjson.loads(o.value)["event_id"]) for o in forwarded] == [
+        (b"u1", "c1"),
+        (b"u1", "c2"),
+        (b"u1", "p1"),
+    ]
+    assert [headers_dict(o.headers)["rekeyed_from"] for o in forwarded] == ["0:0", "0:1", "0:2"]
+    assert headers_dict(forwarded[1].headers)["original_key"] == "u2"
+    assert "original_key" not in headers_dict(forwarded[0].headers)
+    assert not samples_of(out) and not [o for o in out if o.kind == "late"]
+    assert (
+        proc.items.get("i1") is not None
+        and proc.joins.get(
+            sample_id(
+                "r1",
+                "i1",
+            )
+        )
+        is not None
+    )
+    # the copies, read back from u1's partition, join there; a copy is never forwarded again
+    copies = [RawRecord(1, on_1.offset + n, o.key, o.value, headers=o.headers) for n, o in enumerate(forwarded)]
+    out = proc.process_batch(copies).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+    assert [o.kind for o in out if o.kind == "late"] == []  # i2's click waits for its impression there
+    assert proc.joins.get(sample_id("r1", "i2"))["p"] == 1
+    assert proc.users.get("u1") is not None
+    stray = RawRecord(3, 0, b"u1", copies[0].value, headers=copies[0].headers)
+    assert [o.kind for o in proc.process_batch([stray]).out] == []  # processed there (a retry of c1: dropped)
+
+
 def test_click_in_window_is_positive_and_silence_is_negative():
     proc, _ = make()
     feed = Feed()
@@ -231,12 +342,6 @@ def test_click_past_the_window_before_expiry_ran_is_negative_and_late():
     ).out
     assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
     assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["after_window"]
-
-
-def test_click_without_impression_is_routed_late_not_lost():
-    proc, _ = make()
-    out = proc.process_batch([Feed().event(**click("c1", T0))]).out
-    assert [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"] == ["no_impression"]
 
 
 def test_idle_partition_advances_with_the_wall_clock():
@@ -461,7 +566,7 @@ def test_a_partition_whose_records_are_handed_over_but_not_processed_is_not_take
     settings = Settings().override(kafka={"topic_events": "events.t"})
     consumer = _FakeConsumer("events.t")
     app = type("App", (), {"consumer": consumer, "rebalancing": False, "in_recovery": False})()
-    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "resolved", "users", "items")})
     worker.ready = True
     p0, p1, p2 = consumer.tps
     consumer.highwaters = {p0: 100, p1: 50, p2: 0}
@@ -514,7 +619,7 @@ def test_changelog_records_go_out_only_after_the_samples_are_acknowledged_and_in
     settings = Settings().override(kafka={"topic_samples": "samples.t"})
     producer = _FakeProducer()
     app = type("App", (), {"producer": type("P", (), {"_ensure_producer": lambda _self: producer})()})()
-    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "users", "items")})
+    worker = StreamWorker(app, settings, {n: _FakeTable(n) for n in ("dedup", "joins", "resolved", "users", "items")})
 
     async def scenario() -> None:
         async def settle() -> None:
@@ -619,3 +724,128 @@ def test_served_model_version_labels_are_capped_and_unknown_ones_bucketed():
     before = served("impressions", OTHER_LABEL, "explore")
     counters.add({(f"{tag}-4", "explore", 0): 3})
     assert served("impressions", OTHER_LABEL, "explore") - before == 3
+
+
+WAIT = 5.0  # make()'s early-click wait
+
+
+def late_reasons(out) -> list[str]:
+    return [headers_dict(o.headers)["reason"] for o in out if o.kind == "late"]
+
+
+def test_a_click_before_its_impression_waits_for_it_and_makes_a_positive():
+    proc, _ = make()
+    feed = Feed()
+    out = proc.process_batch([feed.event(**click("c1", T0 + 1))]).out
+    assert out == [] and proc.joins.get(sample_id("r1", "i1"))["st"] == "c"  # held
+    out = proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**impression("e2", T0, item="i2"))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+    assert late_reasons(out) == []
+    # its impression's retry, and a retry of the click, change nothing
+    out = proc.process_batch([feed.event(**impression("e3", T0)), feed.event(**click("c2", T0 + 1))]).out
+    assert samples_of(out) == [] and late_reasons(out) == []
+
+
+def test_a_held_click_survives_a_restart_and_still_joins():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**click("c1", T0 + 1))])
+    again = restarted(proc, clock)
+    out = again.process_batch([feed.event(**impression("e1", T0))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 1)]
+
+
+def test_a_held_click_whose_impression_never_comes_goes_late_as_itself_after_the_wait():
+    proc, clock = make()
+    feed = Feed()
+    held = RawRecord(
+        0, feed.offset, b"u1", orjson.dumps({"schema_version": 1, **click("c1", T0)}), headers=(("t", b"\xff"),)
+    )
+    feed.offset += 1
+    assert proc.process_batch([held]).out == []
+    # event time passes the wait on a restored worker (the held click is in the table, not only in memory)
+    proc = restarted(proc, clock)
+    out = proc.process_batch([feed.event(**impression("e9", T0 + WAIT + 1, req="r9"))]).out
+    [late] = [o for o in out if o.kind == "late"]
+    assert late.value == held.value and late.key == held.key and late.headers[0] == ("t", b"\xff")
+    meta = headers_dict(late.headers)
+    assert meta["reason"] == "no_impression" and meta["source_offset"] == "0" and "never came" in meta["message"]
+    # the impression coming after that is one without a click: it waits for its window like any other
+    out = proc.process_batch([feed.event(**impression("e1", T0))]).out
+    assert samples_of(out) == [] and proc.joins.get(sample_id("r1", "i1"))["st"] == "o"
+    out = proc.process_batch([feed.event(**impression("e8", T0 + WINDOW + 1, req="r8"))]).out
+    assert [(s.request_id, s.label) for s in samples_of(out)] == [("r1", 0)]
+
+
+def test_a_click_whose_wait_is_over_when_it_comes_is_late_at_once_saying_why():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e9", T0 + 100, req="r9"))])
+    out = proc.process_batch([feed.event(**click("c1", T0))]).out
+    assert late_reasons(out) == ["too_old_to_wait"]
+    assert "never came" in headers_dict(out[0].headers)["message"]
+
+
+def test_a_held_click_after_its_impressions_window_is_late_and_the_impression_negative():
+    proc, _ = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**click("c1", T0 + WINDOW + 2))])
+    out = proc.process_batch([feed.event(**impression("e1", T0))]).out
+    assert [(s.item_id, s.label) for s in samples_of(out)] == [("i1", 0)]
+    assert late_reasons(out) == ["after_window"]
+
+
+def test_a_quiet_stream_ends_the_wait_of_a_held_click():
+    proc, clock = make()
+    proc.process_batch([Feed().event(**click("c1", T0))])
+    clock.now += 1  # not idle yet
+    assert late_reasons(proc.advance_idle()) == []
+    clock.now += WAIT + 1  # idle, and event time follows the clock past the wait
+    assert late_reasons(proc.advance_idle()) == ["no_impression"]
+
+
+def test_a_log_sent_again_after_de_duplication_and_the_joins_forgot_it_gives_no_id_a_second_label():
+    proc, clock = make()
+    feed = Feed()
+
+    def log() -> list:
+        return [
+            feed.event(**impression("e1", T0)),
+            feed.event(**click("c1", T0 + 1)),
+            feed.event(**impression("e2", T0, req="r2")),
+            feed.event(**impression("e3", T0 + WINDOW + 1, req="r3")),  # closes r2's window: negative
+            feed.event(**click("c2", T0 + WINDOW + 2, req="r2")),  # late: after r2's negative
+        ]
+
+    out = proc.process_batch(log()).out
+    assert sorted((s.request_id, s.label) for s in samples_of(out)) == [("r1", 1), ("r2", 0)]
+    assert late_reasons(out) == ["after_window"]  # r2's window closed in this batch
+    # event time moves past the de-dup window, wall time past the resolved entries' retention: both forget
+    proc.process_batch([feed.event(**impression("e4", T0 + 80, req="r4"))])
+    clock.now += 31
+    proc.process_batch([feed.event(**impression("e5", T0 + 81, req="r5"))])
+    assert proc.joins.get(sample_id("r1", "i1")) is None and "e1" not in proc.seen
+    proc = restarted(proc, clock)  # the label memory is in the resolved table too
+    out = proc.process_batch(log()).out  # the same log, re-sent by its client
+    assert samples_of(out) == []
+    assert late_reasons(out) == ["after_negative"]  # r2's click, again: its sample has label 0
+    assert len(proc.resolved) >= 1 and len(proc.resolved) < 5  # chunks, not one record per sample
+
+
+def test_the_label_memory_is_forgotten_once_no_event_of_it_can_be_accepted():
+    clock = Clock(T0 + 100)
+    cfg = dataclasses.replace(
+        config(attribution_window_s=WINDOW, early_click_wait_s=5, resolved_retention_s=30, idle_advance_s=2),
+        max_event_age_s=100,
+        max_future_skew_s=10,
+    )
+    proc = Processor(cfg, DictKV(), DictKV(), DictKV(), DictKV(), wall=clock)
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0)), feed.event(**click("c1", T0 + 1))])
+    assert proc.partitions[0].labels == {sample_id("r1", "i1"): 1}
+    clock.now = T0 + 200
+    proc.process_batch([feed.event(**impression("e2", T0 + 105, req="r2"))])
+    assert sample_id("r1", "i1") in proc.partitions[0].labels  # T0 + 105 - 110 < T0: still acceptable
+    proc.process_batch([feed.event(**impression("e3", T0 + 115, req="r3"))])
+    assert sample_id("r1", "i1") not in proc.partitions[0].labels
+    assert all(sample_id("r1", "i1") not in chunk["ids"] for _, chunk in proc.resolved.items())

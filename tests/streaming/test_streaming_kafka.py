@@ -460,7 +460,10 @@ def test_late_clicks_and_client_retries(make_setup, launcher):
     policies = asyncio.run(
         cleanup_policies(
             setup.bootstrap,
-            [f"stream-test-{setup.tag}-{table}-changelog" for table in ("dedup", "joins", "users", "items")],
+            [
+                f"stream-test-{setup.tag}-{table}-changelog"
+                for table in ("dedup", "joins", "resolved", "users", "items")
+            ],
         )
     )
     assert set(policies.values()) == {"compact"}, policies
