@@ -5,7 +5,7 @@ Each topic has its own vocabulary, so each kind has its own classifier:
 * ``events``     event type, or ``invalid:<reject reason>`` for what the worker would dead-letter
 * ``deadletter`` the ``reason`` header the worker wrote
 * ``samples``    ``label=0`` / ``label=1``, or ``unparsable:<what failed>``
-* ``late``       the ``reason`` header (after_negative, after_window, no_impression)
+* ``late``       the ``reason`` header (after_negative, after_window, no_impression, too_old_to_wait)
 * ``auto``       (a topic of another name) each record by what it is: a dead letter or a late click by
   its headers (``deadletter reason:...``, ``late reason:...``), a sample by its fields (``sample label=1``),
   anything else as an event

@@ -148,7 +148,8 @@ def status(
 
     Read from Kafka (the group's commits, the topic's ends, the ``joins`` changelog), not from the
     worker's metrics port. Drained means the group committed up to the end of every partition; the
-    open impressions are those still waiting for a click in the worker's ``joins`` table.
+    open impressions are those still waiting for a click in the worker's ``joins`` table, the pending
+    clicks those held there for their impression.
     """
     import time
 
@@ -186,31 +187,35 @@ def status(
     except KafkaUnavailable as exc:
         fail(str(exc))
     out.print(f"lag: {sum(p.lag for p in lags)} records; drained: {'yes' if drained else 'no'}")
-    out.print(f"open impressions: {opened if opened is not None else 'unknown (no joins changelog yet)'}")
-    # said, not left out: a reader looking for early clicks waiting for their impression should know there are none
-    out.print(
-        f"pending clicks: none kept by the worker (a click before its impression goes to {s.kafka.topic_late} "
-        "as no_impression)",
-        soft_wrap=True,
-    )
+    if opened is None:
+        out.print("open impressions: unknown (no joins changelog yet)")
+        out.print("pending clicks: unknown (no joins changelog yet)")
+    else:
+        out.print(f"open impressions: {opened[0]}")
+        out.print(
+            f"pending clicks: {opened[1]} (clicks held for their impression, up to "
+            f"RECSYS_STREAM_EARLY_CLICK_WAIT_S={s.stream.early_click_wait_s:g} s of event time)",
+            soft_wrap=True,
+        )
     if wait and not drained:
         fail(f"the stream did not drain within {limit:g}s (lag {sum(p.lag for p in lags)})")
 
 
-async def _open_impressions(s: Settings) -> int | None:
-    """Impressions waiting for a click: the ``joins`` changelog's latest value per key, counted when open.
+async def _open_impressions(s: Settings) -> tuple[int, int] | None:
+    """Impressions waiting for a click and clicks held for their impression, from the ``joins`` changelog.
 
-    None when the changelog topic does not exist (no worker ever ran with this app id).
+    The latest value per key counts: ``OPEN`` entries are open impressions, ``HELD`` ones early
+    clicks. None when the changelog topic does not exist (no worker ever ran with this app id).
     """
     import orjson
 
     from core.kafka import end_offsets, read_topic
-    from streaming.joiner import OPEN
+    from streaming.joiner import HELD, OPEN
 
     topic = f"{s.stream.app_id}-joins-changelog"  # Faust's name: <app id>-<table>-changelog
     if not await end_offsets(s.kafka, topic):
         return None
-    latest: dict[bytes, bool] = {}
+    latest: dict[bytes, object] = {}
     async for record in read_topic(s.kafka, topic):
         if record.key is None:
             continue
@@ -218,5 +223,6 @@ async def _open_impressions(s: Settings) -> int | None:
             value = orjson.loads(record.value) if record.value else None
         except orjson.JSONDecodeError:
             value = None
-        latest[record.key] = isinstance(value, dict) and value.get("st") == OPEN
-    return sum(latest.values())
+        latest[record.key] = value.get("st") if isinstance(value, dict) else None
+    states = list(latest.values())
+    return states.count(OPEN), states.count(HELD)
