@@ -3,7 +3,8 @@
 A window is the offsets from the last successful job's end offsets up to the end offsets
 at job start (``read_window``). Records that break the contract or the feature spec are
 counted by reason and skipped, never fatal; duplicates (same sample id, e.g. after a
-producer retry) are kept once. The newest ``eval_fraction`` of the samples by event time
+producer retry) are kept once. The newest ``eval_fraction`` of the samples by event time,
+leaving out those whose non-click may not have been emitted yet (``split_by_time``),
 becomes the evaluation set. Ids are mapped per table to local indices [0, n) of the job's
 working set, the row order of the job's embedding tables.
 """
@@ -191,12 +192,29 @@ class Split:
     eval: np.ndarray
 
 
-def split_by_time(n: int, eval_fraction: float) -> Split:
-    """The newest ``eval_fraction`` of ``n`` time-ordered samples (at least one when n >= 2) is evaluation."""
+def split_by_time(labels: np.ndarray, eval_fraction: float) -> Split:
+    """Hold out the newest *settled* ``eval_fraction`` of time-ordered samples (at least one when n >= 2).
+
+    A window cut while traffic flows ends unbalanced: the stream emits a positive at the click
+    but a negative only when the impression's attribution window closes, so the window's newest
+    impressions are there with their clicks and without their non-clicks (those land in the next
+    window); held out as they are, they make an evaluation set of clicks only. The newest
+    negative marks how far the stream had closed impressions when the window was cut: every
+    impression up to its event time is settled (its label, whichever, is in the window). So
+    evaluation is the newest ``eval_fraction`` (of all n samples) of the samples up to the newest
+    negative; the unsettled tail after it is trained on with the rest. A window that drained
+    before it was cut ends with a negative and splits as the plain newest fraction.
+    """
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    n_eval = 0 if n < 2 else min(n - 1, max(1, int(round(n * eval_fraction))))
-    return Split(np.arange(0, n - n_eval), np.arange(n - n_eval, n))
+    labels = np.asarray(labels)
+    n = len(labels)
+    negatives = np.flatnonzero(labels == 0)
+    settled = int(negatives[-1]) + 1 if len(negatives) else 0
+    n_eval = 0 if settled < 2 else min(settled - 1, max(1, int(round(n * eval_fraction))))
+    eval_rows = np.arange(settled - n_eval, settled, dtype=np.int64)
+    train_rows = np.concatenate((np.arange(0, settled - n_eval), np.arange(settled, n))).astype(np.int64)
+    return Split(train_rows, eval_rows)
 
 
 @dataclass

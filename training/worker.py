@@ -371,7 +371,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         columns = window.columns
         if columns is None:
             return consume_invalid_window(job, store, run_id, window)
-        split = split_by_time(len(columns), s.train.eval_fraction)
+        split = split_by_time(columns.labels, s.train.eval_fraction)
         ws = working_set(columns, split.train)
         sharded, base_version = shard_and_pull(job, config, ws, hp, store)
         result, predictions = train_and_evaluate(job, sharded, columns, ws, split, hp)

@@ -219,7 +219,7 @@ def evaluation_oracle(s: Settings, client: Any, run_id: str, truth: dict[str, Tr
     end = {int(p): int(o) for p, o in manifest["offsets"]["end"].items()}
     samples, _ = read_window(s.kafka.bootstrap, manifest["topic"], start, end)
     columns = to_columns(samples)
-    rows = split_by_time(len(columns), float(manifest["hparams"]["eval_fraction"])).eval
+    rows = split_by_time(columns.labels, float(manifest["hparams"]["eval_fraction"])).eval
     found = [(truth[columns.sample_ids[i]], columns.labels[i]) for i in rows if columns.sample_ids[i] in truth]
     probabilities = np.array([entry.probability for entry, _ in found])
     labels = np.array([label for _, label in found]) > 0.5

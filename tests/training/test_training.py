@@ -103,12 +103,25 @@ def test_columns_are_time_ordered_and_jagged_gather_matches_samples() -> None:
 
 
 def test_split_holds_out_the_newest_fraction() -> None:
-    split = split_by_time(10, 0.2)
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 1, 1, 0])  # ends with a negative: every sample is settled
+    split = split_by_time(labels, 0.2)
     assert split.train.tolist() == list(range(8)) and split.eval.tolist() == [8, 9]
-    assert split_by_time(1, 0.5).eval.size == 0
-    assert split_by_time(2, 0.01).eval.tolist() == [1]
+    assert split_by_time(np.array([0]), 0.5).eval.size == 0
+    assert split_by_time(np.array([1, 0]), 0.01).eval.tolist() == [1]
     with pytest.raises(ValueError):
-        split_by_time(10, 1.0)
+        split_by_time(labels, 1.0)
+
+
+def test_split_leaves_the_unsettled_tail_of_a_window_cut_mid_traffic_out_of_evaluation() -> None:
+    # the newest impressions arrived with their clicks; their non-clicks were not emitted yet
+    labels = np.array([0, 1, 0, 0, 1, 0, 0, 0, 1, 0] + [1, 1, 1, 1])
+    split = split_by_time(labels, 0.2)
+    assert split.eval.tolist() == [7, 8, 9]  # the newest 20% (of 14) of the samples up to the newest negative
+    assert sorted(split.train.tolist()) == [0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13]  # the tail is trained on
+    assert set(labels[split.eval]) == {0, 1}
+    # clicks only: nothing is settled, nothing to evaluate (the gate says "not evaluable")
+    only_clicks = split_by_time(np.ones(8), 0.2)
+    assert only_clicks.eval.size == 0 and only_clicks.train.tolist() == list(range(8))
 
 
 def test_working_set_maps_ids_to_local_rows_and_marks_trained_ids() -> None:
@@ -240,7 +253,7 @@ def test_single_rank_sharded_tables_round_trip_rows_and_train_only_seen_rows(ips
     # every other sample explored (a small propensity: the clipped weight), the rest without one
     samples = [_with_propensity(s, 0.01 if n % 2 else None) for n, s in enumerate(synthetic.samples)]
     cols = to_columns(samples)
-    split = split_by_time(len(cols), 0.1)
+    split = split_by_time(cols.labels, 0.1)
     ws = working_set(cols, split.train)
     config = ModelConfig.from_spec(SPEC, 4, [8, 4], [8])
     hp = trainer.HParams.from_settings(

@@ -79,7 +79,7 @@ def score_versions(s: Settings, challenger_run_id: str, versions: Mapping[str, s
     fraction = float(manifest["hparams"]["eval_fraction"])
     samples, _stats = read_window(s.kafka, manifest["topic"], start, end)
     columns = to_columns(samples)
-    rows = split_by_time(len(columns), fraction).eval
+    rows = split_by_time(columns.labels, fraction).eval
     if len(rows) == 0:
         raise ValueError(f"run {challenger_run_id} has an empty evaluation set")
     labels = columns.labels[rows]
