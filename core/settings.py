@@ -295,6 +295,12 @@ class ServingSettings(BaseSettings):
         description="time a ranking request may take from admission; past it: 504 (well above the p99 of "
         "tens of ms, so only a hung or very slow dependency hits it)",
     )
+    loop_lag_probe_s: float = Field(
+        0.05,
+        ge=0,
+        le=60,
+        description='period of the event-loop lag probe (recsys_serving_stage_seconds{stage="event_loop_lag"}); 0: off',
+    )
     param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
     param_version_poll_s: float = Field(
         1.0, gt=0, description="how often the cache checks the replica's parameter version"

@@ -88,6 +88,8 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
                 )
             )
         )
+    if settings.serving.loop_lag_probe_s > 0:
+        tasks.append(asyncio.create_task(_probe_loop(metrics, settings.serving.loop_lag_probe_s, stop)))
     if settings.serving.reload_poll_s > 0:
         tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving.reload_poll_s, stop)))
     state.running = Running(components=comps, ranker=ranker, impressions=impressions, index=index)
@@ -104,6 +106,16 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
             await run_in_threadpool(comps.rows.close)
         for closer in comps.close:
             closer()
+
+
+async def _probe_loop(metrics: Metrics, every_s: float, stop: asyncio.Event) -> None:
+    """How late the event loop wakes a ``every_s`` timer: the time requests wait behind work that blocks the loop."""
+    loop = asyncio.get_running_loop()
+    lag = metrics.stage_latency.labels("event_loop_lag", "wall")
+    while not stop.is_set():
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        lag.observe(max(0.0, loop.time() - due))
 
 
 async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:

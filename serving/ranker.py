@@ -66,6 +66,11 @@ class Ranking:
     policy: Policy
 
 
+def _now() -> tuple[float, float]:
+    """(wall, CPU time of this thread): where a stage begins."""
+    return time.perf_counter(), time.thread_time()
+
+
 class Ranker:
     def __init__(
         self,
@@ -82,10 +87,8 @@ class Ranker:
         self.retrieval_candidates = retrieval_candidates
         self.explore_share = explore_share
 
-    def _stage(self, name: str, started: float) -> float:
-        now = time.perf_counter()
-        self.metrics.stage_latency.labels(name).observe(now - started)
-        return now
+    def _stage(self, name: str, started: tuple[float, float]) -> tuple[float, float]:
+        return self.metrics.stage(name, *started)
 
     def score_pairs(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> Scored:
         """Scores of the pairs (user_ids[i], item_ids[i]) with the current model.
@@ -93,7 +96,7 @@ class Ranker:
         Work is per distinct user and item (a recommend request has one user): ids are looked
         up and pooled once per entity, then gathered per pair.
         """
-        t = time.perf_counter()
+        t = _now()
         degraded: list[str] = []
         uniq_users = list(dict.fromkeys(user_ids))
         uniq_items = list(dict.fromkeys(item_ids))
@@ -163,7 +166,7 @@ class Ranker:
         request_id = uuid.uuid4().hex
         from_retrieval = candidates is None
         if candidates is None:
-            t = time.perf_counter()
+            t = _now()
             candidates = self.index.candidates(user_id, self.retrieval_candidates) if self.index is not None else []
             self._stage("retrieval", t)
         candidates = list(dict.fromkeys(candidates))

@@ -111,8 +111,15 @@ async def _in_time(
 ) -> T:
     """``fn(*args)`` off the event loop, or 504 once the request's deadline has passed (counted per endpoint)."""
     deadline_s = state.settings.serving.request_deadline_s
+    submitted = time.perf_counter()
+
+    def timed(*fn_args: object) -> T:
+        # from the hand-off to the thread pool until a thread runs it: pool queueing and the interpreter lock
+        state.metrics.stage_latency.labels("thread_wait", "wall").observe(time.perf_counter() - submitted)
+        return fn(*fn_args)
+
     try:
-        return await run_with_deadline(getattr(request.state, "slot", None), deadline_s, fn, *args)
+        return await run_with_deadline(getattr(request.state, "slot", None), deadline_s, timed, *args)
     except DeadlineExpired as exc:
         state.metrics.deadline_expired.labels(endpoint).inc()
         _timed(state.metrics, endpoint, started, 504)
