@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -11,6 +12,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02
 
 class Metrics:
     def __init__(self) -> None:
+        self._stages: dict[str, tuple[Any, Any]] = {}
         self.registry = r = CollectorRegistry()
         self.request_latency = Histogram(
             "recsys_serving_request_seconds",
@@ -88,8 +90,14 @@ class Metrics:
     def stage(self, name: str, wall: float, cpu: float) -> tuple[float, float]:
         """Observe stage ``name`` begun at (``wall``, ``cpu``) = (perf_counter, thread_time); returns now's pair."""
         now_wall, now_cpu = time.perf_counter(), time.thread_time()
-        self.stage_latency.labels(name, "wall").observe(now_wall - wall)
-        self.stage_latency.labels(name, "cpu").observe(now_cpu - cpu)
+        children = self._stages.get(name)
+        if children is None:  # labels() per call costs a lock and a tuple lookup: keep the pair per stage
+            children = self._stages[name] = (
+                self.stage_latency.labels(name, "wall"),
+                self.stage_latency.labels(name, "cpu"),
+            )
+        children[0].observe(now_wall - wall)
+        children[1].observe(now_cpu - cpu)
         return now_wall, now_cpu
 
     def row_lookup(self, hits: int, misses: int) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -136,8 +137,8 @@ class Ranker:
                 continue
             owner[table] = entity = _ENTITY_OF[table]
             per_entity = [e.sparse[table] for e in entities[entity]]
-            lengths[table] = np.fromiter((len(p) for p in per_entity), np.int64, count=len(per_entity))
-            ids[table] = np.fromiter((v for p in per_entity for v in p), np.int64, count=int(lengths[table].sum()))
+            lengths[table] = np.array([len(p) for p in per_entity], np.int64)
+            ids[table] = np.array(list(chain.from_iterable(per_entity)), np.int64)
         try:
             vectors, version = self.rows.lookup(ids, needed, min_version=self.model.rows_needed)
         except RowsUnavailable as exc:
@@ -151,7 +152,10 @@ class Ranker:
             if n == 0 or not len(lengths[table]):
                 pooled[table] = np.zeros((n, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
                 continue
-            pooled[table] = mean_pool(vecs, lengths[table])[gather[owner[table]]]  # as the trainer's tables pool
+            bags = lengths[table]
+            # one id per bag (every table but the multi-valued ones): its mean is the row itself, bit for bit
+            single = len(vecs) == len(bags) and vecs.dtype == np.float32 and bool((bags == 1).all())
+            pooled[table] = (vecs if single else mean_pool(vecs, bags))[gather[owner[table]]]  # as the trainer pools
         dense = np.zeros((n, len(_DENSE_NAMES)), np.float32)
         for column, (name, entity) in enumerate(_DENSE_NAMES):
             values = np.array([e.dense[name] for e in entities[entity]], np.float32)
