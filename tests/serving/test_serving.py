@@ -632,3 +632,15 @@ def test_stage_metrics_give_wall_and_cpu_time_per_stage_and_the_event_loop_lag(c
             assert _histogram_count(text, "recsys_serving_stage_seconds", stage=stage, clock=clock) == 3, (stage, clock)
     assert _histogram_count(text, "recsys_serving_stage_seconds", stage="thread_wait", clock="wall") == 3
     assert _histogram_count(text, "recsys_serving_stage_seconds", stage="event_loop_lag", clock="wall") >= 1
+
+
+def test_answers_serialised_without_the_model_still_match_the_response_models(client):
+    from serving.schemas import RecommendResponse, ScoreResponse
+
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 2, "candidate_item_ids": ["good", "bad", "x"]})
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    # strict: every field present with its declared type, nothing more
+    assert RecommendResponse.model_validate(body, strict=True).model_dump(mode="json") == body
+    s = client.post("/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"}]})
+    assert ScoreResponse.model_validate(s.json(), strict=True).model_dump(mode="json") == s.json()
