@@ -36,6 +36,13 @@ _MAX_ITEMS = 200_000
 _MAX_PENDING = 100_000  # items with clicks but no profile yet (junk ids from clients end here, then fall out)
 
 
+# how the contract's impression builder serialises (orjson keeps its key order): records that start so are
+# impressions, which the index ignores, so the follower skips them unparsed; most of the topic is serving's
+# own impressions (k per request), and parsing them on the event loop cost more than every request's routing.
+# Anything else (another serialiser) is parsed and ignored as before; test_retrieval checks the prefix.
+IMPRESSION_PREFIX = b'{"schema_version":1,"event_type":"impression"'
+
+
 class PopularityIndex:
     """Decayed click counts per item and category, recency of items, favourite categories per user."""
 
@@ -162,8 +169,10 @@ async def follow_events(
                 batches = await consumer.getmany(timeout_ms=200)
                 for records in batches.values():
                     for record in records:
+                        if not record.value or record.value.startswith(IMPRESSION_PREFIX):
+                            continue  # what serving logged: counts for nothing here, so not parsed either
                         try:
-                            event = orjson.loads(record.value) if record.value else None
+                            event = orjson.loads(record.value)
                         except orjson.JSONDecodeError:
                             continue
                         if isinstance(event, dict):
