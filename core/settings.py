@@ -300,6 +300,13 @@ class ServingSettings(BaseSettings):
         description="with the Redis online store, read its hashes directly (Feast's key and value encoding) "
         "instead of through the Feast SDK's get_online_features: the same values, a fraction of the CPU",
     )
+    ranking_threads: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="threads that run rankings at once (more wait, within their deadline); 0: anyio's default "
+        "pool (40). Keep it above the requests a frozen replica can hold at once, or they queue behind it",
+    )
     loop_lag_probe_s: float = Field(
         0.05,
         ge=0,

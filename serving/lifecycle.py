@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 
 from core.settings import Settings
@@ -32,6 +33,8 @@ Builder = Callable[[Settings, Metrics], Components]
 @contextlib.asynccontextmanager
 async def lifespan(state: ServingState, components: Components | None, builder: Builder) -> AsyncIterator[None]:
     settings, metrics = state.settings, state.metrics
+    if settings.serving.ranking_threads > 0:
+        state.ranking_threads = anyio.CapacityLimiter(settings.serving.ranking_threads)
     comps = components
     if comps is None:
         comps = await run_in_threadpool(builder, settings, metrics)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, HTTPException, Request
 
 from core.settings import Settings
@@ -40,6 +41,7 @@ class ServingState:
     settings: Settings
     metrics: Metrics
     running: Running | None = None
+    ranking_threads: anyio.CapacityLimiter | None = None  # made in the lifespan (a limiter belongs to one loop)
 
 
 async def get_state(request: Request) -> ServingState:

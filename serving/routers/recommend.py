@@ -123,7 +123,9 @@ async def _in_time(
         return fn(*fn_args)
 
     try:
-        return await run_with_deadline(getattr(request.state, "slot", None), deadline_s, timed, *args)
+        return await run_with_deadline(
+            getattr(request.state, "slot", None), deadline_s, timed, *args, limiter=state.ranking_threads
+        )
     except DeadlineExpired as exc:
         state.metrics.deadline_expired.labels(endpoint).inc()
         _timed(state.metrics, endpoint, started, 504)

@@ -147,3 +147,32 @@ def test_bad_limits_are_refused():
         Settings().override(serving={"max_in_flight": 0})
     with pytest.raises(ValueError):
         Settings().override(serving={"request_deadline_s": 0})
+
+
+class CountingFeatures(StaticFeatures):
+    """A feature store that notes how many fetches run at once (each takes a little while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def fetch(self, user_ids, item_ids):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.05)
+        with self._lock:
+            self.now -= 1
+        return super().fetch(user_ids, item_ids)
+
+
+@pytest.mark.parametrize(("threads", "bounded"), [(2, True), (0, False)])
+def test_ranking_threads_bounds_the_rankings_running_at_once(threads, bounded):
+    features = CountingFeatures()
+    with _client(features, ranking_threads=threads, max_in_flight=16) as client:  # type: ignore[arg-type]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: _score(client), range(24)))
+    assert [a.status_code for a in answers] == [200] * 24
+    # 0: anyio's default pool of 40 threads, so more than 2 fetches overlap
+    assert (features.most <= 2) if bounded else (features.most > 2), features.most
