@@ -206,7 +206,7 @@ class RedisOnlineReader:
         with self.client.pipeline(transaction=False) as pipe:
             for entity, ids in wanted.items():
                 for entity_id in ids:
-                    pipe.hmget(self.key(entity, entity_id), self._fields[entity])
+                    pipe.hmget(self.key(entity, entity_id), self._fields[entity])  # type: ignore[arg-type]  # bytes keys are fine (Feast writes them)
             replies = pipe.execute()
         out: dict[Entity, list[dict[str, Any] | None]] = {}
         at = 0
