@@ -100,7 +100,8 @@ def _seed(run_dir: Path, ps_url: str, feast_url: str, tracking_uri: str) -> None
     client.set_registered_model_alias(MODEL_NAME, "champion", mv.version)
 
 
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> dict:
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 900.0) -> dict:
+    # generous: under load each worker's imports (torch, Feast, MLflow) took over 3 minutes here
     import httpx
 
     deadline = time.time() + timeout
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[workers] = _measure(port, proc, workers, payloads, args, Path(tempfile.gettempdir()))
                 _stop_server(proc)
                 proc = None
+                print("\n".join(_report(workers, results[workers], args)), flush=True)  # kept if a later one fails
         finally:
             if proc is not None:
                 _stop_server(proc)
