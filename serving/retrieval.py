@@ -56,7 +56,7 @@ class PopularityIndex:
         self._recent: OrderedDict[str, float] = OrderedDict()
         self._user_categories: OrderedDict[str, dict[int, float]] = OrderedDict()
         self._lock = threading.Lock()
-        self.events = 0
+        self.events = 0  # records read (impressions too), as observe() and the follower count them
 
     def _weight(self, ts: float) -> float:
         return math.exp(min(600.0, self.rate * (ts - self._t0)))
@@ -169,8 +169,11 @@ async def follow_events(
                 batches = await consumer.getmany(timeout_ms=200)
                 for records in batches.values():
                     for record in records:
-                        if not record.value or record.value.startswith(IMPRESSION_PREFIX):
-                            continue  # what serving logged: counts for nothing here, so not parsed either
+                        if not record.value:
+                            continue
+                        if record.value.startswith(IMPRESSION_PREFIX):
+                            index.events += 1  # read, and changes nothing (as observe() would): left unparsed
+                            continue
                         try:
                             event = orjson.loads(record.value)
                         except orjson.JSONDecodeError:

@@ -167,12 +167,10 @@ class CountingFeatures(StaticFeatures):
         return super().fetch(user_ids, item_ids)
 
 
-@pytest.mark.parametrize(("threads", "bounded"), [(2, True), (0, False)])
-def test_ranking_threads_bounds_the_rankings_running_at_once(threads, bounded):
+def test_ranking_threads_bounds_the_rankings_running_at_once():
     features = CountingFeatures()
-    with _client(features, ranking_threads=threads, max_in_flight=16) as client:  # type: ignore[arg-type]
+    with _client(features, ranking_threads=2, max_in_flight=16) as client:  # type: ignore[arg-type]
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: _score(client), range(24)))
     assert [a.status_code for a in answers] == [200] * 24
-    # 0: anyio's default pool of 40 threads, so more than 2 fetches overlap
-    assert (features.most <= 2) if bounded else (features.most > 2), features.most
+    assert 1 <= features.most <= 2, features.most
