@@ -353,6 +353,24 @@ class ServingSettings(BaseSettings):
         description="time a ranking request may take from admission; past it: 504 (well above the p99 of "
         "tens of ms, so only a hung or very slow dependency hits it)",
     )
+    direct_feature_read: bool = Field(
+        True,
+        description="with the Redis online store, read its hashes directly (Feast's key and value encoding) "
+        "instead of through the Feast SDK's get_online_features: the same values, a fraction of the CPU",
+    )
+    ranking_threads: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="threads that run rankings at once (more wait, within their deadline); 0: anyio's default "
+        "pool (40). Keep it above the requests a frozen replica can hold at once, or they queue behind it",
+    )
+    loop_lag_probe_s: float = Field(
+        0.05,
+        ge=0,
+        le=60,
+        description='period of the event-loop lag probe (recsys_serving_stage_seconds{stage="event_loop_lag"}); 0: off',
+    )
     param_cache_rows: int = Field(500_000, ge=0, description="embedding rows cached per parameter version")
     param_version_poll_s: float = Field(
         1.0, gt=0, description="how often the cache checks the replica's parameter version"

@@ -21,8 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureStore, RepoConfig
 from feast.data_source import PushMode
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig
 from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import Value
 from feast.repo_config import RegistryConfig
 
 from feature_repo import features as defs
@@ -30,6 +34,7 @@ from feature_repo.spec import SPEC, EncodedEntity
 
 Entity = Literal["user", "item"]
 REPO_PATH = Path(__file__).resolve().parent
+KEY_SERIALIZATION_VERSION = 3  # how Feast encodes entity keys in the online store (RedisOnlineReader reads it too)
 
 
 def redis_connection_string(url: str) -> str:
@@ -69,7 +74,7 @@ def repo_config(data_dir: Path, online_store: str = "sqlite", redis_url: str | N
         registry=RegistryConfig(path=str(data_dir / "registry.db"), cache_ttl_seconds=0),
         online_store=online,
         offline_store={"type": "file"},
-        entity_key_serialization_version=3,
+        entity_key_serialization_version=KEY_SERIALIZATION_VERSION,
         repo_path=str(REPO_PATH),
     )
 
@@ -165,3 +170,69 @@ def historical(store: FeatureStore, entity_df: pd.DataFrame) -> pd.DataFrame:
         if key in entity_df.columns:
             refs += [f"{entity}_features:{c}" for c in defs.columns(entity)]
     return store.get_historical_features(entity_df=entity_df, features=refs).to_df()
+
+
+class RedisOnlineReader:
+    """The Redis online store read directly: the keys, fields and values Feast's Redis store writes, without its SDK.
+
+    ``FeatureStore.get_online_features`` spends most of a small read in Python (resolving
+    feature references against the registry, building protos, a response object, ``to_dict``);
+    serving reads the same hashes with one HMGET per entity in one pipeline. The encoding is
+    Feast's own, called from Feast (``serialize_entity_key`` at this repo's
+    ``entity_key_serialization_version``, ``_mmh3`` of ``<view>:<column>`` per field, ``ValueProto``
+    values), so it stays what the stream worker's pushes wrote; tests/serving/test_direct_features.py
+    checks that every value equals what ``get_online_features`` returns, on a real Redis. Feature view
+    versioning is off in this repo (``repo_config``), so the view's name is the hash field prefix; the
+    regular online path applies no TTL, nor does this one.
+    """
+
+    def __init__(self, redis_url: str, timeout_s: float) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.columns = {entity: defs.columns(entity) for entity in defs.JOIN_KEYS}
+        self._fields = {
+            entity: [_mmh3(f"{entity}_features:{column}") for column in columns]
+            for entity, columns in self.columns.items()
+        }
+        self._suffix = defs.PROJECT.encode()
+
+    def key(self, entity: Entity, entity_id: str) -> bytes:
+        proto = EntityKey(join_keys=[defs.JOIN_KEYS[entity]], entity_values=[Value(string_val=entity_id)])
+        return serialize_entity_key(proto, entity_key_serialization_version=KEY_SERIALIZATION_VERSION) + self._suffix
+
+    def read(self, wanted: dict[Entity, Sequence[str]]) -> dict[Entity, list[dict[str, Any] | None]]:
+        """Per entity kind, the columns of each id in order (None: nothing stored), in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for entity, ids in wanted.items():
+                for entity_id in ids:
+                    pipe.hmget(self.key(entity, entity_id), self._fields[entity])  # type: ignore[arg-type]  # bytes keys are fine (Feast writes them)
+            replies = pipe.execute()
+        out: dict[Entity, list[dict[str, Any] | None]] = {}
+        at = 0
+        for entity, ids in wanted.items():
+            columns = self.columns[entity]
+            rows: list[dict[str, Any] | None] = []
+            for raw in replies[at : at + len(ids)]:
+                if all(v is None for v in raw):
+                    rows.append(None)
+                    continue
+                row: dict[str, Any] = {}
+                for column, value in zip(columns, raw):
+                    proto = Value()
+                    if value:
+                        proto.ParseFromString(value)
+                    kind = proto.WhichOneof("val")
+                    if kind is None:
+                        row[column] = None
+                    elif kind.endswith("_list_val"):
+                        row[column] = list(getattr(proto, kind).val)
+                    else:
+                        row[column] = getattr(proto, kind)
+                rows.append(row)
+            out[entity] = rows
+            at += len(ids)
+        return out
+
+    def close(self) -> None:
+        self.client.close()

@@ -97,6 +97,31 @@ class FeastFeatures:
     def healthy(self) -> bool:
         return self._ok
 
+    def _read(
+        self, users: list[str], items: list[str]
+    ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
+        n = max(len(users), len(items))
+        rows = []
+        for r in range(n):
+            row = {}
+            if users:
+                row[self.user_key] = users[min(r, len(users) - 1)]
+            if items:
+                row[self.item_key] = items[min(r, len(items) - 1)]
+            rows.append(row)
+        refs = (self.user_refs if users else []) + (self.item_refs if items else [])
+        data = self.store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        columns = [ref.split(":", 1)[1] for ref in refs]
+        out_users: dict[str, EncodedEntity | None] = {}
+        out_items: dict[str, EncodedEntity | None] = {}
+        for r in range(n):
+            values = {self._names[c]: data[c][r] for c in columns if c in data}
+            if r < len(users):
+                out_users[users[r]] = assemble("user", users[r], values)
+            if r < len(items):
+                out_items[items[r]] = assemble("item", items[r], values)
+        return out_users, out_items
+
     def fetch(
         self, user_ids: Sequence[str], item_ids: Sequence[str]
     ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
@@ -111,33 +136,14 @@ class FeastFeatures:
                     cached[item] = entry[1]
             self.item_hits += len(cached)
         items = [i for i in wanted if i not in cached] if cached else wanted
-        n = max(len(users), len(items))
-        if n == 0:
-            return {u: None for u in users}, cached
-        rows = []
-        for r in range(n):
-            row = {}
-            if users:
-                row[self.user_key] = users[min(r, len(users) - 1)]
-            if items:
-                row[self.item_key] = items[min(r, len(items) - 1)]
-            rows.append(row)
-        refs = (self.user_refs if users else []) + (self.item_refs if items else [])
+        if not users and not items:
+            return {}, cached
         try:
-            data = self.store.get_online_features(features=refs, entity_rows=rows).to_dict()
+            out_users, out_items = self._read(users, items)
         except Exception as exc:  # redis down, timeouts: the caller degrades
             self._ok = False
             raise FeaturesUnavailable(f"feature store: {type(exc).__name__}: {str(exc)[:200]}") from None
         self._ok = True
-        columns = [ref.split(":", 1)[1] for ref in refs]
-        out_users: dict[str, EncodedEntity | None] = {}
-        out_items: dict[str, EncodedEntity | None] = {}
-        for r in range(n):
-            values = {self._names[c]: data[c][r] for c in columns if c in data}
-            if r < len(users):
-                out_users[users[r]] = assemble("user", users[r], values)
-            if r < len(items):
-                out_items[items[r]] = assemble("item", items[r], values)
         if self.item_ttl_s > 0 and items:
             if len(self._items) + len(items) > self.max_cached_items:
                 self._items = {}
@@ -145,6 +151,33 @@ class FeastFeatures:
             for item in items:
                 self._items[item] = (expires, out_items[item])
         out_items.update(cached)
+        return out_users, out_items
+
+
+class RedisFeatures(FeastFeatures):
+    """``FeastFeatures`` reading the Redis online store's hashes directly (``feature_repo.store.RedisOnlineReader``).
+
+    Same answers, same item cache; one pipelined round trip without the Feast SDK's per-call
+    work, which was most of the features stage's CPU (README "Serving latency").
+    """
+
+    def __init__(self, store: Any, reader: Any, item_ttl_s: float = 0.0, max_cached_items: int = 200_000) -> None:
+        super().__init__(store, item_ttl_s, max_cached_items)
+        self.reader = reader
+
+    def _read(
+        self, users: list[str], items: list[str]
+    ) -> tuple[dict[str, EncodedEntity | None], dict[str, EncodedEntity | None]]:
+        data = self.reader.read({"user": users, "item": items})
+        out_users: dict[str, EncodedEntity | None] = {}
+        out_items: dict[str, EncodedEntity | None] = {}
+        for ids, rows, entity, out in (
+            (users, data["user"], "user", out_users),
+            (items, data["item"], "item", out_items),
+        ):
+            for entity_id, row in zip(ids, rows):
+                values = {self._names[c]: v for c, v in row.items()} if row is not None else {}
+                out[entity_id] = assemble(entity, entity_id, values)  # type: ignore[arg-type]
         return out_users, out_items
 
 

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from core.kafka import Brokers, connect_options, servers
 from feature_repo.contract import Impression
@@ -87,6 +88,33 @@ class ImpressionLogger:
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
 
+    async def _send(self, producer: Any, batch: list[tuple[bytes, bytes]]) -> list[asyncio.Future]:
+        """Hand ``batch`` to the producer as one record batch per partition; the futures of their acks.
+
+        ``producer.send`` per record costs ~30 us of event-loop time (its own future, partition
+        lookup and accumulator step); filling batches directly costs a fraction. Partitions are
+        chosen as ``send`` chooses them (the default murmur2 partitioner over the topic's
+        partitions), so a user's impressions stay on the partition of that user's clicks.
+        """
+        from aiokafka.partitioner import DefaultPartitioner
+
+        partitioner = DefaultPartitioner()
+        partitions = sorted(await producer.partitions_for(self.topic))
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, value in batch:
+            by_partition.setdefault(partitioner(key, partitions, partitions), []).append((key, value))
+        futures = []
+        for partition, records in by_partition.items():
+            builder = producer.create_batch()
+            for key, value in records:
+                if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+                    futures.append(await producer.send_batch(builder, self.topic, partition=partition))
+                    builder = producer.create_batch()
+                    if builder.append(key=key, value=value, timestamp=None) is None:
+                        raise ValueError(f"an impression of {len(value)} bytes exceeds the producer's batch size")
+            futures.append(await producer.send_batch(builder, self.topic, partition=partition))
+        return futures
+
     async def _run(self) -> None:
         from aiokafka import AIOKafkaProducer
 
@@ -104,8 +132,7 @@ class ImpressionLogger:
                         continue
                     batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), 500))]
                     try:
-                        futures = [await producer.send(self.topic, value, key=key) for key, value in batch]
-                        await asyncio.gather(*futures)
+                        await asyncio.gather(*await self._send(producer, batch))
                     except Exception:
                         # back to the front of the buffer; beyond capacity the newest are dropped, as in log()
                         self._buffer.extendleft(reversed(batch))

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import anyio
 from starlette.concurrency import run_in_threadpool
 
 from core.settings import Settings
@@ -32,6 +33,8 @@ Builder = Callable[[Settings, Metrics], Components]
 @contextlib.asynccontextmanager
 async def lifespan(state: ServingState, components: Components | None, builder: Builder) -> AsyncIterator[None]:
     settings, metrics = state.settings, state.metrics
+    if settings.serving.ranking_threads > 0:
+        state.ranking_threads = anyio.CapacityLimiter(settings.serving.ranking_threads)
     comps = components
     if comps is None:
         comps = await run_in_threadpool(builder, settings, metrics)
@@ -88,6 +91,8 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
                 )
             )
         )
+    if settings.serving.loop_lag_probe_s > 0:
+        tasks.append(asyncio.create_task(_probe_loop(metrics, settings.serving.loop_lag_probe_s, stop)))
     if settings.serving.reload_poll_s > 0:
         tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving.reload_poll_s, stop)))
     state.running = Running(components=comps, ranker=ranker, impressions=impressions, index=index)
@@ -104,6 +109,16 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
             await run_in_threadpool(comps.rows.close)
         for closer in comps.close:
             closer()
+
+
+async def _probe_loop(metrics: Metrics, every_s: float, stop: asyncio.Event) -> None:
+    """How late the event loop wakes a ``every_s`` timer: the time requests wait behind work that blocks the loop."""
+    loop = asyncio.get_running_loop()
+    lag = metrics.stage_latency.labels("event_loop_lag", "wall")
+    while not stop.is_set():
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        lag.observe(max(0.0, loop.time() - due))
 
 
 async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -66,6 +67,11 @@ class Ranking:
     policy: Policy
 
 
+def _now() -> tuple[float, float]:
+    """(wall, CPU time of this thread): where a stage begins."""
+    return time.perf_counter(), time.thread_time()
+
+
 class Ranker:
     def __init__(
         self,
@@ -82,10 +88,8 @@ class Ranker:
         self.retrieval_candidates = retrieval_candidates
         self.explore_share = explore_share
 
-    def _stage(self, name: str, started: float) -> float:
-        now = time.perf_counter()
-        self.metrics.stage_latency.labels(name).observe(now - started)
-        return now
+    def _stage(self, name: str, started: tuple[float, float]) -> tuple[float, float]:
+        return self.metrics.stage(name, *started)
 
     def score_pairs(self, user_ids: Sequence[str], item_ids: Sequence[str]) -> Scored:
         """Scores of the pairs (user_ids[i], item_ids[i]) with the current model.
@@ -93,7 +97,7 @@ class Ranker:
         Work is per distinct user and item (a recommend request has one user): ids are looked
         up and pooled once per entity, then gathered per pair.
         """
-        t = time.perf_counter()
+        t = _now()
         degraded: list[str] = []
         uniq_users = list(dict.fromkeys(user_ids))
         uniq_items = list(dict.fromkeys(item_ids))
@@ -133,8 +137,8 @@ class Ranker:
                 continue
             owner[table] = entity = _ENTITY_OF[table]
             per_entity = [e.sparse[table] for e in entities[entity]]
-            lengths[table] = np.fromiter((len(p) for p in per_entity), np.int64, count=len(per_entity))
-            ids[table] = np.fromiter((v for p in per_entity for v in p), np.int64, count=int(lengths[table].sum()))
+            lengths[table] = np.array([len(p) for p in per_entity], np.int64)
+            ids[table] = np.array(list(chain.from_iterable(per_entity)), np.int64)
         try:
             vectors, version = self.rows.lookup(ids, needed, min_version=self.model.rows_needed)
         except RowsUnavailable as exc:
@@ -148,7 +152,10 @@ class Ranker:
             if n == 0 or not len(lengths[table]):
                 pooled[table] = np.zeros((n, vecs.shape[1] if vecs.ndim == 2 else 0), np.float32)
                 continue
-            pooled[table] = mean_pool(vecs, lengths[table])[gather[owner[table]]]  # as the trainer's tables pool
+            bags = lengths[table]
+            # one id per bag (every table but the multi-valued ones): its mean is the row itself, bit for bit
+            single = len(vecs) == len(bags) and vecs.dtype == np.float32 and bool((bags == 1).all())
+            pooled[table] = (vecs if single else mean_pool(vecs, bags))[gather[owner[table]]]  # as the trainer pools
         dense = np.zeros((n, len(_DENSE_NAMES)), np.float32)
         for column, (name, entity) in enumerate(_DENSE_NAMES):
             values = np.array([e.dense[name] for e in entities[entity]], np.float32)
@@ -163,7 +170,7 @@ class Ranker:
         request_id = uuid.uuid4().hex
         from_retrieval = candidates is None
         if candidates is None:
-            t = time.perf_counter()
+            t = _now()
             candidates = self.index.candidates(user_id, self.retrieval_candidates) if self.index is not None else []
             self._stage("retrieval", t)
         candidates = list(dict.fromkeys(candidates))

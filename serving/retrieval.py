@@ -36,6 +36,13 @@ _MAX_ITEMS = 200_000
 _MAX_PENDING = 100_000  # items with clicks but no profile yet (junk ids from clients end here, then fall out)
 
 
+# how the contract's impression builder serialises (orjson keeps its key order): records that start so are
+# impressions, which the index ignores, so the follower skips them unparsed; most of the topic is serving's
+# own impressions (k per request), and parsing them on the event loop cost more than every request's routing.
+# Anything else (another serialiser) is parsed and ignored as before; test_retrieval checks the prefix.
+IMPRESSION_PREFIX = b'{"schema_version":1,"event_type":"impression"'
+
+
 class PopularityIndex:
     """Decayed click counts per item and category, recency of items, favourite categories per user."""
 
@@ -49,7 +56,7 @@ class PopularityIndex:
         self._recent: OrderedDict[str, float] = OrderedDict()
         self._user_categories: OrderedDict[str, dict[int, float]] = OrderedDict()
         self._lock = threading.Lock()
-        self.events = 0
+        self.events = 0  # records read (impressions too), as observe() and the follower count them
 
     def _weight(self, ts: float) -> float:
         return math.exp(min(600.0, self.rate * (ts - self._t0)))
@@ -162,8 +169,13 @@ async def follow_events(
                 batches = await consumer.getmany(timeout_ms=200)
                 for records in batches.values():
                     for record in records:
+                        if not record.value:
+                            continue
+                        if record.value.startswith(IMPRESSION_PREFIX):
+                            index.events += 1  # read, and changes nothing (as observe() would): left unparsed
+                            continue
                         try:
-                            event = orjson.loads(record.value) if record.value else None
+                            event = orjson.loads(record.value)
                         except orjson.JSONDecodeError:
                             continue
                         if isinstance(event, dict):

@@ -100,9 +100,16 @@ class LoadShed:
             slot.release()
 
 
-async def run_with_deadline(slot: Slot | None, deadline_s: float, fn: Callable[..., T], *args: object) -> T:
+async def run_with_deadline(
+    slot: Slot | None,
+    deadline_s: float,
+    fn: Callable[..., T],
+    *args: object,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> T:
     """``fn(*args)`` in the thread pool, waited for until ``deadline_s`` after the slot's admission.
 
+    ``limiter`` bounds the threads ranking at once (None: anyio's default pool of 40).
     Raises ``DeadlineExpired`` when the time is up; the thread is abandoned (it cannot be
     stopped) and keeps the slot until it returns. Without a slot (an app built without the
     middleware) the deadline counts from now.
@@ -122,7 +129,8 @@ async def run_with_deadline(slot: Slot | None, deadline_s: float, fn: Callable[.
                 slot.release()
 
     with anyio.move_on_after(remaining):
-        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        # waiting for a thread of ``limiter`` counts against the deadline too
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=limiter)
     raise DeadlineExpired(f"the ranking did not finish within the {deadline_s:g}s deadline")
 
 

@@ -9,7 +9,7 @@ import logging
 
 from core.settings import Settings
 from serving.components import Components
-from serving.features import FeastFeatures, FeatureSource
+from serving.features import FeastFeatures, FeatureSource, RedisFeatures
 from serving.metrics import Metrics
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.params import RowFetcher
@@ -48,7 +48,13 @@ def open_features(settings: Settings) -> FeatureSource | None:
             views = set()
         if not {"user_features", "item_features"} <= views:
             store = open_store(settings.feast.data_dir, settings.feast.online_store, redis_url, apply=True)
-        return FeastFeatures(store, item_ttl_s=settings.serving.item_feature_ttl_s)
+        ttl = settings.serving.item_feature_ttl_s
+        if settings.feast.online_store == "redis" and settings.serving.direct_feature_read and redis_url:
+            from feature_repo.store import RedisOnlineReader
+
+            reader = RedisOnlineReader(redis_url, timeout_s=settings.serving.request_deadline_s)
+            return RedisFeatures(store, reader, item_ttl_s=ttl)
+        return FeastFeatures(store, item_ttl_s=ttl)
     except Exception as exc:  # noqa: BLE001 - serve degraded (flagged) rather than not at all
         log.error("feature store unavailable, serving without features: %s", exc)
         return None

@@ -16,7 +16,7 @@ from serving.state import Started, State
 log = logging.getLogger(__name__)
 
 
-def require_admin(
+async def require_admin(
     state: State,
     authorization: Annotated[str | None, Header(description="Bearer <serving admin token>")] = None,
 ) -> None:

@@ -58,3 +58,27 @@ def test_a_click_read_before_its_items_profile_counts_once_the_profile_arrives()
     assert index.candidates("u1", 10) == ["early"]  # not known yet: not a candidate
     _profile(index, "late")
     assert index.candidates("u1", 10) == ["late", "early"]  # its clicks were kept
+
+
+def test_the_follower_recognises_the_contract_s_impressions_unparsed():
+    """The follower skips records starting with IMPRESSION_PREFIX: it must be what the impression builder writes."""
+    import orjson
+
+    from feature_repo.contract import click_event, impression_event
+    from serving.retrieval import IMPRESSION_PREFIX
+
+    shown = impression_event(
+        event_id="r-0",
+        timestamp=1.0,
+        request_id="r",
+        user_id="u",
+        item_id="i",
+        position=0,
+        model_version="m/1@ps1",
+        features=({}, {}),
+        propensity=1.0,
+        policy="exploit",
+    )
+    assert orjson.dumps(shown).startswith(IMPRESSION_PREFIX)
+    clicked = click_event(event_id="c", timestamp=1.0, request_id="r", user_id="u", item_id="i")
+    assert not orjson.dumps(clicked).startswith(IMPRESSION_PREFIX)

@@ -610,3 +610,37 @@ def test_a_full_row_cache_evicts_the_least_recently_used_rows():
     assert pulls_for([0, 1, 2, 8]) == 0  # kept: recently used (a cache that starts over would pull again)
     assert pulls_for([3]) == 1  # evicted
     assert rows._cache.size <= 8
+
+
+def _histogram_count(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "_count{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_stage_metrics_give_wall_and_cpu_time_per_stage_and_the_event_loop_lag(client):
+    for _ in range(3):
+        assert (
+            client.post("/v1/recommend", json={"user_id": "u1", "candidate_item_ids": ["good", "bad"]}).status_code
+            == 200
+        )
+    time.sleep(0.3)  # a few periods of the loop-lag probe (loop_lag_probe_s = 0.05 by default)
+    text = client.get("/metrics").text
+    for stage in ("features", "rows", "score"):
+        for clock in ("wall", "cpu"):
+            assert _histogram_count(text, "recsys_serving_stage_seconds", stage=stage, clock=clock) == 3, (stage, clock)
+    assert _histogram_count(text, "recsys_serving_stage_seconds", stage="thread_wait", clock="wall") == 3
+    assert _histogram_count(text, "recsys_serving_stage_seconds", stage="event_loop_lag", clock="wall") >= 1
+
+
+def test_answers_serialised_without_the_model_still_match_the_response_models(client):
+    from serving.schemas import RecommendResponse, ScoreResponse
+
+    r = client.post("/v1/recommend", json={"user_id": "u1", "k": 2, "candidate_item_ids": ["good", "bad", "x"]})
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    # strict: every field present with its declared type, nothing more
+    assert RecommendResponse.model_validate(body, strict=True).model_dump(mode="json") == body
+    s = client.post("/v1/score", json={"pairs": [{"user_id": "u1", "item_id": "good"}]})
+    assert ScoreResponse.model_validate(s.json(), strict=True).model_dump(mode="json") == s.json()

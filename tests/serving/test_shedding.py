@@ -147,3 +147,30 @@ def test_bad_limits_are_refused():
         Settings().override(serving={"max_in_flight": 0})
     with pytest.raises(ValueError):
         Settings().override(serving={"request_deadline_s": 0})
+
+
+class CountingFeatures(StaticFeatures):
+    """A feature store that notes how many fetches run at once (each takes a little while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def fetch(self, user_ids, item_ids):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.05)
+        with self._lock:
+            self.now -= 1
+        return super().fetch(user_ids, item_ids)
+
+
+def test_ranking_threads_bounds_the_rankings_running_at_once():
+    features = CountingFeatures()
+    with _client(features, ranking_threads=2, max_in_flight=16) as client:  # type: ignore[arg-type]
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: _score(client), range(24)))
+    assert [a.status_code for a in answers] == [200] * 24
+    assert 1 <= features.most <= 2, features.most
