@@ -445,6 +445,9 @@ class AirflowSettings(BaseSettings):
         "@hourly", description="schedule of the training DAG (cron or preset; empty: manual only)"
     )
     features_schedule: str | None = Field("@hourly", description="schedule of the features DAG")
+    dag_owner: str = Field(
+        "recsys", min_length=1, description="owner shown on the DAGs in the Airflow UI (the team that runs them)"
+    )
 
 
 class GateSettings(BaseSettings):

@@ -15,6 +15,18 @@ from feature_repo.maintenance import ENTITIES  # stdlib and settings only: cheap
 
 _defaults = Settings()
 
+DOC = f"""
+### recsys_features: keep Feast's online store fed and its offline files small
+
+**materialize** copies the newest offline rows (what the stream worker wrote) into the online
+store serving reads; then **compact_offline** merges each date folder's parquet files of one
+entity ({", ".join(ENTITIES)}) into one, so reads stay fast. The stream worker also writes the
+online store directly; this DAG is the catch-up path and the offline store's upkeep.
+
+Schedule: `RECSYS_AIRFLOW_FEATURES_SCHEDULE` (`{_defaults.airflow.features_schedule or ""}` here; empty: manual
+runs only). Only one run at a time. The README's "Streaming and feature store" section says more.
+"""
+
 
 @dag(
     dag_id="recsys_features",
@@ -23,7 +35,8 @@ _defaults = Settings()
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    doc_md=DOC,
     tags=["recsys", "features"],
 )
 def recsys_features() -> None:

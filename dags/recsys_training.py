@@ -11,6 +11,7 @@ JSON-safe values (no NaN: Airflow cannot store it).
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,30 @@ from airflow.sdk import Param, dag, get_current_context, task
 from core.settings import Settings  # pydantic only: cheap
 
 _defaults = Settings()
+log = logging.getLogger(__name__)  # task logs, in order with Airflow's own lines (print() came after them)
+
+DOC = f"""
+### recsys_training: the batch loop's model lifecycle
+
+Each run: **check_new_samples** (skip unless `min_new_samples` arrived on the samples topic since
+the last job) → **train** (`recsys train` under torchrun on the new window; rows staged, model
+registered as a challenger) → **evaluate** (challenger and champion on the challenger's evaluation
+set, or "not evaluable" and why) → **gate** (promote unless the challenger is worse than the
+champion by more than `tolerance`) → **promote** (staged rows into the parameter service, then the
+`champion` alias) → **publish** (every inference replica applied those rows) → **reload_serving**.
+A skipped check or a refused gate ends the run successfully and changes nothing that is served.
+
+| parameter | default | what it does |
+|---|---|---|
+| `ranks` | {_defaults.train.ranks} | torchrun ranks of the training job (`RECSYS_TRAIN_RANKS`) |
+| `epochs` | {_defaults.train.epochs} | passes over the window's training samples (`RECSYS_TRAIN_EPOCHS`) |
+| `min_new_samples` | {_defaults.gate.min_new_samples} | new samples needed to train (`RECSYS_GATE_MIN_NEW_SAMPLES`) |
+| `tolerance` | {_defaults.gate.tolerance} | AUC a challenger may lose and still win (`RECSYS_GATE_TOLERANCE`) |
+
+Schedule: `RECSYS_AIRFLOW_TRAINING_SCHEDULE` (`{_defaults.airflow.training_schedule or ""}` here; empty means
+manual runs only, which is what `recsys demo` sets so that it triggers each round itself). Only one
+run at a time. The README's "Orchestration (Airflow)" and "Training" sections say more.
+"""
 
 
 @dag(
@@ -28,7 +53,8 @@ _defaults = Settings()
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    doc_md=DOC,
     params={
         "ranks": Param(
             _defaults.train.ranks,
@@ -68,8 +94,17 @@ def recsys_training() -> None:
         from training.lifecycle.job import count_new_samples
 
         found = count_new_samples(Settings())
-        print(f"new samples on {found['topic']}: {found['new']} (offsets {found['start']} -> {found['end']})")
-        return found["new"] >= int(get_current_context()["params"]["min_new_samples"])
+        needed = int(get_current_context()["params"]["min_new_samples"])
+        log.info(
+            "new samples on %s: %d (offsets %s -> %s); %d needed: %s",
+            found["topic"],
+            found["new"],
+            found["start"],
+            found["end"],
+            needed,
+            "training" if found["new"] >= needed else "skipping this run",
+        )
+        return found["new"] >= needed
 
     @task
     def train() -> dict[str, Any]:
@@ -97,7 +132,7 @@ def recsys_training() -> None:
 
         found = evaluation.evaluate(Settings(), trained["model_version"])
         if not found["evaluable"]:
-            print(f"not evaluable: {found['reason']}")
+            log.warning("not evaluable: %s", found["reason"])
         return found
 
     @task.short_circuit
@@ -107,7 +142,7 @@ def recsys_training() -> None:
 
         tolerance = float(get_current_context()["params"]["tolerance"])
         decision = gate_challenger(Settings(), evaluation["model_version"], tolerance)
-        print(f"gate: {decision.reason}")
+        log.info("gate: %s — %s", "promote" if decision.promote else "refuse", decision.reason)
         return decision.as_dict() if decision.promote else False
 
     @task

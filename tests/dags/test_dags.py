@@ -71,6 +71,21 @@ def test_features_dag_structure(dagbag) -> None:  # noqa: ANN001
     assert dag.max_active_runs == 1
 
 
+def test_dags_say_what_they_do_and_who_owns_them(dagbag) -> None:  # noqa: ANN001
+    from core.settings import Settings
+
+    owner = Settings().airflow.dag_owner
+    for dag_id in ("recsys_training", "recsys_features"):
+        dag = dagbag.dags[dag_id]
+        assert dag.doc_md and f"### {dag_id}" in dag.doc_md
+        assert {t.owner for t in dag.tasks} == {owner} and owner != "airflow"
+    training_doc = dagbag.dags["recsys_training"].doc_md
+    # every parameter of the trigger form is explained, with its default and its setting
+    for name in dagbag.dags["recsys_training"].params:
+        assert f"| `{name}` |" in training_doc
+    assert "RECSYS_AIRFLOW_TRAINING_SCHEDULE" in training_doc
+
+
 def test_no_cycles(dagbag) -> None:  # noqa: ANN001
     for dag_id in dagbag.dag_ids:
         dagbag.dags[dag_id].check_cycle()  # raises on a cycle
