@@ -75,11 +75,16 @@ def test_two_workers_join_clicks_keyed_by_nothing_or_another_user(make_setup):
     setup: Setup = make_setup(idle_advance_s=NEVER_S)
     first, second = setup.start_worker(), setup.start_worker()  # one consumer group
 
+    assignment: list[set[int]] = []
+
     def shared() -> bool:
         taken = [_partitions_taken(first), _partitions_taken(second)]
+        assignment[:] = taken
         return all(taken) and taken[0] | taken[1] == set(range(PARTITIONS))
 
     setup.wait_for("both workers to take partitions", shared, timeout=STALL_S)
+    # who owned which partition when the clicks were published (read later, a rebalance could blur it)
+    owner = {p: w for w, taken in enumerate(assignment) for p in taken}
     now = time.time() - 120
     users = users_with_homes(8)
     impressions, clicks, expected = [], [], {}
@@ -123,7 +128,6 @@ def test_two_workers_join_clicks_keyed_by_nothing_or_another_user(make_setup):
         user = orjson.loads(copy.value)["user_id"]
         assert copy.key == user.encode() and copy.partition == _partition_of(copy.key)
     # the test means something only if some click was on the other worker's partition than its impression
-    owner = {p: w for w, worker in enumerate((first, second)) for p in _partitions_taken(worker)}
     assert any(owner[p] != owner[_partition_of(orjson.loads(v)["user_id"].encode())] for p, k, v in clicks[::2])
 
 
