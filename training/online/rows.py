@@ -31,6 +31,18 @@ DENSE_CHUNK = 256  # floats per row of the dense table
 ADAGRAD_EPS = 1e-10
 
 
+def dense_ids(n_params: int) -> np.ndarray:
+    """The row ids of ``DENSE_TABLE`` holding ``n_params`` flattened dense weights."""
+    return np.arange(max(1, -(-n_params // DENSE_CHUNK)), dtype=np.int64)
+
+
+def dense_vector(rows: Rows, n_params: int) -> np.ndarray | None:
+    """The flattened dense weights in the rows of ``DENSE_TABLE``; None while no trainer has written them."""
+    if not len(rows.ids) or not rows.state[:, 0].all():
+        return None
+    return rows.weights.reshape(-1)[:n_params].astype(np.float32)
+
+
 def dense_table(n_params: int) -> TableConfig:
     """The table of the flattened dense weights: zero initial rows; state column 1 once written."""
     return TableConfig(
@@ -172,7 +184,7 @@ class DenseSync:
 
     def __init__(self, store: ParamStore, n_params: int) -> None:
         self.store, self.n = store, n_params
-        self.ids = np.arange(max(1, -(-n_params // DENSE_CHUNK)), dtype=np.int64)
+        self.ids = dense_ids(n_params)
         self.base = np.zeros(n_params, np.float32)
 
     def start(self, initial: np.ndarray) -> np.ndarray:
@@ -181,7 +193,7 @@ class DenseSync:
 
         for _ in range(10):
             rows = self.store.pull(DENSE_TABLE, self.ids)
-            if rows.state[:, 0].all():  # written (state column 1): another trainer, or a previous run
+            if dense_vector(rows, self.n) is not None:  # written (state column 1): another trainer, or a previous run
                 return self._take(rows.weights)
             padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
             padded.reshape(-1)[: self.n] = initial

@@ -119,7 +119,7 @@ class OnlineTrainer:
         self.owned: set[int] = set()
         self._consumer: Any = None
         self._last_flush = time.monotonic()
-        self._last_dense = 0.0
+        self._last_dense = float("-inf")  # the first published flush writes them (monotonic time may start near 0)
         self._flushing = asyncio.Lock()  # a rebalance may ask for a flush while the loop is in one
 
     # ------------------------------------------------------------------ the loop
@@ -260,7 +260,6 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
     champion's) seeds the dense weights when no trainer of the group has written any yet.
     """
     from core.redact import redact_urls
-    from feature_repo.spec import SPEC
     from training.model import DenseArch, ModelConfig, load_dense
     from training.online.guard import Guard, GuardConfig
     from training.online.learner import LearnerConfig
@@ -268,7 +267,7 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
     from training.params import open_training_store, table_configs
 
     t = s.train
-    config = ModelConfig.from_spec(SPEC, t.embedding_dim, t.dense_arch, t.over_arch)
+    config = ModelConfig.of_settings(t)
     initial = None
     if dense is not None:
         loaded, initial, _ = load_dense(dense)
