@@ -1,0 +1,473 @@
+"""Freshness of the online loop, end to end: a clicked sample -> trained -> flushed -> on every replica -> served.
+
+    uv run python -m bench freshness [--rate 1000] [--probes 40] [--replicas 2] [--trainers 1]
+                                     [--flush-interval S] [--kafka HOST:PORT]
+
+Starts Kafka (unless ``--kafka``), one Redis for the training copy and one per inference
+replica, ``--trainers`` online-trainer processes (`recsys train online`), a replicator per
+replica, and the serving app in process (rows and online dense weights from the nearest
+replica). Background load: simulated samples published to the samples topic at ``--rate``
+per second all along. Probes: every ~2 s (random phase) a clicked sample of a never-seen
+(user, item) pair is published; the chain of each is timed on one clock:
+
+- published -> flushed: consumed, trained, and pushed in a flush (the trainer's flush journal
+  says which flush covered the probe's offset and its parameter version; flushed is when the
+  training copy reached that version);
+- flushed -> on every replica: the first time each replica's version reached that version;
+- -> served: the first /v1/score answer for the pair scored with rows of that version or newer
+  (its ``model_version`` names them); the score must differ from the one before the click.
+
+Freshness = the later of "on every replica" and "served", from the publication. Printed: p50 and
+p99 with the stage breakdown. Baseline, measured in the same run: the same chain for rows pushed
+straight into the training copy (no Kafka, no trainer): what the replication and serving's
+version poll cost alone, so the difference is the trainer's (mostly the flush interval). The
+hourly batch DAG's equivalent (schedule, not measured) is printed beside it.
+
+The click -> sample stage (the stream worker's impression-click join) is not in this chain:
+``bench streaming`` measures the worker's publication -> online-readable delay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DESCRIPTION = __doc__
+
+
+@dataclass
+class Probe:
+    user: str
+    item: str
+    published: float
+    before: float
+    partition: int = -1
+    offset: int = -1
+    version: int | None = None  # the parameter version that holds its update
+    flushed: float | None = None
+    replicas: list[float | None] = field(default_factory=list)
+    served: float | None = None
+    score: float | None = None
+
+    def done(self) -> bool:
+        return self.served is not None and self.flushed is not None and all(t is not None for t in self.replicas)
+
+    def fresh(self) -> float:
+        return max(self.served or 0.0, *[t or 0.0 for t in self.replicas]) - self.published
+
+
+class Watcher(threading.Thread):
+    """Polls the versions of the training copy (0) and every replica (1..) every few ms; records when each
+    first reached each version."""
+
+    def __init__(self, stores: list) -> None:  # noqa: ANN001 - paramserver stores
+        super().__init__(daemon=True)
+        self.stores = stores
+        self.history: list[list[tuple[float, int]]] = [[] for _ in stores]
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for i, store in enumerate(self.stores):
+                try:
+                    version = store.version()
+                except Exception:  # noqa: BLE001 - a slow poll only delays the record
+                    continue
+                if not self.history[i] or version > self.history[i][-1][1]:
+                    self.history[i].append((time.time(), version))
+            time.sleep(0.003)
+
+    def reached(self, replica: int, version: int) -> float | None:
+        for t, v in self.history[replica]:
+            if v >= version:
+                return t
+        return None
+
+
+class Load(threading.Thread):
+    """Publishes simulated samples to the samples topic at ``rate`` per second until stopped."""
+
+    def __init__(self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic, self.records, self.rate = bootstrap, topic, records, rate
+        self.sent = 0
+        self.seconds = 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        from core.kafka import start_producer
+
+        producer = await start_producer(self.bootstrap)
+        started = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                due = int((time.monotonic() - started) * self.rate)
+                while self.sent < due:
+                    key, value = self.records[self.sent % len(self.records)]
+                    await producer.send(self.topic, value, key=key)
+                    self.sent += 1
+                await asyncio.sleep(0.005)
+            await producer.flush()
+        finally:
+            self.seconds = time.monotonic() - started
+            await producer.stop()
+
+
+def _flushes(journal: Path, seen: dict[str, dict]) -> list[dict]:
+    """Flush records of the journal not read yet."""
+    new = []
+    for path in sorted(journal.glob("flush-*.json")):
+        if path.name in seen:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being written: read at the next look
+        seen[path.name] = record
+        new.append(record)
+    return new
+
+
+def _score(client, user: str, item: str) -> tuple[float, int | None]:  # noqa: ANN001 - httpx.Client
+    """The served score of the pair and the parameter version of the rows it was scored with."""
+    body = client.post("/v1/score", json={"pairs": [{"user_id": user, "item_id": item}]}).json()
+    version = body["model_version"].rsplit("@ps", 1)
+    return float(body["scores"][0]["score"]), int(version[1]) if len(version) == 2 else None
+
+
+def _follow(  # noqa: ANN001 - client: httpx.Client
+    client, probes: list[Probe], watcher: Watcher, journal: Path | None, seen: dict, seconds: float, until_done: bool
+) -> None:
+    """For ``seconds`` (or until every probe is served and on every replica, if ``until_done``): match
+    flushes to probes, poll the served scores of the pending ones."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pending = [p for p in probes if not p.done()]
+        if until_done and not pending:
+            return
+        probes = pending
+        if journal is not None:
+            for record in _flushes(journal, seen):
+                if record["version"] is None:
+                    continue
+                for p in probes:
+                    span = record["offsets"].get(str(p.partition))
+                    if p.version is None and span and span[0] <= p.offset < span[1]:
+                        p.version = record["version"]
+        for p in probes:
+            if p.version is None:
+                continue
+            if p.flushed is None:
+                p.flushed = watcher.reached(0, p.version)
+            for r in range(len(p.replicas)):
+                if p.replicas[r] is None:
+                    p.replicas[r] = watcher.reached(r + 1, p.version)
+            if p.served is None:
+                score, version = _score(client, p.user, p.item)
+                if version is not None and version >= p.version and score != p.before:
+                    p.served, p.score = time.time(), score
+        time.sleep(0.005)
+
+
+def _publish_probe(bootstrap: str, topic: str, user: str, item: str) -> tuple[float, int, int]:
+    from core.kafka import start_producer
+    from feature_repo.contract import Sample
+    from feature_repo.spec import join_features
+
+    sparse, dense = join_features(None, None, user, item)
+    sample = Sample(
+        sample_id=uuid.uuid4().hex,
+        request_id=uuid.uuid4().hex,
+        user_id=user,
+        item_id=item,
+        label=1,
+        event_time=time.time(),
+        sparse=sparse,
+        dense=dense,
+    )
+
+    async def send() -> tuple[float, int, int]:
+        producer = await start_producer(bootstrap, linger_ms=0)
+        try:
+            published = time.time()
+            meta = await producer.send_and_wait(topic, sample.to_json(), key=user.encode())
+            return published, meta.partition, meta.offset
+        finally:
+            await producer.stop()
+
+    return asyncio.run(send())
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"p50 {np.percentile(values, 50):.2f} s, p99 {np.percentile(values, 99):.2f} s, max {max(values):.2f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench freshness", description=DESCRIPTION)
+    parser.add_argument("--rate", type=float, default=1000.0, help="background samples/s published all along")
+    parser.add_argument("--probes", type=int, default=40, help="clicked samples of never-seen pairs to time")
+    parser.add_argument("--every", type=float, default=2.0, help="mean seconds between probes (random phase)")
+    parser.add_argument("--baseline-probes", type=int, default=15, help="direct row pushes timed as the baseline")
+    parser.add_argument("--replicas", type=int, default=2, help="inference replicas (Redis each)")
+    parser.add_argument("--trainers", type=int, default=1, help="online-trainer processes in the group")
+    parser.add_argument("--flush-interval", type=float, default=None, help="RECSYS_ONLINE_FLUSH_INTERVAL_S")
+    parser.add_argument("--kafka", default=None, help="bootstrap of a running Kafka (default: start one)")
+    args = parser.parse_args(argv)
+
+    from local_services import kafka as local_kafka
+    from local_services import services
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
+    started: list[str] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        defaults = _defaults()
+        bootstrap = args.kafka
+        if bootstrap is None:
+            kafka_port, controller_port = services.free_port(), services.free_port()
+            print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
+            local_kafka.start_kafka(
+                tmp,
+                defaults.local.cache_dir,
+                defaults.local.kafka_version,
+                kafka_port,
+                controller_port,
+                name="kafka-fresh",
+                timeout=120,
+            )
+            started.append("kafka-fresh")
+            bootstrap = f"127.0.0.1:{kafka_port}"
+        urls = []
+        for i in range(1 + args.replicas):
+            port = services.free_port()
+            services.start_redis(tmp, port, name=f"redis-fresh-{i}")
+            started.append(f"redis-fresh-{i}")
+            urls.append(f"redis://127.0.0.1:{port}/0")
+        return _run(args, bootstrap, urls[0], urls[1:], tmp, procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for name in reversed(started):
+            services.stop(tmp, name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _defaults():  # noqa: ANN202 - Settings, imported lazily
+    from core.settings import Settings
+
+    return Settings()
+
+
+def _run(
+    args: argparse.Namespace, bootstrap: str, train_url: str, replica_urls: list[str], tmp: Path, procs: list
+) -> int:
+    from core.consumer_lag import group_lag
+    from core.kafka import ensure_topics
+    from core.settings import PROJECT_ROOT, Settings
+    from paramserver import Replicator, open_store
+    from serving.app import create_app
+    from serving.components import Components
+    from serving.features import StaticFeatures
+    from serving.loader import OnlineDense
+    from serving.model import EmbeddingDotScorer, ModelHandle
+    from serving.server import server_config
+    from serving.wiring import open_rows
+    from traffic.simulator import SimConfig
+    from traffic.synthetic import simulate_samples
+    from training.model import ModelConfig
+    from training.online.rows import dense_table
+    from training.params import open_training_store, table_configs
+
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"samples.fresh.{tag}", f"fresh.{tag}"
+    journal = tmp / "journal"
+    env = {
+        "RECSYS_KAFKA_BOOTSTRAP": bootstrap,
+        "RECSYS_TOPIC_SAMPLES": topic,
+        "RECSYS_PS_SHARDS": json.dumps([train_url]),
+        "RECSYS_PS_NAMESPACE": f"fresh{tag}",
+        "RECSYS_LOCAL_RUN_DIR": str(tmp / "run"),
+        "RECSYS_ONLINE_GROUP_ID": group,
+        "RECSYS_ONLINE_JOURNAL_DIR": str(journal),
+        **({"RECSYS_ONLINE_FLUSH_INTERVAL_S": str(args.flush_interval)} if args.flush_interval else {}),
+    }
+    os.environ.update(env)  # this process's settings are the trainers'
+    s = Settings()
+    asyncio.run(ensure_topics(bootstrap, {topic: s.kafka.topic_partitions}))
+    print("simulating the background samples ...", flush=True)
+    background = simulate_samples(SimConfig(users=2000, items=1000, requests=2000, seed=7)).samples
+    records = [(b.user_id.encode(), b.to_json()) for b in background]
+
+    logs = []
+    for i in range(args.trainers):
+        log = tmp / f"trainer-{i}.log"
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "training.cli", "online"],
+                cwd=PROJECT_ROOT,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                stdout=open(log, "wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+    config = ModelConfig.of_settings(s.train)
+    # the tables as a trainer creates them, so that replicas and serving know them from the start
+    from training.model import DenseArch
+
+    n_params = sum(p.numel() for p in DenseArch(config).parameters())
+    source = open_training_store(s.ps, [*table_configs(s.train.embedding_dim, s.train.init_std), dense_table(n_params)])
+    replicas = [open_store("redis", [], s.ps, shards=[url]) for url in replica_urls]
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=Replicator(source, r, poll_s=s.ps.replicator_poll_s).run, args=(stop,), daemon=True)
+        for r in (open_store("redis", [], s.ps, shards=[url]) for url in replica_urls)
+    ]
+    for t in threads:
+        t.start()
+    watcher = Watcher([source, *replicas])
+    watcher.start()
+    load = Load(bootstrap, topic, records, args.rate)
+
+    rows = open_rows(s, replica_urls)
+    model = ModelHandle(None, lambda: EmbeddingDotScorer({}), rows.refresh_version, OnlineDense(rows, config))
+    comps = Components(model=model, rows=rows, features=StaticFeatures(), follow_stream=False, log_impressions=False)
+    app = create_app(s, comps)
+    port = _free_port()
+    import uvicorn
+
+    server = uvicorn.Server(server_config(app, s.serving, host="127.0.0.1", port=port, log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    import httpx
+
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        _wait(lambda: server.started, 60, "serving")
+        _wait(lambda: all(" owns partitions " in log.read_text(errors="replace") for log in logs), 180, "trainers")
+        load.start()
+        print(
+            f"warming up: background load {args.rate:.0f} samples/s; flush interval {s.online.flush_interval_s} s, "
+            f"replicator poll {s.ps.replicator_poll_s} s, serving version poll {s.serving.param_version_poll_s} s, "
+            f"online dense refresh {s.serving.online_dense_refresh_s} s",
+            flush=True,
+        )
+        _wait(lambda: model.current is not None and model.current.version.startswith("online/"), 120, "online dense")
+
+        rng = np.random.default_rng(5)
+        seen: dict[str, dict] = {}
+        probes: list[Probe] = []
+        print(f"{args.probes} probes ...", flush=True)
+        for k in range(args.probes):
+            _follow(client, probes, watcher, journal, seen, float(rng.uniform(0.5, 1.5)) * args.every, False)
+            user, item = f"fresh-u{tag}-{k}", f"fresh-i{tag}-{k}"
+            before, _ = _score(client, user, item)
+            published, partition, offset = _publish_probe(bootstrap, topic, user, item)
+            probe = Probe(user, item, published, before, partition, offset, replicas=[None] * len(replicas))
+            probes.append(probe)
+        _follow(client, probes, watcher, journal, seen, 60.0, True)
+        lag = asyncio.run(group_lag(bootstrap, group, topic))
+
+        # baseline: rows pushed straight into the training copy (no Kafka, no trainer)
+        direct: list[Probe] = []
+        for k in range(args.baseline_probes):
+            _follow(client, direct, watcher, None, seen, float(rng.uniform(0.5, 1.5)) * args.every / 2, False)
+            user, item = f"direct-u{tag}-{k}", f"direct-i{tag}-{k}"
+            before, _ = _score(client, user, item)
+            from feature_repo.spec import user_id_key
+
+            ids = np.array([user_id_key(user)], np.int64)
+            delta = np.full((1, s.train.embedding_dim + 1), 0.1, np.float32)
+            published = time.time()
+            version = source.push_deltas({"user_id": (ids, delta)})
+            probe = Probe(user, item, published, before, version=version)
+            probe.replicas = [None] * len(replicas)
+            direct.append(probe)
+        _follow(client, direct, watcher, None, seen, 30.0, True)
+    finally:
+        load.stop.set()
+        load.join(timeout=30)
+        client.close()
+        server.should_exit = True
+        serving.join(timeout=30)
+        stop.set()
+        watcher.stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        source.close()
+        for r in replicas:
+            r.close()
+
+    _report(args, probes, direct, load, lag, s)
+    return 0 if all(p.done() for p in probes) else 1
+
+
+def _report(args, probes: list[Probe], direct: list[Probe], load: Load, lag, s) -> None:  # noqa: ANN001
+    done = [p for p in probes if p.done()]
+    achieved = load.sent / load.seconds if load.seconds else 0.0
+    print(
+        f"\nbackground load: {load.sent} samples in {load.seconds:.0f} s = {achieved:,.0f} samples/s; "
+        f"uncommitted at the end (awaiting a flush): {sum(p.end - p.committed for p in lag) if lag else 'n/a'} samples"
+    )
+    print(f"probes: {len(done)} of {len(probes)} served with their update (the others timed out)")
+    if done:
+        stages = {
+            "published -> flushed (consumed, trained, pushed)": [p.flushed - p.published for p in done],
+            "flushed -> on every replica": [max(p.replicas) - p.flushed for p in done],
+            "flushed -> served score changed": [p.served - p.flushed for p in done],
+        }
+        print(f"freshness (published -> on every replica and served): {_stats([p.fresh() for p in done])}")
+        print("  stages:")
+        for name, values in stages.items():
+            print(f"    {name:<50} {_stats(values)}")
+    base = [p for p in direct if p.done()]
+    print(
+        f"baseline, rows pushed straight into the training copy ({len(base)} of {len(direct)}): "
+        f"push -> on every replica and served: {_stats([p.fresh() for p in base])}"
+    )
+    print(
+        f"hourly batch DAG ({s.airflow.training_schedule}, not measured): a click waits for the next run, "
+        "mean 1800 s + the run's duration, worst 3600 s + the run's duration"
+    )
+
+
+def _free_port() -> int:
+    from local_services import services
+
+    return services.free_port()
+
+
+def _wait(check, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
