@@ -42,6 +42,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,11 @@ class Probe:
 
     def fresh(self) -> float:
         return max(self.served or 0.0, *[t or 0.0 for t in self.replicas]) - self.published
+
+    def stages(self) -> tuple[float, float, float]:
+        """(published -> flushed, flushed -> on every replica, flushed -> served) of a done probe."""
+        flushed, served = self.flushed or 0.0, self.served or 0.0
+        return flushed - self.published, max(t or 0.0 for t in self.replicas) - flushed, served - flushed
 
 
 class Watcher(threading.Thread):
@@ -151,67 +157,94 @@ def _score(client, user: str, item: str) -> tuple[float, int | None]:  # noqa: A
     return float(body["scores"][0]["score"]), int(version[1]) if len(version) == 2 else None
 
 
-def _follow(  # noqa: ANN001 - client: httpx.Client
-    client, probes: list[Probe], watcher: Watcher, journal: Path | None, seen: dict, seconds: float, until_done: bool
-) -> None:
-    """For ``seconds`` (or until every probe is served and on every replica, if ``until_done``): match
-    flushes to probes, poll the served scores of the pending ones."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pending = [p for p in probes if not p.done()]
-        if until_done and not pending:
-            return
-        probes = pending
-        if journal is not None:
-            for record in _flushes(journal, seen):
+class Follower(threading.Thread):
+    """Follows the probes added to ``probes`` on its own (so publishing the next one never delays it):
+    matches the journal's flushes to them, reads the watcher, polls the served scores of pending ones."""
+
+    def __init__(self, base: str, watcher: Watcher, journal: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.base, self.watcher, self.journal = base, watcher, journal
+        self.probes: list[Probe] = []
+        self.seen: dict[str, dict] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.base, timeout=60) as client:
+            while not self.stop.is_set():
+                self._step(client, [p for p in list(self.probes) if not p.done()])
+                time.sleep(0.005)
+
+    def _step(self, client, pending: list[Probe]) -> None:  # noqa: ANN001 - httpx.Client
+        if self.journal is not None and any(p.version is None for p in pending):
+            for record in _flushes(self.journal, self.seen):
                 if record["version"] is None:
                     continue
-                for p in probes:
+                for p in pending:
                     span = record["offsets"].get(str(p.partition))
                     if p.version is None and span and span[0] <= p.offset < span[1]:
                         p.version = record["version"]
-        for p in probes:
+        for p in pending:
             if p.version is None:
                 continue
             if p.flushed is None:
-                p.flushed = watcher.reached(0, p.version)
+                p.flushed = self.watcher.reached(0, p.version)
             for r in range(len(p.replicas)):
                 if p.replicas[r] is None:
-                    p.replicas[r] = watcher.reached(r + 1, p.version)
+                    p.replicas[r] = self.watcher.reached(r + 1, p.version)
             if p.served is None:
                 score, version = _score(client, p.user, p.item)
                 if version is not None and version >= p.version and score != p.before:
                     p.served, p.score = time.time(), score
-        time.sleep(0.005)
+
+    def wait_done(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(p.done() for p in self.probes):
+            time.sleep(0.05)
+        self.stop.set()
+        self.join(timeout=30)
 
 
-def _publish_probe(bootstrap: str, topic: str, user: str, item: str) -> tuple[float, int, int]:
-    from core.kafka import start_producer
-    from feature_repo.contract import Sample
-    from feature_repo.spec import join_features
+class ProbeProducer:
+    """One producer kept started on a loop of its own thread: publishing a probe costs one send."""
 
-    sparse, dense = join_features(None, None, user, item)
-    sample = Sample(
-        sample_id=uuid.uuid4().hex,
-        request_id=uuid.uuid4().hex,
-        user_id=user,
-        item_id=item,
-        label=1,
-        event_time=time.time(),
-        sparse=sparse,
-        dense=dense,
-    )
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from core.kafka import start_producer
 
-    async def send() -> tuple[float, int, int]:
-        producer = await start_producer(bootstrap, linger_ms=0)
-        try:
-            published = time.time()
-            meta = await producer.send_and_wait(topic, sample.to_json(), key=user.encode())
-            return published, meta.partition, meta.offset
-        finally:
-            await producer.stop()
+        self.topic = topic
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.producer = self._call(start_producer(bootstrap, linger_ms=0))
 
-    return asyncio.run(send())
+    def _call(self, coroutine):  # noqa: ANN001, ANN202
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
+
+    def publish(self, user: str, item: str) -> tuple[float, int, int]:
+        """A clicked sample of (user, item): when it was sent, its partition and offset."""
+        from feature_repo.contract import Sample
+        from feature_repo.spec import join_features
+
+        sparse, dense = join_features(None, None, user, item)
+        sample = Sample(
+            sample_id=uuid.uuid4().hex,
+            request_id=uuid.uuid4().hex,
+            user_id=user,
+            item_id=item,
+            label=1,
+            event_time=time.time(),
+            sparse=sparse,
+            dense=dense,
+        )
+        published = time.time()
+        meta = self._call(self.producer.send_and_wait(self.topic, sample.to_json(), key=user.encode()))
+        return published, meta.partition, meta.offset
+
+    def close(self) -> None:
+        self._call(self.producer.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 def _stats(values: list[float]) -> str:
@@ -340,12 +373,15 @@ def _run(
     from training.model import DenseArch
 
     n_params = sum(p.numel() for p in DenseArch(config).parameters())
-    source = open_training_store(s.ps, [*table_configs(s.train.embedding_dim, s.train.init_std), dense_table(n_params)])
-    replicas = [open_store("redis", [], s.ps, shards=[url]) for url in replica_urls]
+    source: Any = open_training_store(
+        s.ps, [*table_configs(s.train.embedding_dim, s.train.init_std), dense_table(n_params)]
+    )
+    replicas = [open_store("redis", [], s.ps, shards=[url]) for url in replica_urls]  # watched
+    targets: list[Any] = [open_store("redis", [], s.ps, shards=[url]) for url in replica_urls]  # replicated into
     stop = threading.Event()
     threads = [
         threading.Thread(target=Replicator(source, r, poll_s=s.ps.replicator_poll_s).run, args=(stop,), daemon=True)
-        for r in (open_store("redis", [], s.ps, shards=[url]) for url in replica_urls)
+        for r in targets
     ]
     for t in threads:
         t.start()
@@ -379,35 +415,44 @@ def _run(
         _wait(lambda: model.current is not None and model.current.version.startswith("online/"), 120, "online dense")
 
         rng = np.random.default_rng(5)
-        seen: dict[str, dict] = {}
-        probes: list[Probe] = []
+        base = f"http://127.0.0.1:{port}"
+        follower = Follower(base, watcher, journal)
+        follower.start()
+        producer = ProbeProducer(bootstrap, topic)
         print(f"{args.probes} probes ...", flush=True)
-        for k in range(args.probes):
-            _follow(client, probes, watcher, journal, seen, float(rng.uniform(0.5, 1.5)) * args.every, False)
-            user, item = f"fresh-u{tag}-{k}", f"fresh-i{tag}-{k}"
-            before, _ = _score(client, user, item)
-            published, partition, offset = _publish_probe(bootstrap, topic, user, item)
-            probe = Probe(user, item, published, before, partition, offset, replicas=[None] * len(replicas))
-            probes.append(probe)
-        _follow(client, probes, watcher, journal, seen, 60.0, True)
+        try:
+            for k in range(args.probes):
+                time.sleep(float(rng.uniform(0.5, 1.5)) * args.every)  # a random phase of the flush cycle
+                user, item = f"fresh-u{tag}-{k}", f"fresh-i{tag}-{k}"
+                before, _ = _score(client, user, item)
+                published, partition, offset = producer.publish(user, item)
+                follower.probes.append(
+                    Probe(user, item, published, before, partition, offset, replicas=[None] * len(replicas))
+                )
+        finally:
+            producer.close()
+        follower.wait_done(60.0)
+        probes = follower.probes
         lag = asyncio.run(group_lag(bootstrap, group, topic))
 
-        # baseline: rows pushed straight into the training copy (no Kafka, no trainer)
-        direct: list[Probe] = []
+        # baseline: rows pushed straight into the training copy (no Kafka, no trainer), same load
+        from feature_repo.spec import user_id_key
+
+        direct_follower = Follower(base, watcher, None)
+        direct_follower.start()
         for k in range(args.baseline_probes):
-            _follow(client, direct, watcher, None, seen, float(rng.uniform(0.5, 1.5)) * args.every / 2, False)
+            time.sleep(float(rng.uniform(0.5, 1.5)) * args.every / 2)
             user, item = f"direct-u{tag}-{k}", f"direct-i{tag}-{k}"
             before, _ = _score(client, user, item)
-            from feature_repo.spec import user_id_key
-
             ids = np.array([user_id_key(user)], np.int64)
             delta = np.full((1, s.train.embedding_dim + 1), 0.1, np.float32)
             published = time.time()
             version = source.push_deltas({"user_id": (ids, delta)})
-            probe = Probe(user, item, published, before, version=version)
-            probe.replicas = [None] * len(replicas)
-            direct.append(probe)
-        _follow(client, direct, watcher, None, seen, 30.0, True)
+            direct_follower.probes.append(
+                Probe(user, item, published, before, version=version, replicas=[None] * len(replicas))
+            )
+        direct_follower.wait_done(30.0)
+        direct = direct_follower.probes
     finally:
         load.stop.set()
         load.join(timeout=30)
@@ -419,7 +464,7 @@ def _run(
         for t in threads:
             t.join(timeout=10)
         source.close()
-        for r in replicas:
+        for r in [*replicas, *targets]:
             r.close()
 
     _report(args, probes, direct, load, lag, s)
@@ -436,9 +481,9 @@ def _report(args, probes: list[Probe], direct: list[Probe], load: Load, lag, s) 
     print(f"probes: {len(done)} of {len(probes)} served with their update (the others timed out)")
     if done:
         stages = {
-            "published -> flushed (consumed, trained, pushed)": [p.flushed - p.published for p in done],
-            "flushed -> on every replica": [max(p.replicas) - p.flushed for p in done],
-            "flushed -> served score changed": [p.served - p.flushed for p in done],
+            "published -> flushed (consumed, trained, pushed)": [p.stages()[0] for p in done],
+            "flushed -> on every replica": [p.stages()[1] for p in done],
+            "flushed -> served score changed": [p.stages()[2] for p in done],
         }
         print(f"freshness (published -> on every replica and served): {_stats([p.fresh() for p in done])}")
         print("  stages:")
