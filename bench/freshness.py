@@ -272,22 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     started: list[str] = []
     procs: list[subprocess.Popen] = []
     try:
-        defaults = _defaults()
         bootstrap = args.kafka
         if bootstrap is None:
-            kafka_port, controller_port = services.free_port(), services.free_port()
-            print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
-            local_kafka.start_kafka(
-                tmp,
-                defaults.local.cache_dir,
-                defaults.local.kafka_version,
-                kafka_port,
-                controller_port,
-                name="kafka-fresh",
-                timeout=120,
-            )
             started.append("kafka-fresh")
-            bootstrap = f"127.0.0.1:{kafka_port}"
+            bootstrap = local_kafka.start_scratch_kafka(tmp, "kafka-fresh")
         urls = []
         for i in range(1 + args.replicas):
             port = services.free_port()
@@ -307,12 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in reversed(started):
             services.stop(tmp, name)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _defaults():  # noqa: ANN202 - Settings, imported lazily
-    from core.settings import Settings
-
-    return Settings()
 
 
 def _run(

@@ -127,32 +127,32 @@ async def _probe_loop(metrics: Metrics, every_s: float, stop: asyncio.Event) -> 
 
 
 async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-            return
-        except TimeoutError:
-            pass
-        try:
-            await run_in_threadpool(model.reload)
-        except Exception as exc:  # noqa: BLE001 - keep serving the current model
-            model.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("model poll: %s", model.last_error)
-
-
-async def _refresh_online(model: ModelHandle) -> None:
-    try:
-        await run_in_threadpool(model.refresh_online)
-    except Exception as exc:  # noqa: BLE001 - keep serving the current model
-        model.last_error = f"online dense weights: {type(exc).__name__}: {exc}"
-        log.warning("online dense poll: %s", model.last_error)
+    await _poll(model, model.reload, "model", every_s, stop)
 
 
 async def _poll_online(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:
+    await _poll(model, model.refresh_online, "online dense", every_s, stop)
+
+
+async def _refresh_online(model: ModelHandle) -> None:
+    await _guarded(model, model.refresh_online, "online dense")
+
+
+async def _poll(
+    model: ModelHandle, refresh: Callable[[], object], what: str, every_s: float, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=every_s)
             return
         except TimeoutError:
             pass
-        await _refresh_online(model)
+        await _guarded(model, refresh, what)
+
+
+async def _guarded(model: ModelHandle, refresh: Callable[[], object], what: str) -> None:
+    try:
+        await run_in_threadpool(refresh)
+    except Exception as exc:  # noqa: BLE001 - keep serving the current model
+        model.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s poll: %s", what, model.last_error)

@@ -27,7 +27,7 @@ from serving.loader import OnlineDense
 from serving.model import EmbeddingDotScorer, ModelHandle
 from serving.wiring import open_rows
 from tests.serving.test_serving_integration import serve
-from tests.training.test_online_integration import Group
+from tests.training.test_online_integration import GUARDED, Group
 from traffic.simulator import SimConfig
 from traffic.synthetic import simulate_samples
 from training.model import ModelConfig
@@ -77,15 +77,7 @@ def _versions(served: str) -> tuple[int, int]:
 def test_serving_follows_the_online_trainer_without_a_failed_request_and_never_serves_a_refused_flush(
     kafka_bootstrap: str, redis_factory, tmp_path: Path
 ) -> None:
-    group = Group(
-        kafka_bootstrap,
-        redis_factory("online").url,
-        tmp_path,
-        flush_max_samples="400",
-        flush_interval_s="5",
-        guard_warmup_flushes="2",
-        guard_min_samples="100",
-    )
+    group = Group(kafka_bootstrap, redis_factory("online").url, tmp_path, **GUARDED)
     replica_server = redis_factory("online-replica")
     settings = group.s.override(
         serving={
