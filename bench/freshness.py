@@ -1,30 +1,30 @@
-"""Freshness of the online loop, end to end: a clicked sample -> trained -> flushed -> on every replica -> served.
+"""Freshness of the online loop, end to end: a click -> sample -> trained -> flushed -> on every replica -> served.
 
     uv run python -m bench freshness [--rate 1000] [--probes 40] [--replicas 2] [--trainers 1]
-                                     [--flush-interval S] [--kafka HOST:PORT]
+                                     [--flush-interval S] [--no-worker] [--kafka HOST:PORT]
 
-Starts Kafka (unless ``--kafka``), one Redis for the training copy and one per inference
-replica, ``--trainers`` online-trainer processes (`recsys train online`), a replicator per
-replica, and the serving app in process (rows and online dense weights from the nearest
-replica). Background load: simulated samples published to the samples topic at ``--rate``
-per second all along. Probes: every ~2 s (random phase) a clicked sample of a never-seen
-(user, item) pair is published; the chain of each is timed on one clock:
+Starts Kafka (unless ``--kafka``), the stream worker (`recsys stream worker`, unless
+``--no-worker``), one Redis for the training copy and one per inference replica,
+``--trainers`` online-trainer processes (`recsys train online`), a replicator per replica, and
+the serving app in process (rows and online dense weights from the nearest replica).
+Background load: simulated samples published to the samples topic at ``--rate`` per second
+all along. Probes: every ~2 s (random phase) an impression and a click of a never-seen
+(user, item) pair go to the events topic; the chain of each is timed on one clock:
 
-- published -> flushed: consumed, trained, and pushed in a flush (the trainer's flush journal
-  says which flush covered the probe's offset and its parameter version; flushed is when the
+- click -> sample: the stream worker joined the click and its sample is on the samples topic
+  (read by the benchmark, matched by sample id); with ``--no-worker`` the probe is the sample;
+- sample -> flushed: consumed, trained, and pushed in a flush (the trainer's flush journal
+  says which flush covered the sample's offset and its parameter version; flushed is when the
   training copy reached that version);
 - flushed -> on every replica: the first time each replica's version reached that version;
-- -> served: the first /v1/score answer for the pair scored with rows of that version or newer
-  (its ``model_version`` names them); the score must differ from the one before the click.
+- flushed -> served: the first /v1/score answer for the pair scored with rows of that version
+  or newer (its ``model_version`` names them) whose score differs from the one before the click.
 
-Freshness = the later of "on every replica" and "served", from the publication. Printed: p50 and
-p99 with the stage breakdown. Baseline, measured in the same run: the same chain for rows pushed
+Freshness = the later of "on every replica" and "served", from the click. Printed: p50 and p99
+with the stage breakdown. Baseline, measured in the same run: the same chain for rows pushed
 straight into the training copy (no Kafka, no trainer): what the replication and serving's
-version poll cost alone, so the difference is the trainer's (mostly the flush interval). The
-hourly batch DAG's equivalent (schedule, not measured) is printed beside it.
-
-The click -> sample stage (the stream worker's impression-click join) is not in this chain:
-``bench streaming`` measures the worker's publication -> online-readable delay.
+version poll cost alone, so the difference is the worker's and the trainer's (mostly the flush
+interval). The hourly batch DAG's equivalent (schedule, not measured) is printed beside it.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ class Probe:
     item: str
     published: float
     before: float
-    partition: int = -1
+    partition: int = -1  # of its sample on the samples topic (-1: not seen there yet)
     offset: int = -1
+    sampled: float | None = None  # when its sample was on the samples topic
     version: int | None = None  # the parameter version that holds its update
     flushed: float | None = None
     replicas: list[float | None] = field(default_factory=list)
@@ -69,10 +70,12 @@ class Probe:
     def fresh(self) -> float:
         return max(self.served or 0.0, *[t or 0.0 for t in self.replicas]) - self.published
 
-    def stages(self) -> tuple[float, float, float]:
-        """(published -> flushed, flushed -> on every replica, flushed -> served) of a done probe."""
+    def stages(self) -> tuple[float, float, float, float]:
+        """(published -> sample, sample -> flushed, flushed -> on every replica, flushed -> served) of a done probe."""
         flushed, served = self.flushed or 0.0, self.served or 0.0
-        return flushed - self.published, max(t or 0.0 for t in self.replicas) - flushed, served - flushed
+        sampled = self.sampled if self.sampled is not None else self.published
+        replicated = max(t or 0.0 for t in self.replicas)
+        return sampled - self.published, flushed - sampled, replicated - flushed, served - flushed
 
 
 class Watcher(threading.Thread):
@@ -182,6 +185,8 @@ class Follower(threading.Thread):
                 if record["version"] is None:
                     continue
                 for p in pending:
+                    if p.partition < 0:
+                        continue
                     span = record["offsets"].get(str(p.partition))
                     if p.version is None and span and span[0] <= p.offset < span[1]:
                         p.version = record["version"]
@@ -197,6 +202,9 @@ class Follower(threading.Thread):
                 score, version = _score(client, p.user, p.item)
                 if version is not None and version >= p.version and score != p.before:
                     p.served, p.score = time.time(), score
+
+    def pending_samples(self) -> int:
+        return sum(p.partition < 0 for p in self.probes)
 
     def wait_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -241,10 +249,71 @@ class ProbeProducer:
         meta = self._call(self.producer.send_and_wait(self.topic, sample.to_json(), key=user.encode()))
         return published, meta.partition, meta.offset
 
+    def click(self, events: str, user: str, item: str) -> tuple[float, str]:
+        """An impression of (user, item) and its click on the events topic: the click's time and the sample id."""
+        import orjson
+
+        from feature_repo.contract import click_event, impression_event, sample_id
+
+        request = f"probe-{uuid.uuid4().hex}"
+        now = time.time()
+        impression = impression_event(
+            event_id=uuid.uuid4().hex, timestamp=now, request_id=request, user_id=user, item_id=item, position=0
+        )
+        self._call(self.producer.send_and_wait(events, orjson.dumps(impression), key=user.encode()))
+        clicked = time.time()
+        event = click_event(
+            event_id=uuid.uuid4().hex, timestamp=clicked, request_id=request, user_id=user, item_id=item
+        )
+        self._call(self.producer.send_and_wait(events, orjson.dumps(event), key=user.encode()))
+        return clicked, sample_id(request, item)
+
     def close(self) -> None:
         self._call(self.producer.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+class SampleWatcher(threading.Thread):
+    """Reads the samples topic (no group, from its end at start) and fills in where each watched probe's
+    sample landed: the stream worker's output, matched by sample id."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.topic = bootstrap, topic
+        self.watched: dict[str, Probe] = {}
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        import orjson
+        from aiokafka import AIOKafkaConsumer
+
+        from core.kafka import connect_options, servers, start_client
+
+        consumer = AIOKafkaConsumer(self.topic, **connect_options(self.bootstrap), auto_offset_reset="latest")
+        await start_client(consumer, servers(self.bootstrap), consumer.stop)
+        try:
+            while not consumer.assignment():
+                await asyncio.sleep(0.05)
+            for tp in consumer.assignment():
+                await consumer.position(tp)  # pin "latest" now: samples of probes sent after this are seen
+            self.ready.set()
+            while not self.stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100)
+                now = time.time()
+                for tp, records in batches.items():
+                    for record in records:
+                        if record.value is None or b"probe-" not in record.value:
+                            continue
+                        probe = self.watched.get(orjson.loads(record.value).get("sample_id"))
+                        if probe is not None and probe.partition < 0:
+                            probe.partition, probe.offset, probe.sampled = tp.partition, record.offset, now
+        finally:
+            await consumer.stop()
 
 
 def _stats(values: list[float]) -> str:
@@ -262,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=2, help="inference replicas (Redis each)")
     parser.add_argument("--trainers", type=int, default=1, help="online-trainer processes in the group")
     parser.add_argument("--flush-interval", type=float, default=None, help="RECSYS_ONLINE_FLUSH_INTERVAL_S")
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="publish the probes' samples straight to the samples topic (skip the stream worker's click join)",
+    )
     parser.add_argument("--kafka", default=None, help="bootstrap of a running Kafka (default: start one)")
     args = parser.parse_args(argv)
 
@@ -350,6 +424,15 @@ def _run(
                 stderr=subprocess.STDOUT,
             )
         )
+    events = f"events.fresh.{tag}"
+    worker = None
+    if not args.no_worker:
+        from bench.streaming import start_worker, worker_env
+
+        asyncio.run(ensure_topics(bootstrap, {events: s.kafka.topic_partitions}))
+        worker_vars, _ = worker_env(bootstrap, events, tmp, RECSYS_TOPIC_SAMPLES=topic)
+        worker = start_worker(worker_vars, tmp / "worker.log")
+        procs.append(worker)
     config = ModelConfig.of_settings(s.train)
     # the tables as a trainer creates them, so that replicas and serving know them from the start
     from training.model import DenseArch
@@ -401,19 +484,36 @@ def _run(
         follower = Follower(base, watcher, journal)
         follower.start()
         producer = ProbeProducer(bootstrap, topic)
-        print(f"{args.probes} probes ...", flush=True)
+        samples = SampleWatcher(bootstrap, topic)
+        samples.start()
+        _wait(samples.ready.is_set, 60, "the samples reader")
         try:
+            if worker is not None:  # until the stream worker joins a first click (Faust and Feast start-up)
+                print("waiting for the stream worker ...", flush=True)
+                warm = Probe(f"warm-u{tag}", f"warm-i{tag}", 0.0, 0.0)
+                clicked, sid = producer.click(events, warm.user, warm.item)
+                samples.watched[sid] = warm
+                _wait(lambda: warm.partition >= 0 or worker.poll() is not None, 240, "the stream worker")
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the stream worker exited: {(tmp / 'worker.log').read_text()[-2000:]}")
+            print(f"{args.probes} probes ...", flush=True)
             for k in range(args.probes):
                 time.sleep(float(rng.uniform(0.5, 1.5)) * args.every)  # a random phase of the flush cycle
                 user, item = f"fresh-u{tag}-{k}", f"fresh-i{tag}-{k}"
                 before, _ = _score(client, user, item)
-                published, partition, offset = producer.publish(user, item)
-                follower.probes.append(
-                    Probe(user, item, published, before, partition, offset, replicas=[None] * len(replicas))
-                )
+                if worker is None:
+                    published, partition, offset = producer.publish(user, item)
+                    probe = Probe(user, item, published, before, partition, offset, replicas=[None] * len(replicas))
+                else:
+                    probe = Probe(user, item, 0.0, before, replicas=[None] * len(replicas))
+                    probe.published, sid = producer.click(events, user, item)
+                    samples.watched[sid] = probe
+                follower.probes.append(probe)
         finally:
             producer.close()
         follower.wait_done(60.0)
+        samples.stop.set()
+        samples.join(timeout=30)
         probes = follower.probes
         lag = asyncio.run(group_lag(bootstrap, group, topic))
 
@@ -462,12 +562,16 @@ def _report(args, probes: list[Probe], direct: list[Probe], load: Load, lag, s) 
     )
     print(f"probes: {len(done)} of {len(probes)} served with their update (the others timed out)")
     if done:
+        start = "sample published" if args.no_worker else "click"
         stages = {
-            "published -> flushed (consumed, trained, pushed)": [p.stages()[0] for p in done],
-            "flushed -> on every replica": [p.stages()[1] for p in done],
-            "flushed -> served score changed": [p.stages()[2] for p in done],
+            "click -> sample (stream worker's join)": [p.stages()[0] for p in done],
+            "sample -> flushed (consumed, trained, pushed)": [p.stages()[1] for p in done],
+            "flushed -> on every replica": [p.stages()[2] for p in done],
+            "flushed -> served score changed": [p.stages()[3] for p in done],
         }
-        print(f"freshness (published -> on every replica and served): {_stats([p.fresh() for p in done])}")
+        if args.no_worker:
+            del stages["click -> sample (stream worker's join)"]
+        print(f"freshness ({start} -> on every replica and served): {_stats([p.fresh() for p in done])}")
         print("  stages:")
         for name, values in stages.items():
             print(f"    {name:<50} {_stats(values)}")
