@@ -82,25 +82,28 @@ class OnlineDense:
     """
 
     def __init__(self, rows: Any, config: Any) -> None:  # serving.params.RowFetcher, training.model.ModelConfig
-        from training.model import DenseArch
-        from training.online.rows import dense_ids
-
         self.rows, self.config = rows, config
-        self.n_params = sum(p.numel() for p in DenseArch(config).parameters())
-        self.ids = dense_ids(self.n_params)
+        self.n_params = 0  # known at the first load (building the model imports torch: not before trainers ran)
+        self.ids = np.zeros(0, np.int64)
 
     def load(self, newer_than: int | None) -> tuple[DLRMScorer, int] | None:
         """The scorer of the replica's dense weights and their version; None when no trainer wrote any, or no newer.
 
         Raises ValueError when the trainers' dense table holds a model of another shape than the settings'.
         """
-        import torch
-
-        from training.model import DenseArch
-        from training.online.rows import DENSE_TABLE, dense_vector
+        from training.online.rows import DENSE_TABLE, dense_ids, dense_vector
 
         if newer_than is not None and (self.rows.refresh_version() or 0) <= newer_than:
             return None
+        if not self.rows.knows(DENSE_TABLE):
+            return None
+        import torch
+
+        from training.model import DenseArch
+
+        if not self.n_params:
+            self.n_params = sum(p.numel() for p in DenseArch(self.config).parameters())
+            self.ids = dense_ids(self.n_params)
         config = self.rows.table_configs().get(DENSE_TABLE)
         if config is not None and config.capacity != len(self.ids):
             raise ValueError(

@@ -174,16 +174,17 @@ class RowFetcher:
     def table_configs(self) -> dict[str, TableConfig]:
         return dict(self.reader.tables)
 
-    def read(self, table: str, ids: np.ndarray) -> Rows | None:
-        """Rows of ``table`` from the replica now, past the cache (the online dense weights); None: no such table yet.
-
-        A table the reader does not know is looked for again (as a request's would be) at the next poll.
-        """
+    def knows(self, table: str) -> bool:
+        """Whether the replicas hold ``table``; one they do not is looked for again (as a request's would be)."""
         if table not in self.reader.tables:
             self._wanted.add(table)
             self._reopen_if_tables_missing()
-            if table not in self.reader.tables:
-                return None
+        return table in self.reader.tables
+
+    def read(self, table: str, ids: np.ndarray) -> Rows | None:
+        """Rows of ``table`` from the replica now, past the cache (the online dense weights); None: no such table."""
+        if not self.knows(table):
+            return None
         try:
             return self.reader.pull(table, ids)
         except ReplicasBehind as exc:
