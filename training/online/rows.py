@@ -187,10 +187,19 @@ class DenseSync:
         self.ids = dense_ids(n_params)
         self.base = np.zeros(n_params, np.float32)
 
-    def start(self, initial: np.ndarray) -> np.ndarray:
-        """The group's dense weights: the stored ones, or ``initial`` when no trainer wrote any yet."""
+    def start(self, initial: np.ndarray, reset: bool = False) -> np.ndarray:
+        """The group's dense weights: the stored ones, or ``initial`` when no trainer wrote any yet.
+
+        ``reset`` writes ``initial`` over whatever the group holds (restarting the group from a newly
+        promoted champion's dense part; every other member must be stopped, or its next delta lands on it).
+        """
         from paramserver import Conflict
 
+        if reset:
+            padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
+            padded.reshape(-1)[: self.n] = initial
+            self.store.push({DENSE_TABLE: Rows(self.ids, padded, np.ones((len(self.ids), 1), np.float32))})
+            return self.pull()
         for _ in range(10):
             rows = self.store.pull(DENSE_TABLE, self.ids)
             if dense_vector(rows, self.n) is not None:  # written (state column 1): another trainer, or a previous run

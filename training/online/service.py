@@ -252,12 +252,15 @@ class OnlineTrainer:
             loop.add_signal_handler(sig, self.stop.set)
 
 
-def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, OnlineLearner]:
+def build_learner(
+    s: Settings, dense: Path | None = None, reset_dense: bool = False
+) -> tuple[ParamStore, OnlineLearner]:
     """The training copy of the parameter service (with the dense table) and a learner over it.
 
     The starting point is what the service holds: the served rows (the batch DAG's champion
     after a promotion) and the group's dense weights; ``dense`` (a dense artifact, e.g. the
-    champion's) seeds the dense weights when no trainer of the group has written any yet.
+    champion's) seeds the dense weights when no trainer of the group has written any yet, or
+    replaces the group's with ``reset_dense``.
     """
     from core.redact import redact_urls
     from training.model import DenseArch, ModelConfig, load_dense
@@ -288,4 +291,5 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
         seed=t.seed,
         ips_max_weight=t.ips_max_weight if t.ips_weighting else None,
     )
-    return store, OnlineLearner(store, learner_config, Guard(GuardConfig.from_settings(s.online)), initial)
+    guard = Guard(GuardConfig.from_settings(s.online))
+    return store, OnlineLearner(store, learner_config, guard, initial, reset_dense=reset_dense)
