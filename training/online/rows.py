@@ -195,23 +195,17 @@ class DenseSync:
         """
         from paramserver import Conflict
 
+        written = {DENSE_TABLE: Rows(self.ids, self._padded(initial), np.ones((len(self.ids), 1), np.float32))}
         if reset:
-            padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
-            padded.reshape(-1)[: self.n] = initial
-            self.store.push({DENSE_TABLE: Rows(self.ids, padded, np.ones((len(self.ids), 1), np.float32))})
+            self.store.push(written)
             return self.pull()
         for _ in range(10):
             rows = self.store.pull(DENSE_TABLE, self.ids)
             if dense_vector(rows, self.n) is not None:  # written (state column 1): another trainer, or a previous run
                 return self._take(rows.weights)
-            padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
-            padded.reshape(-1)[: self.n] = initial
             try:
                 # conditional: of two trainers starting together, one writes and the other reads its weights
-                self.store.push(
-                    {DENSE_TABLE: Rows(self.ids, padded, np.ones((len(self.ids), 1), np.float32))},
-                    unchanged_since=rows.version,
-                )
+                self.store.push(written, unchanged_since=rows.version)
             except Conflict:
                 continue
         return self.pull()
@@ -221,9 +215,13 @@ class DenseSync:
 
     def delta(self, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids and vector deltas [n, DENSE_CHUNK] of the change since the last pull."""
+        return self.ids, self._padded(current - self.base)
+
+    def _padded(self, vector: np.ndarray) -> np.ndarray:
+        """The flattened weights as the table's rows: DENSE_CHUNK floats each, the last one zero-padded."""
         padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
-        padded.reshape(-1)[: self.n] = current - self.base
-        return self.ids, padded
+        padded.reshape(-1)[: self.n] = vector
+        return padded
 
     def _take(self, weights: np.ndarray) -> np.ndarray:
         self.base = weights.reshape(-1)[: self.n].astype(np.float32).copy()
