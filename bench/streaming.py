@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from core.kafka import ensure_topics, publish, start_producer
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT
 from feature_repo.contract import user_profile_event
 from local_services import kafka as local_kafka
 from local_services import services
@@ -374,19 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-streaming-"))
-    defaults = Settings()
-    kafka_port, controller_port = services.free_port(), services.free_port()
-    print(f"starting Kafka on 127.0.0.1:{kafka_port} ...", flush=True)
-    local_kafka.start_kafka(
-        tmp,
-        defaults.local.cache_dir,
-        defaults.local.kafka_version,
-        kafka_port,
-        controller_port,
-        name="kafka-bench",
-        timeout=120,
-    )
-    bootstrap = f"127.0.0.1:{kafka_port}"
+    bootstrap = local_kafka.start_scratch_kafka(tmp, "kafka-bench")
     try:
         sim = Simulation(
             SimConfig(users=2000, items=1000, requests=args.requests, slate_size=10, seed=3, bad_fraction=0.01)

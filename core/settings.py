@@ -375,6 +375,16 @@ class ServingSettings(BaseSettings):
     param_version_poll_s: float = Field(
         1.0, gt=0, description="how often the cache checks the replica's parameter version"
     )
+    online_dense: bool = Field(
+        True,
+        description="serve the online trainers' dense weights (the replica's online.dense rows) once any trainer "
+        "wrote them, instead of the champion's dense part",
+    )
+    online_dense_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often serving re-reads the online dense weights (the rows follow every parameter version)",
+    )
     item_feature_ttl_s: float = Field(
         30.0,
         ge=0,

@@ -222,3 +222,12 @@ def start_configured_kafka(s: Settings) -> dict:
         partitions=s.kafka.topic_partitions,
         timeout=s.local.service_start_timeout_s,
     )
+
+
+def start_scratch_kafka(run_dir: Path, name: str, timeout: float = 120.0) -> str:
+    """A broker of the settings' Kafka version on free ports under ``run_dir`` (benchmarks); returns its bootstrap."""
+    s = Settings()
+    port, controller_port = services.free_port(), services.free_port()
+    print(f"starting Kafka on {LOCALHOST}:{port} ...", flush=True)
+    start_kafka(run_dir, s.local.cache_dir, s.local.kafka_version, port, controller_port, name=name, timeout=timeout)
+    return f"{LOCALHOST}:{port}"

@@ -2,7 +2,8 @@
 
 Start-up builds the components (unless a test passed them), loads the first model (a failure
 is logged and shown by /readyz, the server starts anyway), starts the row-version poll, the
-impression logger, the events follower of the retrieval stage and the model poll, then
+impression logger, the events follower of the retrieval stage, the model poll and (where online
+trainers may run) the poll of their dense weights, then
 publishes them as ``state.running``. Shut-down stops them in reverse.
 """
 
@@ -55,6 +56,8 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
             log.warning("initial model load failed: %s", comps.model.last_error)
     else:
         on_swap(comps.model.current, False)
+    if comps.model.follows_online:
+        await _refresh_online(comps.model)
     if comps.rows is not None:
         comps.rows.on_lookup = metrics.row_lookup
         comps.rows.start()
@@ -95,6 +98,8 @@ async def lifespan(state: ServingState, components: Components | None, builder: 
         tasks.append(asyncio.create_task(_probe_loop(metrics, settings.serving.loop_lag_probe_s, stop)))
     if settings.serving.reload_poll_s > 0:
         tasks.append(asyncio.create_task(_poll_model(comps.model, settings.serving.reload_poll_s, stop)))
+    if comps.model.follows_online:
+        tasks.append(asyncio.create_task(_poll_online(comps.model, settings.serving.online_dense_refresh_s, stop)))
     state.running = Running(components=comps, ranker=ranker, impressions=impressions, index=index)
     try:
         yield
@@ -122,14 +127,32 @@ async def _probe_loop(metrics: Metrics, every_s: float, stop: asyncio.Event) -> 
 
 
 async def _poll_model(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:
+    await _poll(model, model.reload, "model", every_s, stop)
+
+
+async def _poll_online(model: ModelHandle, every_s: float, stop: asyncio.Event) -> None:
+    await _poll(model, model.refresh_online, "online dense", every_s, stop)
+
+
+async def _refresh_online(model: ModelHandle) -> None:
+    await _guarded(model, model.refresh_online, "online dense")
+
+
+async def _poll(
+    model: ModelHandle, refresh: Callable[[], object], what: str, every_s: float, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=every_s)
             return
         except TimeoutError:
             pass
-        try:
-            await run_in_threadpool(model.reload)
-        except Exception as exc:  # noqa: BLE001 - keep serving the current model
-            model.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("model poll: %s", model.last_error)
+        await _guarded(model, refresh, what)
+
+
+async def _guarded(model: ModelHandle, refresh: Callable[[], object], what: str) -> None:
+    try:
+        await run_in_threadpool(refresh)
+    except Exception as exc:  # noqa: BLE001 - keep serving the current model
+        model.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("%s poll: %s", what, model.last_error)

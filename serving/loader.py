@@ -70,6 +70,58 @@ def load_dense_scorer(path: str | Path, version: str) -> DLRMScorer:
     return DLRMScorer(arch, config, version)
 
 
+class OnlineDense:
+    """The online trainers' dense weights (``training.online.rows.DENSE_TABLE``) as serving's replica holds them.
+
+    A trainer's flush pushes its dense delta in the same parameter version as its row deltas, so
+    a replica at version V holds the dense weights and the rows of one trained state: serving
+    names it ``online/v<V>`` and scores it with rows of V or newer (never older ones). A flush
+    the guard refused is never pushed, so every state read here passed the guard; while the
+    guard holds publishing back, the replica (and so serving) stays at the last good state.
+    The model's shape is the settings' (``ModelConfig.of_settings``), the one the trainers train.
+    """
+
+    def __init__(self, rows: Any, config: Any) -> None:  # serving.params.RowFetcher, training.model.ModelConfig
+        self.rows, self.config = rows, config
+        self.n_params = 0  # known at the first load (building the model imports torch: not before trainers ran)
+        self.ids = np.zeros(0, np.int64)
+
+    def load(self, newer_than: int | None) -> tuple[DLRMScorer, int] | None:
+        """The scorer of the replica's dense weights and their version; None when no trainer wrote any, or no newer.
+
+        Raises ValueError when the trainers' dense table holds a model of another shape than the settings'.
+        """
+        from training.online.rows import DENSE_TABLE, dense_ids, dense_vector
+
+        if newer_than is not None and (self.rows.refresh_version() or 0) <= newer_than:
+            return None
+        if not self.rows.knows(DENSE_TABLE):
+            return None
+        import torch
+
+        from training.model import DenseArch
+
+        if not self.n_params:
+            self.n_params = sum(p.numel() for p in DenseArch(self.config).parameters())
+            self.ids = dense_ids(self.n_params)
+        config = self.rows.table_configs().get(DENSE_TABLE)
+        if config is not None and config.capacity != len(self.ids):
+            raise ValueError(
+                f"the online dense table holds {config.capacity} chunks, the settings' model needs {len(self.ids)}: "
+                "trainers and serving disagree on the model's shape (RECSYS_TRAIN_*)"
+            )
+        rows = self.rows.read(DENSE_TABLE, self.ids)
+        vector = dense_vector(rows, self.n_params) if rows is not None else None
+        if rows is None or vector is None or (newer_than is not None and rows.version <= newer_than):
+            return None
+        torch.set_num_threads(1)  # as load_dense_scorer: small MLPs, request threads
+        arch = DenseArch(self.config)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(vector), arch.parameters())
+        arch.eval()
+        return DLRMScorer(arch, self.config, f"online/v{rows.version}"), rows.version
+
+
 def _find_dense(folder: Path) -> Path:
     from training.model import load_dense
 

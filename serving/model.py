@@ -9,6 +9,10 @@ A champion's dense part goes with the parameter rows it was promoted with (its r
 version's ``ps_version``): the handle loads it only once the rows it reads have reached that
 version, so a new dense part never scores the previous champion's rows.
 
+Where online trainers run, their dense weights (``refresh_online``, polled every
+``serving_online_dense_refresh_s``) supersede the champion's once any trainer wrote them:
+named ``online/v<parameter version>`` and scored on rows of that version or newer.
+
 The handle holds the current scorer behind one reference. A request reads that reference
 once and keeps its scorer to the end, so a reload (which builds the new scorer completely
 before assigning it) never changes the model under a request in flight.
@@ -90,6 +94,12 @@ class ModelLoader(Protocol):
         ...
 
 
+class OnlineSource(Protocol):
+    def load(self, newer_than: int | None) -> tuple[Scorer, int] | None:
+        """The online trainers' dense weights as a scorer and their parameter version (None: none, or none newer)."""
+        ...
+
+
 class NoChampion(RuntimeError):
     """The registry has no model under the alias (and no fallback is allowed)."""
 
@@ -102,8 +112,11 @@ class ModelHandle:
         loader: ModelLoader | None,
         fallback: Callable[[], Scorer] | None,
         rows_version: Callable[[], int | None] | None = None,
+        online: OnlineSource | None = None,
     ) -> None:
         self._loader = loader
+        self._online = online
+        self._online_version: int | None = None  # the parameter version of the online dense weights served
         self._fallback = fallback
         self._rows_version = rows_version  # the version of the rows serving reads (None: not known yet)
         self.waiting_for_rows: tuple[str, int] | None = None  # (champion, parameter version) not loaded yet
@@ -136,6 +149,30 @@ class ModelHandle:
             return self.waiting_for_rows[1]
         return None
 
+    @property
+    def follows_online(self) -> bool:
+        return self._online is not None
+
+    def refresh_online(self) -> bool:
+        """Swap in the online trainers' newest dense weights, if there are newer ones than served; True if swapped.
+
+        From the first online weights on they are what serving scores with: the trainers
+        started from the champion and keep it fresh (README "Online training"), so the alias
+        is no longer followed. A swap is one reference assignment, as a champion reload's.
+        """
+        if self._online is None:
+            return False
+        with self._reload_lock:
+            loaded = self._online.load(self._online_version)
+            if loaded is None:
+                return False
+            scorer, version = loaded
+            self.set(scorer)
+            self._current_rows = version  # its rows: that version or newer
+            self._online_version = version
+            self.last_error = None
+            return True
+
     def set(self, scorer: Scorer) -> None:
         previous = self._current
         self._current = scorer
@@ -167,6 +204,8 @@ class ModelHandle:
         """
         with self._reload_lock:
             previous = self._current.version if self._current is not None else None
+            if self._online_version is not None:
+                return False, previous  # the online weights supersede the champion (refresh_online)
             version = None
             if self._loader is not None:
                 try:

@@ -174,6 +174,24 @@ class RowFetcher:
     def table_configs(self) -> dict[str, TableConfig]:
         return dict(self.reader.tables)
 
+    def knows(self, table: str) -> bool:
+        """Whether the replicas hold ``table``; one they do not is looked for again (as a request's would be)."""
+        if table not in self.reader.tables:
+            self._wanted.add(table)
+            self._reopen_if_tables_missing()
+        return table in self.reader.tables
+
+    def read(self, table: str, ids: np.ndarray) -> Rows | None:
+        """Rows of ``table`` from the replica now, past the cache (the online dense weights); None: no such table."""
+        if not self.knows(table):
+            return None
+        try:
+            return self.reader.pull(table, ids)
+        except ReplicasBehind as exc:
+            raise RowsStale(str(exc)) from None
+        except ShardUnavailable as exc:
+            raise RowsUnavailable(str(exc)) from None
+
     def lookup(
         self, ids: dict[str, np.ndarray], dims: dict[str, int] | None = None, min_version: int | None = None
     ) -> tuple[dict[str, np.ndarray], int]:

@@ -61,7 +61,8 @@ def open_features(settings: Settings) -> FeatureSource | None:
 
 
 def model_handle(settings: Settings, rows: RowFetcher | None) -> ModelHandle:
-    from serving.loader import mlflow_loader
+    from serving.loader import OnlineDense, mlflow_loader
+    from training.model import ModelConfig
 
     def fallback() -> EmbeddingDotScorer:
         tables = {name: cfg.dim for name, cfg in rows.table_configs().items()} if rows is not None else {}
@@ -71,6 +72,9 @@ def model_handle(settings: Settings, rows: RowFetcher | None) -> ModelHandle:
         mlflow_loader(settings),
         fallback if settings.serving.allow_fallback_scorer else None,
         rows_version=rows.refresh_version if rows is not None else None,
+        online=OnlineDense(rows, ModelConfig.of_settings(settings.train))
+        if rows is not None and settings.serving.online_dense
+        else None,
     )
 
 

@@ -15,12 +15,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from training.pooling import POOLING
+
+if TYPE_CHECKING:
+    from core.settings import TrainingSettings
 
 DENSE_FORMAT = "recsys-dlrm-dense/1"
 # the serving position of every scored item: the model learns the position bias from this
@@ -74,6 +77,13 @@ class ModelConfig:
             spec_hash=spec.spec_hash(),
             multi_valued=tuple(f.name for f in spec.sparse if f.multi_valued),
         )
+
+    @classmethod
+    def of_settings(cls, t: TrainingSettings) -> ModelConfig:
+        """The model the settings train (batch and online) over the feature spec: what serving expects too."""
+        from feature_repo.spec import SPEC
+
+        return cls.from_spec(SPEC, t.embedding_dim, t.dense_arch, t.over_arch)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

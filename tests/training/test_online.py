@@ -282,3 +282,23 @@ def test_dense_weights_are_written_on_their_slower_cadence_named_by_parameter_ve
     assert loaded_config == config.model and extra == {"ps_version": 8}
     for name, value in learner.dense.state_dict().items():
         assert torch.equal(arch.state_dict()[name], value)
+
+
+def test_a_reset_writes_the_given_dense_weights_over_the_groups_and_a_plain_start_keeps_them() -> None:
+    from training.model import DenseArch
+
+    store, config = _learner_store()
+    first = OnlineLearner(store, config, Guard(GUARD))
+    trained = [p.detach().numpy().copy() for p in first.dense.parameters()]
+    champion = DenseArch(config.model)
+    with torch.no_grad():
+        for p in champion.parameters():
+            p.add_(0.5)  # another dense part than the group's
+    kept = OnlineLearner(store, config, Guard(GUARD), initial_dense=DenseArch(config.model))
+    for mine, group in zip(kept.dense.parameters(), trained):
+        np.testing.assert_array_equal(mine.detach().numpy(), group)  # --dense only seeds an empty table
+    reset = OnlineLearner(store, config, Guard(GUARD), initial_dense=champion, reset_dense=True)
+    after = OnlineLearner(store, config, Guard(GUARD))
+    for learner in (reset, after):
+        for mine, wanted in zip(learner.dense.parameters(), champion.parameters()):
+            np.testing.assert_array_equal(mine.detach().numpy(), wanted.detach().numpy())

@@ -36,6 +36,10 @@ from training.params import table_configs
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+# flushes of 400 samples, judged from the third on: a poisoned stream is caught within ~3 flushes
+GUARDED = {"flush_max_samples": "400", "flush_interval_s": "5", "guard_warmup_flushes": "2", "guard_min_samples": "100"}
+
+
 class Group:
     """The settings of one test's trainer group and its running members."""
 
@@ -241,15 +245,7 @@ def test_two_trainers_split_the_partitions_both_count_and_a_sigkill_loses_no_com
 def test_a_poisoned_stream_is_caught_nothing_of_it_published_and_publishing_resumes(
     kafka_bootstrap: str, redis_factory, tmp_path: Path
 ) -> None:
-    group = Group(
-        kafka_bootstrap,
-        redis_factory("online").url,
-        tmp_path,
-        flush_max_samples="400",
-        flush_interval_s="5",
-        guard_warmup_flushes="2",
-        guard_min_samples="100",
-    )
+    group = Group(kafka_bootstrap, redis_factory("online").url, tmp_path, **GUARDED)
     samples = simulate_samples(SimConfig(users=40, items=30, requests=560, seed=32)).samples
     port = free_port()
     proc, log = group.start("--metrics-port", str(port))

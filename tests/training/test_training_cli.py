@@ -87,6 +87,12 @@ def test_online_trainer_rejects_bad_settings_with_the_variable_named(monkeypatch
 
 
 @pytest.mark.integration
+def test_online_trainer_refuses_a_dense_reset_without_the_weights_to_reset_to() -> None:
+    result = runner.invoke(app, ["train", "online", "--reset-dense"])
+    assert result.exit_code == 2
+    assert "--reset-dense needs --dense" in result.output
+
+
 def test_online_trainer_names_an_unreachable_parameter_service(monkeypatch: pytest.MonkeyPatch) -> None:
     dead = f"redis://{_dead_url()}/0"
     _env(monkeypatch, RECSYS_PS_SHARDS=json.dumps([dead]), RECSYS_PS_TIMEOUT_S="1")

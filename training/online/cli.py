@@ -27,12 +27,22 @@ def online(
             help="dense artifact to start from when the group has no dense weights yet (e.g. the champion's)",
         ),
     ] = None,
+    reset_dense: Annotated[
+        bool,
+        typer.Option(
+            "--reset-dense",
+            help="write --dense over the group's dense weights (after promoting a batch champion; "
+            "start this member alone, the others once it runs)",
+        ),
+    ] = False,
 ) -> None:
     """Train continuously on the partitions of the samples topic this process owns in the consumer group."""
     from pydantic import ValidationError
 
     from core.settings import Settings, describe_error
 
+    if reset_dense and dense is None:
+        fail("--reset-dense needs --dense: the dense artifact to write over the group's weights", 2)
     overrides = {k: v for k, v in {"metrics_port": metrics_port, "group_id": group_id}.items() if v is not None}
     try:
         s = Settings().override(online=overrides) if overrides else Settings()
@@ -40,12 +50,12 @@ def online(
         fail(f"invalid configuration: {describe_error(exc)}", 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_run(s, dense))
+        asyncio.run(_run(s, dense, reset_dense))
     except (RuntimeError, ValueError, OSError) as exc:
         fail(str(exc))
 
 
-async def _run(s, dense: Path | None) -> None:  # noqa: ANN001 - Settings, imported lazily
+async def _run(s, dense: Path | None, reset_dense: bool) -> None:  # noqa: ANN001 - Settings, imported lazily
     import torch
     from prometheus_client import start_http_server
 
@@ -53,7 +63,7 @@ async def _run(s, dense: Path | None) -> None:  # noqa: ANN001 - Settings, impor
 
     # small batches: more threads mostly contend (measured 1.7k vs 11.5k samples/s with 2 vs 1 on 2 cores)
     torch.set_num_threads(s.online.torch_threads)
-    store, learner = build_learner(s, dense)
+    store, learner = build_learner(s, dense, reset_dense)
     trainer = OnlineTrainer(s, store, learner)
     if s.online.metrics_port:
         start_http_server(s.online.metrics_port, addr="127.0.0.1", registry=trainer.metrics.registry)

@@ -52,7 +52,14 @@ BeforePush = Callable[[dict[str, tuple[np.ndarray, np.ndarray]]], None]
 
 
 class OnlineLearner:
-    def __init__(self, store: ParamStore, config: LearnerConfig, guard: Guard, initial_dense: DenseArch | None = None):
+    def __init__(
+        self,
+        store: ParamStore,
+        config: LearnerConfig,
+        guard: Guard,
+        initial_dense: DenseArch | None = None,
+        reset_dense: bool = False,
+    ):
         self.store, self.config, self.guard = store, config, guard
         torch.manual_seed(config.seed)  # every trainer of the group starts from the same dense weights
         self.dense = initial_dense if initial_dense is not None else DenseArch(config.model)
@@ -60,7 +67,7 @@ class OnlineLearner:
         self.cache = RowCache(store, self.features)
         vector = torch.nn.utils.parameters_to_vector(self.dense.parameters()).detach().numpy()
         self.dense_sync = DenseSync(store, len(vector))
-        self._load_dense(self.dense_sync.start(vector))
+        self._load_dense(self.dense_sync.start(vector, reset=reset_dense))
         self._optimizer = torch.optim.Adam(self.dense.parameters(), lr=config.dense_lr)
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []

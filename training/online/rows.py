@@ -31,6 +31,18 @@ DENSE_CHUNK = 256  # floats per row of the dense table
 ADAGRAD_EPS = 1e-10
 
 
+def dense_ids(n_params: int) -> np.ndarray:
+    """The row ids of ``DENSE_TABLE`` holding ``n_params`` flattened dense weights."""
+    return np.arange(max(1, -(-n_params // DENSE_CHUNK)), dtype=np.int64)
+
+
+def dense_vector(rows: Rows, n_params: int) -> np.ndarray | None:
+    """The flattened dense weights in the rows of ``DENSE_TABLE``; None while no trainer has written them."""
+    if not len(rows.ids) or not rows.state[:, 0].all():
+        return None
+    return rows.weights.reshape(-1)[:n_params].astype(np.float32)
+
+
 def dense_table(n_params: int) -> TableConfig:
     """The table of the flattened dense weights: zero initial rows; state column 1 once written."""
     return TableConfig(
@@ -172,25 +184,28 @@ class DenseSync:
 
     def __init__(self, store: ParamStore, n_params: int) -> None:
         self.store, self.n = store, n_params
-        self.ids = np.arange(max(1, -(-n_params // DENSE_CHUNK)), dtype=np.int64)
+        self.ids = dense_ids(n_params)
         self.base = np.zeros(n_params, np.float32)
 
-    def start(self, initial: np.ndarray) -> np.ndarray:
-        """The group's dense weights: the stored ones, or ``initial`` when no trainer wrote any yet."""
+    def start(self, initial: np.ndarray, reset: bool = False) -> np.ndarray:
+        """The group's dense weights: the stored ones, or ``initial`` when no trainer wrote any yet.
+
+        ``reset`` writes ``initial`` over whatever the group holds (restarting the group from a newly
+        promoted champion's dense part; every other member must be stopped, or its next delta lands on it).
+        """
         from paramserver import Conflict
 
+        written = {DENSE_TABLE: Rows(self.ids, self._padded(initial), np.ones((len(self.ids), 1), np.float32))}
+        if reset:
+            self.store.push(written)
+            return self.pull()
         for _ in range(10):
             rows = self.store.pull(DENSE_TABLE, self.ids)
-            if rows.state[:, 0].all():  # written (state column 1): another trainer, or a previous run
+            if dense_vector(rows, self.n) is not None:  # written (state column 1): another trainer, or a previous run
                 return self._take(rows.weights)
-            padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
-            padded.reshape(-1)[: self.n] = initial
             try:
                 # conditional: of two trainers starting together, one writes and the other reads its weights
-                self.store.push(
-                    {DENSE_TABLE: Rows(self.ids, padded, np.ones((len(self.ids), 1), np.float32))},
-                    unchanged_since=rows.version,
-                )
+                self.store.push(written, unchanged_since=rows.version)
             except Conflict:
                 continue
         return self.pull()
@@ -200,9 +215,13 @@ class DenseSync:
 
     def delta(self, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids and vector deltas [n, DENSE_CHUNK] of the change since the last pull."""
+        return self.ids, self._padded(current - self.base)
+
+    def _padded(self, vector: np.ndarray) -> np.ndarray:
+        """The flattened weights as the table's rows: DENSE_CHUNK floats each, the last one zero-padded."""
         padded = np.zeros((len(self.ids), DENSE_CHUNK), np.float32)
-        padded.reshape(-1)[: self.n] = current - self.base
-        return self.ids, padded
+        padded.reshape(-1)[: self.n] = vector
+        return padded
 
     def _take(self, weights: np.ndarray) -> np.ndarray:
         self.base = weights.reshape(-1)[: self.n].astype(np.float32).copy()

@@ -119,7 +119,7 @@ class OnlineTrainer:
         self.owned: set[int] = set()
         self._consumer: Any = None
         self._last_flush = time.monotonic()
-        self._last_dense = 0.0
+        self._last_dense = float("-inf")  # the first published flush writes them (monotonic time may start near 0)
         self._flushing = asyncio.Lock()  # a rebalance may ask for a flush while the loop is in one
 
     # ------------------------------------------------------------------ the loop
@@ -252,15 +252,17 @@ class OnlineTrainer:
             loop.add_signal_handler(sig, self.stop.set)
 
 
-def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, OnlineLearner]:
+def build_learner(
+    s: Settings, dense: Path | None = None, reset_dense: bool = False
+) -> tuple[ParamStore, OnlineLearner]:
     """The training copy of the parameter service (with the dense table) and a learner over it.
 
     The starting point is what the service holds: the served rows (the batch DAG's champion
     after a promotion) and the group's dense weights; ``dense`` (a dense artifact, e.g. the
-    champion's) seeds the dense weights when no trainer of the group has written any yet.
+    champion's) seeds the dense weights when no trainer of the group has written any yet, or
+    replaces the group's with ``reset_dense``.
     """
     from core.redact import redact_urls
-    from feature_repo.spec import SPEC
     from training.model import DenseArch, ModelConfig, load_dense
     from training.online.guard import Guard, GuardConfig
     from training.online.learner import LearnerConfig
@@ -268,7 +270,7 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
     from training.params import open_training_store, table_configs
 
     t = s.train
-    config = ModelConfig.from_spec(SPEC, t.embedding_dim, t.dense_arch, t.over_arch)
+    config = ModelConfig.of_settings(t)
     initial = None
     if dense is not None:
         loaded, initial, _ = load_dense(dense)
@@ -289,4 +291,5 @@ def build_learner(s: Settings, dense: Path | None = None) -> tuple[ParamStore, O
         seed=t.seed,
         ips_max_weight=t.ips_max_weight if t.ips_weighting else None,
     )
-    return store, OnlineLearner(store, learner_config, Guard(GuardConfig.from_settings(s.online)), initial)
+    guard = Guard(GuardConfig.from_settings(s.online))
+    return store, OnlineLearner(store, learner_config, guard, initial, reset_dense=reset_dense)
