@@ -349,7 +349,17 @@ def stop_everything(s: Settings) -> None:
 
     airflow_local.down(s)
     entries = services.status(s.local.run_dir)
-    order = ["serving", "stream-worker", "ps-replicator", "mlflow", "ps-", "redis", "kafka"]
+    order = [
+        "prometheus",
+        "loop-exporter",
+        "serving",
+        "stream-worker",
+        "ps-replicator",
+        "mlflow",
+        "ps-",
+        "redis",
+        "kafka",
+    ]
 
     def rank(name: str) -> int:
         return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order))
