@@ -191,7 +191,11 @@ def start_loop_exporter(run_dir: Path, port: int, env: dict[str, str] | None = N
 
 
 def up(s: Settings) -> str:
-    """The loop exporter and Prometheus of the settings (idempotent); returns the dashboard's URL."""
+    """The loop exporter and Prometheus of the settings (idempotent); returns the dashboard's URL.
+
+    The exporter is started again every time: it holds no state, and the one running may have been
+    started with other settings (`recsys services up` before the demo set its parameter service)."""
+    services.stop(s.local.run_dir, _EXPORTER)
     start_loop_exporter(s.local.run_dir, s.local.loop_exporter_port)
     start_prometheus(
         s.local.run_dir,

@@ -113,8 +113,8 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
         "SERVING_EXPLORE_SHARE": "0.05",
         # the loop dashboard (README "What operators see"): the worker and the simulator serve /metrics
         # next to Prometheus, which scrapes them
-        "STREAM_METRICS_PORT": str(base.local.prometheus_port + 1),
-        "SIM_METRICS_PORT": str(base.local.prometheus_port + 2),
+        "STREAM_METRICS_PORT": str(base.local.loop_exporter_port + 1),
+        "SIM_METRICS_PORT": str(base.local.loop_exporter_port + 2),
     }
     return {f"RECSYS_{k}": v for k, v in wanted.items() if f"RECSYS_{k}" not in env}
 

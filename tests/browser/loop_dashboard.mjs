@@ -3,23 +3,12 @@
 // Env: DASHBOARD_URL, SCREENSHOT, TIMEOUT_S (default 180), EXTRA_URL + EXTRA_SCREENSHOT + EXTRA_TEXT (optional:
 // the page must show this text). Prints one JSON line: {"panels": [{title, series, points, newest, error}], ...}.
 // Exit 0 when the browser did its part; the Python test judges the panels.
-import { chromium } from 'playwright-core';
+import { env, run } from './chromium.mjs';
 
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) { console.error(`missing environment variable ${name}`); process.exit(2); }
-  return value;
-};
 const url = env('DASHBOARD_URL');
 const screenshot = env('SCREENSHOT');
 const deadline = Date.now() + 1000 * Number(env('TIMEOUT_S', '180'));
 
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium', // Debian's package; never a downloaded browser
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
 const result = { panels: [], refreshed: 0, screenshot, requests_off_machine: [] };
 const panelState = () => Array.from(document.querySelectorAll('section.panel')).map((p) => ({
   title: p.dataset.title,
@@ -29,12 +18,13 @@ const panelState = () => Array.from(document.querySelectorAll('section.panel')).
   error: p.dataset.error || '',
   legend: p.querySelector('.legend').innerText,
 }));
-try {
+await run(result, async (browser) => {
   const page = await browser.newPage({ viewport: { width: 1500, height: 900 } });
   // nothing outside this machine may be needed (no CDN): record any request that tries
   page.on('request', (request) => {
-    const host = new URL(request.url()).hostname;
-    if (!['127.0.0.1', 'localhost'].includes(host)) result.requests_off_machine.push(request.url());
+    const { protocol, hostname } = new URL(request.url());
+    const network = ['http:', 'https:', 'ws:', 'wss:'].includes(protocol); // data: and blob: stay in the page
+    if (network && !['127.0.0.1', 'localhost'].includes(hostname)) result.requests_off_machine.push(request.url());
   });
   page.on('console', (message) => console.error(`page console: ${message.text()}`));
   await page.goto(url);
@@ -62,11 +52,4 @@ try {
     await extra.screenshot({ path: env('EXTRA_SCREENSHOT'), fullPage: true });
     result.extra = { url: process.env.EXTRA_URL, screenshot: process.env.EXTRA_SCREENSHOT };
   }
-} catch (error) {
-  console.error(`browser test error: ${error}`);
-  result.error = String(error);
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(result));
-process.exit(result.error ? 1 : 0);
+}, (r) => !r.error);

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -77,24 +76,16 @@ class Traffic(threading.Thread):
         assert self.error is None, self.error
 
 
-@contextlib.contextmanager
-def feast_ui(feast_dir: Path, port: int, log: Path) -> Iterator[str]:
-    """`feast ui` on the worker's registry (the command the demo prints), stopped afterwards."""
+def start_feast_ui(run_dir: Path, feast_dir: Path, port: int) -> str:
+    """`feast ui` on the worker's registry (the command the demo prints), as a managed service of ``run_dir``."""
+    feast = str(Path(sys.executable).parent / "feast")
+    cmd = [feast, "-c", str(PROJECT_ROOT / "feature_repo"), "ui", "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "RECSYS_FEAST_DATA_DIR": str(feast_dir)}
-    cmd = [str(Path(sys.executable).parent / "feast"), "-c", str(PROJECT_ROOT / "feature_repo"), "ui"]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    services.start_command(
+        run_dir, "feast-ui", cmd, port=port, ready=lambda: services.http_ok(url), timeout=180, env=env
+    )
+    return url
 
 
 def _wait_http(url: str, timeout: float, what: str) -> None:
@@ -174,22 +165,20 @@ def test_the_dashboard_plots_every_panel_from_live_traffic(make_setup, redis_fac
                 "SCREENSHOT": str(DOCS / "loop-dashboard.png"),
                 "TIMEOUT_S": "240",
             }
-            feast_port = free_port()
-            with feast_ui(setup.feast_dir, feast_port, tmp_path / "feast-ui.log") as feast_url:
-                _wait_http(feast_url, 180, "feast ui")
-                env |= {
-                    "EXTRA_URL": f"{feast_url}p/recsys/feature-view",
-                    "EXTRA_SCREENSHOT": str(DOCS / "feast-ui.png"),
-                    "EXTRA_TEXT": "user_features",
-                }
-                done = subprocess.run(
-                    [shutil.which("node") or "node", "loop_dashboard.mjs"],
-                    cwd=BROWSER_DIR,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=420,
-                )
+            feast_url = start_feast_ui(run_dir, setup.feast_dir, free_port())
+            env |= {
+                "EXTRA_URL": f"{feast_url}p/recsys/feature-view",
+                "EXTRA_SCREENSHOT": str(DOCS / "feast-ui.png"),
+                "EXTRA_TEXT": "user_features",
+            }
+            done = subprocess.run(
+                [shutil.which("node") or "node", "loop_dashboard.mjs"],
+                cwd=BROWSER_DIR,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=420,
+            )
             print(done.stderr[-4000:])
             result = json.loads(done.stdout.strip().splitlines()[-1])
             # what Prometheus itself holds, to tell a page bug from a missing metric when a panel is empty
@@ -198,7 +187,7 @@ def test_the_dashboard_plots_every_panel_from_live_traffic(make_setup, redis_fac
     finally:
         if traffic is not None:
             traffic.stop()
-        for name in ("prometheus", "loop-exporter"):
+        for name in ("feast-ui", "prometheus", "loop-exporter"):
             services.stop(run_dir, name)
         worker.stop()
 
