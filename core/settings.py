@@ -201,6 +201,7 @@ class FeastSettings(BaseSettings):
     )
     online_store: str = Field("sqlite", pattern=r"^(sqlite|redis)$", description="Feast online store kind")
     redis_url: str | None = Field(None, description="Redis of the Feast online store (default: RECSYS_REDIS_URL)")
+    ui_port: int = Field(8888, ge=1, le=65535, description="port the printed `feast ui` command serves Feast's UI on")
 
 
 class LocalSettings(BaseSettings):
@@ -216,6 +217,20 @@ class LocalSettings(BaseSettings):
     kafka_port: int = Field(9092, ge=1, le=65535)
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
     service_start_timeout_s: float = Field(90.0, gt=0)
+    # the live view of the loop (local_services.prometheus): Prometheus scraping every component's /metrics
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="port of the local Prometheus and its dashboard")
+    prometheus_scrape_interval_s: float = Field(
+        5.0, ge=1, le=300, description="how often Prometheus scrapes each component (also the dashboard's refresh)"
+    )
+    prometheus_retention: str = Field(
+        "1d", pattern=r"^[0-9]+[smhdwy]$", description="how long the local Prometheus keeps samples"
+    )
+    loop_exporter_port: int = Field(
+        9465,
+        ge=1,
+        le=65535,
+        description="port of the loop exporter: consumer lag of the stream and trainers, parameter version per replica",
+    )
 
 
 class TrainingSettings(BaseSettings):
@@ -601,6 +616,9 @@ class SimulatorSettings(BaseSettings):
         10.0, ge=0, le=3600, description="longest pause honoured for a shed request's Retry-After"
     )
     bucket_s: float = Field(10.0, gt=0, description="width of the time buckets of the online-metrics series")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus metrics port of the closed-loop simulator (0: off)"
+    )
 
 
 SECTIONS: dict[str, type[BaseSettings]] = {

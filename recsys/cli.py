@@ -47,10 +47,15 @@ app.add_typer(events_app, name="events")
 def services_up(
     kafka: Annotated[bool, typer.Option(help="start Kafka")] = True,
     redis: Annotated[bool, typer.Option(help="start Redis")] = True,
+    prometheus: Annotated[
+        bool,
+        typer.Option(help="start Prometheus, the loop exporter and the loop dashboard"),
+    ] = True,
 ) -> None:
-    """Start Kafka (KRaft) and Redis on 127.0.0.1; harmless when they already run."""
+    """Start Kafka (KRaft), Redis and Prometheus on 127.0.0.1; harmless when they already run."""
     from core.kafka import ensure_topics
     from local_services import kafka as local_kafka
+    from local_services import prometheus as local_prometheus
     from local_services import services
 
     s = load_settings()
@@ -66,9 +71,12 @@ def services_up(
                 console.print(f"created topics: {', '.join(created)}")
         if redis:
             services.start_redis(s.local.run_dir, s.local.redis_port, timeout=s.local.service_start_timeout_s)
+        dashboard = local_prometheus.up(s) if prometheus else None
     except services.ServiceError as exc:
         fail(str(exc))
     _print_status(s)
+    if dashboard is not None:
+        out.print(f"loop dashboard: {dashboard}")
 
 
 @services_app.command("down")
@@ -211,7 +219,10 @@ def simulate(
         typer.Option(min=1, help="closed loop: candidates per such request [default: RECSYS_SIM_CANDIDATES]"),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(min=1, max=65535, help="closed loop: serve Prometheus metrics on this port")
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="closed loop: serve Prometheus metrics here [default: RECSYS_SIM_METRICS_PORT]"
+        ),
     ] = None,
     summary_file: Annotated[
         Path | None, typer.Option("--summary", help="closed loop: write the summary (JSON) here")
@@ -387,6 +398,7 @@ def _simulate_closed_loop(
     except ValueError as exc:
         fail(str(exc), 2)
     loop = ClosedLoop(world, config, kafka_sink(s.kafka, topic or s.kafka.topic_events))
+    metrics_port = metrics_port if metrics_port is not None else (s.sim.metrics_port or None)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 

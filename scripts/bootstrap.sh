@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a fresh machine of this kind; safe to re-run.
 #   - uv (from PyPI) and the locked Python environment (.venv)
-#   - redis-server (Debian package)
+#   - redis-server and prometheus (Debian packages)
 #   - Java 17+ and Maven are expected on the machine (Kafka's jars are fetched from Maven
 #     Central on first start by `recsys services up` or the test fixtures)
 set -euo pipefail
@@ -20,6 +20,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" -ne 0 ]; then echo "redis-server missing and not root: apt-get install -y redis-server" >&2; exit 1; fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
+
+# The live view of the loop (issue #19): Debian's Prometheus scrapes every component and serves the dashboard
+if ! command -v prometheus >/dev/null 2>&1; then
+  log "installing prometheus (Debian)"
+  if [ "$(id -u)" -ne 0 ]; then echo "prometheus missing and not root: apt-get install -y prometheus" >&2; exit 1; fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null
+  # the package starts a system-wide prometheus (0.0.0.0:9090) and its node exporter; the project runs its own
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus prometheus-node-exporter 2>/dev/null || true; fi
 fi
 
 for tool in java mvn; do

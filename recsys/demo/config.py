@@ -111,6 +111,10 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
         "TRAIN_EMBEDDING_LR": "0.03",
         # explored lists earn about the random policy's CTR: at 0.1 they cost ~0.035 of the served CTR
         "SERVING_EXPLORE_SHARE": "0.05",
+        # the loop dashboard (README "What operators see"): the worker and the simulator serve /metrics
+        # next to Prometheus, which scrapes them
+        "STREAM_METRICS_PORT": str(base.local.loop_exporter_port + 1),
+        "SIM_METRICS_PORT": str(base.local.loop_exporter_port + 2),
     }
     return {f"RECSYS_{k}": v for k, v in wanted.items() if f"RECSYS_{k}" not in env}
 

@@ -13,6 +13,7 @@ oracle AUC on exactly those impressions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -24,6 +25,7 @@ from core.settings import Settings
 from recsys.demo.config import DemoConfig, DemoError, Report, console, step
 
 if TYPE_CHECKING:
+    from local_services.prometheus import CurrentRegistry
     from traffic.closed_loop import ClosedLoop
     from traffic.simulator import World
 
@@ -72,6 +74,14 @@ def publish_profiles(s: Settings, config: DemoConfig, world: World, report: Repo
     report.counts["profiles"] = sent
 
 
+@functools.cache
+def _sim_metrics(port: int) -> CurrentRegistry:
+    """One /metrics address for the simulator's metrics over every phase (each phase has its own)."""
+    from local_services.prometheus import serve_current
+
+    return serve_current(port)
+
+
 def closed_loop_phase(
     s: Settings, config: DemoConfig, world: World, name: str, duration_s: float, report: Report, truth_path: Path
 ) -> ClosedLoop:
@@ -88,6 +98,8 @@ def closed_loop_phase(
         f"{base}/v1/recommend (explore share {s.serving.explore_share:g})"
     )
     loop = ClosedLoop(world, loop_config, kafka_sink(s.kafka.bootstrap, s.kafka.topic_events))
+    if s.sim.metrics_port:
+        _sim_metrics(s.sim.metrics_port).use(loop.metrics.registry)  # the dashboard's served-CTR panel
     asyncio.run(loop.run(on_progress=_progress, progress_every_s=10.0))
     loop.write_truth(truth_path, append=True)
     summary = loop.summary()

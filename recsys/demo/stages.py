@@ -7,6 +7,7 @@ Each stage imports the rooms it drives inside its body, so importing the demo st
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 import sys
 import threading
@@ -74,6 +75,7 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
     from core.kafka import ensure_topics
     from local_services import airflow as airflow_local
     from local_services import kafka as local_kafka
+    from local_services import prometheus as local_prometheus
     from local_services import services
 
     step(
@@ -127,7 +129,19 @@ def start_services(s: Settings, config: DemoConfig, report: Report) -> Startup:
         marker=str(s.stream_data_dir),
         cwd=PROJECT_ROOT,
     )
+    step("Prometheus scraping every component, and the loop dashboard")
+    report.urls["loop_dashboard"] = local_prometheus.up(s)
+    report.urls["feast_ui"] = feast_ui_command(s)
     return startup
+
+
+def feast_ui_command(s: Settings) -> str:
+    """The command that opens Feast's own UI on the demo's feature registry (its assets are in the wheel:
+    it works offline)."""
+    return (
+        f"RECSYS_FEAST_DATA_DIR={shlex.quote(str(s.feast.data_dir))} uv run feast -c "
+        f"{shlex.quote(str(s.feast.repo_path))} ui --host 127.0.0.1 --port {s.feast.ui_port}"
+    )
 
 
 def run_training_dag(
@@ -335,7 +349,17 @@ def stop_everything(s: Settings) -> None:
 
     airflow_local.down(s)
     entries = services.status(s.local.run_dir)
-    order = ["serving", "stream-worker", "ps-replicator", "mlflow", "ps-", "redis", "kafka"]
+    order = [
+        "prometheus",
+        "loop-exporter",
+        "serving",
+        "stream-worker",
+        "ps-replicator",
+        "mlflow",
+        "ps-",
+        "redis",
+        "kafka",
+    ]
 
     def rank(name: str) -> int:
         return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order))

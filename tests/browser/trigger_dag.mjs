@@ -2,27 +2,16 @@
 // (the trigger dialog), then watch the run's page until the run finishes; save a screenshot.
 // Env: AIRFLOW_URL, AIRFLOW_USER, AIRFLOW_PASSWORD, DAG_ID, SCREENSHOT, TIMEOUT_S (default 300).
 // Prints one JSON line: {"run_id": ..., "state": ..., "screenshot": ...}; exit 0 only on success.
-import { chromium } from 'playwright-core';
+import { env, run } from './chromium.mjs';
 
-const env = (name, fallback) => {
-  const value = process.env[name] ?? fallback;
-  if (value === undefined) { console.error(`missing environment variable ${name}`); process.exit(2); }
-  return value;
-};
 const base = env('AIRFLOW_URL').replace(/\/$/, '');
 const dagId = env('DAG_ID');
 const screenshot = env('SCREENSHOT');
 const deadline = Date.now() + 1000 * Number(env('TIMEOUT_S', '300'));
 const FINAL = new Set(['success', 'failed']);
 
-const browser = await chromium.launch({
-  executablePath: '/usr/bin/chromium', // Debian's package; never a downloaded browser
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
-let result = { run_id: null, state: null, screenshot };
-try {
+const result = { run_id: null, state: null, screenshot };
+await run(result, async (browser) => {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   await page.goto(`${base}/`);
   await page.getByLabel('Username').fill(env('AIRFLOW_USER'));
@@ -51,11 +40,4 @@ try {
     await page.waitForTimeout(3000);
   }
   await page.screenshot({ path: screenshot, fullPage: true });
-} catch (error) {
-  console.error(`browser test error: ${error}`);
-  result.error = String(error);
-} finally {
-  await browser.close();
-}
-console.log(JSON.stringify(result));
-process.exit(result.state === 'success' ? 0 : 1);
+}, (r) => r.state === 'success');

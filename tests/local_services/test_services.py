@@ -39,6 +39,8 @@ def service_env(tmp_path: Path) -> dict[str, str]:
         "RECSYS_KAFKA_CONTROLLER_PORT": str(services.free_port()),
         "RECSYS_REDIS_PORT": str(services.free_port()),
         "RECSYS_KAFKA_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
+        "RECSYS_PROMETHEUS_PORT": str(services.free_port()),
+        "RECSYS_LOOP_EXPORTER_PORT": str(services.free_port()),
         "COLUMNS": "200",
     }
 
@@ -50,15 +52,23 @@ def test_up_is_idempotent_status_reports_and_down_stops_everything(service_env: 
         first = recsys("services", "up", env=service_env)
         assert first.returncode == 0, first.stderr
         pids = {entry.name: entry.pid for entry in services.status(run_dir)}
-        assert set(pids) == {"kafka", "redis"}
+        assert set(pids) == {"kafka", "redis", "loop-exporter", "prometheus"}
         assert "recsys.events" in first.stderr  # topics were created
+        dashboard = f"http://127.0.0.1:{service_env['RECSYS_PROMETHEUS_PORT']}/consoles/loop.html"
+        assert f"loop dashboard: {dashboard}" in first.stdout
+        assert services.http_ok(dashboard)
 
         again = recsys("services", "up", env=service_env)
         assert again.returncode == 0, again.stderr
-        assert {entry.name: entry.pid for entry in services.status(run_dir)} == pids  # nothing restarted
+        again_pids = {entry.name: entry.pid for entry in services.status(run_dir)}
+        # nothing restarted but the stateless loop exporter, which takes the settings of the latest `up`
+        assert {k: v for k, v in again_pids.items() if k != "loop-exporter"} == {
+            k: v for k, v in pids.items() if k != "loop-exporter"
+        }
+        pids = again_pids
 
         status = recsys("services", "status", env=service_env)
-        assert status.stdout.count("running") == 2
+        assert status.stdout.count("running") == 4
 
         client = redis.Redis(port=int(service_env["RECSYS_REDIS_PORT"]))
         assert client.set("k", b"v") and client.get("k") == b"v"
@@ -67,6 +77,7 @@ def test_up_is_idempotent_status_reports_and_down_stops_everything(service_env: 
         down = recsys("services", "down", env=service_env)
     assert down.returncode == 0, down.stderr
     assert "kafka: stopped" in down.stderr and "redis: stopped" in down.stderr
+    assert "prometheus: stopped" in down.stderr and "loop-exporter: stopped" in down.stderr
     assert not any(entry.running for entry in services.status(run_dir))
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]

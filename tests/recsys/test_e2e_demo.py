@@ -106,6 +106,11 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
             "RECSYS_REDIS_PORT": str(free_port()),
             "RECSYS_SERVING_PORT": str(free_port()),
             "RECSYS_AIRFLOW_PORT": str(free_port()),
+            # the loop dashboard's Prometheus and every /metrics it scrapes
+            "RECSYS_PROMETHEUS_PORT": str(free_port()),
+            "RECSYS_LOOP_EXPORTER_PORT": str(free_port()),
+            "RECSYS_STREAM_METRICS_PORT": str(free_port()),
+            "RECSYS_SIM_METRICS_PORT": str(free_port()),
             "RECSYS_PS_SHARDS": json.dumps([f"redis://127.0.0.1:{shard}/0"]),
             "RECSYS_PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{replica_a}/0", f"redis://127.0.0.1:{replica_b}/0"]),
             "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
