@@ -151,11 +151,11 @@ def _ranking_in_process(env: dict[str, str], bodies: list[dict], calls: int) -> 
         raise RuntimeError("no champion or no parameter reader in process")
     ranker = Ranker(comps.model, comps.rows, comps.features, None, metrics, 100, settings.serving.explore_share)
     lines = []
+    for body in bodies:  # warm: every row and item of the run cached, as in the server after warm-up
+        ranker.recommend(body["user_id"], body["k"], body["candidate_item_ids"])
     numpy_arch = getattr(scorer, "numpy_arch", None)
     for label, arch in (("numpy forward", numpy_arch), ("torch forward (baseline)", None)):
         scorer.numpy_arch = arch
-        for body in bodies[:200]:  # warm: row and item caches, as in the server after warm-up
-            ranker.recommend(body["user_id"], body["k"], body["candidate_item_ids"])
         before = {stage: _stage_cpu(metrics, stage) for stage in ("features", "rows", "score")}
         started = time.thread_time()
         for i in range(calls):
