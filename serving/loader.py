@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,21 @@ class DLRMScorer:
     config: Any  # training.model.ModelConfig
     version: str
     name: str = "dlrm"
+    # the same forward in numpy (serving.numpy_dense), a copy of the weights; None: a layer numpy cannot run
+    numpy_arch: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from serving.numpy_dense import NumpyDenseArch
+
+        try:
+            self.numpy_arch = NumpyDenseArch.from_torch(self.arch)
+        except TypeError as exc:
+            log.info("model %s scores with torch: %s", self.version, exc)
 
     def tables(self) -> dict[str, int]:
         return {t: self.config.embedding_dim for t in self.config.sparse_features}
 
     def score(self, pooled: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
-        import torch
-
         from feature_repo.spec import SPEC
         from training.model import POSITION_FEATURE
 
@@ -54,6 +62,12 @@ class DLRMScorer:
         stacked = np.stack(
             [pooled[t] if t in pooled else np.zeros((n, dim), np.float32) for t in self.config.sparse_features], axis=1
         )
+        if self.numpy_arch is not None:
+            from serving.numpy_dense import sigmoid
+
+            return sigmoid(self.numpy_arch.logits(dense_in, stacked))
+        import torch
+
         with torch.inference_mode():
             logits = self.arch(torch.from_numpy(dense_in), torch.from_numpy(np.ascontiguousarray(stacked)))
             return torch.sigmoid(logits).numpy().astype(np.float32)
