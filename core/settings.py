@@ -526,7 +526,7 @@ class StreamSettings(BaseSettings):
         "ones at start-up), so compaction keeps up and a restart reads live state only; off: the broker's defaults",
     )
     changelog_segment_ms: int = Field(
-        300_000, ge=1000, description="changelog topics' segment.ms: a segment older than this is closed (compactable)"
+        60_000, ge=1000, description="changelog topics' segment.ms: a segment older than this is closed (compactable)"
     )
     changelog_segment_bytes: int = Field(
         8 * 1024**2,
@@ -540,10 +540,10 @@ class StreamSettings(BaseSettings):
         description="changelog topics' min.cleanable.dirty.ratio: share of superseded records that starts the cleaner",
     )
     changelog_delete_retention_ms: int = Field(
-        600_000,
+        60_000,
         ge=0,
-        description="changelog topics' delete.retention.ms: how long a tombstone outlives compaction; a restart "
-        "that reads its changelog for longer than this could restore a deleted entry",
+        description="changelog topics' delete.retention.ms: how long a tombstone outlives compaction (a restart "
+        "reading longer than this may restore an entry deleted meanwhile; the worker drops those it must not keep)",
     )
     idle_advance_s: float = Field(
         5.0,
