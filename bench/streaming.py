@@ -9,6 +9,10 @@
 2. Freshness: p99 delay from publishing a profile event to its features being readable from
    the online store (SQLite), with events published at a steady rate (default 5k/s); the
    baseline is a direct Feast push + read of one row (the floor the worker cannot beat).
+3. Restart time (``--recovery N,N,...``): for each history length, with and without the changelog
+   settings (RECSYS_STREAM_CHANGELOG_*), seconds from a worker's start to its first processed record
+   after another worker processed that history, with the records its changelogs held; a history of
+   0 is the baseline (start-up alone). Off unless asked for.
 
 Starts its own Kafka on free ports in a temporary directory and stops it at the end.
 """
