@@ -25,6 +25,7 @@ from test_streaming_kafka import (
     read_all,
     samples_by_id,
     simulation,
+    topic_configs,
     truth_labels,
 )
 
@@ -222,23 +223,6 @@ def test_a_log_published_again_after_the_dedup_window_gives_no_sample_id_a_secon
     got = samples_by_id(setup.bootstrap, setup.samples)  # fails on an id with two labels
     assert {sid: s.label for sid, s in got.items()} == expected
     assert setup.count(setup.samples) == first_pass  # nothing emitted again at all
-
-
-async def topic_configs(bootstrap: str, topics: list[str]) -> dict[str, dict[str, str]]:
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
-        return {
-            resource[3]: {entry[0]: entry[1] for entry in resource[4]}
-            for response in responses
-            for resource in response.resources
-        }
-    finally:
-        await admin.close()
 
 
 @pytest.mark.slow
