@@ -9,6 +9,10 @@
 2. Freshness: p99 delay from publishing a profile event to its features being readable from
    the online store (SQLite), with events published at a steady rate (default 5k/s); the
    baseline is a direct Feast push + read of one row (the floor the worker cannot beat).
+3. Restart time (``--recovery N,N,...``): for each history length, with and without the changelog
+   settings (RECSYS_STREAM_CHANGELOG_*), seconds from a worker's start to its first processed record
+   after another worker processed that history, with the records its changelogs held; a history of
+   0 is the baseline (start-up alone). Off unless asked for.
 
 Starts its own Kafka on free ports in a temporary directory and stops it at the end.
 """
@@ -38,6 +42,7 @@ from core.settings import PROJECT_ROOT
 from feature_repo.contract import user_profile_event
 from local_services import kafka as local_kafka
 from local_services import services
+from streaming.tables import changelog_sizes
 from traffic.simulator import SimConfig, Simulation
 
 PARTITIONS = 4
@@ -182,7 +187,7 @@ def rate_from_counter(proc: subprocess.Popen, port: int, total: int, log: Path, 
         if n > 0 and first_t is None:
             first_t, first_n = now, n
         if n >= total:
-            return (n - first_n) / (now - first_t)
+            return (n - first_n) / (now - first_t) if now > first_t else float("inf")  # all in one scrape
         time.sleep(0.2)  # each scrape costs the worker CPU (process collector); 0.2 s is <3% of a run
     raise RuntimeError(f"worker did not finish in {timeout}s: {log.read_text()[-2000:]}")
 
@@ -242,6 +247,124 @@ def noop_throughput(bootstrap: str, events: str, total: int, tmp: Path, timeout:
         return rate_from_counter(proc, port, total, log, timeout)
     finally:
         stop_worker(proc)
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+async def group_members(bootstrap: str, group: str) -> int:
+    """Members of a consumer group now (the broker's view)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+        # DescribeGroupsResponse: groups of (error, group id, state, protocol type, protocol, members, ...)
+        return sum(len(group_row[5]) for response in described for group_row in response.groups)
+    finally:
+        await admin.close()
+
+
+def log_times(log: Path) -> dict[str, float]:
+    """Wall times (epoch seconds) of the first log line with each message of interest, and Feast's opening time."""
+    times: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        msg = entry.get("msg")
+        if msg in ("feature store ready", "took partition") and msg not in times:
+            times[msg] = float(entry["ts"])
+            if msg == "feature store ready":
+                times["feast_s"] = float(entry.get("seconds", float("nan")))  # opening, after its import
+    return times
+
+
+def first_record_s(
+    env: dict[str, str], port: int, log: Path, bootstrap: str, events: str, timeout: float
+) -> tuple[float, dict[str, float]]:
+    """Seconds from starting a worker to its first processed record (a probe event published at its start),
+    and the wall times of its start-up steps (``log_times``, relative to the start)."""
+    started_wall, started = time.time(), time.perf_counter()
+    proc = start_worker({**env, "RECSYS_STREAM_LOG_LEVEL": "info"}, log)
+    try:
+        probe = [(b"probe-user", orjson.dumps(profile("probe-user", time.time())))]
+        asyncio.run(publish(probe, bootstrap, events))
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            if metric(port, "recsys_stream_records_in_total") > 0:
+                seconds = time.perf_counter() - started
+                steps = {k: v if k == "feast_s" else v - started_wall for k, v in log_times(log).items()}
+                return seconds, steps
+            time.sleep(0.2)  # each scrape costs the worker CPU
+        raise RuntimeError(f"worker did not process a record in {timeout}s: {log.read_text()[-2000:]}")
+    finally:
+        stop_worker(proc)
+
+
+def recovery(
+    bootstrap: str, tmp: Path, history: int, compaction: bool, rate: float, settle_s: float, timeout: float = 900.0
+) -> tuple[float, dict[str, float], int, int]:
+    """Restart time of a worker after ``history`` events: (seconds to its first record, its start-up steps,
+    changelog records it restored, changelog records written). A first worker processes the history
+    (simulated traffic at ``rate`` requests per second of event time, ending now; profiles of 2000 users
+    and 1000 items first), then ``settle_s`` of live traffic at that rate; once it has left the group, a
+    second one (same app id) is started and timed."""
+    sim = Simulation(
+        SimConfig(
+            users=2000, items=1000, requests=max(1, history // 11), slate_size=10, seed=5, requests_per_second=rate
+        )
+    )
+    records = list(sim.records())
+    events = f"bench.recovery.{uuid.uuid4().hex[:8]}"
+    asyncio.run(ensure_topics(bootstrap, {events: PARTITIONS}))
+    # A replay runs ~100x faster than its event time: the wall-time settings are scaled down with it (the
+    # retention of resolved entries; the changelogs' segment size and age, tombstone retention and dirty
+    # ratio: what the cleaner does over hours of live traffic has to happen within the settle time), and the
+    # idle advance is off (windows close on event time only, as in real time).
+    extra = {
+        "RECSYS_STREAM_CHANGELOG_COMPACTION": "true" if compaction else "false",
+        "RECSYS_STREAM_CHANGELOG_SEGMENT_BYTES": str(1024**2),
+        "RECSYS_STREAM_CHANGELOG_SEGMENT_MS": "5000",
+        "RECSYS_STREAM_CHANGELOG_DELETE_RETENTION_MS": "5000",
+        "RECSYS_STREAM_CHANGELOG_MIN_CLEANABLE_DIRTY_RATIO": "0.01",
+        "RECSYS_STREAM_RESOLVED_RETENTION_S": "1",
+        "RECSYS_STREAM_IDLE_ADVANCE_S": "86400",
+    }
+    env, port = worker_env(bootstrap, events, tmp, **extra)
+    app_id = env["RECSYS_STREAM_APP_ID"]
+    first = start_worker(env, tmp / f"worker-{app_id}-history.log")
+    try:
+        asyncio.run(publish(records, bootstrap, events))
+        rate_from_counter(first, port, len(records), tmp / f"worker-{app_id}-history.log", timeout)
+        # then live traffic at the same rate: the cleaner drops tombstones only while it cleans a log, and it
+        # cleans one that got new records (a stopped stream keeps its last tombstones)
+        live = Simulation(
+            SimConfig(
+                users=2000,
+                items=1000,
+                requests=max(1, int(rate * settle_s)),
+                slate_size=10,
+                seed=6,
+                requests_per_second=rate,
+                start_time=time.time(),
+            )
+        )
+        asyncio.run(publish(live.records(), bootstrap, events, paced=True))
+    finally:
+        stop_worker(first)
+    # a worker killed rather than stopped stays a member until its session times out: not what is measured here
+    deadline = time.monotonic() + 60
+    while asyncio.run(group_members(bootstrap, app_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    sizes = asyncio.run(changelog_sizes(bootstrap, app_id))
+    restored, written = sum(held for held, _ in sizes.values()), sum(ever for _, ever in sizes.values())
+    seconds, steps = first_record_s(env, port, tmp / f"worker-{app_id}-restart.log", bootstrap, events, timeout)
+    return seconds, steps, restored, written
 
 
 # --------------------------------------------------------------------------- freshness
@@ -371,6 +494,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the freshness run")
     parser.add_argument("--skip-freshness", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--recovery",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[],
+        metavar="N,N,...",
+        help="restart times after these numbers of events of history, with and without the changelog settings",
+    )
+    parser.add_argument("--recovery-rate", type=float, default=20.0, help="requests/s of event time of the history")
+    parser.add_argument(
+        "--settle", type=float, default=45.0, help="seconds for the cleaner between history and restart"
+    )
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-streaming-"))
@@ -417,6 +551,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"passthrough aiokafka consume->produce {b:,.0f} events/s; ratio {w / b:.2f}x; "
                 f"(Faust take_events reader doing nothing: {f:,.0f} events/s)"
             )
+
+        for history in args.recovery:
+            for compaction in (True, False):
+                seconds, steps, restored, written = recovery(
+                    bootstrap, tmp, history, compaction, args.recovery_rate, args.settle
+                )
+                print(
+                    f"restart after {history:,} events ({'with' if compaction else 'without'} the changelog "
+                    f"settings): first record {seconds:.1f} s after start (imports and Feast ready at "
+                    f"{steps.get('feature store ready', float('nan')):.1f} s, its opening "
+                    f"{steps.get('feast_s', float('nan')):.1f} s of it; then group joined, tables restored and first "
+                    f"partition taken at {steps.get('took partition', float('nan')):.1f} s); the changelogs held "
+                    f"{restored:,} records of {written:,} written",
+                    flush=True,
+                )
 
         if not args.skip_freshness:
             floor = feast_floor(tmp)

@@ -8,6 +8,7 @@ the demo, benchmarks and the synthetic-sample producer all go through it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
 from core.aiokafka_private import refresh_metadata
@@ -22,6 +24,8 @@ from core.settings import KafkaSettings
 
 # where the brokers are: a bootstrap string (plaintext), or the settings, which add their security options
 Brokers = str | KafkaSettings
+
+log = logging.getLogger("core.kafka")
 
 
 def servers(brokers: Brokers) -> str:
@@ -62,13 +66,21 @@ async def ensure_topics(
     replication: int = 1,
     configs: dict[str, dict[str, str]] | None = None,
     wait_s: float = 30.0,
+    reconfigure: bool = False,
 ) -> list[str]:
     """Create the topics that do not exist yet (name -> partitions, optional per-topic configs);
-    return the names created once the broker lists every wanted topic (at most ``wait_s``)."""
+    return the names created once the broker lists every wanted topic (at most ``wait_s``).
+
+    ``reconfigure``: existing topics get their ``configs`` too (Kafka's AlterConfigs: the topic's other
+    dynamic configs return to the broker's defaults), so a changed setting reaches topics made before it."""
     admin = AIOKafkaAdminClient(**connect_options(bootstrap), request_timeout_ms=15000)
     await start_client(admin, servers(bootstrap), admin.close)
     try:
         existing = set(await admin.list_topics())
+        if reconfigure and configs:
+            await _alter_configs(
+                admin, {name: configs[name] for name in topics if name in existing and name in configs}
+            )
         wanted = [
             NewTopic(name, partitions, replication, topic_configs=(configs or {}).get(name, {}))
             for name, partitions in topics.items()
@@ -89,6 +101,19 @@ async def ensure_topics(
         return [topic.name for topic in wanted]
     finally:
         await admin.close()
+
+
+async def _alter_configs(admin: AIOKafkaAdminClient, configs: dict[str, dict[str, str]]) -> None:
+    if not configs:
+        return
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, topic_configs) for name, topic_configs in configs.items()
+    ]
+    for response in await admin.alter_configs(resources):
+        for error_code, error_message, _type, name in response.resources:
+            if error_code:
+                # the topic keeps working with its old configs: worth a warning, not a refusal to start
+                log.warning("could not set the configs of topic %s: %s (error %s)", name, error_message, error_code)
 
 
 async def start_producer(bootstrap: Brokers, **options) -> AIOKafkaProducer:

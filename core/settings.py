@@ -543,6 +543,33 @@ class StreamSettings(BaseSettings):
         description="wall time a resolved impression's status is "
         "kept, to tell late clicks and impression retries apart",
     )
+    # A restart restores every table by reading its changelog from the start; Kafka's cleaner compacts only
+    # closed segments, so with the broker's defaults (7 days, 1 GiB) a restart replays the whole history.
+    changelog_compaction: bool = Field(
+        True,
+        description="set the segment and cleaner options below on the tables' changelog topics (also on existing "
+        "ones at start-up), so compaction keeps up and a restart reads live state only; off: the broker's defaults",
+    )
+    changelog_segment_ms: int = Field(
+        60_000, ge=1000, description="changelog topics' segment.ms: a segment older than this is closed (compactable)"
+    )
+    changelog_segment_bytes: int = Field(
+        8 * 1024**2,
+        ge=1024**2,
+        description="changelog topics' segment.bytes: a segment this large is closed (compactable)",
+    )
+    changelog_min_cleanable_dirty_ratio: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="changelog topics' min.cleanable.dirty.ratio: share of superseded records that starts the cleaner",
+    )
+    changelog_delete_retention_ms: int = Field(
+        60_000,
+        ge=0,
+        description="changelog topics' delete.retention.ms: how long a tombstone outlives compaction (a restart "
+        "reading longer than this may restore an entry deleted meanwhile; the worker drops those it must not keep)",
+    )
     idle_advance_s: float = Field(
         5.0,
         gt=0,

@@ -211,8 +211,9 @@ async def _open_impressions(s: Settings) -> tuple[int, int] | None:
 
     from core.kafka import end_offsets, read_topic
     from streaming.joiner import HELD, OPEN
+    from streaming.tables import changelog_topic
 
-    topic = f"{s.stream.app_id}-joins-changelog"  # Faust's name: <app id>-<table>-changelog
+    topic = changelog_topic(s.stream.app_id, "joins")
     if not await end_offsets(s.kafka, topic):
         return None
     latest: dict[bytes, object] = {}

@@ -18,7 +18,7 @@ from faust.types import TP
 
 from core.settings import KafkaSettings, Settings
 from streaming.faust_overrides import StreamApp, install_batch_consumer
-from streaming.tables import declare_tables
+from streaming.tables import changelog_configs, declare_tables
 from streaming.worker import StreamWorker
 
 
@@ -71,6 +71,7 @@ def create_app(settings: Settings) -> tuple[StreamApp, StreamWorker]:
         value_serializer="raw",
     )
     app.kafka_brokers = s.kafka
+    app.changelog_configs = changelog_configs(s.stream)
     events = app.topic(
         s.kafka.topic_events, key_serializer="raw", value_serializer="raw", partitions=s.kafka.topic_partitions
     )

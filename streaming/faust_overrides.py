@@ -44,17 +44,22 @@ class StreamApp(faust.App):
     When Faust created them itself on a fresh broker, its consumer sometimes did not find the
     new ``items`` changelog in its metadata, ignored it, and the GlobalTable's recovery never
     finished: the worker never read a record. Created here (compacted, as Faust makes them, and
-    listed by the broker before going on), both ``recsys stream worker`` and
-    ``faust -A streaming.app worker`` get them.
+    listed by the broker before going on; existing ones get the configs of today's settings), both
+    ``recsys stream worker`` and ``faust -A streaming.app worker`` get them.
     """
 
     kafka_brokers: Brokers = ""  # the settings' KafkaSettings, so the changelogs are created with SASL too
+    # topic configs of every changelog (``streaming.tables.changelog_configs``): set on existing ones too
+    changelog_configs: Mapping[str, str] = {"cleanup.policy": "compact"}
 
     async def on_first_start(self) -> None:
         await super().on_first_start()
         changelogs = {table.changelog_topic.get_topic_name(): table.partitions for table in self.tables.values()}
         await ensure_topics(
-            self.kafka_brokers, changelogs, configs={name: {"cleanup.policy": "compact"} for name in changelogs}
+            self.kafka_brokers,
+            changelogs,
+            configs={name: dict(self.changelog_configs) for name in changelogs},
+            reconfigure=True,
         )
 
 

@@ -133,9 +133,22 @@ class Joiner:
     def restore(self, states: Mapping[int, PartitionState]) -> None:
         """Fill the heaps of newly taken partitions from the restored table (one pass over it; not heapified)."""
         window = self.config.attribution_window_s
+        for key, chunk in list(self.resolved.items()):
+            state = states.get(chunk.get("p"))
+            if state is None:
+                continue
+            state.labels.update(zip(chunk["ids"], map(int, chunk["lab"])))
+            state.labels_queue.append((chunk["ts"], key))
         for sid, entry in list(self.joins.items()):
             state = states.get(entry.get("p"))
             if state is None:
+                continue
+            if entry["st"] in (OPEN, HELD) and sid in state.labels:
+                # Resolved, its sample durable (labels are written after it), but the records that resolved and
+                # deleted the entry are not in what was read: the cleaner removed them while this worker read the
+                # changelog (a restart longer than delete.retention.ms), or a crash lost them. Kept, the entry
+                # would give the id a second sample.
+                self.joins.delete(entry["p"], sid)
                 continue
             if entry["st"] == OPEN:
                 state.open_heap.append((entry["ts"] + window, sid))
@@ -143,12 +156,6 @@ class Joiner:
                 state.held_heap.append((entry["ts"] + self.config.early_click_wait_s, sid))
             else:
                 state.resolved_heap.append((entry.get("at", 0.0), sid))
-        for key, chunk in list(self.resolved.items()):
-            state = states.get(chunk.get("p"))
-            if state is None:
-                continue
-            state.labels.update(zip(chunk["ids"], map(int, chunk["lab"])))
-            state.labels_queue.append((chunk["ts"], key))
         for state in states.values():
             state.labels_queue = deque(sorted(state.labels_queue))
 

@@ -22,21 +22,65 @@ from typing import Any
 import faust
 from faust.types import SchemaT
 
+from core.kafka import Brokers, end_offsets, read_topic
+from core.settings import StreamSettings
 from streaming.faust_overrides import table_dict
 
 Changelog = dict[tuple[str, str], tuple[int, Any]]  # (topic, key) -> (partition, value or None: a tombstone)
 
 
+TABLES = ("dedup", "joins", "resolved", "users", "items")
+
+
 def declare_tables(app: faust.App, partitions: int) -> dict[str, Any]:
     """The five tables, by name; JSON keys and values (what the changelog records hold)."""
     schema: SchemaT = faust.Schema(key_serializer="json", value_serializer="json")
-    return {
-        "dedup": app.Table("dedup", partitions=partitions, schema=schema),
-        "joins": app.Table("joins", partitions=partitions, schema=schema),
-        "resolved": app.Table("resolved", partitions=partitions, schema=schema),
-        "users": app.Table("users", partitions=partitions, schema=schema),
-        "items": app.GlobalTable("items", partitions=partitions, schema=schema),
-    }
+    tables = {name: app.Table(name, partitions=partitions, schema=schema) for name in TABLES if name != "items"}
+    return {**tables, "items": app.GlobalTable("items", partitions=partitions, schema=schema)}
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """Faust's name of a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
+
+
+async def changelog_sizes(brokers: Brokers, app_id: str) -> dict[str, tuple[int, int]]:
+    """Per table: (records its changelog holds now: what a restart reads, records ever written to it).
+
+    The first is counted by reading the topic (compaction leaves gaps in the offsets), the second is
+    the sum of its end offsets. Tables whose changelog does not exist yet are left out.
+    """
+    sizes = {}
+    for table in TABLES:
+        topic = changelog_topic(app_id, table)
+        ends = await end_offsets(brokers, topic)
+        if ends:
+            held = 0
+            async for _ in read_topic(brokers, topic, stop=ends):
+                held += 1
+            sizes[table] = (held, sum(ends.values()))
+    return sizes
+
+
+def changelog_configs(stream: StreamSettings) -> dict[str, str]:
+    """Topic configs of the tables' changelogs: compacted, with segments and cleaner tuned to keep up.
+
+    A restart reads each changelog from its start, and Kafka's cleaner compacts only closed segments
+    whose share of superseded records passed ``min.cleanable.dirty.ratio``: with the broker's defaults
+    (segments of 7 days or 1 GiB) nothing is compacted for days and a restart replays the whole history.
+    The state itself is bounded (every entry is deleted by a tombstone once nothing needs it), so with
+    these a restart reads the live entries, the tombstones of the last ``delete.retention.ms`` and the
+    records of the open segments.
+    """
+    configs = {"cleanup.policy": "compact"}
+    if stream.changelog_compaction:
+        configs |= {
+            "segment.ms": str(stream.changelog_segment_ms),
+            "segment.bytes": str(stream.changelog_segment_bytes),
+            "min.cleanable.dirty.ratio": str(stream.changelog_min_cleanable_dirty_ratio),
+            "delete.retention.ms": str(stream.changelog_delete_retention_ms),
+        }
+    return configs
 
 
 class TableKV:

@@ -29,6 +29,29 @@ async def test_topics_are_created_with_partitions_and_creation_is_idempotent(
     assert len(described[0]["partitions"]) == 6
 
 
+async def test_reconfigure_sets_the_configs_of_a_topic_that_exists_already(
+    kafka_bootstrap: str, unique_topic: str
+) -> None:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    await ensure_topics(kafka_bootstrap, {unique_topic: 1}, configs={unique_topic: {"cleanup.policy": "compact"}})
+    wanted = {"cleanup.policy": "compact", "segment.ms": "5000", "delete.retention.ms": "1000"}
+    assert await ensure_topics(kafka_bootstrap, {unique_topic: 1}, configs={unique_topic: wanted}) == []
+
+    async def configs() -> dict[str, str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, unique_topic)])
+        finally:
+            await admin.close()
+        return {entry[0]: entry[1] for entry in described[0].resources[0][4] if entry[0] in wanted}
+
+    assert (await configs())["segment.ms"] != "5000"  # without reconfigure, an existing topic is left as it is
+    await ensure_topics(kafka_bootstrap, {unique_topic: 1}, configs={unique_topic: wanted}, reconfigure=True)
+    assert await configs() == wanted
+
+
 async def test_contract_events_round_trip_through_kafka(kafka_bootstrap: str, unique_topic: str) -> None:
     await ensure_topics(kafka_bootstrap, {unique_topic: 3})
     sim = Simulation(SimConfig(users=50, items=40, requests=60))

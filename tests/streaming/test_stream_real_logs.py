@@ -17,6 +17,7 @@ from test_streaming_kafka import (
     PARTITIONS,
     STALL_S,
     WINDOW_S,
+    SampleTally,
     Setup,
     _partition_of,
     _partitions_taken,
@@ -24,12 +25,14 @@ from test_streaming_kafka import (
     read_all,
     samples_by_id,
     simulation,
+    topic_configs,
     truth_labels,
 )
 
 from core.consumer_lag import group_lag
 from feature_repo.contract import click_event, impression_event, sample_id
-from traffic.simulator import SimRecord
+from streaming.tables import TABLES, changelog_sizes, changelog_topic
+from traffic.simulator import SimConfig, SimRecord, Simulation
 
 pytestmark = pytest.mark.integration
 make_setup = test_streaming_kafka.make_setup  # the fixture, shared
@@ -220,3 +223,89 @@ def test_a_log_published_again_after_the_dedup_window_gives_no_sample_id_a_secon
     got = samples_by_id(setup.bootstrap, setup.samples)  # fails on an id with two labels
     assert {sid: s.label for sid, s in got.items()} == expected
     assert setup.count(setup.samples) == first_pass  # nothing emitted again at all
+
+
+@pytest.mark.slow
+def test_a_restart_after_a_long_history_reads_compacted_changelogs_and_misroutes_no_click(make_setup):
+    setup: Setup = make_setup(idle_advance_s=NEVER_S)
+    app_id = setup.env["RECSYS_STREAM_APP_ID"]
+    # Segments closed after 1 s or 1 MiB, tombstones kept 1 s: the cleaner (every 15 s, the broker's default)
+    # keeps up within the test. Event ids are forgotten after 5 s of event time, resolved entries after 1 s of
+    # wall time, so the re-sent clicks below reach the joiner, and the restart outlives every retention.
+    setup.env |= {
+        "RECSYS_STREAM_CHANGELOG_SEGMENT_MS": "1000",
+        "RECSYS_STREAM_CHANGELOG_SEGMENT_BYTES": str(1024**2),
+        "RECSYS_STREAM_CHANGELOG_MIN_CLEANABLE_DIRTY_RATIO": "0.01",
+        "RECSYS_STREAM_CHANGELOG_DELETE_RETENTION_MS": "1000",
+        "RECSYS_STREAM_DEDUP_WINDOW_S": "5",
+        "RECSYS_STREAM_RESOLVED_RETENTION_S": "1",
+        "RECSYS_STREAM_EARLY_CLICK_WAIT_S": "3",
+    }
+    sim, records = simulation(requests=15_000, seed=13)
+    expected = truth_labels(sim)
+    end = max(r.timestamp for r in records)
+    first = setup.start_worker()
+    setup.publish(records)
+    sink = SampleTally(setup.bootstrap, setup.samples)
+
+    # The stream goes on, a little at a time, as a live one does: the cleaner removes tombstones only while it
+    # cleans a log, and it cleans one that got new records (a stopped stream keeps its last tombstones).
+    stream = list(records)
+
+    def compacted() -> bool:
+        start = max(max(r.timestamp for r in stream) + 0.5, time.time() - 60)  # (never far in the future)
+        config = SimConfig(
+            users=60,
+            items=40,
+            requests=20,
+            slate_size=5,
+            seed=len(stream),
+            start_time=start,
+            requests_per_second=100.0,
+            click_delay_mean_s=0.5,
+            click_delay_max_s=2.0,  # within the window, as simulation()'s
+        )
+        more = Simulation(config)
+        chunk = list(more.records())
+        stream.extend(chunk)
+        expected.update(truth_labels(more))
+        setup.publish(chunk)
+        sizes = asyncio.run(changelog_sizes(setup.bootstrap, app_id))
+        held, written = sum(h for h, _ in sizes.values()), sum(w for _, w in sizes.values())
+        return held * 10 < written
+
+    # what a restart reads no longer grows with the history: most of it was compacted away (with the broker's
+    # segment defaults nothing is, and held == written)
+    setup.wait_for("the changelogs compacted", compacted, timeout=300)
+    changelogs = [changelog_topic(app_id, table) for table in TABLES]
+    configs = asyncio.run(topic_configs(setup.bootstrap, changelogs))
+    assert {name: (c["cleanup.policy"], c["segment.ms"]) for name, c in configs.items()} == {
+        name: ("compact", "1000") for name in changelogs
+    }
+    end = max(r.timestamp for r in stream)
+    setup.publish(markers(end + WINDOW_S + 1, "first-end"))
+    setup.wait_until("every impression's sample", sink.distinct, len(expected))
+    first_pass = setup.count(setup.samples)
+
+    # The client sends the stream's clicks again, and the worker is killed while it handles them: the new
+    # worker restores its tables for longer than every retention, then gets those clicks re-delivered.
+    clicks = [r for r in stream if r.kind == "click"]
+    assert len(clicks) > 1000
+    committed = committed_all(setup)
+    setup.publish(clicks)
+    setup.wait_until("some re-sent clicks committed", lambda: committed_all(setup), committed + 1)
+    first.kill()
+    setup.start_worker()
+    setup.publish(markers(end + 30, "second-end"))  # past every click's early-click wait: held ones go late
+    published = len(stream) + len(clicks) + 2 * PARTITIONS
+    setup.wait_until("everything committed by the restarted worker", lambda: committed_all(setup), published)
+
+    got = samples_by_id(setup.bootstrap, setup.samples)  # fails on an id with two labels
+    assert {sid: s.label for sid, s in got.items()} == expected
+    assert setup.count(setup.samples) == first_pass  # nothing emitted again
+    misrouted = [
+        (orjson.loads(r.value)["event_id"], dict(r.headers)["reason"])
+        for r in read_all(setup.bootstrap, setup.late)
+        if not orjson.loads(r.value)["event_id"].startswith(("first-end", "second-end"))
+    ]
+    assert misrouted == []

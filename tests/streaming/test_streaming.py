@@ -849,3 +849,70 @@ def test_the_label_memory_is_forgotten_once_no_event_of_it_can_be_accepted():
     proc.process_batch([feed.event(**impression("e3", T0 + 115, req="r3"))])
     assert sample_id("r1", "i1") not in proc.partitions[0].labels
     assert all(sample_id("r1", "i1") not in chunk["ids"] for _, chunk in proc.resolved.items())
+
+
+# ---------------------------------------------------------------------- bounded recovery (#18 item 3)
+
+
+def test_a_click_redelivered_after_a_restart_longer_than_every_retention_is_not_misrouted():
+    proc, clock = make()
+    feed = Feed()
+    history = [
+        feed.event(**impression("e1", T0, item="i1")),
+        feed.event(**impression("e2", T0, item="i2")),
+        feed.event(**click("c1", T0 + 1, item="i1")),
+        feed.event(**impression("e3", T0 + 30, req="r2")),  # closes the window of i2: negative
+    ]
+    first = samples_of(proc.process_batch(history).out)
+    assert sorted((s.item_id, s.label) for s in first) == [("i1", 1), ("i2", 0)]
+    # a crash after the changelog held all of it but before the offsets were committed, and a restart that
+    # restores its tables for longer than the resolved entries' retention (wall time)
+    clock.now += 10 * proc.config.resolved_retention_s
+    restored = restarted(proc, clock)
+    # the re-delivered records come back in batches: the first one's expiry forgets the resolved entries
+    assert restored.process_batch(history[:2]).out == []
+    assert sample_id("r1", "i1") not in restored.joins
+    out = restored.process_batch(history[2:]).out
+    assert [o.kind for o in out] == [], "the re-delivered click made a sample or went late"
+    # a click the client sends again (a new event id) is a duplicate too, not a late click
+    assert restored.process_batch([feed.event(**click("c1-again", T0 + 31, item="i1"))]).out == []
+
+
+def test_an_open_entry_restored_beside_its_label_is_dropped_not_resolved_a_second_time():
+    proc, clock = make()
+    feed = Feed()
+    proc.process_batch([feed.event(**impression("e1", T0, item="i1"))])
+    stale = restored_from_changelog(proc.joins)  # the open entry as an early changelog record holds it
+    assert [s.label for s in samples_of(proc.process_batch([feed.event(**click("c1", T0 + 1))]).out)] == [1]
+    proc.process_batch([feed.event(**impression("e9", T0 + 2, req="r9"))])
+    clock.now += 2 * proc.config.resolved_retention_s
+    proc.process_batch([feed.event(**impression("e10", T0 + 3, req="r10"))])  # the resolved entry is deleted
+    assert sample_id("r1", "i1") not in proc.joins
+    # A restart whose read of the changelog outlived delete.retention.ms: the cleaner removed the records that
+    # resolved and deleted the entry after the reader had passed its open record; the label chunk is there.
+    joins = restored_from_changelog(proc.joins)
+    joins[sample_id("r1", "i1")] = stale[sample_id("r1", "i1")]
+    restored = Processor(
+        proc.config,
+        restored_from_changelog(proc.dedup),
+        joins,
+        DictKV(),
+        DictKV(),
+        wall=clock,
+        resolved=restored_from_changelog(proc.resolved),
+    )
+    out = restored.process_batch([feed.event(**impression("e11", T0 + 60, req="r11"))]).out  # past every window
+    assert sample_id("r1", "i1") not in [s.sample_id for s in samples_of(out)], "a second label"
+    assert sample_id("r1", "i1") not in restored.joins
+    assert restored.process_batch([feed.event(**click("c1-again", T0 + 61))]).out == []
+
+
+def test_changelog_topics_get_the_segment_and_cleaner_settings_unless_switched_off():
+    from streaming.tables import changelog_configs
+
+    stream = Settings().override(stream={"changelog_segment_ms": 5000, "changelog_delete_retention_ms": 0}).stream
+    tuned = changelog_configs(stream)
+    assert tuned["cleanup.policy"] == "compact"
+    assert tuned["segment.ms"] == "5000" and tuned["delete.retention.ms"] == "0"
+    assert {"segment.bytes", "min.cleanable.dirty.ratio"} <= set(tuned)
+    assert changelog_configs(stream.model_copy(update={"changelog_compaction": False})) == {"cleanup.policy": "compact"}

@@ -483,7 +483,7 @@ def served_counters(port: int) -> dict[tuple[str, str, str], float]:
     return out
 
 
-async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:
+async def topic_configs(bootstrap: str, topics: list[str]) -> dict[str, dict[str, str]]:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -491,14 +491,17 @@ async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:
     await admin.start()
     try:
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
-        policies = {}
-        for response in responses:
-            for resource in response.resources:
-                name, entries = resource[3], resource[4]
-                policies[name] = next(entry[1] for entry in entries if entry[0] == "cleanup.policy")
-        return policies
+        return {
+            resource[3]: {entry[0]: entry[1] for entry in resource[4]}
+            for response in responses
+            for resource in response.resources
+        }
     finally:
         await admin.close()
+
+
+async def cleanup_policies(bootstrap: str, topics: list[str]) -> dict[str, str]:
+    return {name: configs["cleanup.policy"] for name, configs in (await topic_configs(bootstrap, topics)).items()}
 
 
 @pytest.mark.slow
