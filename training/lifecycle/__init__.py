@@ -12,6 +12,24 @@ idempotent, so an orchestrator may retry any step, and each takes the settings e
 Heavy libraries (mlflow, torch, httpx) are imported inside the functions that need them.
 """
 
+import logging
+import warnings
+
+# what a task log of the lifecycle need not show: libraries' notes to their own users' developers
+_QUIET_LOGGERS = ("alembic", "urllib3", "git", "mlflow.store.db.utils", "mlflow.tracking._tracking_service")
+
+
+def quiet_libraries() -> None:
+    """Filter library deprecation warnings and chatter out of the log of the process that calls it.
+
+    Called where an orchestrator's task runs (the DAG files): the libraries stay unchanged, and
+    their warnings and errors still show.
+    """
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 class LifecycleError(RuntimeError):
     """A lifecycle step cannot succeed; the message says why (an orchestrator shows it and may retry)."""
