@@ -12,8 +12,10 @@ from airflow.sdk import dag, task
 
 from core.settings import Settings
 from feature_repo.maintenance import ENTITIES  # stdlib and settings only: cheap
+from training.lifecycle import quiet_libraries  # stdlib only: cheap
 
 _defaults = Settings()
+quiet_libraries()  # the task process parses this file first: Feast's deprecation noise stays out of the task logs
 
 DOC = f"""
 ### recsys_features: keep Feast's online store fed and its offline files small
