@@ -15,7 +15,6 @@ from feature_repo.maintenance import ENTITIES  # stdlib and settings only: cheap
 from training.lifecycle import quiet_libraries  # stdlib only: cheap
 
 _defaults = Settings()
-quiet_libraries()  # the task process parses this file first: Feast's deprecation noise stays out of the task logs
 
 DOC = f"""
 ### recsys_features: keep Feast's online store fed and its offline files small
@@ -37,7 +36,12 @@ runs only). Only one run at a time. The README's "Streaming and feature store" s
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "owner": _defaults.airflow.dag_owner,
+        "on_execute_callback": quiet_libraries,  # in the task's process: deprecation noise stays out of its log
+    },
     doc_md=DOC,
     tags=["recsys", "features"],
 )

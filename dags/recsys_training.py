@@ -22,7 +22,6 @@ from training.lifecycle import quiet_libraries  # stdlib only: cheap
 
 _defaults = Settings()
 log = logging.getLogger(__name__)  # task logs, in order with Airflow's own lines (print() came after them)
-quiet_libraries()  # the task process parses this file first: deprecation noise stays out of every task log
 
 _eval_clicks = round(_defaults.gate.min_new_samples * _defaults.train.eval_fraction * 0.1)  # at a 10% click rate
 DOC = f"""
@@ -69,7 +68,12 @@ run at a time. The README's "Orchestration (Airflow)" and "Training" sections sa
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "owner": _defaults.airflow.dag_owner,
+        "on_execute_callback": quiet_libraries,  # in the task's process: deprecation noise stays out of its log
+    },
     doc_md=DOC,
     params={
         "ranks": Param(

@@ -19,11 +19,13 @@ import warnings
 _QUIET_LOGGERS = ("alembic", "urllib3", "git", "mlflow.store.db.utils", "mlflow.tracking._tracking_service")
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(_context: object = None) -> None:
     """Filter library deprecation warnings and chatter out of the log of the process that calls it.
 
-    Called where an orchestrator's task runs (the DAG files): the libraries stay unchanged, and
-    their warnings and errors still show.
+    Called where an orchestrator's task runs: the DAGs' ``on_execute_callback`` (its argument, the
+    task's context, is not needed), so it acts in the task's process right before the task body.
+    Not at DAG-file import: Airflow parses DAG files inside ``warnings.catch_warnings``, which
+    restores the filters afterwards. The libraries stay unchanged; their warnings and errors still show.
     """
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
