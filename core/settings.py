@@ -161,6 +161,12 @@ class MlflowSettings(BaseSettings):
         default_factory=lambda: f"sqlite:///{PROJECT_ROOT / '.run' / 'mlflow.db'}",
         description="MLflow tracking URI (a server URL or a sqlite:/// path)",
     )
+    ui_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="where people open the MLflow UI (run links in task logs); default: the tracking URI when "
+        "it is a server URL, none for a sqlite:/// file",
+    )
     # deploying safely (README "Deploying safely"): the server's basic-auth app and its clients
     username: str | None = Field(
         None,
@@ -187,6 +193,13 @@ class MlflowSettings(BaseSettings):
     def authenticated(self) -> bool:
         """Whether clients authenticate (and the local server requires it)."""
         return self.password is not None
+
+    @property
+    def ui_base(self) -> str | None:
+        """The MLflow UI's address links point at (None: a file store, no UI to link to)."""
+        if self.ui_url:
+            return self.ui_url.rstrip("/")
+        return self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) else None
 
 
 class FeastSettings(BaseSettings):
@@ -260,6 +273,11 @@ class TrainingSettings(BaseSettings):
     seed: int = Field(0, description="seed of dense initialisation and batch order")
     experiment: str = Field("recsys-training", min_length=1, description="MLflow experiment of training runs")
     model_name: str = Field("recsys-dlrm", min_length=1, description="registered MLflow model of the trainer")
+    truth_file: Path | None = Field(
+        None,
+        description="JSONL of true click probabilities (simulated traffic): every job logs the oracle AUC of its "
+        "evaluation set (`recsys train --truth` for one job)",
+    )
     crash_after_steps: int | None = Field(
         None, ge=0, description="fault injection for tests: rank 0 kills itself (SIGKILL) after this many steps"
     )
@@ -487,7 +505,11 @@ class GateSettings(BaseSettings):
         description="a challenger is promoted unless its AUC is "
         "worse than the champion's by more than this, on the same evaluation set",
     )
-    min_new_samples: int = Field(1, ge=1, description="training runs skip when fewer new samples arrived")
+    # a window worth a run is one whose evaluation share can be judged: at a click rate of 10% and the default
+    # eval_fraction (0.1), 2,000 samples put ~20 clicks and ~180 non-clicks in it (min_eval_positives/_negatives)
+    min_new_samples: int = Field(
+        2000, ge=1, description="training runs skip when fewer new samples arrived (enough for an evaluable window)"
+    )
     # an AUC of a handful of clicks swings by more than the tolerance from one sample: below these
     # counts the evaluation set is "not evaluable" and the gate refuses the challenger, saying so
     min_eval_positives: int = Field(

@@ -12,6 +12,7 @@ from airflow.sdk import dag, task
 
 from core.settings import Settings
 from feature_repo.maintenance import ENTITIES  # stdlib and settings only: cheap
+from training.lifecycle import quiet_libraries  # stdlib only: cheap
 
 _defaults = Settings()
 
@@ -35,7 +36,12 @@ runs only). Only one run at a time. The README's "Streaming and feature store" s
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "owner": _defaults.airflow.dag_owner,
+        "on_execute_callback": quiet_libraries,  # in the task's process: deprecation noise stays out of its log
+    },
     doc_md=DOC,
     tags=["recsys", "features"],
 )

@@ -18,10 +18,12 @@ from typing import Any
 from airflow.sdk import Param, dag, get_current_context, task
 
 from core.settings import Settings  # pydantic only: cheap
+from training.lifecycle import quiet_libraries  # stdlib only: cheap
 
 _defaults = Settings()
 log = logging.getLogger(__name__)  # task logs, in order with Airflow's own lines (print() came after them)
 
+_eval_clicks = round(_defaults.gate.min_new_samples * _defaults.train.eval_fraction * 0.1)  # at a 10% click rate
 DOC = f"""
 ### recsys_training: the batch loop's model lifecycle
 
@@ -37,8 +39,21 @@ A skipped check or a refused gate ends the run successfully and changes nothing 
 |---|---|---|
 | `ranks` | {_defaults.train.ranks} | torchrun ranks of the training job (`RECSYS_TRAIN_RANKS`) |
 | `epochs` | {_defaults.train.epochs} | passes over the window's training samples (`RECSYS_TRAIN_EPOCHS`) |
-| `min_new_samples` | {_defaults.gate.min_new_samples} | new samples needed to train (`RECSYS_GATE_MIN_NEW_SAMPLES`) |
+| `min_new_samples` | {_defaults.gate.min_new_samples} | new samples to train (`RECSYS_GATE_MIN_NEW_SAMPLES`, below) |
 | `tolerance` | {_defaults.gate.tolerance} | AUC a challenger may lose and still win (`RECSYS_GATE_TOLERANCE`) |
+
+Why `min_new_samples` is {_defaults.gate.min_new_samples}: a window worth a run is one whose evaluation
+share can be judged. At a 10% click rate its newest {_defaults.train.eval_fraction:g}
+(`RECSYS_TRAIN_EVAL_FRACTION`) holds ~{_eval_clicks} clicks, and the gate compares AUCs only from
+{_defaults.gate.min_eval_positives} clicks and {_defaults.gate.min_eval_negatives} non-clicks on
+(`RECSYS_GATE_MIN_EVAL_POSITIVES` / `_NEGATIVES`); a smaller window is trained, found not evaluable and
+refused, its samples carried into the next run.
+
+What each task log leads with: **check_new_samples** the new samples and their offsets, and
+whether the run trains; **train** the summary (samples, epochs, loss, AUC against the oracle AUC
+where a truth file is set, rows staged) and the link to its MLflow run, which is named after
+this DAG run and tagged `airflow_dag_id`, `airflow_run_id` and `airflow_url` (back to this run);
+**evaluate** both AUCs on one evaluation set, or why there are none; **gate** its decision and why.
 
 Schedule: `RECSYS_AIRFLOW_TRAINING_SCHEDULE` (`{_defaults.airflow.training_schedule or ""}` here; empty means
 manual runs only, which is what `recsys demo` sets so that it triggers each round itself). Only one
@@ -53,7 +68,12 @@ run at a time. The README's "Orchestration (Airflow)" and "Training" sections sa
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30), "owner": _defaults.airflow.dag_owner},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=30),
+        "owner": _defaults.airflow.dag_owner,
+        "on_execute_callback": quiet_libraries,  # in the task's process: deprecation noise stays out of its log
+    },
     doc_md=DOC,
     params={
         "ranks": Param(
@@ -96,33 +116,38 @@ def recsys_training() -> None:
         found = count_new_samples(Settings())
         needed = int(get_current_context()["params"]["min_new_samples"])
         log.info(
-            "new samples on %s: %d (offsets %s -> %s); %d needed: %s",
-            found["topic"],
+            "%s: %d new samples on %s, %d needed (min_new_samples); offsets %s -> %s",
+            "training" if found["new"] >= needed else "skipping this run",
             found["new"],
+            found["topic"],
+            needed,
             found["start"],
             found["end"],
-            needed,
-            "training" if found["new"] >= needed else "skipping this run",
         )
         return found["new"] >= needed
 
     @task
     def train() -> dict[str, Any]:
         """`recsys train` once per DAG run; returns the new model version and its parameter version."""
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from training.lifecycle.job import train_once, trained_model
         from training.outcome import JobStatus
+        from training.tracking import TAG_AIRFLOW_DAG_ID, TAG_AIRFLOW_RUN_ID, TAG_AIRFLOW_URL
 
         ctx = get_current_context()
+        dag_id, run_id = ctx["dag"].dag_id, ctx["run_id"]
         outcome = train_once(
-            f"{ctx['dag'].dag_id}__{ctx['run_id']}",
+            f"{dag_id}__{run_id}",
             int(ctx["params"]["ranks"]),
             int(ctx["params"]["epochs"]),
             Settings().local.run_dir / "airflow" / "train-outcomes",
+            run_name=run_id,  # the MLflow run is named after the DAG run that made it
+            tags={TAG_AIRFLOW_DAG_ID: dag_id, TAG_AIRFLOW_RUN_ID: run_id, TAG_AIRFLOW_URL: ctx["ti"].log_url},
         )
         if outcome.status is not JobStatus.TRAINED:
             raise AirflowSkipException(f"nothing trained: {outcome.message or outcome.status}")
+        log.info("MLflow run: %s", outcome.run_url or f"{outcome.run_id} (no MLflow UI: set RECSYS_MLFLOW_UI_URL)")
         return trained_model(outcome)
 
     @task
@@ -131,8 +156,7 @@ def recsys_training() -> None:
         from training.lifecycle import evaluation
 
         found = evaluation.evaluate(Settings(), trained["model_version"])
-        if not found["evaluable"]:
-            log.warning("not evaluable: %s", found["reason"])
+        log.info("%s", evaluation.summary(found))
         return found
 
     @task.short_circuit
@@ -141,8 +165,7 @@ def recsys_training() -> None:
         from training.lifecycle.gate import gate_challenger
 
         tolerance = float(get_current_context()["params"]["tolerance"])
-        decision = gate_challenger(Settings(), evaluation["model_version"], tolerance)
-        log.info("gate: %s — %s", "promote" if decision.promote else "refuse", decision.reason)
+        decision = gate_challenger(Settings(), evaluation["model_version"], tolerance)  # logs its decision and why
         return decision.as_dict() if decision.promote else False
 
     @task

@@ -84,9 +84,18 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def launch(
-    ranks: int, env: dict[str, str], truth: Path | None = None, result_path: Path | None = None, capture: bool = False
+    ranks: int,
+    env: dict[str, str],
+    truth: Path | None = None,
+    result_path: Path | None = None,
+    capture: bool = False,
+    run_name: str | None = None,
+    tags: list[str] | None = None,
 ) -> tuple[int, JobOutcome | None, str]:
-    """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output)."""
+    """Run the job under torchrun; returns (exit code, rank 0's outcome or None, captured output).
+
+    ``run_name`` and ``tags`` (``KEY=VALUE``) name and tag the job's MLflow run.
+    """
     from core.procs import free_port
 
     with tempfile.TemporaryDirectory(prefix="recsys-train-") as tmp:
@@ -106,6 +115,10 @@ def launch(
         ]
         if truth is not None:
             cmd += ["--truth", str(truth)]
+        if run_name:
+            cmd += ["--run-name", run_name]
+        for tag in tags or []:
+            cmd += ["--tag", tag]
         proc = subprocess.run(cmd, env=env, text=True, capture_output=capture)
         outcome = JobOutcome.model_validate_json(result.read_text()) if result.exists() else None
         return proc.returncode, outcome, (proc.stdout or "") + (proc.stderr or "")
@@ -130,6 +143,10 @@ def train(
             help="JSONL of true click probabilities (simulated traffic): logs the oracle AUC of the evaluation set",
         ),
     ] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="name of the job's MLflow run [default: its window, topic@first-last]")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag of the job's MLflow run (repeatable)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
     check: Annotated[bool, typer.Option(help="check Kafka, the parameter service and MLflow first")] = True,
 ) -> None:
@@ -163,7 +180,15 @@ def train(
         except RuntimeError as exc:
             fail(str(exc))
     env.setdefault("PYTHONWARNINGS", "ignore")  # library deprecation chatter would bury the progress bar
-    code, outcome, _ = launch(settings.train.ranks, env, truth)
+    if truth is None and settings.train.truth_file is not None:
+        if settings.train.truth_file.is_file():
+            truth = settings.train.truth_file
+        else:
+            console.print(f"[yellow]RECSYS_TRAIN_TRUTH_FILE {settings.train.truth_file} is no file: no oracle AUC")
+    bad = [t for t in tag or [] if "=" not in t or not t.split("=", 1)[0].strip()]
+    if bad:
+        fail(f"--tag takes KEY=VALUE, got {bad}", 2)
+    code, outcome, _ = launch(settings.train.ranks, env, truth, run_name=run_name, tags=tag)
     if outcome is None:
         fail(
             f"the training job died (torchrun exit code {code}) before reporting; see the log above. A job that "
@@ -188,6 +213,7 @@ def _print_outcome(outcome: JobOutcome) -> None:
     # a trained outcome carries every field below (the worker builds it in one place: training.record)
     m, t = outcome.metrics or {}, outcome.timings_s or {}
     pulled, pushed = outcome.rows_pulled or {}, outcome.rows_pushed or {}
+    out.print(outcome.summary(), soft_wrap=True)
     out.print(
         f"trained: run {outcome.run_id}, model {outcome.model_name} version {outcome.model_version} (alias challenger)"
     )

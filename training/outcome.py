@@ -59,6 +59,10 @@ class JobOutcome(BaseModel):
     rows_pulled: dict[str, int] | None = None
     rows_pushed: dict[str, int] | None = None
     metrics: dict[str, float] | None = None
+    missing_metrics: dict[str, str] | None = None  # metric -> why the job has none (not evaluable, no truth)
+    epochs: int | None = None
+    run_name: str | None = None
+    run_url: str | None = None  # the run's page in the MLflow UI (None without a UI)
     timings_s: dict[str, float] | None = None
 
     @model_validator(mode="after")
@@ -68,6 +72,28 @@ class JobOutcome(BaseModel):
             if missing:
                 raise ValueError(f"a trained outcome needs {missing}")
         return self
+
+    def summary(self) -> str:
+        """One line that leads with the outcome: what was trained, how well, what was staged, where to look."""
+        if self.status is not JobStatus.TRAINED:
+            return f"{self.status}: {self.message or 'nothing trained'}"
+        m, missing = self.metrics or {}, self.missing_metrics or {}
+
+        def count(key: str) -> str:
+            return f"{int(m[key]):,}" if key in m else "?"
+
+        auc = f"eval AUC {m['eval_auc']:.4f}" if "eval_auc" in m else f"no eval AUC ({missing.get('eval_auc', '?')})"
+        if "eval_oracle_auc" in m:
+            auc += f" vs oracle {m['eval_oracle_auc']:.4f}"
+        elif "eval_oracle_auc" in missing:
+            auc += f", no oracle AUC ({missing['eval_oracle_auc']})"
+        loss = f"loss {m['train_loss_last']:.4f}" if "train_loss_last" in m else "loss ?"
+        return (
+            f"trained {self.model_name} v{self.model_version} (alias challenger) on {count('train_samples')} samples "
+            f"({count('eval_samples')} held out), {self.epochs if self.epochs is not None else '?'} epochs, {loss}, "
+            f"{auc}, {sum((self.rows_pushed or {}).values()):,} rows staged as {self.ps_stage}; "
+            f"MLflow run {self.run_url or self.run_id}"
+        )
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

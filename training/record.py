@@ -8,6 +8,7 @@ the weights as a new model version with alias ``challenger``.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,18 @@ from core.redact import redact_url
 from core.settings import Settings
 from paramserver import Rows, TableConfig
 from training.data import Columns, ReadStats, Split, WorkingSet
-from training.model import ModelConfig, save_dense
+from training.model import DENSE_FORMAT, ModelConfig, save_dense
 from training.outcome import JobOutcome, JobStatus, WindowOffsets
 from training.quality import EVALUATED, NOT_EVALUABLE, eval_metrics, oracle_metrics
-from training.tracking import DENSE_ARTIFACT_DIR, DENSE_FILE, MANIFEST_FILE, TAG_EVAL_REASON, TAG_EVAL_STATUS, Tracking
+from training.tracking import (
+    DENSE_ARTIFACT_DIR,
+    DENSE_FILE,
+    MANIFEST_FILE,
+    TAG_EVAL_REASON,
+    TAG_EVAL_STATUS,
+    TAG_MISSING_METRICS,
+    Tracking,
+)
 from training.trainer import TrainResult
 
 
@@ -59,6 +68,9 @@ def job_metrics(
     if truth is not None:
         metrics.update(oracle_metrics(truth, [columns.sample_ids[r] for r in split.eval], labels))
     busy = timings["pull_s"] + timings["train_s"] + timings["push_s"]
+    losses = list(result.losses)
+    if losses:  # one step's loss is noisy: the mean of the last few says where training ended
+        metrics["train_loss_last"] = float(np.mean(losses[-10:]))
     metrics.update(
         {
             "train_samples": float(len(split.train)),
@@ -72,6 +84,58 @@ def job_metrics(
         }
     )
     return metrics, not_evaluable
+
+
+def missing_reasons(metrics: dict[str, float], not_evaluable: str | None, truth_given: bool) -> dict[str, str]:
+    """Why the run has no AUC or no oracle AUC: a gap on the run page must say why."""
+    missing = {}
+    if "eval_auc" not in metrics:
+        missing["eval_auc"] = f"not evaluable: {not_evaluable or 'no AUC'}"
+    if "eval_oracle_auc" not in metrics:
+        if not truth_given:
+            missing["eval_oracle_auc"] = "unknown: no truth file (RECSYS_TRAIN_TRUTH_FILE, simulated traffic only)"
+        elif "eval_oracle_coverage" not in metrics:
+            missing["eval_oracle_auc"] = "the truth file knows none of the evaluation samples"
+        else:
+            missing["eval_oracle_auc"] = "one class among the evaluation samples the truth file knows"
+    return missing
+
+
+def description(outcome: JobOutcome, not_evaluable: str | None) -> str:
+    """The run page's description: the summary line, and a warning first when the AUC is missing."""
+    lines = []
+    if not_evaluable is not None:
+        lines.append(f"**Not evaluable** — no `eval_auc`: {not_evaluable}. The gate refuses this challenger.\n")
+    lines.append(outcome.summary())
+    return "\n".join(lines)
+
+
+def model_spec(config: ModelConfig, run_id: str) -> Any:
+    """The MLmodel file beside the dense artifact: its signature (what the dense part takes, gives), shown by MLflow.
+
+    Inputs are the dense features and the pooled embedding of each sparse feature (the rows come
+    from the parameter service, not from the artifact); the output is the click logit.
+    """
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    inputs = Schema(
+        [
+            TensorSpec(np.dtype(np.float32), (-1, len(config.dense_features)), "dense"),
+            TensorSpec(np.dtype(np.float32), (-1, len(config.sparse_features), config.embedding_dim), "pooled"),
+        ]
+    )
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1,), "logit")])
+    spec = Model(artifact_path=DENSE_ARTIFACT_DIR, run_id=run_id, signature=ModelSignature(inputs, outputs))
+    spec.add_flavor(
+        "recsys_dense",
+        data=DENSE_FILE,
+        format=DENSE_FORMAT,
+        loader="training.model.load_dense",
+        dense_features=list(config.dense_features),
+        sparse_features=list(config.sparse_features),
+    )
+    return spec
 
 
 def rows_pulled(job: TrainedJob) -> dict[str, int]:
@@ -133,7 +197,25 @@ def record_trained(
     )
     written.update(eval_tags)
     tracking.log_series(job.run_id, "loss", job.result.losses)
-    tracking.log_metrics(job.run_id, metrics)
+    missing = {
+        **missing_reasons(metrics, not_evaluable, truth is not None),
+        **tracking.log_metrics(job.run_id, metrics),
+    }
+    tracking.set_tags(job.run_id, {TAG_MISSING_METRICS: json.dumps(missing, sort_keys=True)[:5000]})
+    tracking.log_window(
+        job.run_id,
+        s.kafka.topic_samples,
+        redact_url(s.kafka.bootstrap),
+        job.offsets.start,
+        job.offsets.end,
+        {
+            "samples": len(job.columns.labels),
+            "train_samples": int(len(job.split.train)),
+            "eval_samples": int(len(job.split.eval)),
+            "clicks": int(job.columns.labels.sum()),
+            "read": job.stats.to_dict(),
+        },
+    )
     # the run page says why there is no eval_auc (a missing metric says nothing by itself)
     tracking.set_tags(job.run_id, eval_tags)
     tracking.log_json(job.run_id, MANIFEST_FILE, written)
@@ -144,6 +226,8 @@ def record_trained(
             job.dense_weights,
             extra={"ps_stage": job.ps_stage, "run_id": job.run_id, "tables": written["tables"]},
         )
+        model_spec(job.config, job.run_id).save(str(Path(tmp) / "MLmodel"))
+        tracking.log_file(job.run_id, Path(tmp) / "MLmodel", DENSE_ARTIFACT_DIR)
         source = tracking.log_file(job.run_id, path, DENSE_ARTIFACT_DIR)
     model_version = tracking.register(
         job.run_id,
@@ -158,8 +242,7 @@ def record_trained(
             "eval_auc": f"{metrics['eval_auc']:.4f}" if "eval_auc" in metrics else NOT_EVALUABLE,
         },
     )
-    tracking.finish(job.run_id)
-    return JobOutcome(
+    outcome = JobOutcome(
         status=JobStatus.TRAINED,
         run_id=job.run_id,
         model_name=s.train.model_name,
@@ -170,5 +253,12 @@ def record_trained(
         rows_pulled=rows_pulled(job),
         rows_pushed=rows_pushed(job),
         metrics=metrics,
+        missing_metrics=missing or None,
+        epochs=int(job.params["epochs"]),
+        run_name=tracking.client.get_run(job.run_id).info.run_name,
+        run_url=tracking.run_url(job.run_id),
         timings_s=timings,
     )
+    tracking.describe(job.run_id, description(outcome, not_evaluable))
+    tracking.finish(job.run_id)
+    return outcome

@@ -9,12 +9,21 @@ the gate refused or could not evaluate is marked ``recsys_window=carried``: the 
 window starts before it (``window_start``), so its samples are trained on again.
 
 Metric names: ``loss`` (per step), ``eval_auc``, ``eval_log_loss``, ``eval_calibration``
-(mean prediction / observed CTR), ``eval_oracle_auc`` (when a truth file was given).
+(mean prediction / observed CTR), ``eval_oracle_auc`` (when a truth file was given). A metric
+that could not be had is never a silent gap: the tag ``recsys_missing_metrics`` says which and why
+(MLflow's UI hides a NaN metric), and the run's description (``mlflow.note.content``) leads with it.
+
+What an operator sees: the experiment is tagged as model training (``mlflow.experimentKind``), and
+links into the UI carry ``workflowType=machine_learning`` (MLflow 3.17's UI picks its view from that
+parameter, GenAI otherwise); runs are named after what they are (the orchestrator's run, else the
+window) and tagged with the Airflow DAG run that made them (``airflow_*``); the window is the run's
+dataset input (source type ``kafka``: topic, partitions, offsets).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -39,6 +48,15 @@ WINDOW_CARRIED = "carried"
 TAG_WINDOW_REASON = "recsys_window_reason"
 TAG_EVAL_STATUS = "eval_status"  # training.quality.EVALUATED | NOT_EVALUABLE
 TAG_EVAL_REASON = "eval_reason"
+TAG_MISSING_METRICS = "recsys_missing_metrics"  # JSON {metric: why it was not logged}
+TAG_NOTE = "mlflow.note.content"  # the run's description on its page
+# the orchestrator's run that made a job (the reverse link: its URL), set by the training DAG
+TAG_AIRFLOW_DAG_ID = "airflow_dag_id"
+TAG_AIRFLOW_RUN_ID = "airflow_run_id"
+TAG_AIRFLOW_URL = "airflow_url"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # not GenAI: no traces, no token costs
+UI_WORKFLOW = "workflowType=machine_learning"
 CHALLENGER = "challenger"
 DENSE_ARTIFACT_DIR = "dense"
 DENSE_FILE = "dense.pt"
@@ -48,6 +66,61 @@ _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 # an unreachable tracking server should fail in seconds, not after MLflow's minutes of retries
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def run_url(ui_base: str | None, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI at ``ui_base`` (None: no UI), in the model-training view."""
+    if not ui_base:
+        return None
+    return f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{UI_WORKFLOW}"
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """The metrics MLflow shows, and why each other one is left out (NaN and infinity vanish from its UI)."""
+    kept: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            missing[key] = f"not a number: {value!r}"[:200]
+            continue
+        if math.isfinite(number):
+            kept[key] = number
+        else:
+            missing[key] = f"not logged: the value was {number}"
+    return kept, missing
+
+
+def window_dataset(
+    topic: str, bootstrap: str, start: Mapping[int, int], end: Mapping[int, int], profile: Mapping[str, Any]
+) -> Any:
+    """The window of a job as an MLflow dataset: source type ``kafka``, source {bootstrap, topic, offsets}.
+
+    The digest is of the topic and offsets: two runs on the same window show the same dataset.
+    """
+    import hashlib
+
+    from mlflow.entities import Dataset
+
+    offsets = {
+        str(p): {"start": int(start.get(p, 0)), "end": int(o)} for p, o in sorted(end.items(), key=lambda kv: kv[0])
+    }
+    source = json.dumps({"bootstrap": bootstrap, "topic": topic, "partitions": offsets}, sort_keys=True)
+    digest = hashlib.sha256(f"{topic}|{json.dumps(offsets, sort_keys=True)}".encode()).hexdigest()[:16]
+    records = sum(o["end"] - o["start"] for o in offsets.values())
+    return Dataset(
+        name=f"{topic}@{window_label(start, end)}",
+        digest=digest,
+        source_type="kafka",
+        source=source,
+        profile=json.dumps({"records": records, **profile}, sort_keys=True, default=str),
+    )
+
+
+def window_label(start: Mapping[int, int], end: Mapping[int, int]) -> str:
+    """A short name of a window: its records counted over all partitions, first to last (``1200-1850``)."""
+    return f"{sum(start.get(p, 0) for p in end)}-{sum(end.values())}"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -78,13 +151,26 @@ class Tracking:
                 Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
-            )
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
+                    experiment,
+                    artifact_location=_artifact_location(uri, experiment),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
+            else:
+                self.experiment_id = found.experiment_id
+                if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag was set
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except Exception as exc:  # MLflow raises many types (MlflowException, requests, SQLAlchemy)
             raise self.unreachable(exc) from exc
+        if isinstance(tracking, MlflowSettings):
+            self.ui_base = tracking.ui_base
+        else:
+            self.ui_base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page in the MLflow UI (None when the store is a file with no UI configured)."""
+        return run_url(self.ui_base, self.experiment_id, run_id)
 
     def unreachable(self, exc: BaseException) -> TrackingUnavailable:
         return TrackingUnavailable(
@@ -155,11 +241,15 @@ class Tracking:
             raise self.unreachable(exc) from exc
         return closed
 
-    def start_run(self, topic: str, params: Mapping[str, Any], name: str | None = None) -> str:
+    def start_run(
+        self, topic: str, params: Mapping[str, Any], name: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
         from mlflow.entities import Param
 
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={TAG_TOPIC: topic, TAG_PROCESS: _this_process()}
+            self.experiment_id,
+            run_name=name,
+            tags={**(tags or {}), TAG_TOPIC: topic, TAG_PROCESS: _this_process()},
         )
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
@@ -172,11 +262,38 @@ class Tracking:
         for start in range(0, len(metrics), 1000):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> dict[str, str]:
+        """Log the finite metrics; the others are named with their reason in ``recsys_missing_metrics``.
+
+        Returns that ``{metric: reason}`` (empty when every metric was logged).
+        """
         from mlflow.entities import Metric
 
+        kept, missing = finite_metrics(metrics)
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in kept.items()])
+        if missing:
+            self.client.set_tag(run_id, TAG_MISSING_METRICS, json.dumps(missing, sort_keys=True)[:5000])
+        return missing
+
+    def log_window(
+        self,
+        run_id: str,
+        topic: str,
+        bootstrap: str,
+        start: Mapping[int, int],
+        end: Mapping[int, int],
+        profile: Mapping[str, Any],
+    ) -> None:
+        """Record the job's window as the run's dataset input (context ``training``)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = window_dataset(topic, bootstrap, start, end, profile)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def describe(self, run_id: str, text: str) -> None:
+        """The run's description (Markdown, on top of its page)."""
+        self.client.set_tag(run_id, TAG_NOTE, text[:5000])
 
     def commit_offsets(self, run_id: str, end_offsets: Mapping[int, int], ps_version: int) -> None:
         """Record that the job's rows are staged (pulled at ``ps_version``): its window is consumed."""

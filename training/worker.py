@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -59,7 +60,7 @@ from training.outcome import JobFailed, JobOutcome, JobStatus, WindowOffsets
 from training.params import conflicting_ids, job_stage, open_training_store, table_configs
 from training.quality import load_truth
 from training.record import TrainedJob, record_trained
-from training.tracking import MANIFEST_FILE, Tracking, TrackingUnavailable
+from training.tracking import MANIFEST_FILE, Tracking, TrackingUnavailable, window_label
 from training.trainer import HParams, Sharded, TrainResult
 
 
@@ -224,12 +225,16 @@ def run_params(job: Job, hp: HParams, config: ModelConfig, window: Window) -> di
     }
 
 
-def start_run(job: Job, params: dict[str, Any]) -> str | None:
-    """Rank 0 opens the job's MLflow run; the other ranks have none."""
+def start_run(
+    job: Job, params: dict[str, Any], window: Window, name: str | None = None, tags: dict[str, str] | None = None
+) -> str | None:
+    """Rank 0 opens the job's MLflow run, named ``name`` (else after its window); the other ranks have none."""
     if job.rank != 0:
         return None
     try:
-        return job.tracking.start_run(job.topic, params)
+        return job.tracking.start_run(
+            job.topic, params, name or f"{job.topic}@{window_label(window.start, window.end)}", tags
+        )
     except Exception as exc:
         raise job.tracking.unreachable(exc) from exc
 
@@ -353,8 +358,19 @@ def push_rows(store: ParamStore, base_version: int, updates: dict[str, Rows], st
 # --------------------------------------------------------------------------- the job
 
 
-def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | None = None) -> JobOutcome:
-    """Run one job on this rank; rank 0 returns the job's outcome (other ranks return a short status)."""
+def run_job(
+    s: Settings,
+    rank: int,
+    world: int,
+    device: Any,
+    truth_path: Path | None = None,
+    run_name: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> JobOutcome:
+    """Run one job on this rank; rank 0 returns the job's outcome (other ranks return a short status).
+
+    ``run_name`` and ``run_tags`` name and tag the job's MLflow run (an orchestrator's run id and links).
+    """
     job = Job(s, rank, world, device)
     window = read_on_rank0(job, truth_path)
     empty = nothing_to_train(job, window)
@@ -367,7 +383,7 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
     params = run_params(job, hp, config, window)
     run_id = None
     try:
-        run_id = start_run(job, params)
+        run_id = start_run(job, params, window, run_name, run_tags)
         columns = window.columns
         if columns is None:
             return consume_invalid_window(job, store, run_id, window)
@@ -418,16 +434,25 @@ def run_job(s: Settings, rank: int, world: int, device: Any, truth_path: Path | 
         store.close()
 
 
+# advice for the library's developers, printed on every job: not what an operator should read in a task log
+_QUIET_LOGGERS = ("torchrec.distributed.planner", "torch.fx._symbolic_trace")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.worker", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--result", type=Path, help="rank 0 writes the job's outcome here as JSON")
     parser.add_argument("--truth", type=Path, help="JSONL of true click probabilities (simulated traffic)")
+    parser.add_argument("--run-name", help="name of the job's MLflow run (default: its window)")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag of the job's run")
     args = parser.parse_args(argv)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tags = dict(tag.split("=", 1) for tag in args.tag if "=" in tag)
     settings = Settings()
     rank, world, device = trainer.init_distributed(settings.train.backend)
     code = 0
     try:
-        outcome = run_job(settings, rank, world, device, args.truth)
+        outcome = run_job(settings, rank, world, device, args.truth, args.run_name, tags)
     except JobFailed as exc:
         outcome, code = JobOutcome(status=JobStatus.ERROR, message=str(exc)), 1
     except Exception as exc:  # noqa: BLE001 - report it, then fail the rank so torchrun stops the others

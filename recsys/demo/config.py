@@ -19,6 +19,7 @@ from core.settings import Settings
 
 console = Console(stderr=True)
 TRAINING_DAG = "recsys_training"
+FEATURES_DAG = "recsys_features"
 PROBE_TABLE = "demo_freshness_probe"
 # freshness chains, in report order: key -> label
 CHAINS = {

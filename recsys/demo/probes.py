@@ -138,7 +138,8 @@ def probe_champion(s: Settings, client: Any, version: str, probes: int, timeout:
     """Move the champion alias between the champion and a registry copy of it, until serving follows.
 
     The copy is a second registered version with the same artifacts (tag ``demo_probe_copy_of``), so
-    every alias move is a real champion change for serving; the alias ends on the trained champion.
+    every alias move is a real champion change for serving; the alias ends on the trained champion,
+    and the copy is deleted once serving is back on it: the registry keeps no probe versions.
     """
     name = s.train.model_name
     mv = client.get_model_version(name, version)
@@ -160,7 +161,10 @@ def probe_champion(s: Settings, client: Any, version: str, probes: int, timeout:
             times.append(time.perf_counter() - sent)
     finally:
         client.set_registered_model_alias(name, "champion", str(version))
-    wait_served(base, f"{s.serving.model_name}/{version}", timeout)
+        try:
+            wait_served(base, f"{s.serving.model_name}/{version}", timeout)
+        finally:
+            client.delete_model_version(name, str(copy.version))
     return times
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from core.settings import PROJECT_ROOT, Settings
-from recsys.demo.config import DemoConfig, Report, console, demo_overrides, step
+from recsys.demo.config import FEATURES_DAG, DemoConfig, Report, console, demo_overrides, step
 from recsys.demo.probes import measure_freshness
 from recsys.demo.report import write_report
 from recsys.demo.stages import (
@@ -22,6 +22,7 @@ from recsys.demo.stages import (
     Startup,
     champion,
     query_serving,
+    run_dag,
     run_training_dag,
     start_services,
     stop_everything,
@@ -54,6 +55,8 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_path = out_dir / "truth.jsonl"
     truth_path.write_bytes(b"")
+    # the training DAG's jobs log the oracle AUC of their windows (the Airflow it starts inherits this)
+    os.environ.setdefault("RECSYS_TRAIN_TRUTH_FILE", str(truth_path))
     report = Report(
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -109,6 +112,11 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
 
         return run
 
+    def features_dag() -> None:
+        # the features DAG (materialize, compact the offline store) runs through Airflow like the training DAG
+        assert got.startup is not None  # the services stage ran
+        report.counts["features_dag_run"] = run_dag(s, config, got.startup, FEATURES_DAG, {})
+
     def champion_stage() -> None:
         got.client, got.version = champion(s, report)
 
@@ -128,6 +136,7 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
         ("phase_cold_start", phase("cold start", config.cold_s)),
     ]
     stages += [(f"training_round_{index}", training(index)) for index in range(1, config.rounds + 1)]
+    stages += [("features_dag", features_dag)]
     stages += [
         ("phase_final", phase("final", config.final_s)),
         ("champion", champion_stage),

@@ -153,6 +153,19 @@ def run_training_dag(
     3 s). A refused challenger skips promote, publish and reload (the run still succeeds); any
     failed task fails the demo.
     """
+    conf = {"epochs": config.epochs, "ranks": config.ranks, "min_new_samples": 1}
+    return run_dag(s, config, startup, TRAINING_DAG, conf, on_success)
+
+
+def run_dag(
+    s: Settings,
+    config: DemoConfig,
+    startup: Startup,
+    dag_id: str,
+    conf: dict[str, Any],
+    on_success: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Trigger ``dag_id`` through Airflow's REST API with ``conf``, wait for its run to end (see run_training_dag)."""
     import httpx
 
     from local_services import airflow as airflow_local
@@ -161,17 +174,17 @@ def run_training_dag(
     startup.serving.result(config.stage_timeout_s)
     base = airflow_local.base_url(s)
     headers = {"Authorization": f"Bearer {airflow_local.api_token(s)}"}
-    step(f"triggering {TRAINING_DAG} through Airflow's REST API ({base}/api/v2)")
+    step(f"triggering {dag_id} through Airflow's REST API ({base}/api/v2)")
     with httpx.Client(base_url=f"{base}/api/v2", headers=headers, timeout=30.0) as api:
         deadline = time.monotonic() + config.stage_timeout_s
-        while api.get(f"/dags/{TRAINING_DAG}").status_code != 200:  # the dag-processor parses it first
+        while api.get(f"/dags/{dag_id}").status_code != 200:  # the dag-processor parses it first
             if time.monotonic() > deadline:
-                raise DemoError(f"Airflow never listed {TRAINING_DAG}")
+                raise DemoError(f"Airflow never listed {dag_id}")
             time.sleep(2.0)
-        api.patch(f"/dags/{TRAINING_DAG}", json={"is_paused": False})
+        api.patch(f"/dags/{dag_id}", json={"is_paused": False})
         response = api.post(
-            f"/dags/{TRAINING_DAG}/dagRuns",
-            json={"logical_date": None, "conf": {"epochs": config.epochs, "ranks": config.ranks, "min_new_samples": 1}},
+            f"/dags/{dag_id}/dagRuns",
+            json={"logical_date": None, "conf": conf},
         )
         if response.status_code >= 300:
             raise DemoError(f"trigger failed: {response.status_code} {response.text[:500]}")
@@ -184,14 +197,14 @@ def run_training_dag(
             if time.monotonic() > deadline:
                 raise DemoError(f"DAG run {run_id} still {state} after {config.stage_timeout_s:.0f}s")
             time.sleep(3.0)
-            state = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}").json().get("state", "?")
-            tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+            state = api.get(f"/dags/{dag_id}/dagRuns/{run_id}").json().get("state", "?")
+            tasks = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
             for task in tasks:
                 if task["state"] == "success" and task["task_id"] not in succeeded:
                     succeeded.add(task["task_id"])
                     if on_success is not None:
                         on_success(task["task_id"])
-        tasks = api.get(f"/dags/{TRAINING_DAG}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
+        tasks = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json().get("task_instances", [])
     dag = {
         "run_id": run_id,
         "state": state,
@@ -201,7 +214,7 @@ def run_training_dag(
     console.print(dag)
     if state != "success" or "failed" in dag["tasks"].values():
         raise DemoError(
-            f"training DAG run {run_id} {state}: {dag['tasks']} (task logs under {s.local.run_dir}/airflow/logs)"
+            f"DAG run {dag_id} {run_id} {state}: {dag['tasks']} (task logs under {s.local.run_dir}/airflow/logs)"
         )
     return dag
 

@@ -83,11 +83,12 @@ def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, airflow_run_
         },
         local={"redis_url": feast_redis.url, "run_dir": airflow_run_dir, "cache_dir": PROJECT_ROOT / ".cache"},
         ps={"shards": [shard.url], "replicas": [replica.url]},
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        # no MLflow server in this test: the UI address is only the base of the run links the task logs
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "ui_url": "http://127.0.0.1:5999"},
         feast={"data_dir": tmp_path / "feast", "online_store": "redis", "redis_url": feast_redis.url},
         train={"experiment": f"airflow-e2e-{tag}", "model_name": f"recsys-e2e-{tag}", "epochs": 1},
         serving={"model_name": f"recsys-e2e-{tag}", "reload_urls": ["http://127.0.0.1:9"]},
-        gate={"publish_timeout_s": 60.0},
+        gate={"publish_timeout_s": 60.0, "min_new_samples": 1},
         airflow={"port": free_port()},
     )
     return s
@@ -137,6 +138,30 @@ def _xcom(s: Settings, dag_id: str, task_id: str) -> object:
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
+def _task_log(output: str, task_id: str) -> str:
+    """The records the task logged, from `airflow dags test`'s output.
+
+    `dags test` runs each task in its own process (no log file under the logs folder): its log
+    records go to the command's output, from "[DAG TEST] starting task_id=<task>" to the next task's.
+    """
+    marker = "[DAG TEST] starting task_id="
+    start = output.find(f"{marker}{task_id} ")
+    assert start >= 0, f"no {marker}{task_id} in the output:\n{output[-4000:]}"
+    end = output.find(marker, start + len(marker))
+    return output[start : end if end >= 0 else len(output)]
+
+
+def _last_run_id(s: Settings, dag_id: str) -> str:
+    db = sqlite3.connect(airflow_local.layout(s).db)
+    try:
+        (run_id,) = db.execute(
+            "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", (dag_id,)
+        ).fetchone()
+    finally:
+        db.close()
+    return str(run_id)
+
+
 def _stages(s: Settings) -> list[str]:
     from paramserver import open_store
 
@@ -157,11 +182,13 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
     beats it on run 2's evaluation set and is promoted; run 3 (forced worse) is refused."""
     import json
     import os
+    from urllib.parse import quote
 
     from paramserver.replication import replica_status
     from traffic.simulator import SimConfig
     from traffic.synthetic import produce_samples, simulate_samples
     from training.lifecycle.gate import TAG_GATE, champion_version, client_for
+    from training.tracking import TAG_AIRFLOW_DAG_ID, TAG_AIRFLOW_RUN_ID, TAG_AIRFLOW_URL
 
     s = airflow_settings
     forced = {"RECSYS_TRAIN_DENSE_LR": "1e-9", "RECSYS_TRAIN_EMBEDDING_LR": "1e-9", "RECSYS_TRAIN_SEED": "11"}
@@ -190,6 +217,32 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
             assert state == "success", output[-6000:]
             trained = _xcom(s, "recsys_training", "train")
             versions.append(trained["model_version"])
+            dag_run_id = _last_run_id(s, "recsys_training")
+            run = client.get_run(trained["run_id"])
+            # the MLflow run names the DAG run that made it, and links back to it
+            assert run.info.run_name == dag_run_id, run.info.run_name
+            assert run.data.tags[TAG_AIRFLOW_RUN_ID] == dag_run_id
+            assert run.data.tags[TAG_AIRFLOW_DAG_ID] == "recsys_training"
+            assert f"/dags/recsys_training/runs/{quote(dag_run_id)}/tasks/train" in run.data.tags[TAG_AIRFLOW_URL]
+            # ... and the train task's log leads with the training summary and the run's MLflow URL
+            url = f"{s.mlflow.ui_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            log = _task_log(output, "train")
+            summary = [
+                line for line in log.splitlines() if f"trained {s.train.model_name} v{trained['model_version']}" in line
+            ]
+            assert summary, log[-4000:]
+            assert "samples" in summary[0] and "epochs" in summary[0] and "rows staged" in summary[0], summary
+            assert ("eval AUC" in summary[0]) or ("no eval AUC" in summary[0]), summary
+            assert url in summary[0] and f"MLflow run: {url}" in log, log[-4000:]
+            # no library advice to its own developers: deprecations, TorchRec's planner, torch.fx
+            for noise in ("DeprecationWarning", "DeprecatedImportWarning", "FutureWarning", "WARNING:torchrec"):
+                assert noise not in log, log[-4000:]
+            assert "is_fx_tracing" not in log, log[-4000:]
+            if batch == 0:
+                print(log[-6000:])
+            # the window is the run's dataset input
+            (window,) = [d.dataset for d in run.inputs.dataset_inputs]
+            assert window.source_type == "kafka" and json.loads(window.source)["topic"] == s.kafka.topic_samples
             evaluation = _xcom(s, "recsys_training", "evaluate")
             print(f"run {batch + 1}: v{trained['model_version']} {evaluation}")
             if batch < 2:  # promoted: the first champion, then the better challenger
@@ -215,6 +268,8 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
                 assert evaluation["challenger_auc_rescored"] < evaluation["champion_auc"] - s.gate.tolerance
                 assert champion_version(client, s.train.model_name) == versions[1]
                 assert client.get_model_version(s.train.model_name, versions[2]).tags[TAG_GATE] == "refused"
+                # the verdict and why, on the model page
+                assert "Gate: **refused**" in client.get_model_version(s.train.model_name, versions[2]).description
                 # the refused challenger's rows never reached the parameter service nor its replica
                 assert client.get_model_version(s.train.model_name, versions[2]).tags["ps_stage_dropped"] == "true"
                 assert trained["ps_stage"] not in _stages(s)
@@ -222,6 +277,10 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
                 status = replica_status(None, [s.ps.replicas[0]], namespace=s.ps.namespace)
                 assert status["version"] == served_version
         assert client.get_model_version(s.train.model_name, versions[0]).tags["role"] == "retired"
+        assert "Retired" in client.get_model_version(s.train.model_name, versions[0]).description
+        # the experiment opens in MLflow's model-training view, not the GenAI one
+        experiment = client.get_experiment_by_name(s.train.experiment)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     finally:
         replicator.terminate()
         replicator.wait(timeout=30)

@@ -227,6 +227,12 @@ def test_training_rounds_ran_without_a_failed_task(demo_report) -> None:
         assert 0.5 < r["eval_auc"] <= 1, r
 
 
+def test_features_dag_ran_through_airflow(demo_report) -> None:
+    report, _, _, _ = demo_report
+    run = report["counts"]["features_dag_run"]  # triggered through the REST API after the training rounds
+    assert run["state"] == "success" and set(run["tasks"].values()) == {"success"}, run
+
+
 def test_final_champion_beats_the_fallback_and_random_policy(demo_report) -> None:
     report, _, _, _ = demo_report
     targets = report["closed_loop"]["targets"]

@@ -74,6 +74,9 @@ def test_gate_refuses_worse_challenger_and_promotes_better(tmp_path: Path) -> No
     assert gate.promote(client, name, decision)
     assert gate.champion_version(client, name) == better
     assert client.get_model_version(name, first).tags["role"] == "retired"
+    # the model page says since when a version is champion and what retired the one before
+    assert f"replacing v{first}" in client.get_model_version(name, better).description
+    assert f"v{better} is the champion" in client.get_model_version(name, first).description
     # a retry of the promotion is harmless
     assert gate.promote(client, name, gate.evaluate_gate(client, name, better, tolerance=0.01))
     assert gate.champion_version(client, name) == better

@@ -179,6 +179,22 @@ def test_two_rank_job_stages_rows_logs_run_and_registers_challenger(env: Env, fi
     config, arch, extra = load_dense(Path(folder) / "dense.pt")
     assert config.sparse_features == tuple(SPEC.sparse_names)
     assert extra["ps_stage"] == outcome["ps_stage"]
+    # beside the weights, the MLmodel file gives the version its signature
+    from mlflow.models import Model
+
+    signature = Model.load(str(Path(folder) / "MLmodel")).signature
+    assert [spec["name"] for spec in signature.inputs.to_dict()] == ["dense", "pooled"]
+    assert list(signature.inputs.to_dict()[1]["tensor-spec"]["shape"]) == [
+        -1,
+        len(SPEC.sparse_names),
+        config.embedding_dim,
+    ]
+    # named by no orchestrator, the run is named after its window, which is its dataset input
+    assert run.info.run_name == f"{env.topic}@0-{sum(ends.values())}"
+    (window,) = [d.dataset for d in run.inputs.dataset_inputs]
+    assert window.source_type == "kafka" and json.loads(window.source)["partitions"]["0"]["start"] == 0
+    assert json.loads(window.profile)["records"] == sum(ends.values())
+    assert json.loads(run.data.tags["recsys_missing_metrics"]) == {}  # every metric there, the oracle's too
     import torch
 
     probs = torch.sigmoid(

@@ -181,3 +181,18 @@ def evaluate(s: Settings, model_version: str) -> dict[str, Any]:
     info["eval_samples"] = scored["eval_samples"]
     info["champion_auc"] = scored["auc"]["champion"]
     return info
+
+
+def summary(found: Mapping[str, Any]) -> str:
+    """One line of ``evaluate``'s result that leads with what the gate will see."""
+    challenger = f"v{found['model_version']}"
+    if not found.get("evaluable", True):
+        return f"{challenger} not evaluable: {found.get('reason')}; the gate refuses it"
+    own = found.get("challenger_auc_rescored", found.get("challenger_auc"))
+    auc = f"AUC {own:.4f}" if isinstance(own, int | float) else "AUC ?"
+    if found.get("champion_version") in (None, found["model_version"]):
+        return f"challenger {challenger} {auc}; no other champion to compare with"
+    champion = found.get("champion_auc")
+    versus = f"{champion:.4f}" if isinstance(champion, int | float) else "?"
+    samples = f" on {found['eval_samples']} evaluation samples" if found.get("eval_samples") else ""
+    return f"challenger {challenger} {auc} vs champion v{found['champion_version']} AUC {versus}{samples}"

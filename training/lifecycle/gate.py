@@ -185,9 +185,32 @@ def promote(client: Any, model_name: str, decision: Decision) -> bool:
     if previous != version:
         client.set_registered_model_alias(model_name, CHAMPION, version)
         client.set_model_version_tag(model_name, version, "role", CHAMPION)
+        _describe(client, model_name, version, f"Champion since {_now()}, replacing {_v(previous)}.")
         if previous is not None:
             client.set_model_version_tag(model_name, previous, "role", "retired")
+            _describe(client, model_name, previous, f"Retired {_now()}: v{version} is the champion.")
     return True
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version is not None else "no earlier champion"
+
+
+def _now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def _describe(client: Any, model_name: str, version: str, line: str) -> None:
+    """Add a line to the model version's description (the model page shows it): the verdicts in order.
+
+    The same line twice (a retried task) is kept once.
+    """
+    current = client.get_model_version(model_name, version).description or ""
+    if line in current.splitlines():
+        return
+    client.update_model_version(model_name, version, description=f"{current}\n{line}".strip()[:5000])
 
 
 # --------------------------------------------------------------------------- the lifecycle's steps
@@ -205,6 +228,7 @@ def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decisi
     )
     verdict = "passed" if decision.promote else ("refused" if decision.evaluable else NOT_EVALUABLE)
     client.set_model_version_tag(name, str(model_version), TAG_GATE, verdict)
+    _describe(client, name, str(model_version), f"Gate: **{verdict}** — {decision.reason}")
     if not decision.promote:
         from training.lifecycle.served import drop_rows
 
@@ -212,7 +236,7 @@ def gate_challenger(s: Settings, model_version: str, tolerance: float) -> Decisi
         client.set_tag(run_id, TAG_GATE_REASON, decision.reason[:5000])
         carry_window(client, run_id, f"gate: {decision.reason}")
         drop_rows(s, client, str(model_version))
-    log.info("gate: %s -> %s", decision.reason, "promote" if decision.promote else "refuse")
+    log.info("gate: %s v%s — %s", "promote" if decision.promote else "refuse", model_version, decision.reason)
     return decision
 
 
