@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compose stack on this machine with podman: `deploy.sh up` (make deploy) | `down` (make deploy-down)
-# | `wait` (until every service is healthy) | `urls`.
+# | `wait [SERVICE...]` (until those, default all, are healthy) | `urls`.
 #
 # up: builds the images when needed (scripts/build-images.sh), makes the secrets once (random, in
 # .run/deploy/secrets.env, mode 600; an operator sets their own instead), starts docker/compose.yaml
@@ -38,31 +38,37 @@ secrets() {
   set +a
 }
 
-# every service but those of a profile (`trainer`: run on demand), which podman-compose 1.0 would start
+# every service but those named (started already) and those of a profile (`trainer`: run on
+# demand), which podman-compose 1.0 would start too
 services_to_start() {
   uv run --frozen python -c '
 import sys, yaml
 services = yaml.safe_load(open("docker/compose.yaml"))["services"]
-print(" ".join(name for name, service in services.items() if not service.get("profiles")))'
+print(" ".join(name for name, service in services.items() if not service.get("profiles") and name not in sys.argv[1:]))' "$@"
 }
 
 containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
 
-wait_healthy() {
-  local timeout="${RECSYS_DEPLOY_TIMEOUT:-600}" started now pending name state
+wait_healthy() {  # the services named (default: every container of the project)
+  local timeout="${RECSYS_DEPLOY_TIMEOUT:-600}" started now pending failed checks name services=("$@")
   started=$(date +%s)
   while :; do
     pending=()
-    for name in $(containers); do
-      state="$(podman inspect --format '{{.State.Status}}' "$name")"
-      case "$name" in *airflow-init*)  # a one-shot job: done once it exited 0
-        if [ "$state" = exited ] && [ "$(podman inspect --format '{{.State.ExitCode}}' "$name")" = 0 ]; then continue; fi
-        pending+=("$name:$state"); continue ;;
-      esac
-      if [ "$state" != running ] || ! podman healthcheck run "$name" >/dev/null 2>&1; then
-        pending+=("$name:$state")
-      fi
+    checks="$(mktemp -d)"
+    for name in $(if [ "${#services[@]}" -gt 0 ]; then printf "${PROJECT}_%s_1\n" "${services[@]}"; else containers; fi); do
+      # every container's check at once: some (the airflow CLI) take a minute under load
+      (
+        state="$(podman inspect --format '{{.State.Status}}' "$name")"
+        case "$name" in
+          *airflow-init*)  # a one-shot job: done once it exited 0
+            [ "$state" = exited ] && [ "$(podman inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] ;;
+          *) [ "$state" = running ] && podman healthcheck run "$name" >/dev/null 2>&1 ;;
+        esac || echo "$name:$state" > "$checks/$name"
+      ) &
     done
+    wait
+    for failed in "$checks"/*; do [ -e "$failed" ] && pending+=("$(cat "$failed")"); done
+    rm -rf "$checks"
     now=$(date +%s)
     if [ "${#pending[@]}" -eq 0 ]; then
       log "every service healthy $((now - started)) s after the wait began"
@@ -92,24 +98,27 @@ URLS
 
 case "${1:-up}" in
   up)
+    stages=("kafka redis-train redis-replica-a redis-replica-b redis-features postgres" "mlflow airflow-init")
     ./scripts/build-images.sh
     mkdir -p .run/deploy
     log_file=.run/deploy/compose.log  # podman-compose's output (and podman's systemd complaints)
     secrets
     started=$(date +%s)
-    # In stages, each healthy before the next starts: podman-compose does not wait on depends_on's
-    # conditions, and a dozen Python services starting at once before their brokers are up only
-    # crash and restart, starving 2 cores.
-    for stage in "kafka redis-train redis-replica-a redis-replica-b redis-features postgres" \
-      "mlflow airflow-init" "$(services_to_start)"; do
+    # Created first, then started in stages, each healthy before the next starts: podman-compose 1.0
+    # neither waits on depends_on's conditions nor starts only the services named, and a dozen
+    # Python services starting before their brokers are up only crash and restart, starving 2 cores.
+    compose up -d --no-build --no-start >/dev/null 2>>"$log_file"
+    # shellcheck disable=SC2086
+    for stage in "${stages[@]}" "$(services_to_start ${stages[*]})"; do
       # shellcheck disable=SC2086
-      compose up -d --no-build --no-deps $stage >/dev/null 2>>"$log_file"
-      wait_healthy
+      podman start $(printf "${PROJECT}_%s_1 " $stage) >/dev/null 2>>"$log_file"
+      # shellcheck disable=SC2086
+      wait_healthy $stage
     done
     log "stack healthy in $(( $(date +%s) - started )) s from \`up\`"
     urls
     ;;
-  wait) secrets; wait_healthy ;;
+  wait) shift; secrets; wait_healthy "$@" ;;
   urls) urls ;;
   down)
     secrets
