@@ -102,6 +102,7 @@ case "${1:-up}" in
     ./scripts/build-images.sh
     mkdir -p .run/deploy
     log_file=.run/deploy/compose.log  # podman-compose's output (and podman's systemd complaints)
+    : > "$log_file"
     secrets
     started=$(date +%s)
     # Created first, then started in stages, each healthy before the next starts: podman-compose 1.0
