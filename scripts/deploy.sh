@@ -108,7 +108,7 @@ case "${1:-up}" in
     # Created first, then started in stages, each healthy before the next starts: podman-compose 1.0
     # neither waits on depends_on's conditions nor starts only the services named, and a dozen
     # Python services starting before their brokers are up only crash and restart, starving 2 cores.
-    compose up -d --no-build --no-start >/dev/null 2>>"$log_file"
+    compose up --no-build --no-start >/dev/null 2>>"$log_file"
     # shellcheck disable=SC2086
     for stage in "${stages[@]}" "$(services_to_start ${stages[*]})"; do
       # shellcheck disable=SC2086
