@@ -1,4 +1,4 @@
-.PHONY: demo test test-fast lint bootstrap bench
+.PHONY: demo test test-fast lint bootstrap bench images deploy deploy-down
 
 # The main job, end to end: installs, starts local services, simulates traffic into Kafka and reads it back.
 demo: bootstrap
@@ -24,3 +24,15 @@ bootstrap:
 
 bench: bootstrap
 	uv run python -m bench
+
+# The images of docker/compose.yaml built with podman (a debootstrap base; no registry is reachable here).
+images:
+	./scripts/build-images.sh
+
+# The compose stack up with podman-compose, every service healthy, the URLs printed (README "Deployment").
+deploy:
+	./scripts/deploy.sh up
+
+# The stack down: its containers and volumes removed (the images stay).
+deploy-down:
+	./scripts/deploy.sh down
