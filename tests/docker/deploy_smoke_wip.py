@@ -203,7 +203,9 @@ def test_the_deployed_loop_trains_promotes_serves_and_fails_over_across_datacent
         wait_for("the DAG parsed by the dag-processor", lambda: airflow.get(f"/dags/{DAG}").status_code == 200, 180)
         unpaused = airflow.patch(f"/dags/{DAG}", json={"is_paused": False})
         assert unpaused.status_code == 200, unpaused.text
-        triggered = airflow.post(f"/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": {"epochs": 1}})
+        triggered = airflow.post(
+            f"/dags/{DAG}/dagRuns", json={"logical_date": None, "conf": {"epochs": 1, "min_new_samples": 1}}
+        )
         assert triggered.status_code == 200, triggered.text
         run_id = triggered.json()["dag_run_id"]
         started = time.monotonic()
