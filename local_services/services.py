@@ -159,6 +159,11 @@ def stop(run_dir: Path, name: str, timeout: float = 20.0) -> bool:
     if _process_matches(pid, record["marker"]):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+    # An exiting process loses its command line (its memory) before its sockets close, so the loop
+    # above can end while the port still accepts: wait for the port too, or a restart finds it taken.
+    port = record.get("port")
+    while port and time.monotonic() < deadline and port_open(port, timeout=0.1):
+        time.sleep(0.05)
     pid_file.unlink(missing_ok=True)
     return True
 
