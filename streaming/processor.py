@@ -184,6 +184,7 @@ class Processor:
             if state is not None:
                 released.add(p)
                 metrics.OPEN_IMPRESSIONS.dec(self.joiner.open_in(state))
+                log.info("released partition", extra={"fields": {"partition": p}})
         if released:
             self.seen = {event_id: where for event_id, where in self.seen.items() if where[0] not in released}
 

@@ -549,10 +549,14 @@ def test_sigkill_during_replay_loses_no_sample_and_changes_no_label(make_setup):
 
 
 def _partitions_taken(worker: Worker) -> set[int]:
-    taken = set()
+    """The partitions ``worker`` holds now, replayed from its log (a rebalance releases some it took before)."""
+    taken: set[int] = set()
     for line in worker.log.read_text(errors="replace").splitlines():
-        if '"took partition"' in line:  # JSON log lines; Faust's console codes may precede one
+        # JSON log lines; Faust's console codes may precede one
+        if '"took partition"' in line:
             taken.add(orjson.loads(line[line.index("{") :])["partition"])
+        elif '"released partition"' in line:
+            taken.discard(orjson.loads(line[line.index("{") :])["partition"])
     return taken
 
 
