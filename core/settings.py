@@ -549,6 +549,15 @@ class StreamSettings(BaseSettings):
         description="Faust app id: consumer group and prefix of its changelog topics",
     )
     data_dir: Path | None = Field(None, description="Faust table data of the worker (default: run_dir/stream)")
+    # Importing Feast (and the torch it imports) is most of a restart on this machine (~7-12 s quiet); the
+    # join, the samples and the tables need none of it, only the feature writes do, and those wait for it
+    feature_store_open: str = Field(
+        "background",
+        pattern=r"^(background|before_start)$",
+        description="`recsys stream worker`: open the Feast store in a thread while the worker joins its group and "
+        "processes (background: a restart processes again without waiting for Feast's import; feature writes wait) "
+        "or before the worker starts (before_start)",
+    )
     attribution_window_s: float = Field(600.0, gt=0, description="event time an impression waits for its click")
     early_click_wait_s: float = Field(
         120.0,

@@ -74,7 +74,10 @@ def worker(
             _log.error("%s", exc)
             raise typer.Exit(1) from None
     try:
-        stream_worker.features.open_now()
+        if s.stream.feature_store_open == "before_start":
+            stream_worker.features.open_now()
+        else:  # opened in a thread once the worker runs (streaming.factory); only a cheap reachability check here
+            stream_worker.features.check_reachable()
     except Exception as exc:  # noqa: BLE001 - Redis down, a broken registry: say so before joining the group
         _log.error(
             "cannot open the feature store (%s online store, %s): %s: %s",

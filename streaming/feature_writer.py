@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,9 +99,11 @@ class FeatureWriter:
 
     The lanes run side by side (one thread each), so a parquet append never delays the next
     online push: the online store is what serving reads, and its freshness is the figure that
-    matters. A batch counts as written once both lanes carried it. The store is opened before
-    the worker starts (``open_now``) or, under ``faust -A ... worker``, in a thread at start-up
-    so the event loop keeps heartbeating to Kafka meanwhile.
+    matters. A batch counts as written once both lanes carried it. The store is opened in a thread
+    at start-up (``start``), so the event loop joins the group, restores the tables and processes
+    meanwhile and only the feature writes wait for it, or before the worker starts (``open_now``,
+    ``RECSYS_STREAM_FEATURE_STORE_OPEN=before_start``). An opening that fails is tried again by the
+    next write.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -128,6 +131,19 @@ class FeatureWriter:
         torch takes seconds of CPU that would otherwise compete with the first minutes of the stream."""
         self._opened = self._open()
 
+    def check_reachable(self) -> None:
+        """Raise if the online store cannot be reached, without importing Feast (a Redis ``PING``; the SQLite
+        store is a file under the data dir that the opening creates)."""
+        s = self.settings
+        if s.feast.online_store == "redis":
+            import redis
+
+            client = redis.Redis.from_url(s.feast_redis_url, socket_connect_timeout=5, socket_timeout=5)
+            try:
+                client.ping()
+            finally:
+                client.close()
+
     def _opening(self) -> asyncio.Future[Any]:
         if self._store is None:
             self._store = asyncio.get_running_loop().run_in_executor(None, self._open)
@@ -139,6 +155,8 @@ class FeatureWriter:
         s = self.settings
         started = time.perf_counter()
         opened = fs.open_store(s.feast.data_dir, s.feast.online_store, s.feast_redis_url)
+        # what Feast and torch left is long-lived: out of the cyclic GC's way, as the CLI does before it starts
+        gc.freeze()
         log.info(
             "feature store ready",
             extra={
@@ -153,7 +171,11 @@ class FeatureWriter:
 
     async def _ready(self) -> None:
         if self._opened is None:
-            self._opened = await self._opening()
+            try:
+                self._opened = await self._opening()
+            except Exception:
+                self._store = None  # the next write tries to open it again (Redis back, registry mended)
+                raise
 
     def _frame(self, entity: Entity, rows: list[Row]) -> Any:
         from feature_repo import store as fs
