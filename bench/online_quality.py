@@ -1,6 +1,6 @@
 """Quality of online training vs the hourly batch loop, on closed-loop traffic from a cold start.
 
-    uv run python -m bench online_quality [--users 200 --items 150 --hours 8 --hour-samples 30000
+    uv run python -m bench online_quality [--users 200 --items 150 --hours 12 --hour-samples 30000
                                            --flush-s 60 --candidates 50 --epochs 4 --redis URL]
 
 One simulated world (traffic.simulator.World) and one request stream (same seed) for both arms.
@@ -141,10 +141,11 @@ def hour_figures(log: ArmLog, start: int, stop: int) -> dict[str, float]:
 def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     import torch
 
+    from bench.learning_curve import push_trained
     from core.metrics import roc_auc
     from core.settings import ParamServerSettings, Settings, TrainingSettings
     from feature_repo.spec import SPEC
-    from paramserver import Rows, open_store
+    from paramserver import open_store
     from traffic.simulator import SimConfig, World
     from training import trainer
     from training.data import working_set
@@ -227,12 +228,7 @@ def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             trainer.load_rows(sharded, table, pulled.weights, pulled.state)
         if n_train:
             trainer.train(sharded, columns, ws.local, train_idx, hp, 0, 1, device)
-            updates = {}
-            for table in sharded.owned(0):
-                weights, state = trainer.read_rows(sharded, table)
-                trained = ws.trained[table]
-                updates[table] = Rows(ws.ids[table][trained], weights[trained], state[trained])
-            batch_store.push(updates)
+            push_trained(sharded, ws, batch_store)
         predicted = trainer.predict(sharded, columns, ws.local, np.arange(n_train, len(columns)), 4096, device)
         scores = np.asarray(predicted).reshape(len(world.user_ids), n_items)
         del sharded
@@ -312,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench online_quality", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--items", type=int, default=150)
-    parser.add_argument("--hours", type=int, default=8, help="simulated hours (batch retrains)")
+    parser.add_argument("--hours", type=int, default=12, help="simulated hours (batch retrains)")
     parser.add_argument("--hour-samples", type=int, default=30_000, help="impressions per simulated hour")
     parser.add_argument("--flush-s", type=float, default=60.0, help="online flush interval, simulated seconds")
     parser.add_argument("--candidates", type=int, default=50, help="candidate items per request")
