@@ -36,11 +36,24 @@ class Curve:
     seconds: float
 
 
+def push_trained(sharded, ws, store) -> None:
+    """Push the rows a round trained (rank 0's tables) to the store, as the job does after training."""
+    from paramserver import Rows
+    from training import trainer
+
+    updates = {}
+    for table in sharded.owned(0):
+        weights, state = trainer.read_rows(sharded, table)
+        trained = ws.trained[table]
+        updates[table] = Rows(ws.ids[table][trained], weights[trained], state[trained])
+    store.push(updates)
+
+
 def run_rounds(samples: list, oracle_of, window: int, rounds: int, train_settings, label: str) -> Curve:
     """Train ``rounds`` consecutive windows like the batch job; the AUC gap to the oracle per round."""
     from core.metrics import roc_auc
     from feature_repo.spec import SPEC
-    from paramserver import Rows, open_store
+    from paramserver import open_store
     from training import trainer
     from training.data import Split, to_columns, working_set
     from training.model import ModelConfig
@@ -76,12 +89,7 @@ def run_rounds(samples: list, oracle_of, window: int, rounds: int, train_setting
             f"oracle {oracle:.4f}  gap {oracle - auc:+.4f}",
             flush=True,
         )
-        updates = {}
-        for table in sharded.owned(0):
-            weights, state = trainer.read_rows(sharded, table)
-            trained = ws.trained[table]
-            updates[table] = Rows(ws.ids[table][trained], weights[trained], state[trained])
-        store.push(updates)
+        push_trained(sharded, ws, store)
     return Curve(label, gaps, aucs, oracles, time.perf_counter() - t0)
 
 

@@ -302,3 +302,14 @@ def test_a_reset_writes_the_given_dense_weights_over_the_groups_and_a_plain_star
     for learner in (reset, after):
         for mine, wanted in zip(learner.dense.parameters(), champion.parameters()):
             np.testing.assert_array_equal(mine.detach().numpy(), wanted.detach().numpy())
+
+
+def test_score_learns_nothing_and_equals_the_progressive_score_of_the_next_batch() -> None:
+    store, config = _learner_store()
+    learner = OnlineLearner(store, config, Guard(GUARD))
+    columns = to_columns(simulate_samples(SimConfig(users=10, items=10, requests=5, seed=9)).samples)
+    first = learner.score(columns)
+    assert learner.cache.deltas() == {} and learner.samples_since_flush == 0
+    np.testing.assert_allclose(learner.score(columns), first)
+    np.testing.assert_allclose(learner.train_batch(columns), first, rtol=1e-6)
+    assert not np.allclose(learner.score(columns), first)  # the step changed the model

@@ -74,9 +74,16 @@ class OnlineLearner:
         self.samples_since_flush = 0
 
     # ------------------------------------------------------------------ training
-    def train_batch(self, columns: Columns, index: np.ndarray | None = None) -> np.ndarray:
-        """Score the samples (before learning from them), then take one step on them; returns the scores."""
+    def score(self, columns: Columns, index: np.ndarray | None = None) -> np.ndarray:
+        """Click probabilities of the samples under the current state, learning nothing (rows are pulled on demand)."""
         index = np.arange(len(columns)) if index is None else index
+        with torch.no_grad():
+            logits, _, _ = self._forward(columns, index)
+        return torch.sigmoid(logits).numpy().copy()
+
+    def _forward(
+        self, columns: Columns, index: np.ndarray
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray], dict[str, torch.Tensor]]:
         uniq: dict[str, np.ndarray] = {}
         inverse: dict[str, torch.Tensor] = {}
         offsets: dict[str, torch.Tensor] = {}
@@ -92,9 +99,14 @@ class OnlineLearner:
         }
         pooled = torch.stack([self._pool(inverse[name], leaves[name], offsets[name]) for name in self.features], dim=1)
         dense = torch.from_numpy(columns.dense[index])
-        labels = torch.from_numpy(columns.labels[index])
         self.dense.train()
-        logits = self.dense(dense, pooled)
+        return self.dense(dense, pooled), slots, leaves
+
+    def train_batch(self, columns: Columns, index: np.ndarray | None = None) -> np.ndarray:
+        """Score the samples (before learning from them), then take one step on them; returns the scores."""
+        index = np.arange(len(columns)) if index is None else index
+        logits, slots, leaves = self._forward(columns, index)
+        labels = torch.from_numpy(columns.labels[index])
         scores = torch.sigmoid(logits).detach().numpy().copy()  # progressive validation: before the step
         weights = None
         if self.config.ips_max_weight is not None:
