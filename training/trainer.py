@@ -58,12 +58,10 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
     """Join the torchrun process group (env:// rendezvous); a plain process becomes a 1-rank group."""
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     chosen = "nccl" if (backend == "nccl" or (backend == "auto" and use_cuda)) else "gloo"
-    if "RANK" not in os.environ:  # not under torchrun: a private single-rank group
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            from core.procs import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
+    # not under torchrun: a private single-rank group, its rendezvous an in-process store (a free TCP port
+    # picked for env:// could be taken by another process before the group bound it: EADDRINUSE in the suite)
+    private = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if chosen == "nccl":
@@ -72,7 +70,11 @@ def init_distributed(backend: str = "auto") -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(chosen)
+        if private:
+            dist.init_process_group(chosen, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group(chosen)
     return dist.get_rank(), dist.get_world_size(), device
 
 
