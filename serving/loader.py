@@ -179,25 +179,27 @@ class MlflowLoader:
         value = self.client.get_model_version(self.model_name, version).tags.get(TAG_PS_VERSION)
         return int(value) if value is not None else None
 
-    def load(self, version: str) -> DLRMScorer:
+    def fetch_dense(self, version: str, folder: Path) -> Path:
+        """Download the dense artifact of registered ``version`` under ``folder``; its path."""
         mv = self.client.get_model_version(self.model_name, version)
-        with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
-            folder = Path(tmp)
-            try:
-                import mlflow.artifacts
+        try:
+            import mlflow.artifacts
 
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=mv.source,
-                    dst_path=str(folder / "model"),
-                    tracking_uri=self.tracking_uri,
-                )
-                path = _find_dense(folder)
-            except Exception:  # noqa: BLE001 - the weights may sit beside the logged model in the run
-                if not mv.run_id:
-                    raise
-                self.client.download_artifacts(mv.run_id, "", str(folder / "run"))
-                path = _find_dense(folder / "run")
-            return load_dense_scorer(path, f"{self.model_name}/{version}")
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=mv.source,
+                dst_path=str(folder / "model"),
+                tracking_uri=self.tracking_uri,
+            )
+            return _find_dense(folder / "model")
+        except Exception:  # noqa: BLE001 - the weights may sit beside the logged model in the run
+            if not mv.run_id:
+                raise
+            self.client.download_artifacts(mv.run_id, "", str(folder / "run"))
+            return _find_dense(folder / "run")
+
+    def load(self, version: str) -> DLRMScorer:
+        with tempfile.TemporaryDirectory(prefix="serving-model-") as tmp:
+            return load_dense_scorer(self.fetch_dense(version, Path(tmp)), f"{self.model_name}/{version}")
 
 
 def mlflow_loader(settings: Settings) -> MlflowLoader | None:

@@ -28,6 +28,15 @@ CHAINS = {
     "push_to_replica_applied": "push → replica applied (all replicas)",
     "champion_to_serving_reload": "champion change → serving reload",
 }
+# the online stage's chain (its probes are counted apart: the stage can be skipped)
+ONLINE_CHAIN = "click_to_served_online"
+ONLINE_CHAIN_LABEL = "click → trained, on every replica and served (online trainer)"
+ONLINE_STAGES = {
+    "click_to_sample": "click → sample (stream worker's join)",
+    "sample_to_flushed": "sample → flushed (consumed, trained, pushed)",
+    "flushed_to_replicas": "flushed → on every replica",
+    "flushed_to_served": "flushed → served score changed",
+}
 
 
 class DemoError(RuntimeError):
@@ -52,6 +61,8 @@ class DemoConfig:
     ranks: int = 1
     probes: int = 20
     query_users: int = 100
+    online_s: float = 90.0  # the online stage's closed loop, served by the online trainer (0: no online stage)
+    online_probes: int = 20  # click -> served probes during the online stage
     mlflow_server: bool = True
     mlflow_port: int = 5000
     stop: bool = False
@@ -71,6 +82,7 @@ class Report:
     model: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, Any] = field(default_factory=dict)
     freshness: dict[str, dict[str, Any]] = field(default_factory=dict)
+    online: dict[str, Any] = field(default_factory=dict)  # the online stage: trainer, flushes, AUC per flush
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,6 +128,8 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
         # next to Prometheus, which scrapes them
         "STREAM_METRICS_PORT": str(base.local.loop_exporter_port + 1),
         "SIM_METRICS_PORT": str(base.local.loop_exporter_port + 2),
+        # the online stage's trainer (README "Online training"), scraped for the dashboard too
+        "ONLINE_METRICS_PORT": str(base.local.loop_exporter_port + 3),
     }
     return {f"RECSYS_{k}": v for k, v in wanted.items() if f"RECSYS_{k}" not in env}
 

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from recsys.demo.config import CHAINS, Report
+from recsys.demo.config import CHAINS, ONLINE_CHAIN, ONLINE_CHAIN_LABEL, ONLINE_STAGES, Report
 
 
 def quantiles(values: list[float]) -> dict[str, Any]:
@@ -64,7 +64,8 @@ def _plots(report: Report, out_dir: Path) -> list[tuple[str, str]]:
     if report.closed_loop.get("series"):
         _closed_loop_plot(report, out_dir / "closed_loop.png")
         plots.append(("Served CTR over time, and AUC per training round", "closed_loop.png"))
-    chains = [k for k in CHAINS if report.freshness.get(k, {}).get("n")]
+    labels = {**CHAINS, ONLINE_CHAIN: ONLINE_CHAIN_LABEL}
+    chains = [k for k in labels if report.freshness.get(k, {}).get("n")]
     if chains:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         ys = range(len(chains))
@@ -72,20 +73,73 @@ def _plots(report: Report, out_dir: Path) -> list[tuple[str, str]]:
         p99 = [report.freshness[k]["p99_s"] for k in chains]
         ax.barh([y + 0.2 for y in ys], med, height=0.4, label="median")
         ax.barh([y - 0.2 for y in ys], p99, height=0.4, label="p99")
-        ax.set_yticks(list(ys), [CHAINS[k] for k in chains])
+        ax.set_yticks(list(ys), [labels[k] for k in chains])
         ax.set(xscale="log", xlabel="seconds (log scale)", title="Freshness")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / "freshness.png", dpi=110)
         plt.close(fig)
         plots.append(("Freshness", "freshness.png"))
+    if report.online.get("auc"):
+        _online_plot(report, out_dir / "online.png")
+        plots.append(("Online training: progressive-validation AUC per flush, served CTR per phase", "online.png"))
     return plots
 
 
+def _online_plot(report: Report, path: Path) -> None:
+    """Left: the AUC of every judged flush of the online stage (scored before the trainer learned from it);
+    right: the expected served CTR of each closed-loop phase beside random and oracle on the same requests,
+    the online phase last: what the batch rounds reached, and what the online trainer kept."""
+    import matplotlib.pyplot as plt
+
+    auc = report.online["auc"]
+    t0 = auc[0][0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1.4, 1]})
+    left.plot([a[0] - t0 for a in auc], [a[1] for a in auc], "o-", ms=2, lw=1, label="online AUC (before training)")
+    oracle = next((p.get("oracle_auc") for p in report.phases if p["name"] == "online"), None)
+    if oracle:
+        left.axhline(oracle, ls="--", color="grey", lw=1, label=f"oracle AUC, online phase ({oracle:.3f})")
+    left.set(xlabel="seconds since the trainer's first flush", ylabel="AUC", title="progressive validation per flush")
+    left.legend(fontsize=7)
+    phases = [p for p in report.phases if p["total"].get("served_ctr") is not None]
+    ys = range(len(phases))
+    right.barh([y + 0.27 for y in ys], [p["total"]["served_ctr"] for p in phases], height=0.27, label="served")
+    right.barh(list(ys), [p["total"]["oracle_ctr"] for p in phases], height=0.27, label="oracle")
+    right.barh([y - 0.27 for y in ys], [p["total"]["random_ctr"] for p in phases], height=0.27, label="random")
+    right.set_yticks(list(ys), [p["name"] for p in phases])
+    right.set(xlabel="expected CTR (true probabilities)", title="served CTR per closed-loop phase")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _version_label(version: str) -> str:
-    """``recsys-dlrm/3@ps41`` -> ``v3``; the fallback scorer keeps its name."""
+    """``recsys-dlrm/3@ps41`` -> ``v3``; every online state (``online/v<D>@ps<V>``) -> ``online``; the
+    fallback scorer keeps its name."""
     name = version.split("@", 1)[0]
+    if name.startswith("online/"):
+        return "online"
     return f"v{name.rsplit('/', 1)[1]}" if "/" in name else name
+
+
+def _by_label(series: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The served-CTR buckets per plotted label, buckets of one label and time merged (weighted by impressions):
+    the online trainer's states change every few seconds, one line each would be unreadable."""
+    merged: dict[str, dict[tuple[float, float], dict[str, Any]]] = {}
+    for line in series:
+        if not line["impressions"]:
+            continue
+        buckets = merged.setdefault(_version_label(line["model_version"]), {})
+        key = (line["start"], line["end"])
+        if key not in buckets:
+            buckets[key] = dict(line)
+            continue
+        into, n, m = buckets[key], buckets[key]["impressions"], line["impressions"]
+        for field_name in ("served_ctr", "oracle_ctr", "random_ctr", "realised_ctr"):
+            into[field_name] = (into[field_name] * n + line[field_name] * m) / (n + m)
+        into["impressions"], into["clicks"] = n + m, into["clicks"] + line["clicks"]
+    return {label: sorted(buckets.values(), key=lambda b: b["start"]) for label, buckets in merged.items()}
 
 
 def _closed_loop_plot(report: Report, path: Path) -> None:
@@ -96,11 +150,11 @@ def _closed_loop_plot(report: Report, path: Path) -> None:
     series = report.closed_loop["series"]
     t0 = min(line["start"] for line in series)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2.2, 1]})
-    versions = list(dict.fromkeys(line["model_version"] for line in series))
-    for color, version in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], versions, strict=False):
-        lines = [line for line in series if line["model_version"] == version and line["impressions"]]
+    by_label = _by_label(series)
+    versions = list(by_label)
+    for color, label in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], versions, strict=False):
+        lines = by_label[label]
         t = [(line["start"] + line["end"]) / 2 - t0 for line in lines]
-        label = _version_label(version)
         left.plot(t, [line["served_ctr"] for line in lines], "o-", color=color, lw=1.5, ms=3, label=f"{label} served")
         left.plot(t, [line["oracle_ctr"] for line in lines], "--", color=color, lw=1, label=f"{label} oracle")
         left.plot(t, [line["random_ctr"] for line in lines], ":", color=color, lw=1, label=f"{label} random")
@@ -150,7 +204,7 @@ def _closed_loop_markdown(report: Report) -> list[str]:
         ratio = total["served_ctr"] / total["oracle_ctr"] if total["served_ctr"] and total["oracle_ctr"] else None
         lines.append(
             f"| {phase['name']} | {phase['duration_s']:.0f} | {phase['requests']} | {phase['impressions']} "
-            f"| {phase['clicks']} | {', '.join(_version_label(v) for v in phase['by_model_version'])} "
+            f"| {phase['clicks']} | {', '.join(dict.fromkeys(_version_label(v) for v in phase['by_model_version']))} "
             f"| {_ctr(total['served_ctr'])} | {_ctr(by_policy.get('exploit', {}).get('served_ctr'))} "
             f"| {_ctr(by_policy.get('explore', {}).get('served_ctr'))} | {_ctr(total['random_ctr'])} "
             f"| {_ctr(total['oracle_ctr'])} | {_ctr(ratio)} |"
@@ -219,10 +273,63 @@ def _closed_loop_markdown(report: Report) -> list[str]:
             "| phase | t (s) | model | impressions | clicks | realised CTR | served (expected) | random | oracle |",
             "|---|---|---|---|---|---|---|---|---|",
             *[
-                f"| {line['phase']} | {line['start'] - t0:.0f} | {_version_label(line['model_version'])} "
+                f"| {line['phase']} | {line['start'] - t0:.0f} | {label} "
                 f"| {line['impressions']} | {line['clicks']} | {_ctr(line['realised_ctr'])} "
                 f"| {_ctr(line['served_ctr'])} | {_ctr(line['random_ctr'])} | {_ctr(line['oracle_ctr'])} |"
-                for line in series
+                for label, line in sorted(
+                    ((label, line) for label, lines in _by_label(series).items() for line in lines),
+                    key=lambda pair: pair[1]["start"],
+                )
+            ],
+            "",
+        ]
+    return lines
+
+
+def _online_markdown(report: Report) -> list[str]:
+    """The online stage: the trainer that took over from the champion, its flushes, its freshness chain."""
+    o, fresh = report.online, report.freshness.get(ONLINE_CHAIN, {})
+    if not o:
+        return []
+    phase = next((p for p in report.phases if p["name"] == "online"), None)
+    before = next((p for p in reversed(report.phases) if p["name"] != "online"), None)
+    auc = [a[1] for a in o.get("auc", [])]
+    oracle = phase.get("oracle_auc") if phase else None
+    decisions = ", ".join(f"{n} {decision}" for decision, n in o["decisions"].items())
+    lines = [
+        "## Online training",
+        "",
+        f"`recsys train online` started from champion v{o['champion_version']} (its dense artifact written over the "
+        f"group's, its rows the parameter service's) and ran {o['seconds']:.0f} s: {o['flushes']} flushes "
+        f"({decisions or 'none'}), {o['samples']} samples trained; serving ended on `{o['served_version_at_end']}`. "
+        f"Trainer log: `{o['log']}`.",
+        "",
+    ]
+    if auc:
+        lines += [
+            f"Progressive-validation AUC per flush (each batch scored before the trainer learned from it): first "
+            f"{auc[0]:.3f}, median {sorted(auc)[len(auc) // 2]:.3f}, last {auc[-1]:.3f}"
+            + (f"; oracle AUC of the online phase {oracle:.3f}." if oracle else "."),
+            "",
+        ]
+    if phase and before:
+        lines += [
+            f"Served CTR (expected, true probabilities): online phase {_ctr(phase['total']['served_ctr'])} vs "
+            f"'{before['name']}' (the batch champion) {_ctr(before['total']['served_ctr'])}; random "
+            f"{_ctr(phase['total']['random_ctr'])}, oracle {_ctr(phase['total']['oracle_ctr'])} on the online "
+            "phase's requests.",
+            "",
+        ]
+    if fresh.get("n"):
+        lines += [
+            f"Freshness, {fresh.get('how')}: {fresh['n']} of {fresh.get('probes')} probes, median "
+            f"{_fmt_s(fresh['median_s'])}, p99 {_fmt_s(fresh['p99_s'])}.",
+            "",
+            "| stage | median | p99 |",
+            "|---|---|---|",
+            *[
+                f"| {label} | {_fmt_s(fresh['stages'][key]['median_s'])} | {_fmt_s(fresh['stages'][key]['p99_s'])} |"
+                for key, label in ONLINE_STAGES.items()
             ],
             "",
         ]
@@ -278,9 +385,11 @@ def _markdown(report: Report, plots: list[tuple[str, str]]) -> list[str]:
             f"| {label} | {report.freshness.get(k, {}).get('n', 0)} "
             f"| {_fmt_s(report.freshness.get(k, {}).get('median_s'))} "
             f"| {_fmt_s(report.freshness.get(k, {}).get('p99_s'))} |"
-            for k, label in CHAINS.items()
+            for k, label in {**CHAINS, ONLINE_CHAIN: ONLINE_CHAIN_LABEL}.items()
+            if k in CHAINS or k in report.freshness
         ],
         "",
+        *_online_markdown(report),
         "## Stage times",
         "",
         *[f"- {k}: {v:.1f} s" for k, v in report.stage_seconds.items()],

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from core.settings import PROJECT_ROOT, Settings
 from recsys.demo.config import FEATURES_DAG, DemoConfig, Report, console, demo_overrides, step
+from recsys.demo.online import online_stage
 from recsys.demo.probes import measure_freshness
 from recsys.demo.report import write_report
 from recsys.demo.stages import (
@@ -145,6 +146,8 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
         ("freshness", lambda: measure_freshness(s, config, got.client, got.version, report)),
         ("serving_settled", lambda: serving(settled=True)),
     ]
+    if config.online_s > 0:
+        stages += [("online", lambda: online_stage(s, config, got.world, got.version, report, truth_path, out_dir))]
     try:
         for name, stage in stages:
             started = time.monotonic()
@@ -188,6 +191,12 @@ def demo(
     ranks: Annotated[int, typer.Option(min=1, max=8, help="torchrun ranks (DAG run parameter)")] = _D.ranks,
     probes: Annotated[int, typer.Option(min=1, max=1000, help="freshness probes per chain")] = _D.probes,
     query_users: Annotated[int, typer.Option(min=1, help="users queried against serving")] = _D.query_users,
+    online_s: Annotated[
+        float, typer.Option(min=0, help="seconds of closed loop served by the online trainer (0: no online stage)")
+    ] = _D.online_s,
+    online_probes: Annotated[
+        int, typer.Option(min=1, max=1000, help="click → served freshness probes of the online stage")
+    ] = _D.online_probes,
     mlflow_server: Annotated[
         bool, typer.Option(help="run `mlflow server` (else a SQLite tracking URI)")
     ] = _D.mlflow_server,
@@ -214,6 +223,8 @@ def demo(
         ranks=ranks,
         probes=probes,
         query_users=query_users,
+        online_s=online_s,
+        online_probes=online_probes,
         mlflow_server=mlflow_server,
         mlflow_port=mlflow_port,
         stop=stop,

@@ -128,3 +128,42 @@ def test_truth_is_read_back_by_the_sample_id_the_stream_gives(tmp_path: Path) ->
     truth = read_truth(path)
     assert truth[sample_id("r1", "i1")].clicked and truth[sample_id("r1", "i1")].probability == 0.25
     assert not truth[sample_id("r1", "i2")].clicked and len(truth) == 2
+
+
+def test_online_stage_is_reported_with_its_states_merged_per_bucket(tmp_path: Path) -> None:
+    report = _report()
+    judge_targets(Settings(), report)
+    a, b = _aggregate(30, 0.50, 0.12, 0.57), _aggregate(10, 0.30, 0.12, 0.57)
+    online = _phase("online", "online/v40@ps41", a, a, _aggregate(40, 0.45, 0.12, 0.57))
+    online["by_model_version"] = {"online/v40@ps41": a, "online/v40@ps42": b}
+    report.phases.append(online)
+    for version, agg in (("online/v40@ps41", a), ("online/v40@ps42", b)):
+        line = {"phase": "online", "bucket": 0, "start": 500.0, "end": 510.0, "model_version": version, **agg}
+        report.closed_loop["series"].append(line)
+    quantile = {"n": 2, "median_s": 1.5, "p99_s": 2.5, "max_s": 2.5}
+    stages = ("click_to_sample", "sample_to_flushed", "flushed_to_replicas", "flushed_to_served")
+    report.freshness["click_to_served_online"] = {
+        **quantile,
+        "probes": 2,
+        "stages": dict.fromkeys(stages, quantile),
+        "how": "probe",
+    }
+    report.online = {
+        "champion_version": "2",
+        "seconds": 40.0,
+        "flushes": 3,
+        "decisions": {"publish": 3},
+        "samples": 900,
+        "served_version_at_end": "online/v40@ps42",
+        "log": "trainer.log",
+        "auc": [[1000.0, 0.70, 300], [1002.0, 0.75, 300], [1004.0, 0.80, 300]],
+    }
+    markdown = write_report(report, tmp_path).read_text()
+    # two online states in one time bucket are one row, weighted by impressions: (0.5*300 + 0.3*100) / 400
+    assert "| online | 400 | online | 400 | 180 | 0.4500 | 0.4500 | 0.1200 | 0.5700 |" in markdown
+    assert "| online | 60 | 40 | 400 |" in markdown and "| online |" in markdown.split("### Training rounds")[0]
+    assert "## Online training" in markdown and "first 0.700, median 0.750, last 0.800" in markdown
+    assert "online phase 0.4500 vs 'final' (the batch champion) 0.4620" in markdown
+    assert "| click → trained, on every replica and served (online trainer) | 2 | 1500 ms | 2500 ms |" in markdown
+    for name in ("online.png", "freshness.png", "closed_loop.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
