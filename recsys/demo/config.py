@@ -63,6 +63,8 @@ class DemoConfig:
     query_users: int = 100
     online_s: float = 90.0  # the online stage's closed loop, served by the online trainer (0: no online stage)
     online_probes: int = 20  # click -> served probes during the online stage
+    quality_hours: int = 12  # online vs hourly batch from a cold start, simulated on this world (0: skipped)
+    quality_hour_samples: int = 30_000  # impressions per simulated hour of that comparison
     mlflow_server: bool = True
     mlflow_port: int = 5000
     stop: bool = False
@@ -83,6 +85,7 @@ class Report:
     serving: dict[str, Any] = field(default_factory=dict)
     freshness: dict[str, dict[str, Any]] = field(default_factory=dict)
     online: dict[str, Any] = field(default_factory=dict)  # the online stage: trainer, flushes, AUC per flush
+    online_quality: dict[str, Any] = field(default_factory=dict)  # online vs hourly batch (bench online_quality)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -187,3 +188,52 @@ def online_stage(
             f"{len(probes) - len(done)} of {len(probes)} online freshness probes were never served with their update "
             f"(see {log})"
         )
+
+
+def quality_stage(s: Settings, config: DemoConfig, report: Report, out_dir: Path) -> None:
+    """Online learning vs the hourly batch loop from a cold start, on this demo's world and one request stream
+    for both arms: `bench online_quality`, a simulation (its own Redis parameter service, no Kafka), run with
+    the demo's world options and settings; its figures and plot go into the report."""
+    folder = out_dir / "online_quality"
+    step(
+        f"online vs hourly batch from a cold start: {config.quality_hours} simulated hours of "
+        f"{config.quality_hour_samples} impressions on this world (`bench online_quality`, a simulation)"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "online_quality",
+        *("--users", str(config.users), "--items", str(config.items), "--seed", str(config.seed)),
+        *("--hours", str(config.quality_hours), "--hour-samples", str(config.quality_hour_samples)),
+        *("--candidates", str(min(50, config.items)), "--out", str(folder)),
+    ]
+    try:
+        done = subprocess.run(
+            cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=config.stage_timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DemoError(f"`bench online_quality` did not finish within {config.stage_timeout_s:.0f}s") from exc
+    (folder / "output.txt").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "output.txt").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise DemoError(
+            f"`bench online_quality` failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}"
+        )
+    result = json.loads((folder / "online_quality.json").read_text())
+    keys = ("final_gap_online", "final_gap_batch", "first_within_target_samples", "target_gap", "flushes")
+    report.online_quality = {
+        **{key: result[key] for key in keys},
+        "refused_flushes": result["refused_flushes"],
+        "hours": result["hours"],
+        "plot": "online_quality/online_quality.png",
+        "command": "python " + " ".join(cmd[1:]),
+    }
+    first = result["first_within_target_samples"]
+    console.print(
+        f"final-hour gap to the oracle AUC: online {result['final_gap_online']:.4f}, hourly batch "
+        f"{result['final_gap_batch']:.4f} (target {result['target_gap']}); online "
+        + (f"first within it after {first} samples" if first is not None else "never within it")
+        + "; served CTR in the last hour: online "
+        + f"{result['hours'][-1]['online_ctr']:.4f}, batch {result['hours'][-1]['batch_ctr']:.4f}"
+    )

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from core.settings import PROJECT_ROOT, Settings
 from recsys.demo.config import FEATURES_DAG, DemoConfig, Report, console, demo_overrides, step
-from recsys.demo.online import online_stage
+from recsys.demo.online import online_stage, quality_stage
 from recsys.demo.probes import measure_freshness
 from recsys.demo.report import write_report
 from recsys.demo.stages import (
@@ -148,6 +148,8 @@ def run_demo(config: DemoConfig) -> tuple[Report, Path]:
     ]
     if config.online_s > 0:
         stages += [("online", lambda: online_stage(s, config, got.world, got.version, report, truth_path, out_dir))]
+    if config.quality_hours > 0:
+        stages += [("online_vs_batch", lambda: quality_stage(s, config, report, out_dir))]
     try:
         for name, stage in stages:
             started = time.monotonic()
@@ -197,6 +199,13 @@ def demo(
     online_probes: Annotated[
         int, typer.Option(min=1, max=1000, help="click → served freshness probes of the online stage")
     ] = _D.online_probes,
+    quality_hours: Annotated[
+        int,
+        typer.Option(min=0, max=100, help="simulated hours of online vs hourly batch from a cold start (0: skipped)"),
+    ] = _D.quality_hours,
+    quality_hour_samples: Annotated[
+        int, typer.Option(min=1000, help="impressions per simulated hour of that comparison")
+    ] = _D.quality_hour_samples,
     mlflow_server: Annotated[
         bool, typer.Option(help="run `mlflow server` (else a SQLite tracking URI)")
     ] = _D.mlflow_server,
@@ -225,6 +234,8 @@ def demo(
         query_users=query_users,
         online_s=online_s,
         online_probes=online_probes,
+        quality_hours=quality_hours,
+        quality_hour_samples=quality_hour_samples,
         mlflow_server=mlflow_server,
         mlflow_port=mlflow_port,
         stop=stop,

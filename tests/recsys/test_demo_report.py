@@ -158,7 +158,33 @@ def test_online_stage_is_reported_with_its_states_merged_per_bucket(tmp_path: Pa
         "log": "trainer.log",
         "auc": [[1000.0, 0.70, 300], [1002.0, 0.75, 300], [1004.0, 0.80, 300]],
     }
+    report.online_quality = {
+        "final_gap_online": 0.03,
+        "final_gap_batch": 0.05,
+        "first_within_target_samples": None,
+        "target_gap": 0.02,
+        "flushes": 120,
+        "refused_flushes": 1,
+        "hours": [
+            {
+                "hour": 1,
+                "samples_seen": 3000,
+                "online_auc": 0.7,
+                "batch_auc": 0.5,
+                "online_oracle_auc": 0.86,
+                "online_ctr": 0.2,
+                "batch_ctr": 0.14,
+                "random_ctr": 0.13,
+                "oracle_ctr": 0.39,
+            }
+        ],
+        "plot": "online_quality/online_quality.png",  # not drawn here: the report leaves a missing plot out
+        "command": "python -m bench online_quality --hours 1",
+    }
     markdown = write_report(report, tmp_path).read_text()
+    assert "| 1 | 3000 | 0.7000 | 0.5000 | 0.8600 | 0.2000 | 0.1400 | 0.1300 | 0.3900 |" in markdown
+    assert "the online gap (per window) was never within it; 120 flushes, 1 refused by the guard" in markdown
+    assert "online_quality.png" not in markdown
     # two online states in one time bucket are one row, weighted by impressions: (0.5*300 + 0.3*100) / 400
     assert "| online | 400 | online | 400 | 180 | 0.4500 | 0.4500 | 0.1200 | 0.5700 |" in markdown
     assert "| online | 60 | 40 | 400 |" in markdown and "| online |" in markdown.split("### Training rounds")[0]

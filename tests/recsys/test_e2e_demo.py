@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(240
 USERS, ITEMS, PROBES, QUERIES = 200, 150, 5, 40
 RATE, COLD_S, PHASE_S, FINAL_S, ROUNDS = 20, 40, 30, 25, 2
 ONLINE_S, ONLINE_PROBES = 30, 5
+QUALITY_HOURS, QUALITY_HOUR_SAMPLES = 2, 3000
 
 
 def test_quantiles_are_median_and_nearest_rank_p99() -> None:
@@ -149,6 +150,10 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
         str(ONLINE_S),
         "--online-probes",
         str(ONLINE_PROBES),
+        "--quality-hours",
+        str(QUALITY_HOURS),
+        "--quality-hour-samples",
+        str(QUALITY_HOUR_SAMPLES),
         "--no-mlflow-server",
         "--keep",
         "--stage-timeout-s",
@@ -296,3 +301,19 @@ def test_online_trainer_takes_over_from_the_champion_and_its_clicks_are_served(d
     assert "## Online training" in markdown and "click → trained, on every replica and served" in markdown
     assert (report_dir / "online.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "online freshness, click → on every replica and served" in output
+
+
+def test_online_vs_hourly_batch_from_a_cold_start_is_in_the_report(demo_report) -> None:
+    report, report_dir, output, _ = demo_report
+    quality = report["online_quality"]
+    assert [h["hour"] for h in quality["hours"]] == list(range(1, QUALITY_HOURS + 1))
+    for hour in quality["hours"]:
+        assert 0.5 < hour["online_oracle_auc"] <= 1 and 0 < hour["random_ctr"] < hour["oracle_ctr"], hour
+        assert 0 < hour["online_ctr"] <= hour["oracle_ctr"] and 0 < hour["batch_ctr"] <= hour["oracle_ctr"], hour
+    # the simulation ran on the demo's world: its options are the demo's
+    assert f"--users {USERS} --items {ITEMS}" in quality["command"]
+    assert quality["flushes"] > 0
+    markdown = (report_dir / "report.md").read_text()
+    assert "## Online vs hourly batch from a cold start" in markdown
+    assert (report_dir / quality["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "final-hour gap to the oracle AUC: online" in output
