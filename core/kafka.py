@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -146,6 +146,19 @@ async def end_offsets(bootstrap: Brokers, topic: str) -> dict[int, int]:
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         ends = await consumer.end_offsets(tps) if tps else {}
         return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def commit_group_offsets(bootstrap: Brokers, group: str, topic: str, offsets: Mapping[int, int]) -> None:
+    """Commit ``{partition: next offset}`` of ``topic`` for consumer ``group`` (no member joins it): where
+    the group's next member starts reading."""
+    consumer = AIOKafkaConsumer(**connect_options(bootstrap), group_id=group, enable_auto_commit=False)
+    await start_client(consumer, servers(bootstrap), consumer.stop)
+    try:
+        tps = {TopicPartition(topic, int(p)): int(o) for p, o in offsets.items()}
+        consumer.assign(list(tps))
+        await consumer.commit(tps)
     finally:
         await consumer.stop()
 

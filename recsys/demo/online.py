@@ -11,6 +11,7 @@ guard's decisions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -86,10 +87,12 @@ def online_stage(
     """Start an online trainer from champion ``version``, run the closed loop on what it publishes, time probes."""
     import httpx
 
+    from core.kafka import commit_group_offsets
     from paramserver import open_store
     from recsys.demo import loop
     from serving.loader import MlflowLoader
     from traffic.freshness import Follower, Probe, ProbeProducer, SampleWatcher, Watcher, served_score
+    from training.tracking import TAG_OFFSETS
 
     step(
         f"online training: `recsys train online` takes over from champion v{version}; {config.online_s:.0f} s of "
@@ -102,6 +105,12 @@ def online_stage(
     dense = registry.fetch_dense(version, folder / "champion")
     log = folder / "trainer.log"
     base = f"http://127.0.0.1:{s.serving.port}"
+    # the group starts where the champion's training window ended: what the champion learned is not trained
+    # again, and every sample after its window is (the champion's traffic since, then the online phase's)
+    run = registry.client.get_run(registry.client.get_model_version(s.serving.model_name, version).run_id)
+    window_end = json.loads(run.data.tags[TAG_OFFSETS])
+    asyncio.run(commit_group_offsets(s.kafka.bootstrap, s.online.group_id, s.kafka.topic_samples, window_end))
+    console.print(f"online group {s.online.group_id} starts at the champion's window end {window_end}")
     trainer = _start_trainer(s, dense, journal, log)
     stores = [open_store("redis", [], s.ps), *[open_store("redis", [], s.ps, shards=[url]) for url in s.ps.replicas]]
     watcher = Watcher(stores)

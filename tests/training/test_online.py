@@ -205,6 +205,26 @@ def test_a_poisoned_stream_is_refused_whole_and_publishing_resumes_when_quality_
     assert resumed[-1].verdict.publish and store.version() > good_version
 
 
+def test_a_halted_learner_with_only_small_flushes_resumes_once_their_scored_samples_add_up() -> None:
+    store, config = _learner_store()
+    learner = OnlineLearner(store, config, Guard(GUARD))
+    clean = simulate_samples(SimConfig(users=80, items=50, requests=900, seed=5)).samples
+    _train(learner, clean[:6000])
+    refused = _train(learner, _flipped(clean[6000:8400]))
+    assert refused[-1].verdict.decision is Decision.REFUSE and learner.guard.halted
+    halted_at = store.version()
+    # a low rate: every flush holds 20 clean samples, fewer than the guard's minimum (50) to judge
+    small = _train(learner, clean[8400:8600], batch=20, flush_every=1)
+    held = [r for r in small if r.verdict.decision is Decision.HOLD]
+    assert held and all(r.samples == 20 and r.version is None for r in held)
+    # the held flushes' scores are judged together: 20, 40, then 60 scored samples, enough to judge
+    assert [r.quality.samples for r in small[:3]] == [20, 40, 60]
+    assert small[2].verdict.publish and "publishing resumes" in small[2].verdict.reason
+    assert not learner.guard.halted and store.version() > halted_at
+    # after a judgement the count starts again
+    assert small[3].quality.samples == 20
+
+
 def test_two_learners_on_one_store_both_count_and_share_dense_weights() -> None:
     store, config = _learner_store()
     first, second = OnlineLearner(store, config, Guard(GUARD)), OnlineLearner(store, config, Guard(GUARD))

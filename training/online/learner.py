@@ -24,7 +24,7 @@ import torch
 from paramserver import ParamStore
 from training.data import Columns, ips_weights
 from training.model import DenseArch, ModelConfig
-from training.online.guard import FlushQuality, Guard, Verdict
+from training.online.guard import Decision, FlushQuality, Guard, Verdict
 from training.online.rows import DENSE_TABLE, DenseSync, RowCache
 from training.trainer import weighted_bce
 
@@ -140,7 +140,11 @@ class OnlineLearner:
         quality = self.quality()
         verdict = self.guard.judge(quality)
         result = FlushResult(verdict, quality, self.samples_since_flush)
-        self._scores, self._labels, self.samples_since_flush = [], [], 0
+        self.samples_since_flush = 0
+        if verdict.decision is not Decision.HOLD:
+            self._scores, self._labels = [], []
+        # else: too few scored samples to judge while halted; they count toward the next judgement, so a
+        # halted trainer whose flushes are all small (a low traffic rate) resumes once they add up
         if not verdict.publish:
             self.discard()
             return result
