@@ -107,8 +107,11 @@ def online_stage(
     base = f"http://127.0.0.1:{s.serving.port}"
     # the group starts where the champion's training window ended: what the champion learned is not trained
     # again, and every sample after its window is (the champion's traffic since, then the online phase's)
-    run = registry.client.get_run(registry.client.get_model_version(s.serving.model_name, version).run_id)
-    window_end = json.loads(run.data.tags[TAG_OFFSETS])
+    run_id = registry.client.get_model_version(s.serving.model_name, version).run_id
+    tags = registry.client.get_run(run_id).data.tags if run_id else {}
+    if TAG_OFFSETS not in tags:
+        raise DemoError(f"champion v{version} has no training window recorded (run {run_id}, tag {TAG_OFFSETS})")
+    window_end = json.loads(tags[TAG_OFFSETS])
     asyncio.run(commit_group_offsets(s.kafka.bootstrap, s.online.group_id, s.kafka.topic_samples, window_end))
     console.print(f"online group {s.online.group_id} starts at the champion's window end {window_end}")
     trainer = _start_trainer(s, dense, journal, log)
