@@ -114,6 +114,8 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
             "RECSYS_STREAM_METRICS_PORT": str(free_port()),
             "RECSYS_SIM_METRICS_PORT": str(free_port()),
             "RECSYS_ONLINE_METRICS_PORT": str(free_port()),
+            # a loaded 2-core CI machine has seen Airflow's scheduler take over the default 180 s to heartbeat
+            "RECSYS_AIRFLOW_START_TIMEOUT_S": "600",
             "RECSYS_PS_SHARDS": json.dumps([f"redis://127.0.0.1:{shard}/0"]),
             "RECSYS_PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{replica_a}/0", f"redis://127.0.0.1:{replica_b}/0"]),
             "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
