@@ -8,7 +8,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.kafka import KafkaUnavailable, end_offsets, ensure_topics, produce_all, publish, read_topic
+from core.kafka import (
+    KafkaUnavailable,
+    commit_group_offsets,
+    end_offsets,
+    ensure_topics,
+    produce_all,
+    publish,
+    read_topic,
+)
 from feature_repo.contract import parse_event
 from traffic.simulator import SimConfig, Simulation
 
@@ -101,6 +109,30 @@ async def test_consumer_group_commits_offsets_and_resumes(kafka_bootstrap: str, 
     second = await consume(6)
     assert first == [f"m{i}".encode() for i in range(4)]
     assert second == [f"m{i}".encode() for i in range(4, 10)]
+
+
+async def test_committed_group_offsets_are_where_the_groups_next_member_starts(
+    kafka_bootstrap: str, unique_topic: str
+) -> None:
+    await ensure_topics(kafka_bootstrap, {unique_topic: 2})
+    await produce_all(kafka_bootstrap, unique_topic, [(f"k{i}".encode(), f"m{i}".encode()) for i in range(40)])
+    ends = await end_offsets(kafka_bootstrap, unique_topic)
+    start = {p: end // 2 for p, end in ends.items()}  # as a champion's window end would be
+    group = f"group-{unique_topic}"
+    await commit_group_offsets(kafka_bootstrap, group, unique_topic, start)
+    consumer = AIOKafkaConsumer(
+        unique_topic, bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )  # "earliest" or "latest" would not matter: the group has offsets
+    await consumer.start()
+    try:
+        seen: dict[int, list[int]] = {}
+        while sum(len(v) for v in seen.values()) < sum(ends[p] - start[p] for p in ends):
+            for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+                seen.setdefault(tp.partition, []).extend(r.offset for r in records)
+    finally:
+        await consumer.stop()
+    assert {p: offsets[0] for p, offsets in seen.items()} == {p: o for p, o in start.items() if o < ends[p]}
+    assert {p: offsets[-1] + 1 for p, offsets in seen.items()} == {p: e for p, e in ends.items() if start[p] < e}
 
 
 async def test_bounded_read_respects_start_and_stop_offsets(kafka_bootstrap: str, unique_topic: str) -> None:
