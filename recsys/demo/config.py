@@ -131,8 +131,6 @@ def demo_overrides(env: Mapping[str, str], run_dir: Path, mlflow_port: int | Non
         # next to Prometheus, which scrapes them
         "STREAM_METRICS_PORT": str(base.local.loop_exporter_port + 1),
         "SIM_METRICS_PORT": str(base.local.loop_exporter_port + 2),
-        # the online stage's trainer (README "Online training"), scraped for the dashboard too
-        "ONLINE_METRICS_PORT": str(base.local.loop_exporter_port + 3),
     }
     return {f"RECSYS_{k}": v for k, v in wanted.items() if f"RECSYS_{k}" not in env}
 

@@ -8,6 +8,9 @@ export const env = (name, fallback) => {
   return value;
 };
 
+// a picture of a big page on a loaded machine takes longer than playwright's default 30 s
+export const SCREENSHOT_TIMEOUT_MS = 120000;
+
 export const launch = () => chromium.launch({
   executablePath: '/usr/bin/chromium',
   headless: true,

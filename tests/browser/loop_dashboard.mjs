@@ -3,7 +3,7 @@
 // Env: DASHBOARD_URL, SCREENSHOT, TIMEOUT_S (default 180), EXTRA_URL + EXTRA_SCREENSHOT + EXTRA_TEXT (optional:
 // the page must show this text). Prints one JSON line: {"panels": [{title, series, points, newest, error}], ...}.
 // Exit 0 when the browser did its part; the Python test judges the panels.
-import { env, run } from './chromium.mjs';
+import { SCREENSHOT_TIMEOUT_MS, env, run } from './chromium.mjs';
 
 const url = env('DASHBOARD_URL');
 const screenshot = env('SCREENSHOT');
@@ -43,13 +43,13 @@ await run(result, async (browser) => {
     }
     await page.waitForTimeout(2000);
   }
-  await page.screenshot({ path: screenshot, fullPage: true });
+  await page.screenshot({ path: screenshot, fullPage: true, timeout: SCREENSHOT_TIMEOUT_MS });
   if (process.env.EXTRA_URL) {
     const extra = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     await extra.goto(process.env.EXTRA_URL);
     await extra.getByText(env('EXTRA_TEXT')).first().waitFor({ timeout: 60000 });
     await extra.waitForTimeout(1000);
-    await extra.screenshot({ path: env('EXTRA_SCREENSHOT'), fullPage: true });
+    await extra.screenshot({ path: env('EXTRA_SCREENSHOT'), fullPage: true, timeout: SCREENSHOT_TIMEOUT_MS });
     result.extra = { url: process.env.EXTRA_URL, screenshot: process.env.EXTRA_SCREENSHOT };
   }
 }, (r) => !r.error);

@@ -2,7 +2,7 @@
 // (the trigger dialog), then watch the run's page until the run finishes; save a screenshot.
 // Env: AIRFLOW_URL, AIRFLOW_USER, AIRFLOW_PASSWORD, DAG_ID, SCREENSHOT, TIMEOUT_S (default 300).
 // Prints one JSON line: {"run_id": ..., "state": ..., "screenshot": ...}; exit 0 only on success.
-import { env, run } from './chromium.mjs';
+import { SCREENSHOT_TIMEOUT_MS, env, run } from './chromium.mjs';
 
 const base = env('AIRFLOW_URL').replace(/\/$/, '');
 const dagId = env('DAG_ID');
@@ -32,12 +32,13 @@ await run(result, async (browser) => {
   const badge = page.locator(
     `xpath=//h2[normalize-space(text())=${JSON.stringify(result.run_id)}]/following-sibling::*[@data-testid="state-badge"]`);
   while (Date.now() < deadline) {
-    await page.reload();
+    // a loaded machine can take the UI past the default 30 s: a slow reload is tried again, within the deadline
+    if (!(await page.reload({ timeout: 60000 }).then(() => true, () => false))) continue;
     const text = (await badge.first().innerText({ timeout: 20000 }).catch(() => '')).trim().toLowerCase();
     if (text && text !== result.state) console.error(`run state in the UI: ${text}`);
     result.state = text || result.state;
     if (FINAL.has(result.state)) break;
     await page.waitForTimeout(3000);
   }
-  await page.screenshot({ path: screenshot, fullPage: true });
+  await page.screenshot({ path: screenshot, fullPage: true, timeout: SCREENSHOT_TIMEOUT_MS });
 }, (r) => r.state === 'success');

@@ -1,5 +1,7 @@
 """`airflow dags test` of both DAGs against real Kafka, Redis (Feast online store, parameter
-service) and MLflow (SQLite), with a fresh Airflow metadata DB in a temporary run directory."""
+service) and MLflow (SQLite), with a fresh Airflow metadata DB in a temporary run directory.
+After the training runs, `mlflow server` on their store and headless chromium check what MLflow's
+own UI shows of them (screenshots to docs/)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,12 @@ import pytest
 from core.procs import free_port
 from core.settings import PROJECT_ROOT, Settings
 from local_services import airflow as airflow_local
+from local_services import services
+from tests.browser.harness import DOCS, require_browser, run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+MLFLOW_UI = "mlflow-ui-test"  # the managed service name of the MLflow server the UI check opens
 
 
 def recsys_env(s: Settings) -> dict[str, str]:
@@ -58,6 +64,12 @@ def dags_test(
     return state, tasks, output
 
 
+def _mlflow_store(run_dir: Path) -> Path:
+    """The SQLite store `services.start_mlflow(run_dir, ...)` serves."""
+    (run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+    return run_dir / "mlflow" / "mlflow.db"
+
+
 @pytest.fixture(scope="module")
 def airflow_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated Airflow metadata DB for the module (the DAGs' runs do not interfere)."""
@@ -83,8 +95,9 @@ def airflow_settings(kafka_bootstrap: str, redis_factory: Callable, airflow_run_
         },
         local={"redis_url": feast_redis.url, "run_dir": airflow_run_dir, "cache_dir": PROJECT_ROOT / ".cache"},
         ps={"shards": [shard.url], "replicas": [replica.url]},
-        # no MLflow server in this test: the UI address is only the base of the run links the task logs
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "ui_url": "http://127.0.0.1:5999"},
+        # no MLflow server while the DAGs run: the UI address is only the base of the run links the task
+        # logs. The store sits where `start_mlflow(tmp_path, ...)` serves it from, for the UI check after
+        mlflow={"tracking_uri": f"sqlite:///{_mlflow_store(tmp_path)}", "ui_url": "http://127.0.0.1:5999"},
         feast={"data_dir": tmp_path / "feast", "online_store": "redis", "redis_url": feast_redis.url},
         train={"experiment": f"airflow-e2e-{tag}", "model_name": f"recsys-e2e-{tag}", "epochs": 1},
         serving={"model_name": f"recsys-e2e-{tag}", "reload_urls": ["http://127.0.0.1:9"]},
@@ -172,7 +185,8 @@ def _stages(s: Settings) -> list[str]:
         store.close()
 
 
-@pytest.mark.timeout(1500)  # three training runs: ~3-4 min on an idle 2-core machine, far more under load
+# three training runs (~3-4 min on an idle 2-core machine, far more under load), then the MLflow UI check
+@pytest.mark.timeout(2100)
 def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_one(
     airflow_settings: Settings, tmp_path: Path
 ) -> None:
@@ -281,6 +295,52 @@ def test_training_dag_promotes_a_better_challenger_and_refuses_a_forced_worse_on
         # the experiment opens in MLflow's model-training view, not the GenAI one
         experiment = client.get_experiment_by_name(s.train.experiment)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        # after the runs, not beside them: the server would compete with the DAG runs for the CPU (it took
+        # ~3 min to start at load ~25)
+        ui_port = free_port()
+        services.start_mlflow(tmp_path, ui_port, name=MLFLOW_UI, timeout=900)
+        _look_in_the_mlflow_ui(s, f"http://127.0.0.1:{ui_port}", client, champion=versions[1], refused=versions[2])
     finally:
+        services.stop(tmp_path, MLFLOW_UI)
         replicator.terminate()
         replicator.wait(timeout=30)
+
+
+def _look_in_the_mlflow_ui(s: Settings, base: str, client: object, champion: str, refused: str) -> None:
+    """MLflow's own UI (``base``) on this test's store, as an operator opens it from a task log: the champion's
+    run page (model-training view) names the DAG run that made it and shows its metrics and Airflow tags; the
+    model page shows the aliases; the refused version's page gives the gate's verdict. Screenshots to docs/."""
+    import json
+    import os
+
+    from training.tracking import TAG_AIRFLOW_RUN_ID, run_url
+
+    require_browser()
+    name = s.train.model_name
+    run = client.get_run(client.get_model_version(name, champion).run_id)  # type: ignore[attr-defined]
+    DOCS.mkdir(exist_ok=True)
+    pages = [
+        {
+            "url": run_url(base, run.info.experiment_id, run.info.run_id),
+            "texts": [run.info.run_name, TAG_AIRFLOW_RUN_ID, "eval_auc", "loss"],
+            "screenshot": str(DOCS / "mlflow-run.png"),
+            "height": 1600,  # the run page scrolls inside its own panel: its metrics are below the first screen
+        },
+        {
+            "url": f"{base}/#/models/{name}",
+            "texts": [name, "champion", "challenger"],
+            "screenshot": str(DOCS / "mlflow-model.png"),
+        },
+        {
+            "url": f"{base}/#/models/{name}/versions/{refused}",
+            "texts": ["Gate:", "refused"],
+            "screenshot": str(DOCS / "mlflow-model-version.png"),
+        },
+    ]
+    seen = run_script("pages.mjs", {**os.environ, "PAGES": json.dumps(pages), "TIMEOUT_S": "180"}, timeout=900)
+    print(seen.stderr[-3000:])
+    assert seen.returncode == 0 and "error" not in seen.result, (seen.result, seen.stderr[-3000:])
+    assert seen.result["requests_off_machine"] == [], seen.result["requests_off_machine"]
+    for page in seen.result["pages"]:
+        assert page["missing"] == [], page
+        assert Path(page["screenshot"]).stat().st_size > 10_000, page

@@ -7,6 +7,11 @@ test to read the samples topic itself and check its labels against the demo's tr
 
 MLflow: a SQLite tracking URI without `mlflow server` (`--no-mlflow-server`): on the shared
 2-core machine the server takes ~90 s to start; the demo itself (`make demo`) runs the server.
+
+While the demo runs, once the last round's traffic flows (a champion promoted and served by then),
+headless chromium opens the loop dashboard the demo started (its result is kept in the report
+folder, its screenshot in docs/): the live view is checked on the real loop, not only on the
+dashboard test's small one.
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 from core.procs import free_port
 from core.settings import PROJECT_ROOT
 from feature_repo.contract import sample_id
+from local_services import prometheus as local_prometheus
 from recsys.demo import CHAINS, quantiles
+from tests.browser.harness import DOCS, dashboard_problems, require_browser, run_script, targets_up
 
 # a cold start, two DAG runs and a final phase: ~10 min on an idle 2-core machine, more under load
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -31,6 +41,14 @@ USERS, ITEMS, PROBES, QUERIES = 200, 150, 5, 40
 RATE, COLD_S, PHASE_S, FINAL_S, ROUNDS = 20, 40, 30, 25, 2
 ONLINE_S, ONLINE_PROBES = 30, 5
 QUALITY_HOURS, QUALITY_HOUR_SAMPLES = 2, 3000
+# the demo's announcement of the last round's traffic: from then on every panel has something to plot
+# (events, joins, a promoted champion serving, the replicas at its version)
+DASHBOARD_CUE = f"closed loop 'during round {ROUNDS}'"
+DASHBOARD_RESULT = "dashboard-during-demo.json"
+DASHBOARD_SCREENSHOT = DOCS / "loop-dashboard-demo.png"
+TARGETS_SCREENSHOT = DOCS / "prometheus-targets.png"
+# every component the demo runs that Prometheus scrapes
+DEMO_SCRAPE_JOBS = ("serving", "stream-worker", "simulator", "loop-exporter")
 
 
 def test_quantiles_are_median_and_nearest_rank_p99() -> None:
@@ -92,15 +110,83 @@ def _cmdline(proc: Path) -> str:
         return ""
 
 
+def _stream_app_id(run_dir: Path) -> str:
+    """The demo's stream worker group: one per run, so that its lag is this run's."""
+    return f"demo-e2e-{run_dir.name}"
+
+
+class DashboardDuringDemo:
+    """Reads the demo's output line by line (all of it kept, for the assertions and failure messages);
+    on the cue line, opens the loop dashboard in chromium in a thread of its own, while the demo goes on,
+    and saves what the browser saw as JSON in the report folder."""
+
+    def __init__(self, stream: IO[str], prometheus_port: int, report_dir: Path) -> None:
+        self.stream, self.port, self.report_dir = stream, prometheus_port, report_dir
+        self.lines: list[str] = []
+        self.browser: threading.Thread | None = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.stream:
+            self.lines.append(line)
+            if self.browser is None and DASHBOARD_CUE in line:
+                self.browser = threading.Thread(target=self._look, daemon=True)
+                self.browser.start()
+
+    def _look(self) -> None:
+        # into the phase, so that the picture shows the loop running, not its first seconds
+        time.sleep(PHASE_S / 2)
+        env = {
+            **os.environ,
+            "DASHBOARD_URL": local_prometheus.dashboard_url(self.port),
+            "SCREENSHOT": str(DASHBOARD_SCREENSHOT),
+            "TIMEOUT_S": "240",
+        }
+        seen = run_script("loop_dashboard.mjs", env, timeout=360).as_dict()
+        seen["looked_at"] = time.time()  # "live" is judged as of then, not when a test reads the file
+        try:
+            seen["targets_up"] = targets_up(self.port)
+        except Exception as exc:  # noqa: BLE001 (a diagnosis only: the panels are judged either way)
+            seen["targets_up"] = f"unreadable: {type(exc).__name__}: {exc}"
+        # Prometheus's own page of what it scrapes, beside the dashboard built on it (Debian's package
+        # serves only the classic UI)
+        targets = [
+            {
+                "url": f"http://127.0.0.1:{self.port}/classic/targets",
+                "texts": [f"{job} (1/1 up)" for job in DEMO_SCRAPE_JOBS],
+                "screenshot": str(TARGETS_SCREENSHOT),
+            }
+        ]
+        seen["targets_page"] = run_script(
+            "pages.mjs", {**os.environ, "PAGES": json.dumps(targets), "TIMEOUT_S": "60"}, timeout=180
+        ).as_dict()
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        (self.report_dir / DASHBOARD_RESULT).write_text(json.dumps(seen, indent=1))
+
+    def join(self, timeout: float) -> str:
+        """The whole output, once the demo closed it and the browser (if it started) is done."""
+        self.reader.join(timeout)
+        if self.browser is not None:
+            self.browser.join(timeout)
+        return "".join(self.lines)
+
+
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str, tuple[list, dict[str, str]]]:
+    require_browser()
     run_dir = tmp_path_factory.mktemp("demo-run")
     report_dir = run_dir / "report"
     shard, replica_a, replica_b = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    kafka_port = free_port()
+    kafka_port, prometheus_port = free_port(), free_port()
+    DOCS.mkdir(exist_ok=True)
+    for picture in (DASHBOARD_SCREENSHOT, TARGETS_SCREENSHOT):
+        picture.unlink(missing_ok=True)  # the pictures must be this run's
     env.update(
         {
+            # the cue line must reach the pipe when it is printed, not when the demo ends
+            "PYTHONUNBUFFERED": "1",
             "RECSYS_RUN_DIR": str(run_dir),
             "RECSYS_CACHE_DIR": str(PROJECT_ROOT / ".cache"),
             "RECSYS_KAFKA_PORT": str(kafka_port),
@@ -109,16 +195,15 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
             "RECSYS_SERVING_PORT": str(free_port()),
             "RECSYS_AIRFLOW_PORT": str(free_port()),
             # the loop dashboard's Prometheus and every /metrics it scrapes
-            "RECSYS_PROMETHEUS_PORT": str(free_port()),
+            "RECSYS_PROMETHEUS_PORT": str(prometheus_port),
             "RECSYS_LOOP_EXPORTER_PORT": str(free_port()),
             "RECSYS_STREAM_METRICS_PORT": str(free_port()),
             "RECSYS_SIM_METRICS_PORT": str(free_port()),
-            "RECSYS_ONLINE_METRICS_PORT": str(free_port()),
             # a loaded 2-core CI machine has seen Airflow's scheduler take over the default 180 s to heartbeat
             "RECSYS_AIRFLOW_START_TIMEOUT_S": "600",
             "RECSYS_PS_SHARDS": json.dumps([f"redis://127.0.0.1:{shard}/0"]),
             "RECSYS_PS_REPLICAS": json.dumps([f"redis://127.0.0.1:{replica_a}/0", f"redis://127.0.0.1:{replica_b}/0"]),
-            "RECSYS_STREAM_APP_ID": f"demo-e2e-{run_dir.name}",
+            "RECSYS_STREAM_APP_ID": _stream_app_id(run_dir),
         }
     )
     cmd = [
@@ -164,17 +249,26 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, s
         str(report_dir),
     ]
     samples: tuple[list, dict[str, str]] = ([], {})
+    demo = subprocess.Popen(
+        cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     try:
-        done = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=2400)
-        if done.returncode == 0:
+        assert demo.stdout is not None  # PIPE
+        watcher = DashboardDuringDemo(demo.stdout, prometheus_port, report_dir)
+        returncode = demo.wait(timeout=2400)
+        # the services outlive the demo (--keep): a browser still looking finds the dashboard up
+        output = watcher.join(timeout=420)
+        if returncode == 0:
             samples = _read_samples_and_late_clicks(f"127.0.0.1:{kafka_port}")
     finally:  # whatever happened, nothing of this run may keep running
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=60)
         for down in (["airflow", "down"], ["services", "down"]):
             subprocess.run(
                 [sys.executable, "-m", "recsys.cli", *down], env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=120
             )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
+    assert returncode == 0, output[-6000:]
     # every process of the run stopped, the stream worker included (Faust retitles it)
     leftovers = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).find(str(run_dir)) >= 0]
     assert not leftovers, [_cmdline(p) for p in leftovers]
@@ -319,3 +413,24 @@ def test_online_vs_hourly_batch_from_a_cold_start_is_in_the_report(demo_report) 
     assert "## Online vs hourly batch from a cold start" in markdown
     assert (report_dir / quality["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "final-hour gap to the oracle AUC: online" in output
+
+
+def test_the_loop_dashboard_showed_the_live_loop_during_the_demo(demo_report) -> None:
+    report, report_dir, output, _ = demo_report
+    assert DASHBOARD_CUE in output, "the demo never announced its last round's traffic"
+    path = report_dir / DASHBOARD_RESULT
+    assert path.exists(), f"the browser never saved what it saw ({path})"
+    seen = json.loads(path.read_text())
+    print(f"targets up: {seen['targets_up']}; browser: {seen['stderr_tail'][-1500:]}")
+    problems = dashboard_problems(seen, consumer_group=_stream_app_id(report_dir.parent), now=seen["looked_at"])
+    assert not problems, problems
+    panels = {p["title"]: p for p in seen["result"]["panels"]}
+    # the demo's own loop: both inference replicas, and the model its rounds promoted being served
+    assert "replica-1" in panels["Parameter version per copy"]["legend"], panels["Parameter version per copy"]
+    assert f"{report['model']['name']}/" in panels["Served model version"]["legend"], panels["Served model version"]
+    assert DASHBOARD_SCREENSHOT.stat().st_size > 10_000
+    # Prometheus scraped every component of the demo, and its own targets page says so
+    assert seen["targets_up"] == dict.fromkeys(DEMO_SCRAPE_JOBS, "1"), seen["targets_up"]
+    targets_page = seen["targets_page"]
+    assert targets_page["returncode"] == 0, targets_page
+    assert TARGETS_SCREENSHOT.stat().st_size > 10_000
