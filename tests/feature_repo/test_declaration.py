@@ -185,3 +185,115 @@ def test_the_ecommerce_declaration_hashes_user_columns_scales_item_context_and_h
     assert spec.encode("item", "p", {price.source: 1e12}).dense[price.name] == price.clip
     # a rebuilt spec is equal (and hashes equal): the hash is a function of the declaration
     assert build_spec(load_declaration("ecommerce")).spec_hash() == spec.spec_hash() != MOVIELENS.spec_hash()
+
+
+# ---------------------------------------------------------------- the hard-coded encoders, frozen
+# feature_repo/spec.py's MovieLens encoders as they were at 49d7bf3, kept only as the reference the
+# declared spec is compared with over arbitrary inputs (the captured table above pins the ids too).
+
+
+def _reference_user(user_id: str, attrs: dict) -> tuple[dict, dict]:
+    import math as m
+    from bisect import bisect_right
+
+    from feature_repo.spec import AGE_BOUNDARIES, GENDER_ALIASES, GENDERS, OCCUPATION_ALIASES, OCCUPATIONS, hash_id
+
+    def vocab(values, aliases, raw):
+        if raw is None:
+            return 0
+        value = str(raw).strip().lower()
+        value = aliases.get(value, value)
+        return {v: i + 1 for i, v in enumerate(values)}.get(value, 0)
+
+    age = attrs.get("age")
+    number = not (age is None or isinstance(age, bool) or not isinstance(age, (int, float)) or not m.isfinite(age))
+    bucket = bisect_right(AGE_BOUNDARIES, age) + 1 if number and age >= 0 else 0
+    zip_code = attrs.get("zip_code")
+    prefix = str(zip_code).strip()[:3].upper() if zip_code is not None else ""
+    sparse = {
+        "user_id": [hash_id("user_id", user_id)],
+        "gender": [vocab(GENDERS, GENDER_ALIASES, attrs.get("gender"))],
+        "age_bucket": [bucket],
+        "occupation": [vocab(OCCUPATIONS, OCCUPATION_ALIASES, attrs.get("occupation"))],
+        "zip_prefix": [hash_id("zip_prefix", prefix, 16) if prefix else 0],
+    }
+    return sparse, {"user_age": max(-3.0, min(3.0, (float(age) - 35.0) / 15.0)) if number else 0.0}
+
+
+def _reference_item(item_id: str, attrs: dict) -> tuple[dict, dict]:
+    import math as m
+
+    from feature_repo.spec import GENRES, hash_id
+
+    index = {v: i + 1 for i, v in enumerate(GENRES)}
+
+    def vocab(raw):
+        return 0 if raw is None else index.get(str(raw).strip().lower(), 0)
+
+    genres = attrs.get("genres") or []
+    category = attrs.get("category")
+    if category is None and genres:
+        category = genres[0]
+    year = attrs.get("year")
+    number = not (year is None or isinstance(year, bool) or not isinstance(year, (int, float)) or not m.isfinite(year))
+    sparse = {
+        "item_id": [hash_id("item_id", item_id)],
+        "item_category": [vocab(category)],
+        "genres": sorted({vocab(g) for g in genres} - {0}) or [0],
+    }
+    return sparse, {"item_year": max(-3.0, min(3.0, (float(year) - 1990.0) / 15.0)) if number else 0.0}
+
+
+def _word(values: tuple[str, ...]):
+    from hypothesis import strategies as st
+
+    known = st.sampled_from(values).flatmap(lambda v: st.sampled_from([v, v.upper(), f" {v.title()}  "]))
+    return st.one_of(st.none(), known, st.text(max_size=12))
+
+
+def _user_attrs():
+    from hypothesis import strategies as st
+
+    from feature_repo.spec import GENDER_ALIASES, OCCUPATION_ALIASES, OCCUPATIONS
+
+    number = st.one_of(st.none(), st.integers(-5, 160), st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "gender": _word(tuple(GENDER_ALIASES)),
+            "age": number,
+            "occupation": _word(OCCUPATIONS + tuple(OCCUPATION_ALIASES)),
+            "zip_code": st.one_of(st.none(), st.text(max_size=8), st.integers(0, 99999)),
+        },
+    )
+
+
+def _item_attrs():
+    from hypothesis import strategies as st
+
+    from feature_repo.spec import GENRES
+
+    number = st.one_of(st.none(), st.integers(1700, 2300), st.floats(allow_nan=True, allow_infinity=True))
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "category": _word(GENRES),
+            "genres": st.lists(_word(GENRES), max_size=5),
+            "year": number,
+        },
+    )
+
+
+def test_the_declared_movielens_spec_equals_the_hard_coded_encoders_on_arbitrary_inputs() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.text(min_size=1, max_size=10), _user_attrs(), _item_attrs())
+    def check(entity_id: str, user: dict, item: dict) -> None:
+        got_user = MOVIELENS.encode("user", entity_id, user)
+        got_item = MOVIELENS.encode("item", entity_id, item)
+        assert (got_user.sparse, got_user.dense) == _reference_user(entity_id, user)
+        assert (got_item.sparse, got_item.dense) == _reference_item(entity_id, item)
+
+    check()
