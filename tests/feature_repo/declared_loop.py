@@ -12,7 +12,9 @@ there is something to learn. Prints one JSON object with what the test checks.
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
 import sys
 import time
 from typing import Any
@@ -56,6 +58,7 @@ def main(n_users: int, n_items: int) -> dict[str, Any]:
     import torch.distributed as dist
     from fastapi.testclient import TestClient
 
+    from bench.learning_curve import push_trained
     from core.metrics import roc_auc
     from core.settings import Settings
     from feature_repo.spec import SPEC, hash_id
@@ -137,14 +140,7 @@ def main(n_users: int, n_items: int) -> dict[str, Any]:
             trainer.load_rows(sharded, table, rows.weights, rows.state)
         trained = trainer.train(sharded, columns, ws.local, Split(everything, everything).train, hp, 0, 1, device)
         predicted = trainer.predict(sharded, columns, ws.local, everything, 4096, device)
-        updates = {}
-        from paramserver import Rows
-
-        for table in sharded.owned(0):
-            weights, state = trainer.read_rows(sharded, table)
-            mask = ws.trained[table]
-            updates[table] = Rows(ws.ids[table][mask], weights[mask], state[mask])
-        store.push(updates)
+        push_trained(sharded, ws, store)  # the trained rows, as the job pushes them after training
         arch = DenseArch(config)
         arch.load_state_dict(dense_state_dict(sharded.model))
         arch.eval()
@@ -207,6 +203,20 @@ def main(n_users: int, n_items: int) -> dict[str, Any]:
         "model_version": model_version,
         "recommended": [x["item_id"] for x in ranked.json()["items"]],
     }
+
+
+def run_with_spec(declaration: str, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` under RECSYS_FEATURE_SPEC=declaration: a spec is chosen once per process."""
+    from core.settings import PROJECT_ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "RECSYS_FEATURE_SPEC": declaration},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 if __name__ == "__main__":

@@ -9,29 +9,17 @@ serving app scores the same pairs with the trained dense part over the pushed ro
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import orjson
 import pytest
 
-from core.settings import PROJECT_ROOT
 from feature_repo.spec import load_spec
+from tests.feature_repo.declared_loop import run_with_spec
 from training.model import POSITION_FEATURE
 
 
 @pytest.mark.parametrize("declaration", ["ecommerce", "movielens"])
 def test_a_declared_spec_streams_trains_and_serves_end_to_end(declaration: str) -> None:
-    env = {**os.environ, "RECSYS_FEATURE_SPEC": declaration}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.feature_repo.declared_loop", "60", "50"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_with_spec(declaration, "tests.feature_repo.declared_loop", "60", "50")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     out = orjson.loads(done.stdout.rpartition("RESULT ")[2])
     spec = load_spec(declaration)

@@ -101,15 +101,9 @@ def test_every_declared_feature_encodes_identically_in_streaming_feature_store_a
         data_dir, store = sqlite_store
         summary = consistency.check(data_dir, store)
     else:  # another spec needs a process of its own (the spec is chosen once per process)
-        env = {**os.environ, "RECSYS_FEATURE_SPEC": declaration}
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.feature_repo.consistency", str(tmp_path / "feast")],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        from tests.feature_repo.declared_loop import run_with_spec
+
+        done = run_with_spec(declaration, "tests.feature_repo.consistency", str(tmp_path / "feast"))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
         summary = orjson.loads(done.stdout.rpartition("CONSISTENT ")[2])
     assert summary["spec"] == declaration
