@@ -217,6 +217,18 @@ class FeastSettings(BaseSettings):
     ui_port: int = Field(8888, ge=1, le=65535, description="port the printed `feast ui` command serves Feast's UI on")
 
 
+class FeatureSettings(BaseSettings):
+    """Which feature declaration (``feature_repo/specs/``) every room encodes with: one per deployment."""
+
+    model_config = _section("FEATURE_")
+
+    spec: str = Field(
+        "movielens",
+        min_length=1,
+        description="feature declaration: a name in feature_repo/specs/ (movielens, ecommerce) or a .yaml path",
+    )
+
+
 class LocalSettings(BaseSettings):
     """Services the project starts itself on 127.0.0.1 (tests, demo): where their files go, their ports."""
 
@@ -685,6 +697,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "ps": ParamServerSettings,
     "mlflow": MlflowSettings,
     "feast": FeastSettings,
+    "features": FeatureSettings,
     "local": LocalSettings,
     "train": TrainingSettings,
     "serving": ServingSettings,
@@ -708,6 +721,7 @@ class Settings(BaseModel):
     ps: ParamServerSettings = Field(default_factory=ParamServerSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     feast: FeastSettings = Field(default_factory=FeastSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
     train: TrainingSettings = Field(default_factory=TrainingSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)

@@ -1,8 +1,8 @@
 """Feast definitions: the user and item entities, their feature views, push and parquet sources.
 
-The columns follow the one feature spec (``spec.py``): every sparse feature becomes an
-``Array(Int64)`` column ``sparse_<name>`` (multi-valued genres included), every dense
-feature a ``Float64`` column ``dense_<name>``. The stream worker pushes encoded profiles
+The columns follow the one feature spec (``spec.py``, from the declaration RECSYS_FEATURE_SPEC
+chooses): every sparse feature becomes an ``Array(Int64)`` column ``sparse_<name>`` (multi-valued
+ones included), every dense feature a ``Float64`` column ``dense_<name>``. The stream worker pushes encoded profiles
 through the push sources (online store) and appends the same rows to date-partitioned
 parquet under ``$RECSYS_FEAST_DATA_DIR/offline/<entity>/date=YYYY-MM-DD/`` (offline store).
 
@@ -22,7 +22,11 @@ from feast.types import Array, Float64, Int64
 try:  # imported as a package module by the loader, as a plain file by `feast apply`
     from feature_repo.spec import SPEC
 except ImportError:  # pragma: no cover - `feast apply` puts the repo folder itself on sys.path
-    from spec import SPEC  # type: ignore[no-redef]
+    import sys
+
+    # the spec reads its declaration through the project's settings: the project root must be importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from feature_repo.spec import SPEC
 
 PROJECT = "recsys"
 FEATURE_TTL = timedelta(days=365)

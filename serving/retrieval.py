@@ -27,7 +27,7 @@ import orjson
 
 from core.aiokafka_private import refresh_metadata
 from core.kafka import Brokers, connect_options
-from feature_repo.spec import vocab_index
+from feature_repo.spec import SPEC
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ _MAX_PENDING = 100_000  # items with clicks but no profile yet (junk ids from cl
 # own impressions (k per request), and parsing them on the event loop cost more than every request's routing.
 # Anything else (another serialiser) is parsed and ignored as before; test_retrieval checks the prefix.
 IMPRESSION_PREFIX = b'{"schema_version":1,"event_type":"impression"'
+
+# per-category picks need the spec's item category; a declaration without one retrieves by popularity only
+CATEGORY_FEATURE = "item_category"
+_CATEGORY = SPEC.sparse_feature(CATEGORY_FEATURE) if SPEC.has_sparse(CATEGORY_FEATURE) else None
 
 
 class PopularityIndex:
@@ -77,7 +81,9 @@ class PopularityIndex:
             if kind == "item_profile":
                 genres = event.get("genres") or []
                 category = event.get("category") or (genres[0] if isinstance(genres, list) and genres else None)
-                self._category[item] = vocab_index("item_category", category) if isinstance(category, str) else 0
+                self._category[item] = (
+                    _CATEGORY.index(category) if _CATEGORY is not None and isinstance(category, str) else 0
+                )
                 self._touch(item, ts)
                 self._score[item] = self._score.get(item, 0.0) + self._pending.pop(item, 0.0)
             elif kind == "click":

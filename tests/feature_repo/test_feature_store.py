@@ -14,19 +14,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from core.settings import PROJECT_ROOT, Settings
-from feature_repo.spec import (
-    AGE_BOUNDARIES,
-    GENDER_ALIASES,
-    GENRES,
-    OCCUPATIONS,
-    SPEC,
-    encode_item,
-    encode_user,
-    join_features,
-)
-from streaming.processor import Processor
-from streaming.records import DictKV, ProcessorConfig, RawRecord
+from core.settings import PROJECT_ROOT
+from feature_repo import spec as spec_module
+from feature_repo.spec import SPEC, encode_item, encode_user
 
 pytestmark = pytest.mark.integration
 
@@ -99,121 +89,23 @@ def test_point_in_time_join_returns_the_features_valid_at_each_timestamp(sqlite_
     )
 
 
-def test_every_vocabulary_value_encodes_identically_in_streaming_feature_store_and_training(sqlite_store):
-    """Streaming encodes profiles into samples and Feast rows; training reads samples back: all must agree."""
-    from training.data import parse_samples, to_columns
+@pytest.mark.parametrize("declaration", ["movielens", "ecommerce"])
+def test_every_declared_feature_encodes_identically_in_streaming_feature_store_and_training(
+    sqlite_store, tmp_path: Path, declaration: str
+):
+    """Streaming encodes profiles into samples and Feast rows; training reads samples back: all must agree,
+    for every feature of every shipped declaration (tests/feature_repo/consistency.py)."""
+    from tests.feature_repo import consistency
 
-    data_dir, store = sqlite_store
-    now = time.time()
-    genders = list(GENDER_ALIASES) + ["unknown", None]
-    ages = sorted({a for b in AGE_BOUNDARIES for a in (b - 1, b)} | {0, 99}) + [None]
-    occupations = list(OCCUPATIONS) + ["astronaut", None]
-    genres = list(GENRES) + ["unknown-genre"]
-    n_users = max(len(genders), len(ages), len(occupations))
-    user_profiles = [
-        {
-            "event_type": "user_profile",
-            "event_id": f"up{i}",
-            "timestamp": now - 100,
-            "user_id": f"cu{i}",
-            "gender": genders[i % len(genders)],
-            "age": ages[i % len(ages)],
-            "occupation": occupations[i % len(occupations)],
-            "zip_code": f"{10000 + 37 * i}",
-        }
-        for i in range(n_users)
-    ]
-    item_profiles = [
-        {
-            "event_type": "item_profile",
-            "event_id": f"ip{j}",
-            "timestamp": now - 100,
-            "item_id": f"ci{j}",
-            "category": g,
-            "genres": [g, genres[(j + 3) % len(genres)]],
-            "year": 1900 + 7 * j,
-        }
-        for j, g in enumerate(genres)
-    ]
-    pairs = [(f"cu{k % n_users}", f"ci{k % len(genres)}") for k in range(max(n_users, len(genres)))]
-    impressions = [
-        {
-            "event_type": "impression",
-            "event_id": f"im{k}",
-            "timestamp": now - 50,
-            "request_id": f"cr{k}",
-            "user_id": u,
-            "item_id": i,
-            "position": 0,
-        }
-        for k, (u, i) in enumerate(pairs)
-    ]
-    stale = {
-        "event_type": "impression",
-        "event_id": "late",
-        "timestamp": now - 10,
-        "request_id": "x",
-        "user_id": "cu0",
-        "item_id": "ci0",
-        "position": 1,
-    }  # closes every window
-    records = [
-        RawRecord(0, n, None, orjson.dumps({"schema_version": 1, **e}))
-        for n, e in enumerate(user_profiles + item_profiles + impressions + [stale])
-    ]
+    if SPEC.name == declaration:  # the process's own spec: in process, on the module's store
+        data_dir, store = sqlite_store
+        summary = consistency.check(data_dir, store)
+    else:  # another spec needs a process of its own (the spec is chosen once per process)
+        from tests.feature_repo.declared_loop import run_with_spec
 
-    # streaming: the worker's processor encodes the profiles and builds the samples
-    config = ProcessorConfig.from_settings(Settings().override(stream={"attribution_window_s": 5.0}))
-    proc = Processor(config, DictKV(), DictKV(), DictKV(), DictKV())
-    result = proc.process_batch(records)
-    sample_values = [o.value for o in result.out if o.kind == "samples"]
-    assert len(sample_values) == len(pairs)
-
-    # the feature store: the same rows the worker pushes, read back online and point-in-time
-    for entity, rows in (("user", result.users), ("item", result.items)):
-        frame = fs.rows_frame(entity, [e for e, _ in rows.values()], [t for _, t in rows.values()])
-        fs.push_online(store, entity, frame)
-        fs.write_offline(data_dir, entity, frame)
-    online_users = fs.read_online(store, "user", [p["user_id"] for p in user_profiles])
-    online_items = fs.read_online(store, "item", [p["item_id"] for p in item_profiles])
-    historical = fs.historical(
-        store,
-        pd.DataFrame(
-            {
-                "user_id": [u for u, _ in pairs],
-                "item_id": [i for _, i in pairs],
-                "event_timestamp": [utc(now)] * len(pairs),
-            }
-        ),
-    )
-
-    # the training reader
-    samples, stats = parse_samples(sample_values)
-    assert stats.samples == len(pairs) and not stats.rejected
-    columns = to_columns(samples)
-
-    spec_users = {p["user_id"]: encode_user(p["user_id"], p) for p in user_profiles}
-    spec_items = {p["item_id"]: encode_item(p["item_id"], p) for p in item_profiles}
-    assert online_users == spec_users
-    assert online_items == spec_items
-    by_pair = {(r.user_id, r.item_id): r for r in historical.itertuples()}
-    for row, sample_id in enumerate(columns.sample_ids):
-        sample = next(s for s in samples if s.sample_id == sample_id)
-        expected_sparse, expected_dense = join_features(
-            spec_users[sample.user_id], spec_items[sample.item_id], sample.user_id, sample.item_id
-        )
-        assert (sample.sparse, sample.dense) == (expected_sparse, expected_dense)
-        hist = by_pair[(sample.user_id, sample.item_id)]
-        for name in SPEC.sparse_names:
-            lengths, values = columns.gather(name, [row])
-            assert values.tolist() == expected_sparse[name]  # training
-            assert [int(v) for v in getattr(hist, f"sparse_{name}")] == expected_sparse[name]  # offline store
-        for col, name in enumerate(SPEC.dense_names):
-            assert columns.dense[row, col] == pytest.approx(expected_dense[name], rel=1e-6)
-            assert getattr(hist, f"dense_{name}") == expected_dense[name]
-    # every vocabulary value was exercised, each with its own id
-    seen_genders = {s.sparse["gender"][0] for s in samples}
-    assert seen_genders == {0, 1, 2}
-    assert {s.sparse["occupation"][0] for s in samples} == set(range(len(OCCUPATIONS) + 1))
-    assert {s.sparse["item_category"][0] for s in samples} == set(range(len(GENRES) + 1))
-    assert {s.sparse["age_bucket"][0] for s in samples} == set(range(len(AGE_BOUNDARIES) + 2))
+        done = run_with_spec(declaration, "tests.feature_repo.consistency", str(tmp_path / "feast"))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        summary = orjson.loads(done.stdout.rpartition("CONSISTENT ")[2])
+    assert summary["spec"] == declaration
+    declared = spec_module.load_spec(declaration)
+    assert set(summary["distinct"]) == {f.name for f in (*declared.sparse, *declared.dense)}

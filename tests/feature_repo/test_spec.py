@@ -12,7 +12,6 @@ from feature_repo.spec import (
     GENRES,
     OCCUPATIONS,
     SPEC,
-    age_bucket,
     encode_item,
     encode_record,
     encode_user,
@@ -56,6 +55,7 @@ def test_vocabularies_are_dense_and_reserve_zero(feature: str, vocabulary: tuple
 
 
 def test_age_buckets_follow_the_boundaries() -> None:
+    age_bucket = SPEC.sparse_feature("age_bucket").index
     assert [age_bucket(a) for a in (None, -1, 0, 17, 18, 24, 25, 49, 50, 55, 56, 99)] == [
         0,
         0,
