@@ -15,6 +15,10 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+# isort: off
+from feature_repo import feast_env  # noqa: F401 - before Feast (its metrics side effect)
+
+# isort: on
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_source import DataSource
 from feast.types import Array, Float64, Int64

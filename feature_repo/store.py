@@ -19,6 +19,11 @@ from urllib.parse import unquote, urlsplit
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+# isort: off
+from feature_repo import feast_env  # noqa: F401 - before Feast (its metrics side effect)
+
+# isort: on
 from feast import FeatureStore, RepoConfig
 from feast.data_source import PushMode
 from feast.infra.key_encoding_utils import serialize_entity_key

@@ -17,6 +17,7 @@ from tests.feature_repo.declared_loop import run_with_spec
 from training.model import POSITION_FEATURE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("declaration", ["ecommerce", "movielens"])
 def test_a_declared_spec_streams_trains_and_serves_end_to_end(declaration: str) -> None:
     done = run_with_spec(declaration, "tests.feature_repo.declared_loop", "60", "50")
