@@ -32,7 +32,7 @@ EXPECTED = {
     "serving-a",
     "serving-b",
 }
-INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::([-?])([^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::?([-?])([^}]*))?\}")
 # a required secret (`${NAME:?message}`) that this test's environment does not set
 PLACEHOLDER_SECRET = "placeholder-secret-123"
 
