@@ -54,8 +54,11 @@ print(" ".join(name for name, service in services.items() if not service.get("pr
 containers() { podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'; }
 
 wait_healthy() {  # the services named (default: every container of the project)
-  local timeout="${RECSYS_DEPLOY_TIMEOUT:-600}" started now pending failed checks name services=("$@")
+  local timeout="${RECSYS_DEPLOY_TIMEOUT:-600}" started now pending failed checks passed name services=("$@")
   started=$(date +%s)
+  # a container whose check passed once is only required to keep running: on a loaded 2-core machine a
+  # later check of a healthy service can time out, and re-requiring every check in one pass never ends
+  passed="$(mktemp -d)"
   while :; do
     pending=()
     checks="$(mktemp -d)"
@@ -66,8 +69,8 @@ wait_healthy() {  # the services named (default: every container of the project)
         case "$name" in
           *airflow-init*)  # a one-shot job: done once it exited 0
             [ "$state" = exited ] && [ "$(podman inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] ;;
-          *) [ "$state" = running ] && podman healthcheck run "$name" >/dev/null 2>&1 ;;
-        esac || echo "$name:$state" > "$checks/$name"
+          *) [ "$state" = running ] && { [ -e "$passed/$name" ] || podman healthcheck run "$name" >/dev/null 2>&1; } ;;
+        esac && touch "$passed/$name" || echo "$name:$state" > "$checks/$name"
       ) &
     done
     wait
@@ -75,10 +78,12 @@ wait_healthy() {  # the services named (default: every container of the project)
     rm -rf "$checks"
     now=$(date +%s)
     if [ "${#pending[@]}" -eq 0 ]; then
+      rm -rf "$passed"
       log "every service healthy $((now - started)) s after the wait began"
       return 0
     fi
     if [ $((now - started)) -ge "$timeout" ]; then
+      rm -rf "$passed"
       log "not healthy after ${timeout} s: ${pending[*]}"
       return 1
     fi
