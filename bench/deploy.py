@@ -1,6 +1,6 @@
 """The compose deployment's figures: image build, image sizes, time to healthy, datacenter failover.
 
-    uv run python -m bench deploy            # runs tests/docker/test_deploy_smoke.py, then prints its report
+    uv run python -m bench deploy            # runs the deploy smoke test, then prints its report
     uv run python -m bench deploy --report   # prints the last report (reports/deploy-smoke.json) only
 
 The smoke test is the measurement: it builds the images (`scripts/build-images.sh`: everything on a
@@ -21,7 +21,8 @@ from typing import Any
 from core.settings import PROJECT_ROOT
 
 REPORT = PROJECT_ROOT / "reports" / "deploy-smoke.json"
-TEST = PROJECT_ROOT / "tests" / "docker" / "test_deploy_smoke.py"
+# deploy_smoke_wip.py until it passes end to end (README "Deployment"): then test_deploy_smoke.py, in the suite
+TEST = PROJECT_ROOT / "tests" / "docker" / "deploy_smoke_wip.py"
 
 
 def summary(figures: dict[str, Any]) -> str:

