@@ -63,8 +63,8 @@ DAG = "recsys_training"
 # count as served; one failing beyond it fails the test
 RETRY_BUDGET = 2
 # the samples the traffic below gives once drained: ~1,000 clicks and ~5,000 negatives (of 10,000 impressions,
-# those whose attribution window closed); 2,000 make an evaluable window (core.settings GateSettings)
-MIN_SAMPLES = 2000
+# those whose attribution window closed); 3,000 make an evaluable window (2,000: core.settings GateSettings)
+MIN_SAMPLES = 3000
 REQUEST_TIMEOUT_S = 10.0
 BUILD_TIMEOUT_S = 1800  # a fresh machine: tools, debootstrap, ~6 GB of wheels into the app image
 # deploy.sh's wait for each of its three stages; the last (a dozen Python services starting on 2 cores) took
@@ -290,14 +290,15 @@ def test_the_deployed_loop_trains_promotes_serves_and_fails_over_across_datacent
     ]
     counted: list[int] = []
 
-    def settled() -> dict[str, Any] | bool:
-        """The count once the worker has drained the traffic: enough samples, unchanged since the last poll."""
+    def enough() -> dict[str, Any] | bool:
+        """The count once enough samples arrived. Not "until it stops growing": the worker's watermark follows
+        the wall clock while traffic is idle, so windows keep closing (negatives) for 10 minutes after it."""
         found = json.loads(stack.exec("stream-worker", *count))
         counted.append(found["new"])
-        return found["new"] >= MIN_SAMPLES and counted[-2:-1] == [found["new"]] and found
+        return found["new"] >= MIN_SAMPLES and found
 
     try:
-        samples = wait_for("samples on the samples topic, drained", settled, timeout=600, every=5)
+        samples = wait_for("samples on the samples topic", enough, timeout=600, every=5)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; counted {counted}") from None
     figures["samples"] = samples["new"]
