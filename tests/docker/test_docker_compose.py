@@ -32,7 +32,7 @@ EXPECTED = {
     "serving-a",
     "serving-b",
 }
-INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::([-?])([^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{([A-Z_]+)(?::?([-?])([^}]*))?\}")
 # a required secret (`${NAME:?message}`) that this test's environment does not set
 PLACEHOLDER_SECRET = "placeholder-secret-123"
 
@@ -125,14 +125,46 @@ def test_serving_instances_each_read_their_own_replica_first(compose: dict) -> N
     assert "redis-replica-a" in first_a and "redis-replica-b" in first_b
 
 
-def test_host_ports_do_not_clash(compose: dict) -> None:
+def host_ports(compose: dict) -> dict[str, str]:
+    """Published host port -> service, with the port variables' defaults (``IP:HOST:CONTAINER``)."""
     seen: dict[str, str] = {}
     for name, service in compose["services"].items():
         for mapping in service.get("ports", []):
-            host = str(mapping).split(":")[0]
+            host = interpolate(str(mapping)).split(":")[-2]
             assert host not in seen, f"host port {host} used by {seen.get(host)} and {name}"
             seen[host] = name
-    assert len(seen) >= 8
+    return seen
+
+
+def test_host_ports_do_not_clash(compose: dict) -> None:
+    assert len(host_ports(compose)) >= 8
+
+
+def test_every_host_port_and_its_address_is_configurable(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second stack (the smoke test's) must be able to publish every port elsewhere, on 127.0.0.1 only."""
+    defaults = host_ports(compose)
+    variables = {
+        m.group(1)
+        for service in compose["services"].values()
+        for mapping in service.get("ports", [])
+        for m in INTERPOLATION.finditer(str(mapping))
+    }
+    assert "RECSYS_DEPLOY_HOST_IP" in variables
+    monkeypatch.setenv("RECSYS_DEPLOY_HOST_IP", "127.0.0.1")
+    for offset, variable in enumerate(sorted(variables - {"RECSYS_DEPLOY_HOST_IP"})):
+        monkeypatch.setenv(variable, str(40000 + offset))
+    for name, service in compose["services"].items():
+        for mapping in service.get("ports", []):
+            ip, host, _container = interpolate(str(mapping)).split(":")
+            assert ip == "127.0.0.1", name
+            assert host not in defaults, f"{name}: host port {host} is not configurable"
+    # what the host is told to connect to follows the port: Kafka's advertised listener, MLflow's allowed hosts
+    kafka = compose["services"]["kafka"]
+    kafka_port = interpolate("${RECSYS_DEPLOY_KAFKA_PORT:-9092}")
+    assert f"EXTERNAL://localhost:{kafka_port}" in interpolate(kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"])
+    mlflow_port = interpolate("${RECSYS_DEPLOY_MLFLOW_PORT:-5000}")
+    allowed = interpolate(compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]).split(",")
+    assert f"localhost:{mlflow_port}" in allowed
 
 
 def test_every_service_has_a_healthcheck(compose: dict) -> None:
