@@ -194,7 +194,7 @@ def demo(
     probes: Annotated[int, typer.Option(min=1, max=1000, help="freshness probes per chain")] = _D.probes,
     query_users: Annotated[int, typer.Option(min=1, help="users queried against serving")] = _D.query_users,
     online_s: Annotated[
-        float, typer.Option(min=0, help="seconds of closed loop served by the online trainer (0: no online stage)")
+        float, typer.Option(min=0, help="seconds of closed loop served by the online trainer (0: none; e.g. 90)")
     ] = _D.online_s,
     online_probes: Annotated[
         int, typer.Option(min=1, max=1000, help="click → served freshness probes of the online stage")
